@@ -1,0 +1,251 @@
+"""The fused norm as an autograd op: `fused_norm(...)`.
+
+Backward returns dx, dγ, dβ as usual and, as the gradient of an optional `sq_norm_sink`
+input of shape (B, 2), the per-example squared norms |dγ_b|², |dβ_b|² (fp32). Routing
+the norms through autograd keeps the op functional: no side effects in backward, no
+host-device sync, and `torch.compile` sees an ordinary differentiable op.
+
+Two entry points share one implementation:
+- eager: a `torch.autograd.Function` calling the launchers directly (a
+  `torch.library.custom_op` costs ~2x the Python dispatch per call, which matters at
+  small D where the kernels take tens of microseconds);
+- under `torch.compile`: the same Function calls the `hf_gns::norm_forward` /
+  `hf_gns::norm_backward` custom ops, which the compiler treats as opaque kernels with
+  fake (meta) implementations, so there are no graph breaks.
+
+Backends: "triton" (the kernels in `norm_triton.py`; on CPU only under
+TRITON_INTERPRET=1), "torch" (`norm_reference.py`), or "auto" (Triton for CUDA tensors
+in fp32/bf16/fp16, the reference otherwise). Set with `set_backend`, `use_backend` or the
+HF_GNS_BACKEND environment variable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .norm_reference import norm_backward_reference, norm_forward_reference
+
+try:  # Triton is optional: without it (macOS, Windows) everything runs on the reference.
+    from .norm_triton import MAX_FUSED_WIDTH, norm_backward_triton, norm_forward_triton
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    TRITON_AVAILABLE = False
+    MAX_FUSED_WIDTH = 0
+
+BACKENDS = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_backend = os.environ.get("HF_GNS_BACKEND", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose the norm implementation: `"auto"`, `"triton"` or `"torch"`."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown hf_gns backend {name!r}; choose one of {BACKENDS}")
+    if name == "triton" and not TRITON_AVAILABLE:
+        raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of `set_backend`."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _uses_triton(x: torch.Tensor) -> bool:
+    if _backend == "torch" or not TRITON_AVAILABLE:
+        return False
+    if _backend == "triton":
+        return True
+    return x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[-1] <= MAX_FUSED_WIDTH
+
+
+def _forward_impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
+    impl = norm_forward_triton if _uses_triton(x) else norm_forward_reference
+    return impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
+
+
+def _backward_impl(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight):
+    impl = norm_backward_triton if _uses_triton(x) else norm_backward_reference
+    return impl(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight)
+
+
+# --------------------------------------------------------------- torch.library custom ops
+
+
+@torch.library.custom_op("hf_gns::norm_forward", mutates_args=())
+def _norm_forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    weight_offset: float,
+    cast_before_weight: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
+
+
+@_norm_forward_op.register_fake
+def _(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rstd = x.new_empty(x.shape[:-1], dtype=stats_dtype)
+    mean = x.new_empty(0, dtype=stats_dtype) if rms else x.new_empty(x.shape[:-1], dtype=stats_dtype)
+    return x.new_empty(x.shape, dtype=out_dtype), mean, rstd
+
+
+@torch.library.custom_op("hf_gns::norm_backward", mutates_args=())
+def _norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
+    rms: bool,
+    weight_offset: float,
+    cast_before_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db, sq_norms = _backward_impl(
+        dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight
+    )
+    # custom ops return tensors only: absent gradients travel as empty tensors
+    empty = x.new_empty(0)
+    return dx, empty if dw is None else dw, empty if db is None else db, sq_norms.float()
+
+
+@_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight):
+    n_examples = x.shape[0] if x.dim() > 1 else 1
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = torch.empty_like(weight) if (has_bias and weight is not None) else x.new_empty(0)
+    return torch.empty_like(x), dw, db, x.new_empty((n_examples, 2), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------- autograd
+
+
+class _FusedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, sq_norm_sink, eps, rms, weight_offset, cast_before_weight, out_dtype):
+        if torch.compiler.is_compiling():
+            y, mean, rstd = _norm_forward_op(
+                x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype
+            )
+        else:
+            y, mean, rstd = _forward_impl(
+                x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype
+            )
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.config = (bias is not None, rms, weight_offset, cast_before_weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.has_sink = sq_norm_sink is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        has_bias, rms, weight_offset, cast_before_weight = ctx.config
+        if torch.compiler.is_compiling():
+            dx, dw, db, sq_norms = _norm_backward_op(
+                dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight
+            )
+            dw = dw if weight is not None else None
+            db = db if has_bias and weight is not None else None
+        else:
+            dx, dw, db, sq_norms = _backward_impl(
+                dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight
+            )
+        if db is not None:
+            db = db.to(ctx.bias_dtype)
+        sink_grad = sq_norms.float() if ctx.has_sink else None
+        return dx, dw, db, sink_grad, None, None, None, None, None
+
+
+def new_sq_norm_sink(x: torch.Tensor) -> torch.Tensor:
+    """A fresh (B, 2) fp32 leaf whose `.grad`, after backward, holds |dγ_b|², |dβ_b|².
+
+    Its values are never read (only its gradient matters), so it is left uninitialized.
+    """
+    n_examples = x.shape[0] if x.dim() > 1 else 1
+    return torch.empty(n_examples, 2, dtype=torch.float32, device=x.device, requires_grad=True)
+
+
+def fused_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    rms: bool = False,
+    weight_offset: float = 0.0,
+    cast_before_weight: bool = False,
+    out_dtype: torch.dtype | None = None,
+    sq_norm_sink: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm (`rms=False`) or RMSNorm (`rms=True`) over the last dim of `x`.
+
+    Args:
+        x (`torch.Tensor`): input of shape (B, ..., D); dim 0 indexes examples, every
+            other leading dim (sequence, heads) belongs to the example.
+        weight (`torch.Tensor`, *optional*): γ of shape (D,), or None for no affine.
+        bias (`torch.Tensor`, *optional*): β of shape (D,); needs `weight`.
+        eps (`float`, *optional*, defaults to 1e-5): added to the variance.
+        rms (`bool`, *optional*, defaults to `False`): RMSNorm instead of LayerNorm.
+        weight_offset (`float`, *optional*, defaults to 0.0): scale by γ + offset
+            (1.0 for Gemma's x̂·(1+γ)); the gradient of γ is unchanged.
+        cast_before_weight (`bool`, *optional*, defaults to `False`): round x̂ to
+            `x.dtype` before the weight product, as Llama's RMSNorm does.
+        out_dtype (`torch.dtype`, *optional*): output dtype, defaults to `x.dtype`.
+        sq_norm_sink (`torch.Tensor`, *optional*): a (B, 2) fp32 leaf from
+            `new_sq_norm_sink(x)`; after backward its `.grad` holds, per example, the
+            squared norms of that example's contribution to `weight.grad` (column 0)
+            and `bias.grad` (column 1).
+
+    Returns:
+        `torch.Tensor` of `x.shape` in `out_dtype`.
+
+    Example:
+    ```python
+    >>> sink = new_sq_norm_sink(x)
+    >>> y = fused_norm(x, ln.weight, ln.bias, ln.eps, sq_norm_sink=sink)
+    >>> y.square().sum().backward()
+    >>> sink.grad[:, 0]  # |dγ_b|² for every example b
+    ```
+    """
+    if x.shape[-1] == 0:
+        raise ValueError("fused_norm needs a non-empty last dimension")
+    if weight is not None and weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match D={x.shape[-1]} of the input")
+    if bias is not None and weight is None:
+        raise ValueError("fused_norm takes a bias only together with a weight")
+    if bias is not None and bias.shape != x.shape[-1:]:
+        raise ValueError(f"bias of shape {tuple(bias.shape)} does not match D={x.shape[-1]} of the input")
+    if sq_norm_sink is not None and sq_norm_sink.shape != (x.shape[0] if x.dim() > 1 else 1, 2):
+        raise ValueError("sq_norm_sink must have shape (B, 2); make it with new_sq_norm_sink(x)")
+    return _FusedNorm.apply(
+        x,
+        weight,
+        bias,
+        sq_norm_sink,
+        float(eps),
+        rms,
+        float(weight_offset),
+        cast_before_weight,
+        out_dtype or x.dtype,
+    )

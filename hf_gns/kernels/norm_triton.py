@@ -1,0 +1,357 @@
+"""Triton LayerNorm / RMSNorm whose backward also yields per-example gradient norms.
+
+Same math as `norm_reference.py`. Layout: the input is viewed as (B, R, D) with unit
+stride on D; rows r of example b are `x[b, r, :]`.
+
+Forward: one pass over a tile of BLOCK_M rows, mean/rstd kept in fp32.
+Backward: a grid over (example b, chunk c of b's rows). Each program walks its rows,
+writes dx, and accumulates fp32 partial dγ (and dβ) for its rows in registers; it
+stores them in a (P, B, C, D) buffer (P = 1 or 2 parameters). A second kernel over
+column blocks sums the chunks in a fixed order, giving dγ_b, dγ = Σ_b dγ_b and, per
+column block, Σ_d dγ_b[d]²; the last of its programs to finish (an atomic ticket, which
+orders nothing numeric) adds those up into |dγ_b|². No atomics on the sums themselves:
+results are bitwise deterministic (DESIGN.md section 3). Partial sums keyed by SM or
+by lock would mix examples and lose the per-example information.
+
+Host cost matters as much as bandwidth at small D (a fwd+bwd takes tens of
+microseconds on the GPU), so the launchers make few allocations and launch three
+kernels in all.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# A full row lives in registers; beyond this the launchers refuse (the op falls back).
+MAX_FUSED_WIDTH = 65536
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, Y, W, Bias, Mean, Rstd,
+    stride_xb, stride_xr,
+    n_rows, rows_per_example, width, eps, weight_offset,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """y = x̂ ⊙ (γ + offset) + β, x̂ = (x - μ)·rstd (LayerNorm) or x·rstd (RMSNorm)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_rows
+    col_mask = cols < width
+    mask = row_mask[:, None] & col_mask[None, :]
+    example = (rows // rows_per_example).to(tl.int64)
+    x_rows = example * stride_xb + (rows % rows_per_example).to(tl.int64) * stride_xr
+    x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.div_rn(tl.sum(x, axis=1), width * 1.0)
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(Mean + rows, mean, mask=row_mask)
+    # round-to-nearest division and sqrt (Triton's `/` and tl.sqrt are approximate): at
+    # D=1 x - μ must be exactly 0, and RMSNorm's dx = rstd·g·(1 - x̂²) cancels there
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(xc * xc, axis=1), width * 1.0) + eps))
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+    y = xc * rstd[:, None]
+    if CAST_BEFORE_WEIGHT:
+        y = y.to(X.dtype.element_ty).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
+        y = y * w[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    y_rows = rows.to(tl.int64) * width
+    tl.store(Y + y_rows[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    X, DY, W, Mean, Rstd, DX, Partial,
+    stride_xb, stride_xr, stride_dyb, stride_dyr,
+    n_examples, rows_per_example, rows_per_chunk, n_chunks, width, weight_offset,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dx for the rows of chunk c of example b, and that chunk's partial dγ_b, dβ_b.
+
+    g = dy ⊙ (γ + offset);  dx = rstd·(g - x̂·mean(g ⊙ x̂) - mean(g))  (no mean(g) term
+    for RMSNorm);  partial dγ_b = Σ_r dy_r ⊙ x̂_r,  partial dβ_b = Σ_r dy_r.
+    """
+    example = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < width
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
+    acc_dw = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_db = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    row_start = chunk * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, rows_per_example)
+    for first in range(row_start, row_end, BLOCK_M):
+        r = first + tl.arange(0, BLOCK_M)
+        row_mask = r < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        r64 = r.to(tl.int64)
+        x_rows = example.to(tl.int64) * stride_xb + r64 * stride_xr
+        dy_rows = example.to(tl.int64) * stride_dyb + r64 * stride_dyr
+        flat_rows = example.to(tl.int64) * rows_per_example + r64  # index into mean/rstd/dx
+        x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + dy_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + flat_rows, mask=row_mask, other=0.0)
+        if IS_RMS:
+            xhat = x * rstd[:, None]
+        else:
+            mean = tl.load(Mean + flat_rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_WEIGHT:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        proj = tl.div_rn(tl.sum(g * xhat, axis=1), width * 1.0)
+        centred = g - xhat * proj[:, None]
+        if not IS_RMS:
+            centred = centred - tl.div_rn(tl.sum(g, axis=1), width * 1.0)[:, None]
+        dx = centred * rstd[:, None]
+        tl.store(DX + flat_rows[:, None] * width + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            if CAST_BEFORE_WEIGHT:
+                xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
+            acc_dw += dy * xhat
+        if HAS_BIAS:
+            acc_db += dy
+
+    # Partial[p, b, c, :] for p = 0 (weight), 1 (bias)
+    partial_offset = (example.to(tl.int64) * n_chunks + chunk) * width + cols
+    if HAS_WEIGHT:
+        tl.store(Partial + partial_offset, tl.sum(acc_dw, axis=0), mask=col_mask)
+    if HAS_BIAS:
+        bias_offset = n_examples.to(tl.int64) * n_chunks * width
+        tl.store(Partial + bias_offset + partial_offset, tl.sum(acc_db, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _reduce_partials_kernel(
+    Partial, Grads, SqPartial, SqNorms, Ticket,
+    n_examples, n_chunks, width,
+    N_PARAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """For a block of columns and each parameter p: dγ_b = Σ_c Partial[p, b, c] (c in
+    order), Grads[p] = Σ_b dγ_b, SqPartial[b, p, block] = Σ_{d in block} dγ_b[d]².
+    The last program to finish sums SqPartial over blocks: SqNorms[b, p] = |dγ_b|²."""
+    block = tl.program_id(0)
+    n_blocks = tl.num_programs(0)
+    cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < width
+    for p in tl.static_range(N_PARAMS):
+        total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for first_example in range(0, n_examples, BLOCK_B):
+            examples = first_example + tl.arange(0, BLOCK_B)
+            per_example = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+            for first_chunk in range(0, n_chunks, BLOCK_C):
+                chunks = first_chunk + tl.arange(0, BLOCK_C)
+                rows = (p * n_examples + examples)[:, None] * n_chunks + chunks[None, :]  # (BLOCK_B, BLOCK_C)
+                offsets = rows.to(tl.int64)[:, :, None] * width + cols[None, None, :]
+                mask = ((examples < n_examples)[:, None] & (chunks < n_chunks)[None, :])[:, :, None]
+                mask = mask & col_mask[None, None, :]
+                per_example += tl.sum(tl.load(Partial + offsets, mask=mask, other=0.0), axis=1)
+            total += tl.sum(per_example, axis=0)
+            sq_offsets = (examples * 2 + p) * n_blocks + block
+            tl.store(
+                SqPartial + sq_offsets, tl.sum(per_example * per_example, axis=1), mask=examples < n_examples
+            )
+        tl.store(Grads + p * width + cols, total.to(Grads.dtype.element_ty), mask=col_mask)
+
+    # The atomic is a ticket only (acq_rel: this program's stores above are visible to
+    # whoever draws the last ticket); the sums below run in a fixed order.
+    if tl.atomic_add(Ticket, 1) == n_blocks - 1:
+        pairs = tl.arange(0, 2)  # p
+        for first_example in range(0, n_examples, BLOCK_B):
+            examples = first_example + tl.arange(0, BLOCK_B)
+            rows = examples[:, None] * 2 + pairs[None, :]  # (BLOCK_B, 2): index b·2 + p
+            row_mask = (examples < n_examples)[:, None] & (pairs < N_PARAMS)[None, :]
+            acc = tl.zeros((BLOCK_B, 2), dtype=tl.float32)
+            for first_block in range(0, n_blocks, BLOCK_N):
+                blocks = first_block + tl.arange(0, BLOCK_N)
+                mask = row_mask[:, :, None] & (blocks < n_blocks)[None, None, :]
+                offsets = rows[:, :, None] * n_blocks + blocks[None, None, :]
+                acc += tl.sum(
+                    tl.load(SqPartial + offsets, mask=mask, other=0.0, cache_modifier=".cg"), axis=2
+                )
+            tl.store(SqNorms + rows, acc, mask=(examples < n_examples)[:, None])
+        tl.atomic_xchg(Ticket, 0)  # ready for another backward through the same buffers
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _as_rows(t: torch.Tensor, n_examples: int) -> torch.Tensor:
+    """View `t` as (B, R, D) with unit stride on D, copying only when no such view exists."""
+    t3 = t.reshape(n_examples, -1, t.shape[-1])
+    return t3 if t3.stride(-1) == 1 else t3.contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def forward_config(width: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_D columns, num_warps) for one program's tile.
+
+    From `benchmarks/tune_norm_kernels.py` on an H100 (bf16, B·T = 16K rows): narrow
+    rows want many rows a program and few warps (D=768: 8 rows, 4 warps); wide rows
+    one row and a warp per 512 columns (D=4096: 8 warps, D=8192: 16).
+    """
+    block_d = triton.next_power_of_2(width)
+    block_m = max(1, min(16, 8192 // block_d)) if block_d <= 1024 else max(1, 4096 // block_d)
+    num_warps = max(4, min(16, block_d // 512))
+    return block_m, block_d, num_warps
+
+
+@functools.lru_cache(maxsize=1024)
+def backward_config(width: int, n_examples: int, rows_per_example: int, device: torch.device):
+    """(BLOCK_M, BLOCK_D, num_warps, rows_per_chunk, n_chunks) for the backward grid.
+
+    A tile of about 4K elements, 8 a thread (16 at D <= 1024): each program keeps two
+    fp32 (BLOCK_M, BLOCK_D) accumulators in registers. Tuned on an H100 with
+    `benchmarks/tune_norm_kernels.py`. The grid is (B, n_chunks), with n_chunks chosen
+    for about two waves of programs: each program's partial sums cost a (D,) fp32 write
+    and read, so more programs than that buy latency hiding with extra bytes.
+    """
+    block_d = triton.next_power_of_2(width)
+    block_m = max(1, 4096 // block_d)
+    num_warps = 4 if block_d <= 1024 else min(16, block_m * block_d // 512)
+    max_chunks = triton.cdiv(rows_per_example, block_m)
+    n_chunks = max(1, min(max_chunks, triton.cdiv(_target_programs(device), n_examples)))
+    rows_per_chunk = triton.cdiv(triton.cdiv(rows_per_example, n_chunks), block_m) * block_m
+    return block_m, block_d, num_warps, rows_per_chunk, triton.cdiv(rows_per_example, rows_per_chunk)
+
+
+@functools.lru_cache(maxsize=1024)
+def reduce_config(width: int, n_examples: int, n_chunks: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps) for the partial-sum reduction.
+
+    Narrow column blocks (32 fp32 = one 128-byte line a row) give many programs, and a
+    3-D tile of up to 8K elements covers all chunks of several examples in one load.
+    """
+    block_d = min(triton.next_power_of_2(width), 32)
+    block_c = min(triton.next_power_of_2(n_chunks), 64)
+    block_b = max(1, min(triton.next_power_of_2(n_examples), 8192 // (block_c * block_d)))
+    return block_b, block_c, block_d, 4
+
+
+_TICKETS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 counter per device and stream, reset to 0 by the kernel that uses it.
+
+    Kernels on one stream run in order, so they can share it; another stream gets its own.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _TICKETS[key]
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs for the backward grid: two waves of the GPU (a fixed 64 on CPU)."""
+    if device.type == "cuda":
+        return 2 * _multiprocessor_count(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
+    return 64
+
+
+def check_fused_width(width: int) -> None:
+    if not 1 <= width <= MAX_FUSED_WIDTH:
+        raise ValueError(
+            f"hf_gns Triton norm supports 1 <= D <= {MAX_FUSED_WIDTH}, got D={width}; "
+            "use the PyTorch reference (backend='torch') for wider rows."
+        )
+
+
+def norm_forward_triton(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
+    """Launch the forward kernel. Returns `(y, mean, rstd)` like `norm_forward_reference`."""
+    width = x.shape[-1]
+    check_fused_width(width)
+    n_examples = x.shape[0] if x.dim() > 1 else 1
+    x3 = _as_rows(x, n_examples)  # (B, R, D)
+    rows_per_example = x3.shape[1]
+    n_rows = n_examples * rows_per_example
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    if rms:
+        mean, rstd = x.new_empty(0, dtype=torch.float32), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    else:  # one allocation for both
+        mean, rstd = x.new_empty((2, *x.shape[:-1]), dtype=torch.float32).unbind(0)
+    if n_rows == 0:
+        return y, mean, rstd
+    block_m, block_d, num_warps = forward_config(width)
+    _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x3, y, weight, bias, mean, rstd,
+        x3.stride(0), x3.stride(1),
+        n_rows, rows_per_example, width, eps, weight_offset,
+        IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def norm_backward_triton(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight):
+    """Launch the backward kernels. Returns `(dx, dw, db, sq_norms)` like the reference."""
+    width = x.shape[-1]
+    n_examples = x.shape[0] if x.dim() > 1 else 1
+    x3 = _as_rows(x, n_examples)  # (B, R, D)
+    dy3 = _as_rows(dy, n_examples)  # (B, R, D)
+    rows_per_example = x3.shape[1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n_params = 0 if weight is None else (2 if has_bias else 1)
+    if n_examples * rows_per_example == 0 or n_params == 0:
+        grads = [
+            None if weight is None else torch.zeros_like(weight),
+            torch.zeros_like(weight) if n_params == 2 else None,
+        ]
+        sq_norms = torch.zeros(n_examples, 2, dtype=torch.float32, device=x.device)
+        if n_examples * rows_per_example == 0:
+            return dx, *grads, sq_norms
+
+    block_m, block_d, num_warps, rows_per_chunk, n_chunks = backward_config(
+        width, n_examples, rows_per_example, x.device
+    )
+    reduce_b, reduce_c, reduce_d, reduce_warps = reduce_config(width, n_examples, n_chunks)
+    n_blocks = triton.cdiv(width, reduce_d)
+    partial_numel = n_params * n_examples * n_chunks * width
+    # one fp32 workspace: partial sums (P, B, C, D), then per-block squared norms (B, 2, blocks)
+    workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
+    _norm_bwd_kernel[(n_examples, n_chunks)](
+        x3, dy3, weight, mean, rstd, dx, workspace,
+        x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
+        n_examples, rows_per_example, rows_per_chunk, n_chunks, width, weight_offset,
+        IS_RMS=rms, HAS_WEIGHT=n_params > 0, HAS_BIAS=n_params == 2,
+        CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=num_warps,
+    )  # fmt: skip
+    if n_params == 0:
+        return dx, None, None, sq_norms
+
+    grads = torch.empty(n_params, width, dtype=weight.dtype, device=x.device)  # dγ, dβ
+    sq_norms = torch.empty(n_examples, 2, dtype=torch.float32, device=x.device)
+    _reduce_partials_kernel[(n_blocks,)](
+        workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device),
+        n_examples, n_chunks, width,
+        N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_D=reduce_d,
+        BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b), num_warps=reduce_warps,
+    )  # fmt: skip
+    return dx, grads[0], (grads[1] if n_params == 2 else None), sq_norms
