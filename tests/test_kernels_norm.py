@@ -337,3 +337,27 @@ def test_gpu_triton_is_bitwise_deterministic():
         runs = [run_fused(x, weight, bias, dy, variant) for _ in range(3)]
     for key in runs[0]:
         assert all(torch.equal(runs[0][key], r[key]) for r in runs[1:]), key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[5]], ids=["layernorm", "rmsnorm_llama"])
+def test_gpu_cached_launch_matches_triton_launch(variant):
+    """The direct launch of a cached compiled kernel gives the bits `kernel[grid]` gives,
+    also when a later call's pointers are not 16-byte aligned (a different specialization)."""
+    from hf_gns.kernels import norm_triton
+
+    x, weight, bias, dy = make_inputs((4, 96, 200), torch.bfloat16, variant, "cuda", seed=7)
+    misaligned = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")[1:].view_as(x).copy_(x)
+    assert misaligned.data_ptr() % 16 != 0
+    results = {}
+    for enabled in (False, True):
+        norm_triton._CachedLauncher.enabled = enabled
+        try:
+            with use_backend("triton"):
+                for name, inp in (("aligned", x), ("misaligned", misaligned), ("aligned2", x)):
+                    results[enabled, name] = run_fused(inp, weight, bias, dy, variant)
+        finally:
+            norm_triton._CachedLauncher.enabled = True
+    for name in ("aligned", "misaligned", "aligned2"):
+        for key in results[False, name]:
+            assert torch.equal(results[False, name][key], results[True, name][key]), (name, key)

@@ -21,6 +21,8 @@ kernels in all.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
 import triton
@@ -34,7 +36,7 @@ MAX_FUSED_WIDTH = 65536
 def _norm_fwd_kernel(
     X, Y, W, Bias, Mean, Rstd,
     stride_xb, stride_xr,
-    n_rows, rows_per_example, width, eps, weight_offset,
+    n_rows, rows_per_example, width, inv_width, eps, weight_offset,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -51,12 +53,13 @@ def _norm_fwd_kernel(
     if IS_RMS:
         xc = x
     else:
-        mean = tl.div_rn(tl.sum(x, axis=1), width * 1.0)
+        mean = tl.sum(x, axis=1) * inv_width
         xc = tl.where(mask, x - mean[:, None], 0.0)
         tl.store(Mean + rows, mean, mask=row_mask)
-    # round-to-nearest division and sqrt (Triton's `/` and tl.sqrt are approximate): at
-    # D=1 x - μ must be exactly 0, and RMSNorm's dx = rstd·g·(1 - x̂²) cancels there
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(xc * xc, axis=1), width * 1.0) + eps))
+    # means as products with 1/D (exact at D=1, where x - μ must be exactly 0), and a
+    # round-to-nearest sqrt and division (Triton's tl.sqrt and `/` are approximate):
+    # RMSNorm's dx = rstd·g·(1 - x̂²) cancels at D=1 and shows every ulp of rstd
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(xc * xc, axis=1) * inv_width + eps))
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
     y = xc * rstd[:, None]
@@ -75,7 +78,7 @@ def _norm_fwd_kernel(
 def _norm_bwd_kernel(
     X, DY, W, Mean, Rstd, DX, Partial,
     stride_xb, stride_xr, stride_dyb, stride_dyr,
-    n_examples, rows_per_example, rows_per_chunk, n_chunks, width, weight_offset,
+    n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -115,10 +118,10 @@ def _norm_bwd_kernel(
             g = dy * w[None, :]
         else:
             g = dy
-        proj = tl.div_rn(tl.sum(g * xhat, axis=1), width * 1.0)
+        proj = tl.sum(g * xhat, axis=1) * inv_width
         centred = g - xhat * proj[:, None]
         if not IS_RMS:
-            centred = centred - tl.div_rn(tl.sum(g, axis=1), width * 1.0)[:, None]
+            centred = centred - (tl.sum(g, axis=1) * inv_width)[:, None]
         dx = centred * rstd[:, None]
         tl.store(DX + flat_rows[:, None] * width + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
@@ -191,6 +194,69 @@ def _reduce_partials_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+class _CachedLauncher:
+    """Launch a `@triton.jit` kernel with a fraction of `JITFunction.run`'s host cost.
+
+    `kernel[grid](...)` re-derives the kernel's specialization from every argument on
+    each call: about 30-100 µs of Python a launch on the H100 machine, which dominated
+    a fwd+bwd at D <= 4096 (three launches). The first call for a given key goes through
+    `kernel[grid]`, which compiles and returns the compiled kernel; later calls launch
+    it directly, the way `JITFunction.run` does at its end. The key is finer than
+    Triton's own specialization (dtype and 16-byte alignment of every pointer; ==1,
+    %16 and int32 range of every int; every constexpr; num_warps; device), so a cached
+    kernel is only reused where Triton would pick the same one. Off under
+    TRITON_INTERPRET=1, with HF_GNS_FAST_LAUNCH=0, or after any error in the direct path.
+    """
+
+    enabled = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("HF_GNS_FAST_LAUNCH", "1") != "0"
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = getattr(kernel, "params", [])  # the interpreter's kernels have none
+        self.constexpr_names = [p.name for p in params if p.is_constexpr]
+        self.compiled = {}
+
+    @staticmethod
+    def _spec(arg):
+        if isinstance(arg, torch.Tensor):
+            return arg.dtype, arg.data_ptr() % 16 == 0
+        if isinstance(arg, bool) or arg is None:
+            return arg
+        if isinstance(arg, int):
+            return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+        return type(arg)
+
+    def __call__(self, grid, args, num_warps, **constexprs):
+        if not _CachedLauncher.enabled or not args[0].is_cuda:
+            self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            return
+        device = args[0].device.index
+        key = (device, num_warps, *constexprs.values(), *map(self._spec, args))
+        compiled = self.compiled.get(key)
+        if compiled is None or device != torch.cuda.current_device():
+            self.compiled[key] = self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            return
+        all_args = (*args, *(constexprs[name] for name in self.constexpr_names))
+        grid = (*grid, 1, 1)
+        try:
+            stream = torch._C._cuda_getCurrentRawStream(device)
+            enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+            metadata = compiled.launch_metadata(grid, stream, *all_args)
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                         metadata, enter, leave, *all_args)  # fmt: skip
+        except (AttributeError, TypeError) as error:  # a Triton whose launch protocol differs
+            _CachedLauncher.enabled = False
+            warnings.warn(
+                f"hf_gns: direct Triton launch unavailable ({error}); using kernel[grid]", stacklevel=2
+            )
+            self.kernel[grid[:3]](*args, **constexprs, num_warps=num_warps)
+
+
+_launch_forward = _CachedLauncher(_norm_fwd_kernel)
+_launch_backward = _CachedLauncher(_norm_bwd_kernel)
+_launch_reduce = _CachedLauncher(_reduce_partials_kernel)
 
 
 def _as_rows(t: torch.Tensor, n_examples: int) -> torch.Tensor:
@@ -291,20 +357,18 @@ def norm_forward_triton(x, weight, bias, eps, rms, weight_offset, cast_before_we
     rows_per_example = x3.shape[1]
     n_rows = n_examples * rows_per_example
     y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
-    if rms:
-        mean, rstd = x.new_empty(0, dtype=torch.float32), x.new_empty(x.shape[:-1], dtype=torch.float32)
-    else:  # one allocation for both
-        mean, rstd = x.new_empty((2, *x.shape[:-1]), dtype=torch.float32).unbind(0)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    mean = torch.empty(0 if rms else x.shape[:-1], dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, mean, rstd
     block_m, block_d, num_warps = forward_config(width)
-    _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x3, y, weight, bias, mean, rstd,
-        x3.stride(0), x3.stride(1),
-        n_rows, rows_per_example, width, eps, weight_offset,
+    _launch_forward(
+        (triton.cdiv(n_rows, block_m),),
+        (x3, y, weight, bias, mean, rstd, x3.stride(0), x3.stride(1),
+         n_rows, rows_per_example, width, 1.0 / width, eps, weight_offset),
+        num_warps,
         IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=num_warps,
     )  # fmt: skip
     return y, mean, rstd
 
@@ -335,23 +399,26 @@ def norm_backward_triton(dy, x, weight, mean, rstd, has_bias, rms, weight_offset
     partial_numel = n_params * n_examples * n_chunks * width
     # one fp32 workspace: partial sums (P, B, C, D), then per-block squared norms (B, 2, blocks)
     workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
-    _norm_bwd_kernel[(n_examples, n_chunks)](
-        x3, dy3, weight, mean, rstd, dx, workspace,
-        x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
-        n_examples, rows_per_example, rows_per_chunk, n_chunks, width, weight_offset,
+    _launch_backward(
+        (n_examples, n_chunks),
+        (x3, dy3, weight, mean, rstd, dx, workspace,
+         x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
+         n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, weight_offset),
+        num_warps,
         IS_RMS=rms, HAS_WEIGHT=n_params > 0, HAS_BIAS=n_params == 2,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=num_warps,
     )  # fmt: skip
     if n_params == 0:
         return dx, None, None, sq_norms
 
     grads = torch.empty(n_params, width, dtype=weight.dtype, device=x.device)  # dγ, dβ
     sq_norms = torch.empty(n_examples, 2, dtype=torch.float32, device=x.device)
-    _reduce_partials_kernel[(n_blocks,)](
-        workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device),
-        n_examples, n_chunks, width,
+    _launch_reduce(
+        (n_blocks,),
+        (workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device),
+         n_examples, n_chunks, width),
+        reduce_warps,
         N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_D=reduce_d,
-        BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b), num_warps=reduce_warps,
+        BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b),
     )  # fmt: skip
     return dx, grads[0], (grads[1] if n_params == 2 else None), sq_norms
