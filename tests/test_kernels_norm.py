@@ -26,12 +26,14 @@ class Variant:
     weight_offset: float = 0.0
     cast_before_weight: bool = False
     out_promotes: bool = False  # Llama returns promote_types(weight, input)
+    out_float32: bool = False  # nn.LayerNorm under CUDA autocast: fp32 out (and fp32 dy) for a bf16 x
 
 
 VARIANTS = [
     Variant("layernorm", rms=False, bias=True),
     Variant("layernorm_no_bias", rms=False),
     Variant("layernorm_no_affine", rms=False, weight=False),
+    Variant("layernorm_autocast", rms=False, bias=True, out_float32=True),
     Variant("rmsnorm", rms=True),
     Variant("rmsnorm_gemma", rms=True, weight_offset=1.0),
     Variant("rmsnorm_llama", rms=True, cast_before_weight=True, out_promotes=True),
@@ -43,6 +45,9 @@ EPS = 1e-5
 
 def oracle_forward(x, weight, bias, variant: Variant):
     """The norm written the way PyTorch / HF write it, autograd-differentiable."""
+    if variant.out_float32:  # what autocast does: the op runs on fp32 copies of its inputs
+        up = torch.promote_types(x.dtype, torch.float32)
+        x, weight, bias = x.to(up), weight.to(up), bias.to(up)
     if not variant.rms:
         return F.layer_norm(x, x.shape[-1:], weight, bias, EPS)
     if variant.cast_before_weight:  # LlamaRMSNorm.forward
@@ -85,6 +90,8 @@ def run_fused(x, weight, bias, dy, variant: Variant):
     bias = None if bias is None else bias.detach().requires_grad_()
     sink = new_sq_norm_sink(x) if weight is not None else None
     out_dtype = torch.promote_types(weight.dtype, x.dtype) if variant.out_promotes else x.dtype
+    if variant.out_float32:
+        out_dtype = torch.promote_types(x.dtype, torch.float32)
     y = fused_norm(
         x,
         weight,
@@ -256,6 +263,22 @@ def test_backward_never_writes_into_dy():
         assert torch.equal(dy, dy_before)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_parameters_skip_their_gradients(backend):
+    """γ, β frozen and no sink (LoRA): dx as usual, no parameter gradients computed."""
+    if backend not in backends_for("cpu"):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    variant = VARIANTS[0]
+    x, weight, bias, dy = make_inputs((2, 5, 24), torch.float32, variant, "cpu")
+    with use_backend(backend):
+        tracked = run_fused(x, weight, bias, dy, variant)
+        x_frozen = x.detach().requires_grad_()
+        y = fused_norm(x_frozen, weight, bias, EPS)
+        y.backward(dy)
+    assert weight.grad is None and bias.grad is None
+    torch.testing.assert_close(x_frozen.grad, tracked["dx"], rtol=0, atol=0)
+
+
 def test_reference_upcast_false_computes_in_input_dtype():
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     _, _, rstd = norm_forward_reference(x, None, None, EPS, rms=True, upcast=False)
@@ -309,7 +332,7 @@ def test_custom_ops_pass_opcheck():
         torch.ops.hf_gns.norm_forward.default, args, test_utils=("test_schema", "test_faketensor")
     )
     y, mean, rstd = torch.ops.hf_gns.norm_forward(*args)
-    bwd_args = (torch.randn_like(x), x, weight, mean, rstd, True, False, 0.0, False)
+    bwd_args = (torch.randn_like(x), x, weight, mean, rstd, True, False, 0.0, False, True)
     torch.library.opcheck(
         torch.ops.hf_gns.norm_backward.default, bwd_args, test_utils=("test_schema", "test_faketensor")
     )

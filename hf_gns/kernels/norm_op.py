@@ -79,9 +79,13 @@ def _forward_impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, 
     return impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
 
 
-def _backward_impl(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight):
-    impl = norm_backward_triton if _uses_triton(x) else norm_backward_reference
-    return impl(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight)
+def _backward_impl(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads):
+    if _uses_triton(x):
+        args = (dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
+        return norm_backward_triton(*args)
+    return norm_backward_reference(
+        dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads=param_grads
+    )
 
 
 # --------------------------------------------------------------- torch.library custom ops
@@ -120,9 +124,10 @@ def _norm_backward_op(
     rms: bool,
     weight_offset: float,
     cast_before_weight: bool,
+    param_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db, sq_norms = _backward_impl(
-        dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight
+        dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads
     )
     # custom ops return tensors only: absent gradients travel as empty tensors
     empty = x.new_empty(0)
@@ -130,10 +135,11 @@ def _norm_backward_op(
 
 
 @_norm_backward_op.register_fake
-def _(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight):
+def _(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads):
     n_examples = x.shape[0] if x.dim() > 1 else 1
-    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
-    db = torch.empty_like(weight) if (has_bias and weight is not None) else x.new_empty(0)
+    tracked = weight is not None and param_grads
+    dw = torch.empty_like(weight) if tracked else x.new_empty(0)
+    db = torch.empty_like(weight) if (tracked and has_bias) else x.new_empty(0)
     return torch.empty_like(x), dw, db, x.new_empty((n_examples, 2), dtype=torch.float32)
 
 
@@ -161,29 +167,35 @@ class _FusedNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         has_bias, rms, weight_offset, cast_before_weight = ctx.config
+        # frozen γ, β and no sink (LoRA): skip the parameter gradients and their norms
+        param_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.has_sink
+        args = (dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
         if torch.compiler.is_compiling():
-            dx, dw, db, sq_norms = _norm_backward_op(
-                dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight
-            )
-            dw = dw if weight is not None else None
-            db = db if has_bias and weight is not None else None
+            dx, dw, db, sq_norms = _norm_backward_op(*args)
+            tracked = weight is not None and param_grads
+            dw = dw if tracked else None
+            db = db if tracked and has_bias else None
         else:
-            dx, dw, db, sq_norms = _backward_impl(
-                dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight
-            )
+            dx, dw, db, sq_norms = _backward_impl(*args)
         if db is not None:
             db = db.to(ctx.bias_dtype)
         sink_grad = sq_norms.float() if ctx.has_sink else None
         return dx, dw, db, sink_grad, None, None, None, None, None
 
 
-def new_sq_norm_sink(x: torch.Tensor) -> torch.Tensor:
+def new_sq_norm_sink(x_or_n_examples: torch.Tensor | int, device: torch.device | str | None = None):
     """A fresh (B, 2) fp32 leaf whose `.grad`, after backward, holds |dγ_b|², |dβ_b|².
 
-    Its values are never read (only its gradient matters), so it is left uninitialized.
+    Takes the norm's input `x` (B = `x.shape[0]`, on `x.device`) or B and a device, for
+    callers that make sinks before the input exists. Its values are never read (only its
+    gradient matters), so it is left uninitialized.
     """
-    n_examples = x.shape[0] if x.dim() > 1 else 1
-    return torch.empty(n_examples, 2, dtype=torch.float32, device=x.device, requires_grad=True)
+    if isinstance(x_or_n_examples, torch.Tensor):
+        x = x_or_n_examples
+        n_examples, device = (x.shape[0] if x.dim() > 1 else 1), x.device
+    else:
+        n_examples = x_or_n_examples
+    return torch.empty(n_examples, 2, dtype=torch.float32, device=device, requires_grad=True)
 
 
 def fused_norm(

@@ -86,6 +86,7 @@ def norm_backward_reference(
     weight_offset: float = 0.0,
     cast_before_weight: bool = False,
     upcast: bool = True,
+    param_grads: bool = True,
 ):
     """Backward of `norm_forward_reference`, with per-example squared norms.
 
@@ -93,6 +94,7 @@ def norm_backward_reference(
     `(dx, dw, db, sq_norms)`: `dx` like `x`; `dw` like `weight` (None without weight);
     `db` in `weight`'s dtype (None without bias); `sq_norms` of shape (B, 2), fp32 (fp64
     for fp64 inputs): column 0 is |dγ_b|², column 1 is |dβ_b|² (zeros where absent).
+    `param_grads=False` (frozen γ and β, no sink) skips dw, db and the norms.
     """
     cdt = compute_dtype_for(x, upcast)
     n_examples, width = x.shape[0], x.shape[-1]
@@ -111,7 +113,7 @@ def norm_backward_reference(
     sq_dtype = torch.float64 if cdt == torch.float64 else torch.float32
     sq_norms = torch.zeros(n_examples, 2, dtype=sq_dtype, device=x.device)
     dw = db = None
-    if weight is not None:
+    if weight is not None and param_grads:
         xhat_w = _round_like_input(xhat, x.dtype) if cast_before_weight else xhat
         dw_per_example = (dy3 * xhat_w).sum(1)  # (B, D)
         dw = dw_per_example.sum(0).to(weight.dtype)

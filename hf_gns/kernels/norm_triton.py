@@ -79,10 +79,11 @@ def _norm_bwd_kernel(
     X, DY, W, Mean, Rstd, DX, Partial,
     stride_xb, stride_xr, stride_dyb, stride_dyr,
     n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dx for the rows of chunk c of example b, and that chunk's partial dγ_b, dβ_b.
+    """dx for the rows of chunk c of example b, and that chunk's partial dγ_b (N_PARAMS >= 1)
+    and dβ_b (N_PARAMS == 2); N_PARAMS = 0 for frozen or absent parameters.
 
     g = dy ⊙ (γ + offset);  dx = rstd·(g - x̂·mean(g ⊙ x̂) - mean(g))  (no mean(g) term
     for RMSNorm);  partial dγ_b = Σ_r dy_r ⊙ x̂_r,  partial dβ_b = Σ_r dy_r.
@@ -124,18 +125,18 @@ def _norm_bwd_kernel(
             centred = centred - (tl.sum(g, axis=1) * inv_width)[:, None]
         dx = centred * rstd[:, None]
         tl.store(DX + flat_rows[:, None] * width + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_WEIGHT:
+        if N_PARAMS >= 1:
             if CAST_BEFORE_WEIGHT:
                 xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
             acc_dw += dy * xhat
-        if HAS_BIAS:
+        if N_PARAMS == 2:
             acc_db += dy
 
     # Partial[p, b, c, :] for p = 0 (weight), 1 (bias)
     partial_offset = (example.to(tl.int64) * n_chunks + chunk) * width + cols
-    if HAS_WEIGHT:
+    if N_PARAMS >= 1:
         tl.store(Partial + partial_offset, tl.sum(acc_dw, axis=0), mask=col_mask)
-    if HAS_BIAS:
+    if N_PARAMS == 2:
         bias_offset = n_examples.to(tl.int64) * n_chunks * width
         tl.store(Partial + bias_offset + partial_offset, tl.sum(acc_db, axis=0), mask=col_mask)
 
@@ -373,7 +374,9 @@ def norm_forward_triton(x, weight, bias, eps, rms, weight_offset, cast_before_we
     return y, mean, rstd
 
 
-def norm_backward_triton(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight):
+def norm_backward_triton(
+    dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads=True
+):
     """Launch the backward kernels. Returns `(dx, dw, db, sq_norms)` like the reference."""
     width = x.shape[-1]
     n_examples = x.shape[0] if x.dim() > 1 else 1
@@ -381,10 +384,10 @@ def norm_backward_triton(dy, x, weight, mean, rstd, has_bias, rms, weight_offset
     dy3 = _as_rows(dy, n_examples)  # (B, R, D)
     rows_per_example = x3.shape[1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n_params = 0 if weight is None else (2 if has_bias else 1)
+    n_params = 0 if (weight is None or not param_grads) else (2 if has_bias else 1)
     if n_examples * rows_per_example == 0 or n_params == 0:
         grads = [
-            None if weight is None else torch.zeros_like(weight),
+            torch.zeros_like(weight) if n_params >= 1 else None,
             torch.zeros_like(weight) if n_params == 2 else None,
         ]
         sq_norms = torch.zeros(n_examples, 2, dtype=torch.float32, device=x.device)
@@ -405,7 +408,7 @@ def norm_backward_triton(dy, x, weight, mean, rstd, has_bias, rms, weight_offset
          x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
          n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, weight_offset),
         num_warps,
-        IS_RMS=rms, HAS_WEIGHT=n_params > 0, HAS_BIAS=n_params == 2,
+        IS_RMS=rms, HAS_WEIGHT=weight is not None, N_PARAMS=n_params,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
     if n_params == 0:
