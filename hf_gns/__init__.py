@@ -3,5 +3,30 @@
 __version__ = "0.1.0"
 
 from .kernels import fused_norm, new_sq_norm_sink, set_backend, use_backend
+from .patching import (
+    NormPatchError,
+    NormSpec,
+    PatchReport,
+    patch,
+    per_example_sq_norms,
+    register_norm,
+    unpatch,
+    unregister_norm,
+    zero_stats,
+)
 
-__all__ = ["fused_norm", "new_sq_norm_sink", "set_backend", "use_backend"]
+__all__ = [
+    "NormPatchError",
+    "NormSpec",
+    "PatchReport",
+    "fused_norm",
+    "new_sq_norm_sink",
+    "patch",
+    "per_example_sq_norms",
+    "register_norm",
+    "set_backend",
+    "unpatch",
+    "unregister_norm",
+    "use_backend",
+    "zero_stats",
+]

@@ -1,0 +1,21 @@
+"""Patching any HF causal LM's norm layers onto the fused op, and the statistics it yields."""
+
+from .patcher import NormPatchError, patch, unpatch
+from .registry import register_norm, unregister_norm
+from .report import PatchedNorm, PatchReport, SkippedNorm
+from .spec import NormSpec
+from .stats import per_example_sq_norms, zero_stats
+
+__all__ = [
+    "NormPatchError",
+    "NormSpec",
+    "PatchReport",
+    "PatchedNorm",
+    "SkippedNorm",
+    "patch",
+    "per_example_sq_norms",
+    "register_norm",
+    "unpatch",
+    "unregister_norm",
+    "zero_stats",
+]

@@ -1,0 +1,159 @@
+"""`patch` and `unpatch`: per-instance replacement of norm forwards by the fused op.
+
+`patch` plans first (find norm-like modules, check their structure, find their spec in
+the registry or by the probe) and binds only when the plan is complete, so that
+`strict=True` fails without touching the model. Binding sets two instance attributes
+on each norm module, `forward` (a bound method) and `_hf_gns_norm` (its state), and one
+forward pre-hook on the object given to `patch` that records the batch size and prepares sinks
+(see `model_hook.py`). Classes, `__class__`, torch.nn, parameters and buffers are never touched,
+which keeps state_dict keys, parameter identity and `save_pretrained` output as before.
+"""
+
+from __future__ import annotations
+
+import types
+
+from torch import nn
+
+from .detect import find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
+from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
+from .model_hook import attach_model_hook, detach_model_hooks
+from .probe import fallback_candidates, probe_norm
+from .registry import registered_spec
+from .report import PatchedNorm, PatchReport, SkippedNorm
+from .spec import NormSpec
+from .wrappers import check_patchable
+
+
+class NormPatchError(RuntimeError):
+    """Raised by `patch(model, strict=True)` when some norm modules with parameters cannot be patched."""
+
+
+def _tracked_names(name: str, module: nn.Module) -> tuple[str, ...]:
+    prefix = f"{name}." if name else ""
+    params = (("weight", module.weight), ("bias", norm_bias(module)))
+    return tuple(prefix + attr for attr, param in params if param is not None and param.requires_grad)
+
+
+def _plan(
+    name: str, module: nn.Module, shared: dict[int, list[str]], found: dict[type, NormSpec]
+) -> NormPatch | str:
+    """A `NormPatch` for `module`, or the reason it cannot have one.
+
+    `found` maps classes to the spec the probe accepted for an earlier instance in this
+    call: later instances are probed against that spec alone (cheap, still verified).
+    """
+    if id(module) in shared:
+        others = ", ".join(repr(n) for n in shared[id(module)] if n != name)
+        return f"shared with {others}: a norm called twice per forward has no per-example norms here"
+    reason = unsupported_reason(module)
+    if reason is not None:
+        return reason
+    cls = type(module)
+    registered = registered_spec(cls)
+    if registered is not None:
+        candidates = [registered[0]]
+    elif cls in found:
+        candidates = [found[cls]]
+    else:
+        candidates = fallback_candidates()
+    eps_attr = find_eps_attr(module, registered[0] if registered else None)
+    result = probe_norm(module, candidates, eps_attr)
+    if result.spec is None and cls in found:  # this instance differs from the first one: full search
+        result = probe_norm(module, fallback_candidates(), eps_attr)
+    if result.spec is None:
+        if registered:
+            return f"registered as {registered[1].__name__} but {result.reason}"
+        return result.reason
+    if registered is None:
+        found.setdefault(cls, result.spec)
+    return NormPatch(name, result.spec, eps_attr, "registry" if registered else "probe")
+
+
+def _bind(module: nn.Module, state: NormPatch) -> None:
+    setattr(module, PATCH_ATTRIBUTE, state)
+    module.forward = types.MethodType(patched_norm_forward, module)
+
+
+def patch(model: nn.Module, strict: bool = False) -> PatchReport:
+    """Run every normalization layer of `model` on the fused op that also yields per-example norms.
+
+    Recognises norm modules through the registry (looked up along the MRO) and a structural
+    fallback, confirms each by a numerical probe, and binds a new forward per instance.
+    Calling it again is a no-op for modules already patched (the report lists them as
+    patched by an earlier call). Undo with `hf_gns.unpatch(model)`.
+
+    Args:
+        model (`nn.Module`): any model, also wrapped by DDP or PEFT. Patch before
+            `torch.compile` and before FSDP.
+        strict (`bool`, *optional*, defaults to `False`): raise `NormPatchError`, leaving
+            the model untouched, if a norm-like module that owns parameters cannot be patched.
+
+    Returns:
+        `PatchReport`: patched modules with their flavour, skipped modules with the reason,
+        and tracked parameter names (names in `model.named_parameters()`). `print` it.
+
+    Example:
+    ```python
+    >>> report = hf_gns.patch(model)
+    >>> print(report)
+    >>> model(**batch).loss.backward()
+    >>> hf_gns.per_example_sq_norms(model)["model.norm.weight"]  # (B,) fp32
+    ```
+    """
+    check_patchable(model)
+    shared = shared_module_names(model)
+    found: dict[type, NormSpec] = {}
+    report = PatchReport()
+    to_bind: list[tuple[nn.Module, NormPatch]] = []
+    for name, module in model.named_modules():
+        if not is_norm_like(module):
+            continue
+        class_name = type(module).__name__
+        existing = module.__dict__.get(PATCH_ATTRIBUTE)
+        plan = existing if existing is not None else _plan(name, module, shared, found)
+        if isinstance(plan, str):
+            has_parameters = next(module.parameters(recurse=False), None) is not None
+            report.skipped.append(SkippedNorm(name, class_name, plan, has_parameters))
+            continue
+        tracked = _tracked_names(name, module)
+        source = "earlier call" if existing is not None else plan.source
+        report.patched.append(PatchedNorm(name, class_name, plan.spec.describe(), source, tracked))
+        report.tracked_parameters.extend(tracked)
+        if existing is None:
+            to_bind.append((module, plan))
+    if strict and report.uncovered:
+        details = "\n".join(f"  {e.name} ({e.class_name}): {e.reason}" for e in report.uncovered)
+        raise NormPatchError(
+            f"hf_gns.patch(strict=True): {len(report.uncovered)} norm modules with parameters cannot be "
+            f"patched; the model was left unchanged:\n{details}\n"
+            "Register their classes with hf_gns.register_norm(cls, NormSpec(...)) if they are plain "
+            "LayerNorm/RMSNorm variants, or call patch with strict=False to skip them."
+        )
+    if to_bind:
+        model_hook = attach_model_hook(model)
+        for module, state in to_bind:
+            state.model_hook = model_hook
+            model_hook.norms.append((module, state))
+            _bind(module, state)
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore every norm module patched by `hf_gns.patch`; returns how many were restored.
+
+    Deletes the instance attributes `patch` set and removes its model-level hook, so the
+    class forward is used again and outputs and gradients equal the unpatched model's bit
+    for bit. Collected statistics are dropped.
+    """
+    restored = 0
+    for module in model.modules():
+        if PATCH_ATTRIBUTE not in module.__dict__:
+            continue
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is patched_norm_forward:
+            del module.forward
+        delattr(module, PATCH_ATTRIBUTE)
+        restored += 1
+    detach_model_hooks(model)
+    return restored

@@ -1,0 +1,102 @@
+"""`PatchReport`: what `hf_gns.patch` did, printable as an aligned table.
+
+Every name in a report is a name in the object that was passed to `patch` (for a DDP
+wrapper: `module.…`; for a PEFT model: `base_model.model.…`), the same names that
+`per_example_sq_norms` uses as keys when called on that object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PatchedNorm:
+    """A norm module now running the fused op.
+
+    Args:
+        name (`str`): module name.
+        class_name (`str`): its class.
+        flavour (`str`): the `NormSpec` label, e.g. `"RMSNorm γ+1 out=input"`.
+        source (`str`): `"registry"` or `"probe"` (structural fallback), or `"earlier call"`
+            when a previous `patch` call had patched it already.
+        tracked (`tuple[str, ...]`): names of its parameters that require grad.
+    """
+
+    name: str
+    class_name: str
+    flavour: str
+    source: str
+    tracked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SkippedNorm:
+    """A norm-like module left as it was.
+
+    Args:
+        name (`str`): module name.
+        class_name (`str`): its class.
+        reason (`str`): why, e.g. `"2-D weight (4, 8) (per-head weights) not supported: …"`.
+        has_parameters (`bool`): whether it owns parameters, i.e. is a hole in the coverage
+            (`strict=True` refuses those; weightless norms have nothing to track).
+    """
+
+    name: str
+    class_name: str
+    reason: str
+    has_parameters: bool
+
+
+def _tracked_label(entry: PatchedNorm) -> str:
+    """ "weight, bias", "weight" or "-": the tracked parameters of a patched module, short."""
+    return ", ".join(name.rsplit(".", 1)[-1] for name in entry.tracked) or "-"
+
+
+@dataclass
+class PatchReport:
+    """Result of `hf_gns.patch(model)`.
+
+    Attributes:
+        patched (`list[PatchedNorm]`): modules running the fused op.
+        skipped (`list[SkippedNorm]`): norm-like modules left alone, with the reason.
+        tracked_parameters (`list[str]`): parameters whose per-example squared norms are
+            collected (patched norms' weights and biases that require grad).
+    """
+
+    patched: list[PatchedNorm] = field(default_factory=list)
+    skipped: list[SkippedNorm] = field(default_factory=list)
+    tracked_parameters: list[str] = field(default_factory=list)
+
+    @property
+    def uncovered(self) -> list[SkippedNorm]:
+        """Skipped modules that own parameters: what `strict=True` refuses."""
+        return [entry for entry in self.skipped if entry.has_parameters]
+
+    def summary(self) -> str:
+        earlier = sum(entry.source == "earlier call" for entry in self.patched)
+        line = (
+            f"hf_gns.patch: {len(self.patched)} norm modules patched, {len(self.skipped)} skipped, "
+            f"{len(self.tracked_parameters)} parameters tracked"
+        )
+        return line + (f" ({earlier} patched by an earlier call)" if earlier else "")
+
+    def __str__(self) -> str:
+        rows = [
+            ("patched", e.name or "<root>", e.class_name, _tracked_label(e), f"{e.flavour} [{e.source}]")
+            for e in self.patched
+        ]
+        rows += [("skipped", e.name or "<root>", e.class_name, "-", e.reason) for e in self.skipped]
+        lines = [self.summary()]
+        if rows:
+            header = ("status", "module", "class", "tracked", "flavour [found by] / reason")
+            widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+            for row in [header, *rows]:
+                cells = "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
+                lines.append(f"  {cells}  {row[4]}")
+        if self.patched and not self.tracked_parameters:
+            lines.append(
+                "  no parameter is tracked: every patched norm's weight and bias are frozen "
+                "(requires_grad=False, as under LoRA); per_example_sq_norms will be empty"
+            )
+        return "\n".join(lines)

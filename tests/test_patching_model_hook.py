@@ -1,0 +1,53 @@
+"""ModelForwardHook: batch size from the model's inputs, regrouping flattened rows, sinks made ahead."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import hf_gns
+from hf_gns.patching.model_hook import ModelForwardHook
+
+
+def test_batch_size_comes_from_input_ids_inputs_embeds_or_the_first_tensor():
+    hook, model = ModelForwardHook(), nn.Identity()
+    hook(model, (), {"input_ids": torch.zeros(3, 7, dtype=torch.long)})
+    assert hook.batch_size == 3
+    hook(model, (), {"inputs_embeds": torch.zeros(5, 7, 4)})
+    assert hook.batch_size == 5
+    hook(model, (torch.zeros(2, 4),), {})
+    assert hook.batch_size == 2
+    hook(model, (), {"use_cache": False})  # nothing to read: keep the last value
+    assert hook.batch_size == 2
+
+
+def test_only_flattened_two_dimensional_inputs_are_regrouped():
+    hook = ModelForwardHook()
+    hook.batch_size = 3
+    flat = torch.arange(3 * 4 * 2.0).reshape(12, 2)
+    grouped = hook.group_rows(flat)
+    assert grouped.shape == (3, 4, 2) and torch.equal(grouped[1], flat[4:8])
+    for untouched in (torch.zeros(3, 2), torch.zeros(7, 2), torch.zeros(6, 4, 2)):
+        assert hook.group_rows(untouched) is untouched
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(x).sum()
+
+
+def test_sinks_are_ready_before_the_forward_when_grad_is_enabled():
+    model = _Model()
+    hf_gns.patch(model)
+    sinks = model.norm._hf_gns_norm.sinks
+    with torch.no_grad():
+        model(torch.randn(3, 2, 4))
+    assert sinks.spare is None
+    seen = []
+    model.norm.register_forward_pre_hook(lambda module, args: seen.append(sinks.has_spare(3, args[0].device)))
+    model(torch.randn(3, 2, 4))  # the model hook ran first: the norm finds its sink ready
+    assert seen == [True] and sinks.spare is None  # taken by the forward

@@ -1,0 +1,144 @@
+"""per_example_sq_norms / zero_stats: accumulation, checkpointing, frozen weights, shared norms."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from patching_tiny_models import BATCH, loss_of, tiny_batch, tiny_model
+from torch import nn
+
+import hf_gns
+
+
+def _stats_of_one_step(model, input_ids) -> dict[str, torch.Tensor]:
+    hf_gns.zero_stats(model)
+    loss_of(model, input_ids).backward()
+    return {name: values.clone() for name, values in hf_gns.per_example_sq_norms(model).items()}
+
+
+def test_micro_batches_are_concatenated_in_order_and_zero_stats_clears():
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    first, second = tiny_batch(seed=1), tiny_batch(seed=2, batch=2)
+    norms_first = _stats_of_one_step(model, first)
+    norms_second = _stats_of_one_step(model, second)
+
+    hf_gns.zero_stats(model)
+    loss_of(model, first).backward()
+    loss_of(model, second).backward()
+    accumulated = hf_gns.per_example_sq_norms(model)
+    for name, values in accumulated.items():
+        assert torch.equal(values, torch.cat([norms_first[name], norms_second[name]])), name
+
+    hf_gns.zero_stats(model)
+    assert all(values.shape == (0,) for values in hf_gns.per_example_sq_norms(model).values())
+
+
+def test_no_grad_and_eval_forwards_collect_nothing():
+    model = tiny_model("gpt2")
+    hf_gns.patch(model)
+    with torch.no_grad():
+        loss_of(model, tiny_batch())
+    loss_of(model, tiny_batch())  # grad enabled but no backward: the sinks die with the graph
+    assert all(values.numel() == 0 for values in hf_gns.per_example_sq_norms(model).values())
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_gradient_checkpointing_gives_the_same_norms(arch, use_reentrant):
+    input_ids = tiny_batch()
+    plain = tiny_model(arch)
+    hf_gns.patch(plain)
+    expected = _stats_of_one_step(plain, input_ids)
+
+    checkpointed = tiny_model(arch)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    hf_gns.patch(checkpointed)
+    calls = []
+    first_layer_norm = next(
+        m for n, m in checkpointed.named_modules() if "layers.0." in n and "_hf_gns_norm" in m.__dict__
+    )
+    first_layer_norm.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    for _step in range(2):  # the second step runs on recycled sinks
+        calls.clear()
+        actual = _stats_of_one_step(checkpointed, input_ids)
+        # checkpointing is really on: the layer ran twice (reentrant: first without grad)
+        assert calls == ([False, True] if use_reentrant else [True, True])
+        assert actual.keys() == expected.keys()
+        for name, values in expected.items():
+            assert actual[name].shape == (BATCH,), name
+            torch.testing.assert_close(actual[name], values, rtol=1e-5, atol=0, msg=name)
+
+
+def test_frozen_norms_are_patched_but_not_tracked():
+    model = tiny_model("llama")
+    for name, param in model.named_parameters():
+        param.requires_grad_("norm" not in name)
+    report = hf_gns.patch(model)
+    assert report.patched and not report.tracked_parameters
+    assert "no parameter is tracked" in str(report)
+    loss_of(model, tiny_batch()).backward()
+    assert hf_gns.per_example_sq_norms(model) == {}
+
+
+def test_trainable_bias_with_frozen_weight_is_tracked_alone():
+    model = tiny_model("gpt2")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith("ln_f.bias"))
+    report = hf_gns.patch(model)
+    assert report.tracked_parameters == ["transformer.ln_f.bias"]
+    loss_of(model, tiny_batch()).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    assert list(norms) == ["transformer.ln_f.bias"] and norms["transformer.ln_f.bias"].shape == (BATCH,)
+
+
+def test_a_single_example_has_the_squared_norm_of_param_grad():
+    model = tiny_model("gpt2")
+    hf_gns.patch(model)
+    loss_of(model, tiny_batch(batch=1)).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    for name, param in model.named_parameters():
+        if name in norms:
+            torch.testing.assert_close(norms[name], param.grad.double().square().sum().float().reshape(1))
+
+
+class _SharedNormModel(nn.Module):
+    """One LayerNorm applied twice in a forward, reached through a single attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.norm(self.proj(self.norm(x))).square().mean()
+
+
+def test_a_norm_called_twice_in_one_forward_warns():
+    model = _SharedNormModel()
+    hf_gns.patch(model)
+    with pytest.warns(UserWarning, match="two calls within one backward"):
+        model(torch.randn(3, 4, 8)).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per module only
+        model(torch.randn(3, 4, 8)).backward()
+
+
+def test_deepcopy_of_a_patched_model_has_its_own_stats():
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    clone = copy.deepcopy(model)
+    loss_of(clone, tiny_batch()).backward()
+    assert all(values.numel() == BATCH for values in hf_gns.per_example_sq_norms(clone).values())
+    assert all(values.numel() == 0 for values in hf_gns.per_example_sq_norms(model).values())
+    assert hf_gns.unpatch(clone) > 0
+    assert "forward" in model.model.norm.__dict__  # the original is still patched
+
+
+def test_stats_of_an_unpatched_model_raise():
+    with pytest.raises(ValueError, match="call hf_gns.patch"):
+        hf_gns.per_example_sq_norms(tiny_model("gpt2"))
