@@ -1,0 +1,210 @@
+"""Text corpora and tokenizers for recipes and tests, with no hub access on the default path.
+
+The default corpus is the interpreter's own standard library: ~11 MB of real Python
+source that every Python install carries (DESIGN.md section 6), read in a fixed order so
+that runs are reproducible. The default tokenizer is a byte-level BPE trained on that
+text in about a second. The real loading paths stay for users: `load_tokenizer` is
+`AutoTokenizer.from_pretrained`, `read_hub_dataset` is `datasets.load_dataset`; neither is
+called unless asked for.
+
+Example:
+```python
+>>> texts = read_corpus(embedded_corpus_files(), max_bytes=2_000_000)
+>>> tokenizer = train_byte_level_tokenizer(texts, vocab_size=512)
+>>> dataset = build_lm_dataset(texts, tokenizer, block_size=64)  # columns input_ids, labels: (64,) each
+```
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+END_OF_TEXT = "<|endoftext|>"
+# Directories left out of the standard-library corpus: test suites (large, repetitive,
+# and some hold deliberately malformed files), IDLE, and installed third-party packages.
+EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
+
+
+def embedded_corpus_files() -> list[Path]:
+    """The `.py` files of the running interpreter's standard library, in a fixed order.
+
+    Returns:
+        `list[pathlib.Path]`: absolute paths under `sysconfig.get_paths()["stdlib"]`, sorted
+        by their path relative to it, leaving out directories named in `EXCLUDED_STDLIB_DIRS`.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in EXCLUDED_STDLIB_DIRS]
+        files.extend(Path(directory, name) for name in names if name.endswith(".py"))
+    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+
+
+def expand_text_files(patterns: Sequence[str]) -> list[Path]:
+    """Local files named by paths or glob patterns (`**` recursive), sorted, without duplicates."""
+    files = set()
+    for pattern in patterns:
+        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+        if not matches:
+            raise FileNotFoundError(f"no file matches {pattern!r}")
+        files.update(Path(match) for match in matches if os.path.isfile(match))
+    return sorted(files)
+
+
+def _take_bytes(texts: Iterable[str], max_bytes: int | None) -> list[str]:
+    """The leading texts whose UTF-8 size adds up to `max_bytes`, the last one cut to fit."""
+    if max_bytes is None or max_bytes <= 0:
+        return list(texts)
+    taken, remaining = [], max_bytes
+    for text in texts:
+        encoded = text.encode("utf-8")
+        if len(encoded) >= remaining:
+            # Cutting may split a multi-byte character: drop the partial one.
+            taken.append(encoded[:remaining].decode("utf-8", errors="ignore"))
+            break
+        taken.append(text)
+        remaining -= len(encoded)
+    return taken
+
+
+def read_corpus(files: Sequence[str | os.PathLike], max_bytes: int | None = None) -> list[str]:
+    """One text per file, in the given order, up to `max_bytes` of UTF-8 in total.
+
+    Args:
+        files (`Sequence[str | os.PathLike]`): text files, e.g. `embedded_corpus_files()`.
+        max_bytes (`int`, *optional*): stop after this many bytes; the last text is cut.
+            `None` or `<= 0` reads everything.
+
+    Returns:
+        `list[str]`: the texts. Undecodable bytes become U+FFFD.
+    """
+    texts = (Path(path).read_text(encoding="utf-8", errors="replace") for path in files)
+    return _take_bytes(texts, max_bytes)
+
+
+def read_hub_dataset(
+    name: str,
+    config_name: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    max_bytes: int | None = None,
+    data_files: str | Sequence[str] | None = None,
+) -> list[str]:
+    """Texts of one column of a `datasets` dataset, streamed, up to `max_bytes` of UTF-8.
+
+    Streaming reads only as much as `max_bytes` needs instead of downloading the whole
+    dataset. Needs network access for hub datasets; packaged builders such as `"json"` or
+    `"text"` with local `data_files` work offline.
+
+    Args:
+        name (`str`): a hub dataset (`"wikitext"`), a local dataset directory, or a builder name.
+        config_name (`str`, *optional*): the dataset configuration (`"wikitext-103-raw-v1"`).
+        split (`str`, *optional*, defaults to `"train"`): the split to read.
+        text_column (`str`, *optional*, defaults to `"text"`): the column holding the text.
+        max_bytes (`int`, *optional*): stop after this many bytes; `None` reads the whole split.
+        data_files (`str` or `Sequence[str]`, *optional*): passed to `datasets.load_dataset`.
+    """
+    from datasets import load_dataset
+
+    stream = load_dataset(name, config_name, split=split, data_files=data_files, streaming=True)
+    if stream.column_names is not None and text_column not in stream.column_names:
+        raise KeyError(f"dataset {name!r} has no column {text_column!r}; its columns: {stream.column_names}")
+    return _take_bytes((row[text_column] for row in stream if row[text_column]), max_bytes)
+
+
+def train_byte_level_tokenizer(
+    texts: Sequence[str], vocab_size: int, max_train_bytes: int | None = 4_000_000
+) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer trained on `texts`, with `<|endoftext|>` as eos and pad.
+
+    Byte-level means every string round-trips (`decode(encode(s)) == s`) and no unknown
+    token exists. Training is deterministic for given texts.
+
+    Args:
+        texts (`Sequence[str]`): training text.
+        vocab_size (`int`): at least 257 (256 byte symbols and `<|endoftext|>`); the rest are merges.
+        max_train_bytes (`int`, *optional*, defaults to 4 MB): train on at most this many
+            leading bytes of `texts` (about a second per MB on one core); `None` for all.
+
+    Returns:
+        `transformers.PreTrainedTokenizerFast`: save it with `save_pretrained`, load it with
+        `load_tokenizer`.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ValueError(
+            f"vocab_size must be at least {len(alphabet) + 1} for a byte-level BPE, got {vocab_size}"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[END_OF_TEXT], initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(_take_bytes(texts, max_train_bytes), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        # Byte-level decoding is already exact; the HF clean-up would drop spaces before punctuation.
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name_or_path)`, with pad set to eos when the tokenizer has none.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): a hub id (needs network) or a local directory
+            written by `save_pretrained`.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def chunk_token_ids(ids: Sequence[int], block_size: int) -> list[list[int]]:
+    """`ids` cut into consecutive blocks of exactly `block_size`; the incomplete tail is dropped."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    n_blocks = len(ids) // block_size
+    return [list(ids[i * block_size : (i + 1) * block_size]) for i in range(n_blocks)]
+
+
+def _document_token_ids(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[int]:
+    """Token ids of all texts, concatenated, with eos after each text (when the tokenizer has one)."""
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        yield from ids
+        yield from eos
+
+
+def build_lm_dataset(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int) -> Dataset:
+    """A causal-LM dataset: the texts tokenized, joined by eos and cut into blocks.
+
+    Every token is a target (no padding, no attention mask needed); models shift `labels`
+    themselves.
+
+    Args:
+        texts (`Sequence[str]`): documents, e.g. from `read_corpus`.
+        tokenizer (`PreTrainedTokenizerBase`): e.g. from `train_byte_level_tokenizer`.
+        block_size (`int`): tokens per example.
+
+    Returns:
+        `datasets.Dataset`: columns `input_ids` and `labels`, equal int lists of length
+        `block_size`, one row per block in corpus order.
+    """
+    blocks = chunk_token_ids(list(_document_token_ids(texts, tokenizer)), block_size)
+    if not blocks:
+        raise ValueError(f"the texts hold fewer than block_size={block_size} tokens")
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
