@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("datasets", reason="the recipe and hf_gns.data need the datasets package")
+
 from hf_gns.data import (
     EXCLUDED_STDLIB_DIRS,
     build_lm_dataset,

@@ -190,10 +190,12 @@ def check_against_oracle(shape, dtype, variant, device, backend, contiguous=True
         err = max_err(got[key], ref)
         if dtype == torch.float32 and rel_err(got[key], ref) <= 1e-5:
             continue
-        scale = ref.double().abs().max().item()
-        if key == "dx":  # dx = rstd·(g - ...) cancels (RMSNorm at D=1): scale of rstd·g
-            scale = max(scale, dx_term_scale(x, weight, dy, variant))
-        atol = ulp * scale
+        atol = ulp * ref.double().abs().max().item()
+        if key == "dx":
+            # dx = rstd·(g - x̂·mean(g ⊙ x̂)) is a difference of terms of size |rstd·g| that
+            # cancels almost fully where 1 - x̂² ≈ ε/x² (RMSNorm at D=1): allow a few ulps of
+            # that scale, since fused multiply-adds round it differently from PyTorch
+            atol = max(atol, 16 * ulp * dx_term_scale(x, weight, dy, variant))
         assert err <= 2 * own[key] + atol, (key, err, own[key], atol)
 
 

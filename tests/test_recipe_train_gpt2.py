@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("datasets", reason="the recipe and hf_gns.data need the datasets package")
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerState
 

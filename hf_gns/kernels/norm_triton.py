@@ -76,7 +76,7 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    X, DY, W, Mean, Rstd, DX, Partial,
+    X, DY, W, Mean, Rstd, DX, PartialW, PartialB,
     stride_xb, stride_xr, stride_dyb, stride_dyr,
     n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
@@ -132,13 +132,12 @@ def _norm_bwd_kernel(
         if N_PARAMS == 2:
             acc_db += dy
 
-    # Partial[p, b, c, :] for p = 0 (weight), 1 (bias)
+    # PartialW[b, c, :] and PartialB[b, c, :]: the two halves of one (P, B, C, D) buffer
     partial_offset = (example.to(tl.int64) * n_chunks + chunk) * width + cols
     if N_PARAMS >= 1:
-        tl.store(Partial + partial_offset, tl.sum(acc_dw, axis=0), mask=col_mask)
+        tl.store(PartialW + partial_offset, tl.sum(acc_dw, axis=0), mask=col_mask)
     if N_PARAMS == 2:
-        bias_offset = n_examples.to(tl.int64) * n_chunks * width
-        tl.store(Partial + bias_offset + partial_offset, tl.sum(acc_db, axis=0), mask=col_mask)
+        tl.store(PartialB + partial_offset, tl.sum(acc_db, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -271,11 +270,11 @@ def forward_config(width: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_D columns, num_warps) for one program's tile.
 
     From `benchmarks/tune_norm_kernels.py` on an H100 (bf16, B·T = 16K rows): narrow
-    rows want many rows a program and few warps (D=768: 8 rows, 4 warps); wide rows
-    one row and a warp per 512 columns (D=4096: 8 warps, D=8192: 16).
+    an 8K-element tile (D=768: 8 rows, D=4096: 2, D=8192: 1) with a warp per 512 columns
+    and at least 4 (D=4096: 8 warps, D=8192: 16).
     """
     block_d = triton.next_power_of_2(width)
-    block_m = max(1, min(16, 8192 // block_d)) if block_d <= 1024 else max(1, 4096 // block_d)
+    block_m = max(1, min(16, 8192 // block_d))
     num_warps = max(4, min(16, block_d // 512))
     return block_m, block_d, num_warps
 
@@ -303,10 +302,11 @@ def backward_config(width: int, n_examples: int, rows_per_example: int, device: 
 def reduce_config(width: int, n_examples: int, n_chunks: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps) for the partial-sum reduction.
 
-    Narrow column blocks (32 fp32 = one 128-byte line a row) give many programs, and a
-    3-D tile of up to 8K elements covers all chunks of several examples in one load.
+    Narrow column blocks (16 or 32 fp32: at least 128 programs at D >= 2048) give many
+    programs, and a 3-D tile of up to 8K elements covers all chunks of several examples
+    in one load.
     """
-    block_d = min(triton.next_power_of_2(width), 32)
+    block_d = min(triton.next_power_of_2(width), 32 if width >= 4096 else 16)
     block_c = min(triton.next_power_of_2(n_chunks), 64)
     block_b = max(1, min(triton.next_power_of_2(n_examples), 8192 // (block_c * block_d)))
     return block_b, block_c, block_d, 4
@@ -404,7 +404,7 @@ def norm_backward_triton(
     workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
     _launch_backward(
         (n_examples, n_chunks),
-        (x3, dy3, weight, mean, rstd, dx, workspace,
+        (x3, dy3, weight, mean, rstd, dx, workspace, workspace[partial_numel // max(n_params, 1) :],
          x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
          n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, weight_offset),
         num_warps,
