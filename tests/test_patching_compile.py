@@ -17,11 +17,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _step(model, input_ids):
-    """One forward/backward; returns loss, grads and per-example norms (after zeroing both)."""
+def _step(model, input_ids, call=None):
+    """One forward/backward (through `call`, e.g. the compiled model, if given); returns
+    loss, grads and per-example norms (after zeroing both)."""
     model.zero_grad(set_to_none=True)
     hf_gns.zero_stats(model)
-    loss = loss_of(model, input_ids)
+    loss = loss_of(model, input_ids) if call is None else call(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, {k: v.clone() for k, v in hf_gns.per_example_sq_norms(model).items()}
@@ -51,12 +52,7 @@ def test_compiled_patched_model_matches_eager(arch):
         tiny_batch(seed=4),
     ):
         expected = _step(eager, input_ids)
-        compiled.zero_grad(set_to_none=True)
-        hf_gns.zero_stats(compiled)
-        loss = compiled_call(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in compiled.named_parameters() if p.grad is not None}
-        _assert_same_step((loss.detach(), grads, hf_gns.per_example_sq_norms(compiled)), expected)
+        _assert_same_step(_step(compiled, input_ids, compiled_call), expected)
 
 
 def _graphs_per_step(model, steps: int = 3) -> list[int]:
@@ -104,10 +100,6 @@ def test_inductor_matches_eager():
     compiled_call = torch.compile(compiled)
     input_ids = tiny_batch()
     expected = _step(eager, input_ids)
-    for _ in range(2):
-        compiled.zero_grad(set_to_none=True)
-        hf_gns.zero_stats(compiled)
-        loss = compiled_call(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-    grads = {name: p.grad.clone() for name, p in compiled.named_parameters() if p.grad is not None}
-    _assert_same_step((loss.detach(), grads, hf_gns.per_example_sq_norms(compiled)), expected)
+    for _ in range(2):  # the second step runs the compiled graph, not the first compile
+        actual = _step(compiled, input_ids, compiled_call)
+    _assert_same_step(actual, expected)
