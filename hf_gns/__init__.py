@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .gns import GNSEstimator
 from .kernels import fused_norm, new_sq_norm_sink, set_backend, use_backend
 from .patching import (
     NormPatchError,
@@ -16,6 +17,9 @@ from .patching import (
 )
 
 __all__ = [
+    "GNSEstimator",
+    "GNSTrainer",
+    "GNSTrainingArguments",
     "NormPatchError",
     "NormSpec",
     "PatchReport",
@@ -30,3 +34,13 @@ __all__ = [
     "use_backend",
     "zero_stats",
 ]
+
+
+def __getattr__(name: str):
+    # The trainer imports transformers: load it on first use so that `import hf_gns` (and the
+    # kernels and patching layers) stays light.
+    if name in ("GNSTrainer", "GNSTrainingArguments"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'hf_gns' has no attribute {name!r}")

@@ -1,0 +1,129 @@
+"""The one module that talks to other processes: the per-step all-reduce and the DDP hook.
+
+Per optimizer step every process packs its statistics into one flat fp32 vector of a size
+fixed for the run (batch size, token count, per-group Σ_i |c_i^local|², per-group shares of
+|G_B|², optionally the local |g_r|² of the classic DDP estimate) and a single
+`all_reduce(SUM)` gives the global values: per-example statistics of every rank count.
+
+|G_B|² must be counted once. With replicated gradients (DDP, FSDP NO_SHARD) every rank
+holds the whole synchronized gradient, so only rank 0 contributes it; with sharded
+gradients (FSDP2 DTensors, FSDP1 flat-parameter shards) each rank contributes the squared
+norm of its own shard and the sum is the full squared norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum(vector: torch.Tensor) -> torch.Tensor:
+    """Sum `vector` over all processes, in place; a no-op in a single process. Returns `vector`."""
+    if world_size() > 1:
+        dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+    return vector
+
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+def _sq_norm(tensor: torch.Tensor) -> torch.Tensor:
+    # vector_norm upcasts internally: no fp32 copy of a bf16 gradient.
+    return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+
+
+def grad_sq_norm_shares(grads: Iterable[torch.Tensor | None], sharded: bool) -> torch.Tensor:
+    """This process's share of |grad|² for each gradient, such that the shares sum to |grad|² over ranks.
+
+    Args:
+        grads (`Iterable[torch.Tensor | None]`): synchronized gradients (`None` counts 0).
+        sharded (`bool`): whether plain-tensor gradients are this rank's shard of a flat
+            parameter (FSDP1) rather than a replica (DDP). DTensors are handled from their
+            placements: sharded dimensions contribute local shards, replicated mesh dimensions
+            are counted once.
+
+    Returns:
+        `torch.Tensor`: fp32, one value per gradient, on the gradients' device.
+    """
+    grads = list(grads)
+    dtensor = _dtensor_class()
+    device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+    this_rank = rank()
+    shares = []
+    for grad in grads:
+        if grad is None:
+            shares.append(torch.zeros((), device=device))
+        elif dtensor is not None and isinstance(grad, dtensor):
+            local = grad.to_local()
+            replicas = 1
+            for dim, placement in enumerate(grad.placements):
+                if placement.is_replicate():
+                    replicas *= grad.device_mesh.size(dim)
+            shares.append(_sq_norm(local) / replicas)
+        elif sharded or this_rank == 0:
+            shares.append(_sq_norm(grad))
+        else:
+            shares.append(torch.zeros((), device=grad.device))
+    if not shares:
+        return torch.zeros(0, device=device)
+    return torch.stack([s.to(device) for s in shares])
+
+
+class LocalGradSqNormHook:
+    """DDP communication hook: records the local |g_r|² of tracked parameters, then averages as usual.
+
+    The classic DDP estimate of the GNS (small batch = one process's batch) needs each
+    process's gradient BEFORE the averaging all-reduce; a communication hook is the one
+    place that sees it. The hook adds Σ_p |g_r,p|² over the tracked parameters of each
+    bucket to `value` (a device tensor, no sync) and then runs DDP's default averaging
+    all-reduce, so training is unchanged.
+
+    Args:
+        tracked (`Iterable[nn.Parameter]`): the parameters whose local norms to record.
+    """
+
+    def __init__(self, tracked: Iterable[nn.Parameter]):
+        self.tracked = {id(p) for p in tracked}
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, process_group, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        grads = [g for p, g in zip(bucket.parameters(), bucket.gradients()) if id(p) in self.tracked]
+        if grads:
+            part = torch.stack([_sq_norm(g) for g in grads]).sum()
+            self.value = part if self.value is None else self.value + part
+        return allreduce_hook(process_group, bucket)
+
+    def take(self, device: torch.device) -> torch.Tensor:
+        """The recorded Σ|g_r|² since the last `take` (0 if none), and reset."""
+        value = torch.zeros((), device=device) if self.value is None else self.value.to(device)
+        self.value = None
+        return value
+
+    def register(self, ddp_model: nn.Module) -> None:
+        """Register on a `DistributedDataParallel` model (before its first backward)."""
+        ddp_model.register_comm_hook(state=None, hook=self)
