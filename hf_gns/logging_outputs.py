@@ -1,0 +1,218 @@
+"""Training curves on disk: a CSV of what the Trainer logged, and PNG plots drawn from it.
+
+`TrainingCurvesCallback` is a `transformers.TrainerCallback` that copies the keys GNSTrainer
+logs (`gns`, `batch_size`, `tokens_seen`, ... see `CURVE_COLUMNS`, plus every `gns/<group>`)
+and the loss into `<output_dir>/training_curves.csv`, one row per `Trainer.log` call, as
+training runs. At the end of training it draws `plot_training_curves` next to it:
+
+- `gns_batch_size.png`: GNS (total and per group) and the global batch size against tokens
+  seen, both in examples (sequences), on a log scale: the controller aims the batch at the
+  GNS, so the two belong on one axis;
+- `loss.png`: training and evaluation loss against tokens seen.
+
+Plotting needs matplotlib (in the `dev` extra). Without it the CSV is still written and
+`plot_training_curves` says how to get the plots.
+
+Example:
+```python
+>>> trainer = GNSTrainer(..., callbacks=[TrainingCurvesCallback()])
+>>> trainer.train()   # writes <output_dir>/training_curves.csv and the two PNGs
+>>> plot_training_curves("outputs/train_gpt2/training_curves.csv")  # redraw later
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+CSV_NAME = "training_curves.csv"
+GNS_PLOT_NAME = "gns_batch_size.png"
+LOSS_PLOT_NAME = "loss.png"
+
+# Columns in this order; then `gns/<group>` columns in sorted order, as they appear.
+CURVE_COLUMNS = (
+    "step",  # optimizer steps so far
+    "epoch",
+    "tokens_seen",  # cumulative global tokens
+    "batch_size",  # global examples in the last optimizer step
+    "batch_tokens",  # global tokens in it
+    "loss",  # training loss, averaged over the steps since the previous log
+    "learning_rate",
+    "grad_norm",
+    "gns",  # gradient noise scale, examples
+    "gns_tokens",  # the same in tokens (gns × tokens per example)
+    "gns_sq_norm",  # EMA of the unbiased |G|² estimate
+    "gns_trace_cov",  # EMA of the unbiased tr(Σ) estimate
+    "gns_ddp",  # classic two-batch-size estimate (DDP only, when enabled)
+    "gns_skipped_steps",  # steps whose gradients were not finite, cumulative
+    "tokens_per_second",  # global training throughput between two training logs (this callback's own)
+    "eval_loss",
+    "eval_perplexity",
+)
+GROUP_PREFIX = "gns/"
+
+
+def _is_curve_key(key: str) -> bool:
+    return key in CURVE_COLUMNS or key.startswith(GROUP_PREFIX)
+
+
+def _ordered_columns(keys) -> list[str]:
+    keys = set(keys)
+    return [c for c in CURVE_COLUMNS if c in keys] + sorted(k for k in keys if k.startswith(GROUP_PREFIX))
+
+
+class TrainingCurvesCallback(TrainerCallback):
+    """Writes the logged GNS, batch size, loss and tokens to a CSV while training runs; plots it at the end.
+
+    Only the main process writes. On resume the CSV is rebuilt from the restored
+    `state.log_history`, so it continues the interrupted run's rows. Rows are appended as
+    they are logged; when a new column appears (the first `gns/<group>` or `eval_loss`)
+    the file is rewritten with the wider header.
+
+    Args:
+        csv_path (`str` or `os.PathLike`, *optional*): where to write. Defaults to
+            `<output_dir>/training_curves.csv`.
+        plot (`bool`, *optional*, defaults to `True`): draw the PNGs next to the CSV when training ends.
+    """
+
+    def __init__(self, csv_path: str | os.PathLike | None = None, plot: bool = True):
+        self.csv_path = Path(csv_path) if csv_path is not None else None
+        self.plot = plot
+        self.rows: list[dict[str, float]] = []
+        self.columns: list[str] = []
+        self.plot_paths: list[Path] = []
+        self._last_train_log: tuple[float, float] | None = None  # (time.perf_counter(), tokens_seen)
+        self._tokens_seen: float | None = None
+
+    # -- TrainerCallback ------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.csv_path is None:
+            self.csv_path = Path(args.output_dir) / CSV_NAME
+        self.rows, self._last_train_log, self._tokens_seen = [], None, None
+        for entry in state.log_history:  # non-empty when resuming from a checkpoint
+            self._add_row(entry, now=None)
+        if state.is_world_process_zero:
+            self._rewrite()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        row = self._add_row({**logs, "step": state.global_step}, now=time.perf_counter())
+        if row is None or not state.is_world_process_zero:
+            return
+        if set(row) - set(self.columns):
+            self._rewrite()
+        else:
+            with self.csv_path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.plot and state.is_world_process_zero and self.rows:
+            self.plot_paths = plot_training_curves(self.csv_path)
+
+    # -- rows -----------------------------------------------------------------------------------------
+
+    def _add_row(self, entry: dict, now: float | None) -> dict | None:
+        row = {k: v for k, v in entry.items() if _is_curve_key(k) and isinstance(v, (int, float))}
+        if set(row) <= {"step", "epoch"}:  # e.g. the final train_runtime summary
+            return None
+        if "tokens_seen" in row:
+            self._tokens_seen = row["tokens_seen"]
+        elif self._tokens_seen is not None:  # evaluation logs: place them at the tokens trained so far
+            row["tokens_seen"] = self._tokens_seen
+        if "loss" in row and "tokens_seen" in row and now is not None:
+            if self._last_train_log is not None:
+                elapsed, tokens = now - self._last_train_log[0], row["tokens_seen"] - self._last_train_log[1]
+                if elapsed > 0:
+                    row["tokens_per_second"] = tokens / elapsed
+            self._last_train_log = (now, row["tokens_seen"])
+        self.rows.append(row)
+        return row
+
+    def _rewrite(self):
+        self.columns = _ordered_columns(k for row in self.rows for k in row)
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def read_training_curves(csv_path: str | os.PathLike) -> dict[str, list[float]]:
+    """The CSV written by `TrainingCurvesCallback`, column by column; empty cells are NaN."""
+    with Path(csv_path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = rows[0].keys() if rows else []
+    return {c: [float(row[c]) if row[c] not in ("", None) else math.nan for row in rows] for c in columns}
+
+
+def _points(curves: dict[str, list[float]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    """(x, y) where both are finite."""
+    pairs = [
+        (x, y)
+        for x, y in zip(curves.get(x_key, []), curves.get(y_key, []))
+        if math.isfinite(x) and math.isfinite(y)
+    ]
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def plot_training_curves(csv_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Draws `gns_batch_size.png` and `loss.png` from a `TrainingCurvesCallback` CSV.
+
+    Args:
+        csv_path (`str` or `os.PathLike`): the CSV.
+        out_dir (`str` or `os.PathLike`, *optional*): where the PNGs go. Defaults to the CSV's directory.
+
+    Returns:
+        `list[pathlib.Path]`: the PNGs written; empty (with a printed message saying how to get
+        them) when matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError:
+        print(f"matplotlib is not installed: no plots. `pip install matplotlib`, then hf_gns.logging_outputs."
+              f"plot_training_curves({str(csv_path)!r})")  # fmt: skip
+        return []
+    curves = read_training_curves(csv_path)
+    out_dir = Path(out_dir) if out_dir is not None else Path(csv_path).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x_key = "tokens_seen" if "tokens_seen" in curves else "step"
+    x_label = "tokens seen" if x_key == "tokens_seen" else "optimizer step"
+    written = []
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for key in sorted(k for k in curves if k.startswith(GROUP_PREFIX)):
+        axes.plot(
+            *_points(curves, x_key, key), linewidth=1, alpha=0.6, label=f"GNS {key[len(GROUP_PREFIX) :]}"
+        )
+    axes.plot(*_points(curves, x_key, "gns"), color="black", linewidth=2, label="GNS (total)")
+    if "gns_ddp" in curves:
+        axes.plot(*_points(curves, x_key, "gns_ddp"), color="gray", linestyle=":", label="GNS (classic DDP)")
+    axes.plot(*_points(curves, x_key, "batch_size"), color="tab:red", linewidth=2, drawstyle="steps-post",
+              label="global batch size")  # fmt: skip
+    if any(y > 0 for y in _points(curves, x_key, "gns")[1] + _points(curves, x_key, "batch_size")[1]):
+        axes.set_yscale("log")
+    axes.set(xlabel=x_label, ylabel="examples (sequences)", title="Gradient noise scale and batch size")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small")
+    written.append(out_dir / GNS_PLOT_NAME)
+    figure.savefig(written[-1], dpi=120)
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(*_points(curves, x_key, "loss"), label="train loss")
+    axes.plot(*_points(curves, x_key, "eval_loss"), marker="o", label="eval loss")
+    axes.set(xlabel=x_label, ylabel="loss (nats per token)", title="Loss")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    written.append(out_dir / LOSS_PLOT_NAME)
+    figure.savefig(written[-1], dpi=120)
+    return written
