@@ -7,6 +7,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("datasets", reason="the recipe and hf_gns.data need the datasets package")
 
@@ -16,9 +17,12 @@ from hf_gns.data import (
     chunk_token_ids,
     embedded_corpus_files,
     expand_text_files,
+    load_text_files,
     load_tokenizer,
+    pack_token_dataset,
     read_corpus,
     read_hub_dataset,
+    tokenize_dataset,
     train_byte_level_tokenizer,
 )
 
@@ -153,3 +157,64 @@ def test_read_hub_dataset_goes_through_load_dataset(tmp_path):
     assert capped == [rows[0]["text"], rows[1]["text"][:25]]  # 55 + 25 bytes
     with pytest.raises(KeyError, match="no column 'body'"):
         read_hub_dataset("json", data_files=str(path), text_column="body")
+
+
+def test_expand_text_files_takes_directories_of_data_files(tmp_path):
+    for name in ["a.txt", "sub/b.jsonl", "sub/c.md", "skip.bin", ".hidden.txt", ".git/d.txt"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    assert expand_text_files([str(tmp_path)]) == [
+        tmp_path / "a.txt",
+        tmp_path / "sub/b.jsonl",
+        tmp_path / "sub/c.md",
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no data file"):
+        expand_text_files([str(tmp_path / "empty")])
+
+
+def test_load_text_files_reads_text_documents_and_json_records(tmp_path):
+    (tmp_path / "one.txt").write_text("first document\nwith two lines\n")
+    (tmp_path / "two.txt").write_text("second")
+    rows = [{"body": "record one", "id": 1}, {"body": "", "id": 2}, {"body": "record three", "id": 3}]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    files = [tmp_path / "records.jsonl", tmp_path / "one.txt", tmp_path / "two.txt"]
+    dataset = load_text_files(files, text_column="body")
+    assert dataset.column_names == ["text"]
+    # text files first (whole file = one document), then JSON records; empty ones dropped
+    assert list(dataset["text"]) == [
+        "first document\nwith two lines\n",
+        "second",
+        "record one",
+        "record three",
+    ]
+    assert list(load_text_files(files, text_column="body", max_bytes=20)["text"]) == ["first document\nwith "]
+
+
+def test_load_text_files_says_what_is_wrong(tmp_path):
+    (tmp_path / "records.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no field 'text'.*--text_column"):
+        load_text_files([tmp_path / "records.jsonl"])
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not utf-8")
+    with pytest.raises(ValueError, match="as UTF-8 text"):
+        load_text_files([tmp_path / "binary.txt"])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="hold no text"):
+        load_text_files([tmp_path / "empty.txt"])
+
+
+def test_pack_token_dataset_joins_documents_and_cuts_int64_blocks(small_corpus, tokenizer):
+    from datasets import Dataset
+
+    tokenized = Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [], [5, 6, 7, 8, 9]]})
+    packed = pack_token_dataset(tokenized, block_size=4)
+    assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]] == packed["labels"]
+    assert packed.with_format("torch")[0]["input_ids"].dtype == torch.int64  # what cross_entropy needs
+    with pytest.raises(ValueError, match="fewer than block_size=16"):
+        pack_token_dataset(tokenized, block_size=16)
+
+    documents = Dataset.from_dict({"text": small_corpus[:3]})
+    ids = tokenize_dataset(documents, tokenizer)["input_ids"]
+    assert ids[0] == tokenizer(small_corpus[0], add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
