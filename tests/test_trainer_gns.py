@@ -1,0 +1,278 @@
+"""GNSTrainer end to end on CPU: the logged GNS against a micro-batch oracle, logging, checkpoints, resume.
+
+The oracle. With the learning rate at 0 the parameters never move, so every step samples a
+batch from one fixed distribution: the N examples of the data set, drawn without
+replacement (the Trainer's RandomSampler) in batches of B. Under that sampling the
+per-step estimates are unbiased for the data set's own unbiased estimates, those of one
+"batch" of all N examples:
+
+    tr(Σ) = (s_N − |Ḡ|²) / (1 − 1/N),   |G|² = (N |Ḡ|² − s_N) / (N − 1),   s_N = mean_i |g_i|²
+
+with g_i the gradient of example i's mean token loss, computed here one example at a time
+with ordinary autograd (all sequences have the same length, so HF's token-normalized loss
+makes B·c_i = g_i). The exact GNS of the data set is their ratio.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+import hf_gns
+from hf_gns.trainer import STATE_FILE
+
+N_EXAMPLES, SEQ, VOCAB = 32, 12, 37
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_and_quiet():
+    hf_logging.set_verbosity_error()
+    with hf_gns.use_backend("torch"):
+        yield
+
+
+class FixedTokens(torch.utils.data.Dataset):
+    """Variations of one sequence: a shared signal plus per-example noise, so the GNS is moderate."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        base = torch.randint(0, VOCAB, (SEQ,), generator=gen)
+        self.rows = base.repeat(N_EXAMPLES, 1)
+        swap = torch.rand(N_EXAMPLES, SEQ, generator=gen) < 0.35
+        self.rows[swap] = torch.randint(0, VOCAB, (int(swap.sum()),), generator=gen)
+
+    def __len__(self):
+        return N_EXAMPLES
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def oracle_gns(model, dataset, names) -> float:
+    """Exact GNS of the data set from per-example gradients of the parameters `names`."""
+    params = dict(model.named_parameters())
+    grads = []
+    for i in range(len(dataset)):
+        ids = dataset[i]["input_ids"][None]
+        loss = model(input_ids=ids, labels=ids).loss  # example i's mean token loss
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, [params[n] for n in names])]))
+    g = torch.stack(grads).double()  # (N, P)
+    n = g.shape[0]
+    mean_sq = g.square().sum(1).mean()
+    full_sq = g.mean(0).square().sum()
+    sq_norm = (n * full_sq - mean_sq) / (n - 1)
+    trace_cov = (mean_sq - full_sq) / (1 - 1 / n)
+    return (trace_cov / sq_norm).item()
+
+
+def make_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=0.0,
+        optim="sgd",
+        max_grad_norm=1e-4,  # effective clipping: a read after clipping would give |G_B|² ~ 1e-8
+        max_steps=64,
+        logging_steps=8,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        gns_ema_decay=1 - 1e-7,  # ~ a plain average over the whole run
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return hf_gns.GNSTrainingArguments(**kwargs)
+
+
+def gns_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "gns" in entry]
+
+
+def test_logged_gns_converges_to_the_exact_gns_of_the_data_set(tmp_path):
+    dataset = FixedTokens()
+    model = tiny_gpt2()
+    trainer = hf_gns.GNSTrainer(model=model, args=make_args(tmp_path), train_dataset=dataset)
+    tracked = list(hf_gns.per_example_sq_norms(model))
+    assert all(".ln_" in n for n in tracked) and len(tracked) == 10  # 5 LayerNorms, weight and bias
+    expected = oracle_gns(model, dataset, tracked)
+    trainer.train()
+
+    logs = gns_logs(trainer)
+    last = logs[-1]
+    assert last["step"] == 64 and last["gns_skipped_steps"] == 0
+    print(f"logged GNS {last['gns']:.4f}, exact GNS of the data set {expected:.4f}")
+    assert last["gns"] == pytest.approx(expected, rel=0.05), (last["gns"], expected)
+    assert trainer.current_gns() == pytest.approx(last["gns"])
+    assert last["gns/type/norm"] == pytest.approx(last["gns"])  # norms only: the same parameters
+    assert last["gns"] == pytest.approx(last["gns_trace_cov"] / last["gns_sq_norm"])
+    # batch accounting: B = 4 × 2 accumulated, no attention mask -> every position is a token
+    assert last["batch_size"] == 8 and last["batch_tokens"] == 8 * SEQ
+    assert last["gns_tokens"] == pytest.approx(last["gns"] * SEQ)
+    assert last["tokens_seen"] == trainer.tokens_seen == 64 * 8 * SEQ
+    assert [entry["tokens_seen"] for entry in logs] == [8 * k * 8 * SEQ for k in range(1, 9)]
+    assert {
+        "gns/layer/0",
+        "gns/layer/1",
+        "gns/module/transformer.ln_f",
+        "gns/module/transformer.h.1.ln_2",
+    } <= set(last)
+
+
+def test_gns_is_read_before_clipping_without_clipping_too(tmp_path):
+    """max_grad_norm = 0 takes the Trainer's other path (_get_grad_norm only): same statistics."""
+    dataset = FixedTokens()
+    runs = []
+    for max_grad_norm in (1e-4, 0.0):
+        trainer = hf_gns.GNSTrainer(
+            model=tiny_gpt2(),
+            args=make_args(tmp_path / str(max_grad_norm), max_grad_norm=max_grad_norm, max_steps=8),
+            train_dataset=dataset,
+        )
+        trainer.train()
+        runs.append(gns_logs(trainer)[-1])
+    for key in ("gns", "gns_sq_norm", "gns_trace_cov"):
+        assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-6)
+
+
+class StepCounter:
+    """A registered checkpoint state, as the batch-size controller registers its own."""
+
+    def __init__(self):
+        self.count = 0
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def test_resume_continues_the_same_gns_trajectory(tmp_path):
+    dataset = FixedTokens()
+    args = dict(max_steps=12, logging_steps=1, save_strategy="steps", save_steps=6, gns_ema_decay=0.99)
+
+    full = hf_gns.GNSTrainer(
+        model=tiny_gpt2(), args=make_args(tmp_path / "full", **args), train_dataset=dataset
+    )
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    assert os.path.isfile(checkpoint / STATE_FILE)
+
+    counter = StepCounter()
+    resumed = hf_gns.GNSTrainer(
+        model=tiny_gpt2(), args=make_args(tmp_path / "resumed", **args), train_dataset=dataset
+    )
+    resumed.register_checkpoint_state("counter", counter)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    state["counter"] = {"count": 6}  # what the registered object would have saved at step 6
+    torch.save(state, checkpoint / STATE_FILE)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert counter.count == 6
+    full_logs = {entry["step"]: entry for entry in gns_logs(full)}
+    resumed_logs = [entry for entry in gns_logs(resumed) if entry["step"] > 6]  # 1-6 come from the checkpoint
+    assert [entry["step"] for entry in resumed_logs] == list(range(7, 13))
+    for entry in resumed_logs:
+        reference = full_logs[entry["step"]]
+        for key in ("gns", "gns_sq_norm", "gns_trace_cov", "gns/layer/0", "tokens_seen"):
+            assert entry[key] == pytest.approx(reference[key], rel=1e-9, abs=0), (entry["step"], key)
+    # without the restored state the trajectory would restart: step 7 would be a single step's estimate
+    assert resumed.gns_estimator.steps == 12
+
+
+def test_checkpoint_holds_estimator_counters_and_registered_states(tmp_path):
+    trainer = hf_gns.GNSTrainer(
+        model=tiny_gpt2(),
+        args=make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=FixedTokens(),
+    )
+    trainer.register_checkpoint_state("counter", StepCounter())
+    with pytest.raises(ValueError, match="already registered"):
+        trainer.register_checkpoint_state("counter", StepCounter())
+    with pytest.raises(TypeError, match="state_dict"):
+        trainer.register_checkpoint_state("bad", object())
+    trainer.train()
+    state = torch.load(tmp_path / "checkpoint-2" / STATE_FILE, weights_only=True)
+    assert set(state) == {"gns_estimator", "gns_counters", "counter"}
+    assert int(state["gns_estimator"]["steps"]) == 2
+    assert int(state["gns_counters"]["tokens_seen"]) == 2 * 8 * SEQ
+
+
+def test_attention_mask_counts_tokens(tmp_path):
+    class Padded(FixedTokens):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            mask = torch.ones(SEQ, dtype=torch.long)
+            mask[SEQ - 1 - i % 4 :] = 0  # 1 to 4 padded positions
+            return {**item, "attention_mask": mask}
+
+    trainer = hf_gns.GNSTrainer(
+        model=tiny_gpt2(), args=make_args(tmp_path, max_steps=4, logging_steps=4), train_dataset=Padded()
+    )
+    trainer.train()
+    expected = sum(SEQ - 1 - i % 4 for i in range(N_EXAMPLES))  # one epoch of 4 steps × 8 examples
+    assert trainer.tokens_seen == expected
+    assert gns_logs(trainer)[-1]["tokens_seen"] == expected
+
+
+def test_plain_training_arguments_and_bad_options(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(str(tmp_path), max_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = hf_gns.GNSTrainer(model=tiny_gpt2(), args=args, train_dataset=FixedTokens())
+    trainer.train()
+    assert trainer.gns_estimator.ema_decay == 0.9999 and trainer.gns_estimator.steps == 2
+    with pytest.raises(ValueError, match="gns_track"):
+        make_args(tmp_path, gns_track="linear")
+    with pytest.raises(ValueError, match="per example"):
+        make_args(tmp_path, gns_ema_decay=1.0)
+    with pytest.raises(ValueError, match="gns_groups"):
+        make_args(tmp_path, gns_groups=["type", "heads"])
+    assert make_args(tmp_path, gns_groups="type,layer").gns_groups == ["type", "layer"]
+
+
+def test_deepspeed_is_refused(tmp_path):
+    args = make_args(tmp_path)
+    args.deepspeed = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        hf_gns.GNSTrainer(model=tiny_gpt2(), args=args, train_dataset=FixedTokens())
+
+
+def test_non_finite_statistics_are_skipped(tmp_path, monkeypatch):
+    """A step whose statistics overflow (as fp16 steps that GradScaler skips do) leaves the GNS as it was."""
+    import hf_gns.trainer.trainer as trainer_module
+
+    reads = []
+
+    def overflowing(model):
+        reads.append(1)
+        norms = hf_gns.per_example_sq_norms(model)
+        return {k: v * float("inf") for k, v in norms.items()} if len(reads) == 2 else norms
+
+    trainer = hf_gns.GNSTrainer(
+        model=tiny_gpt2(), args=make_args(tmp_path, max_steps=3, logging_steps=1), train_dataset=FixedTokens()
+    )
+    monkeypatch.setattr(trainer_module, "per_example_sq_norms", overflowing)
+    trainer.train()
+    logs = gns_logs(trainer)
+    assert [entry["gns_skipped_steps"] for entry in logs] == [0, 1, 1]
+    assert (
+        logs[1]["gns"] == logs[0]["gns"]
+        and math.isfinite(logs[2]["gns"])
+        and logs[2]["gns"] != logs[0]["gns"]
+    )
+    assert trainer.gns_estimator.steps == 2
