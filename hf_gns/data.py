@@ -262,7 +262,8 @@ def load_text_files(
                 f"the JSON files {_names(json_files)} have no field {text_column!r}; their fields: "
                 f"{records.column_names}. Name the text field with --text_column."
             )
-        parts.append(records.select_columns([text_column]).rename_column(text_column, "text"))
+        records = records.select_columns([text_column])
+        parts.append(records if text_column == "text" else records.rename_column(text_column, "text"))
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     dataset = dataset.filter(lambda text: bool(text), input_columns="text")
     if max_bytes is not None and max_bytes > 0:

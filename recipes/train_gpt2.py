@@ -1,27 +1,33 @@
-"""Train a small GPT-2 with hf_gns patched in, logging the per-example gradient norms its norm layers yield.
+"""Train a GPT-2 with its gradient noise scale tracked and its batch size controlled by it.
 
-    make train                                   # defaults: under a minute on 2 CPU cores, offline
-    make train TRAIN_ARGS="--max_steps 1000"
-    accelerate launch --num_processes 8 recipes/train_gpt2.py --per_device_train_batch_size 16 \
-        --tokenizer_name gpt2 --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \
-        --corpus_max_bytes 100000000 --n_layer 12 --n_embd 768 --n_head 12 --block_size 1024 \
-        --max_steps 2000 --learning_rate 6e-4 --bf16
+    make train                                              # CPU, offline, a few minutes
+    python recipes/train_gpt2.py --help                     # every option
+    python recipes/train_gpt2.py recipes/configs/tiny_cpu.yaml --max_steps 50   # file, then overrides
+    accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/train_gpt2.py \
+        --model_size cerebras-111m --train_files 'data/**/*.txt' --bf16 true
 
-Defaults need no network: the corpus is this interpreter's standard library and the
-tokenizer is a byte-level BPE trained on it in a second. `--text_files`, `--dataset_name`,
-`--tokenizer_name` and `--model_name_or_path` switch to your own files, hub datasets,
-tokenizers and checkpoints.
+With no arguments it needs no network: the corpus is this interpreter's standard library,
+the tokenizer a byte-level BPE trained on it in a second, the model a tiny GPT-2.
 
-Reads top to bottom: config, data, model, `hf_gns.patch`, a callback that logs the
-per-example statistics, train, perplexity, save, reload in plain transformers. This is
-the first version of the recipe: it logs raw statistics; the GNS estimator and the
-batch-size controller come later.
+Reads top to bottom: config (dataclasses parsed by HfArgumentParser), data (documents
+through `datasets`, tokenized, packed into fixed-length examples), model (a GPT-2 from a
+size preset, or a checkpoint), trainer (GNSTrainer: patches the norm layers, estimates the
+GNS from their per-example gradient norms, lets the controller set the batch size), train
+(resumable), evaluate (perplexity through `evaluate`, from the metric shipped in
+hf_gns/metrics), outputs (checkpoints, trainer_state.json, training_curves.csv, PNG plots).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
+import os
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -29,230 +35,373 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
+    PreTrainedTokenizerBase,
     default_data_collator,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
-import hf_gns
 from hf_gns.data import (
-    build_lm_dataset,
     embedded_corpus_files,
     expand_text_files,
+    load_text_files,
     load_tokenizer,
+    pack_token_dataset,
     read_corpus,
     read_hub_dataset,
+    tokenize_dataset,
     train_byte_level_tokenizer,
 )
+from hf_gns.logging_outputs import TrainingCurvesCallback, plot_training_curves
+from hf_gns.metrics import load_perplexity_metric, perplexity_compute_metrics, sequence_nll
+from hf_gns.trainer import GNSTrainer, GNSTrainingArguments
+
+
+class UsageError(ValueError):
+    """A bad argument or unusable data: the message says what was wrong and what to do."""
+
 
 # ---------------------------------------------------------------------------------------
 # Config
 
+# GPT-2 shapes by name. `block_size` defaults to the preset's context length.
+MODEL_PRESETS = {
+    # Trains on a laptop CPU: ~0.1M parameters besides the embeddings.
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=64),
+    # GPT-2 small (Radford et al. 2019): 124M parameters with the 50257-token GPT-2 vocabulary.
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    # Cerebras-GPT 111M (Dey et al. 2023), the model of Gray et al. 2024's batch-size schedule
+    # experiment: 10 layers, 12 heads, d = 768, FFN 4d, context 2048.
+    "cerebras-111m": dict(n_layer=10, n_head=12, n_embd=768, n_positions=2048),
+}
 
-def arg(default, description: str):
+
+def arg(default, description: str, **kwargs):
     """A dataclass field with a `--help` line."""
-    return field(default=default, metadata={"help": description})
+    return field(default=default, metadata={"help": description, **kwargs})
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = arg(None, "Start from this checkpoint (hub id or local dir).")
-    tokenizer_name: str | None = arg(None, "Hub id or local dir. Default: the checkpoint's, or train one.")
-    n_layer: int = arg(2, "New GPT-2: transformer blocks.")
-    n_embd: int = arg(64, "New GPT-2: hidden size.")
-    n_head: int = arg(4, "New GPT-2: attention heads.")
-    vocab_size: int = arg(512, "Trained byte-level BPE: vocabulary size.")
+    model_size: Literal["tiny", "gpt2-124m", "cerebras-111m"] = arg(
+        "tiny", f"A new GPT-2 of this shape: {', '.join(MODEL_PRESETS)}."
+    )
+    n_layer: int | None = arg(None, "Override the preset's number of transformer blocks.")
+    n_head: int | None = arg(None, "Override the preset's attention heads.")
+    n_embd: int | None = arg(None, "Override the preset's hidden size (a multiple of n_head).")
+    model_name_or_path: str | None = arg(
+        None, "Start from this checkpoint (local dir, or a hub id: network)."
+    )
+    tokenizer_name: str | None = arg(None, "Hub id or local dir. Default: the checkpoint's, or train a BPE.")
+    vocab_size: int = arg(512, "Vocabulary of the locally trained byte-level BPE (>= 257).")
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        shape = self.gpt2_shape()
+        if shape["n_embd"] % shape["n_head"]:
+            raise UsageError(f"n_embd={shape['n_embd']} is not a multiple of n_head={shape['n_head']}")
+
+    def gpt2_shape(self) -> dict[str, int]:
+        if self.model_size not in MODEL_PRESETS:
+            raise UsageError(f"--model_size {self.model_size!r} is not one of {', '.join(MODEL_PRESETS)}")
+        shape = dict(MODEL_PRESETS[self.model_size])
+        shape.update({k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd") if getattr(self, k)})
+        return shape
 
 
 @dataclass
 class DataArguments:
-    text_files: list[str] | None = arg(None, "Local text files or globs ('data/**/*.txt'). Default: stdlib.")
-    dataset_name: str | None = arg(None, "A `datasets` dataset (e.g. wikitext), streamed; needs network.")
-    dataset_config_name: str | None = arg(None, "e.g. wikitext-103-raw-v1")
+    train_files: list[str] | None = arg(
+        None, "Local text or JSON Lines files, globs ('data/**/*.txt') or directories. Default: the stdlib."
+    )
+    dataset_name: str | None = arg(None, "A `datasets` hub dataset (e.g. wikitext), streamed: needs network.")
+    dataset_config_name: str | None = arg(None, "Its configuration, e.g. wikitext-103-raw-v1.")
     dataset_split: str = arg("train", "Split of --dataset_name to read.")
-    text_column: str = arg("text", "Column of --dataset_name holding the text.")
+    text_column: str = arg("text", "Field holding the text (hub datasets, JSON files).")
     corpus_max_bytes: int = arg(2_000_000, "Read at most this many bytes of text (<= 0: all).")
     tokenizer_train_bytes: int = arg(1_000_000, "Train the byte-level BPE on the first this-many bytes.")
-    block_size: int = arg(64, "Tokens per training example.")
-    eval_fraction: float = arg(0.05, "Fraction of blocks held out for evaluation (the last ones).")
-    max_eval_samples: int = arg(256, "At most this many held-out blocks.")
+    block_size: int | None = arg(None, "Tokens per example. Default: the model's context length.")
+    eval_fraction: float = arg(
+        0.05, "Fraction of the packed examples held out for evaluation (the last ones)."
+    )
+    max_eval_samples: int = arg(256, "At most this many held-out examples.")
+    preprocessing_num_workers: int | None = arg(None, "Processes for tokenizing with `datasets`.")
+
+    def __post_init__(self):
+        if self.train_files and self.dataset_name:
+            raise UsageError("give --train_files or --dataset_name, not both")
+        if not 0 < self.eval_fraction < 1:
+            raise UsageError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.block_size is not None and self.block_size < 2:
+            raise UsageError(
+                f"--block_size must be at least 2 (a token and its successor), got {self.block_size}"
+            )
 
 
-# Recipe defaults for `TrainingArguments`; any of them can be overridden on the command line.
+# Recipe defaults for the training arguments; each can be overridden on the command line or in the file.
 TRAINING_DEFAULTS = dict(
     output_dir="outputs/train_gpt2",
     max_steps=200,
     per_device_train_batch_size=8,
     per_device_eval_batch_size=32,
-    gradient_accumulation_steps=2,
     learning_rate=3e-3,
     warmup_steps=4,
-    logging_steps=5,
-    save_strategy="no",  # the model is saved once, at the end
+    logging_steps=1,  # one CSV row per optimizer step
+    eval_strategy="steps",
+    eval_steps=50,
+    save_strategy="steps",
+    save_steps=100,
+    save_total_limit=2,
     report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs a GPU (and warns without one)
 )
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, GNSTrainingArguments)
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """(model, data, training) arguments from the command line, optionally led by a YAML or JSON file.
+
+    `train_gpt2.py config.yaml --max_steps 10`: the file's values replace the recipe's
+    defaults and the flags after it replace the file's. Values in the file are typed as in
+    YAML/JSON; strings are parsed like the command line's (so `learning_rate: 3e-4` works).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
+        parser.set_defaults(**_read_config_file(Path(argv.pop(0)), parser))
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except UsageError:
+        raise
+    except ValueError as error:  # unknown flags, and TrainingArguments' own checks
+        raise UsageError(str(error)) from error
+
+
+def _read_config_file(path: Path, parser: HfArgumentParser) -> dict:
+    if not path.is_file():
+        raise UsageError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            config = json.loads(text)
+        else:
+            import yaml  # a dependency of transformers
+
+            config = yaml.safe_load(text)
+    except Exception as error:
+        raise UsageError(
+            f"config file {str(path)!r} is not valid {path.suffix[1:].upper()}: {error}"
+        ) from error
+    if not isinstance(config, dict):
+        raise UsageError(f"config file {str(path)!r} must hold a mapping of argument names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        hints = [f"{key!r} (did you mean {', '.join(difflib.get_close_matches(key, known, n=2))}?)"
+                 if difflib.get_close_matches(key, known) else repr(key) for key in unknown]  # fmt: skip
+        raise UsageError(f"config file {str(path)!r}: unknown argument(s) {', '.join(hints)}")
+    return config
 
 
 # ---------------------------------------------------------------------------------------
-# Per-example gradient-norm statistics, logged next to the loss
+# Data: documents -> tokenizer -> packed examples of block_size tokens
 
 
-class NormStatsCallback(TrainerCallback):
-    """Reads the per-example squared norms once per optimizer step and logs their window means.
+def load_documents(data_args: DataArguments):
+    """A `datasets.Dataset` with one column, `text`: a hub dataset, local files, or the stdlib corpus."""
+    from datasets import Dataset
 
-    Logged under `norm_stats/` for this process (no cross-process reduction):
-    - `examples`: examples whose backward passes fed this step (B · accumulation steps);
-    - `mean_sq_norm`: mean over those examples of Σ_params |c_b|², c_b being example b's
-      contribution to the tracked norm parameters' `.grad` (so the Trainer's loss
-      normalisation is inside; units are `hf_gns.per_example_sq_norms`'s);
-    - `grad_sq_norm`: |Σ_b c_b|², the squared norm of the accumulated `.grad` of the same
-      parameters (under DDP: averaged over processes).
-    Turning these into a GNS estimate (B-scaling, DDP, loss scale) is the estimator's job.
-    """
+    max_bytes = data_args.corpus_max_bytes if data_args.corpus_max_bytes > 0 else None
+    try:
+        if data_args.dataset_name:  # never on the default path: needs network
+            texts = read_hub_dataset(
+                data_args.dataset_name,
+                data_args.dataset_config_name,
+                split=data_args.dataset_split,
+                text_column=data_args.text_column,
+                max_bytes=max_bytes,
+            )
+            if not texts:
+                raise ValueError(
+                    f"dataset {data_args.dataset_name!r} has no non-empty {data_args.text_column!r}"
+                )
+            return Dataset.from_dict({"text": texts})
+        if data_args.train_files:
+            files = expand_text_files(data_args.train_files)
+            return load_text_files(files, text_column=data_args.text_column, max_bytes=max_bytes)
+        return Dataset.from_dict({"text": read_corpus(embedded_corpus_files(), max_bytes=max_bytes)})
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise UsageError(f"unusable data: {error}") from error
 
-    def __init__(self, model: torch.nn.Module, tracked_parameters: list[str]):
-        self.model = model
-        named = dict(model.named_parameters())
-        self.tracked = {name: named[name] for name in tracked_parameters}
-        # Per optimizer step since the last log: (examples, mean_sq_norm, grad_sq_norm).
-        self.window: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        hf_gns.zero_stats(self.model)
+def build_tokenizer(
+    model_args: ModelArguments, data_args: DataArguments, documents
+) -> PreTrainedTokenizerBase:
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if name:
+        return load_tokenizer(name)
+    try:  # deterministic: every process trains the same one
+        return train_byte_level_tokenizer(
+            documents["text"], model_args.vocab_size, data_args.tokenizer_train_bytes
+        )
+    except ValueError as error:
+        raise UsageError(f"--vocab_size: {error}") from error
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # Fires after every micro-batch's backward and AFTER gradient clipping: `.grad` is
-        # clipped (max_grad_norm) while the per-example norms are not. The estimator issue
-        # moves this read before clipping.
-        per_param = hf_gns.per_example_sq_norms(self.model)  # {name: (N,)}, N = B · accumulation steps
-        per_example = torch.stack(list(per_param.values())).sum(0)  # (P, N) -> (N,)
-        grads = [self.tracked[name].grad for name in per_param if self.tracked[name].grad is not None]
-        grad_sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()  # ()
-        self.window.append((per_example.numel(), per_example.mean(), grad_sq))  # no sync: tensors stay put
-        hf_gns.zero_stats(self.model)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.window or logs is None or "loss" not in logs:  # training-step logs only
-            return
-        examples = sum(n for n, _, _ in self.window) / len(self.window)
-        means = torch.stack([torch.stack([m, g]) for _, m, g in self.window]).mean(0)  # (steps, 2) -> (2,)
-        mean_sq_norm, grad_sq_norm = means.tolist()  # host-device sync, once per log
-        stats = {
-            "norm_stats/examples": examples,
-            "norm_stats/mean_sq_norm": mean_sq_norm,
-            "norm_stats/grad_sq_norm": grad_sq_norm,
-        }
-        logs.update(stats)  # printed by the progress callback, which runs after this one
-        # Trainer.log stored a copy of `logs` in the history before calling on_log.
-        state.log_history[-1].update(stats)
-        self.window.clear()
+def build_examples(documents, tokenizer, data_args: DataArguments, block_size: int):
+    """Train and eval splits of packed examples (`input_ids`, `labels`: `(block_size,)` each)."""
+    tokenized = tokenize_dataset(documents, tokenizer, num_proc=data_args.preprocessing_num_workers)
+    try:
+        examples = pack_token_dataset(tokenized, block_size)
+    except ValueError as error:
+        raise UsageError(f"unusable data: {error}") from error
+    if len(examples) < 2:
+        raise UsageError(
+            f"the data packs into {len(examples)} example(s) of {block_size} tokens; training and evaluation "
+            "need at least 2: give more text (--corpus_max_bytes, more files) or a smaller --block_size"
+        )
+    n_eval = min(data_args.max_eval_samples, max(1, int(len(examples) * data_args.eval_fraction)))
+    return examples.train_test_split(test_size=n_eval, shuffle=False)  # held out: the last n_eval examples
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(model_args: ModelArguments, tokenizer, block_size: int) -> torch.nn.Module:
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        context = getattr(model.config, "n_positions", None) or getattr(
+            model.config, "max_position_embeddings", None
+        )
+        if context is not None and block_size > context:
+            raise UsageError(f"--block_size {block_size} exceeds the checkpoint's context length {context}")
+    else:
+        shape = model_args.gpt2_shape()
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=max(shape.pop("n_positions"), block_size),
+            **shape,  # n_layer, n_head, n_embd; the FFN is 4 · n_embd
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = GPT2LMHeadModel(config)
+    if getattr(model, "loss_type", None) is None:
+        # transformers 5 infers the loss from the class name, and "GPT2LMHeadModel" names none; the
+        # Trainer then counts T label tokens per row instead of the T - 1 a causal LM predicts, and
+        # every loss it reports (train and eval) comes out (T - 1) / T too small.
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+def default_block_size(model_args: ModelArguments) -> int:
+    if model_args.model_name_or_path:
+        return 1024
+    return MODEL_PRESETS[model_args.model_size]["n_positions"]
 
 
 # ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_arguments(argv)
     is_main = training_args.process_index == 0
     set_seed(training_args.seed)
+    block_size = data_args.block_size or default_block_size(model_args)
 
-    # Data: every process builds the same dataset (deterministic, in memory, seconds).
-    if data_args.dataset_name:
-        texts = read_hub_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            split=data_args.dataset_split,
-            text_column=data_args.text_column,
-            max_bytes=data_args.corpus_max_bytes,
-        )
-    else:
-        files = expand_text_files(data_args.text_files) if data_args.text_files else embedded_corpus_files()
-        texts = read_corpus(files, max_bytes=data_args.corpus_max_bytes)
-    tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
-    if tokenizer_name:
-        tokenizer = load_tokenizer(tokenizer_name)
-    else:
-        tokenizer = train_byte_level_tokenizer(texts, model_args.vocab_size, data_args.tokenizer_train_bytes)
-    blocks = build_lm_dataset(texts, tokenizer, data_args.block_size)  # rows: input_ids, labels (T,)
-    n_eval = min(data_args.max_eval_samples, max(1, int(len(blocks) * data_args.eval_fraction)))
-    split = blocks.train_test_split(test_size=n_eval, shuffle=False)  # held out: the last n_eval blocks
+    resume_from = training_args.resume_from_checkpoint
+    if resume_from in ("latest", "last", "true", "True"):
+        where = training_args.output_dir
+        resume_from = get_last_checkpoint(where) if os.path.isdir(where) else None
+        if resume_from is None:
+            raise UsageError(
+                f"--resume_from_checkpoint latest: no checkpoint-* in {training_args.output_dir!r}"
+            )
+    elif resume_from is not None and not os.path.isdir(resume_from):
+        raise UsageError(f"--resume_from_checkpoint {resume_from!r} is not a directory")
+
+    # Data: every process builds the same examples (deterministic); the main process first,
+    # so `datasets`' caches of local files are written once.
+    with training_args.main_process_first(desc="data"):
+        documents = load_documents(data_args)
+        if resume_from and (Path(resume_from) / "tokenizer.json").exists():
+            tokenizer = load_tokenizer(resume_from)  # the run's own, whatever the flags say now
+        else:
+            tokenizer = build_tokenizer(model_args, data_args, documents)
+        splits = build_examples(documents, tokenizer, data_args, block_size)
     if is_main:
         print(
-            f"corpus: {len(texts)} texts, {sum(map(len, texts)):,} characters -> {len(blocks):,} blocks "
-            f"of {data_args.block_size} tokens ({len(split['train']):,} train, {n_eval} eval); "
+            f"data: {len(documents):,} documents, {sum(map(len, documents['text'])):,} characters -> "
+            f"{len(splits['train']):,} train + {len(splits['test'])} eval examples of {block_size} tokens; "
             f"vocab {len(tokenizer)}"
         )
 
-    # Model: a new GPT-2 from a config, or a checkpoint.
-    if model_args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
-    else:
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=data_args.block_size,
-            n_embd=model_args.n_embd,
-            n_layer=model_args.n_layer,
-            n_head=model_args.n_head,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = GPT2LMHeadModel(config)
-
-    # hf_gns: every LayerNorm now runs the fused op that also yields per-example |dγ_b|², |dβ_b|².
-    report = hf_gns.patch(model)
-    if not report.tracked_parameters:
-        raise RuntimeError(f"hf_gns tracks no norm parameter of this model, nothing to log:\n{report}")
+    model = build_model(model_args, tokenizer, block_size)
     if is_main:
-        print(report)
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    trainer = Trainer(
+    curves = TrainingCurvesCallback(plot=False)  # plotted below, after the final evaluation
+    trainer = GNSTrainer(
         model=model,
         args=training_args,
-        train_dataset=split["train"],
-        eval_dataset=split["test"],
-        processing_class=tokenizer,
-        data_collator=default_data_collator,  # fixed-length blocks: stacking is all it takes
-        callbacks=[NormStatsCallback(model, report.tracked_parameters)],
+        train_dataset=splits["train"],
+        eval_dataset=splits["test"],
+        processing_class=tokenizer,  # saved with every checkpoint
+        data_collator=default_data_collator,  # fixed-length examples: stacking is all it takes
+        compute_metrics=perplexity_compute_metrics(load_perplexity_metric()),
+        preprocess_logits_for_metrics=sequence_nll,  # (B, T, V) logits -> (B, 2) [nll sum, tokens]
+        callbacks=[curves],
     )
-    train_result = trainer.train()
 
-    eval_metrics = trainer.evaluate()
-    perplexity = math.exp(eval_metrics["eval_loss"])
-    eval_metrics["perplexity"] = perplexity
-    trainer.log_metrics("eval", eval_metrics)
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - start
+    eval_metrics = trainer.evaluate()  # logged: eval_loss, eval_perplexity (a CSV row)
+    trainer.save_model()  # model + tokenizer, plain transformers files
+    trainer.save_state()  # trainer_state.json, every logged GNS value in log_history
 
-    trainer.save_model()  # patched norms keep their parameters and state_dict keys
-    trainer.save_state()  # trainer_state.json, with the norm_stats/ log entries
-
-    # The saved model is plain transformers: it reloads and gives the same logits unpatched.
-    max_logit_diff = None
-    if trainer.is_world_process_zero():
-        reloaded = AutoModelForCausalLM.from_pretrained(training_args.output_dir).to(model.device).eval()
-        input_ids = torch.tensor(split["test"][:4]["input_ids"], device=model.device)  # (4, T)
-        model.eval()
-        with torch.no_grad():
-            diff = model(input_ids=input_ids).logits - reloaded(input_ids=input_ids).logits  # (4, T, V)
-        max_logit_diff = diff.abs().max().item()  # host-device sync
-        print(f"reloaded {training_args.output_dir} unpatched: max |Δlogits| = {max_logit_diff:.2e}")
-        if not max_logit_diff < 1e-3:
-            raise RuntimeError(f"the saved model's logits differ from the trained one's by {max_logit_diff}")
-        print(f"eval perplexity: {perplexity:.2f}")
+    tokens_seen = getattr(trainer, "tokens_seen", None)
+    if tokens_seen is None:
+        tokens_seen = trainer.state.global_step * training_args.train_batch_size * block_size
+    tokens_per_second = tokens_seen / train_seconds if train_seconds > 0 else math.nan
+    gns = trainer.current_gns() if hasattr(trainer, "current_gns") else None
+    plot_paths = plot_training_curves(curves.csv_path) if is_main else []
+    if is_main:
+        out = Path(training_args.output_dir)
+        print(
+            f"\ntrained {trainer.state.global_step} steps, {tokens_seen:,} tokens in {train_seconds:.1f} s "
+            f"({tokens_per_second:,.0f} tokens/s); final GNS: "
+            f"{'n/a' if gns is None else f'{gns:.1f} examples = {gns * block_size:,.0f} tokens'}; "
+            f"eval loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f}\n"
+            f"outputs in {out}/:\n"
+            f"  model, tokenizer     {out}/ (config.json, model.safetensors, tokenizer.json)\n"
+            f"  trainer log          {out}/trainer_state.json (log_history: every logged value)\n"
+            f"  checkpoints          {out}/checkpoint-*/ (resume: --resume_from_checkpoint latest)\n"
+            f"  per-step curves      {curves.csv_path}\n"
+            f"  plots                {', '.join(map(str, plot_paths)) or '(none: see above)'}"
+        )
 
     return {
         "train_loss": train_result.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
-        "perplexity": perplexity,
+        "perplexity": eval_metrics["eval_perplexity"],
         "log_history": trainer.state.log_history,
-        "max_logit_diff": max_logit_diff,
+        "tokens_seen": tokens_seen,
+        "tokens_per_second": tokens_per_second,
+        "gns": gns,
+        "csv_path": curves.csv_path,
+        "plot_paths": plot_paths,
+        "trainer": trainer,
     }
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"train_gpt2.py: error: {error}")

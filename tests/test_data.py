@@ -193,6 +193,9 @@ def test_load_text_files_reads_text_documents_and_json_records(tmp_path):
 
 def test_load_text_files_says_what_is_wrong(tmp_path):
     (tmp_path / "records.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    assert list(load_text_files([tmp_path / "records.jsonl"], text_column="body")["text"]) == ["x"]
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "y", "id": 1}) + "\n")
+    assert list(load_text_files([tmp_path / "plain.jsonl"])["text"]) == ["y"]  # the default field name
     with pytest.raises(ValueError, match="no field 'text'.*--text_column"):
         load_text_files([tmp_path / "records.jsonl"])
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not utf-8")

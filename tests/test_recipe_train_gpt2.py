@@ -1,24 +1,37 @@
-"""recipes/train_gpt2.py: a short run in-process; its norm-stats callback against a direct computation."""
+"""recipes/train_gpt2.py: tiny in-process runs (outputs, config files, local data, resume), error messages."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("datasets", reason="the recipe and hf_gns.data need the datasets package")
+pytest.importorskip("datasets", reason="the recipe needs the datasets package")
+pytest.importorskip("evaluate", reason="the recipe's perplexity goes through evaluate")
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerState
+from transformers import AutoModelForCausalLM
 
-import hf_gns
 from hf_gns.data import load_tokenizer
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_gpt2.py"
-NORM_STATS_KEYS = ("norm_stats/examples", "norm_stats/mean_sq_norm", "norm_stats/grad_sq_norm")
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train_gpt2.py"
+# A run of seconds: 100 kB of the stdlib corpus, a 300-token BPE, 32-token examples.
+TINY = [
+    "--corpus_max_bytes", "100000",
+    "--tokenizer_train_bytes", "100000",
+    "--vocab_size", "300",
+    "--block_size", "32",
+    "--per_device_train_batch_size", "4",
+    "--max_eval_samples", "16",
+    "--disable_tqdm", "true",
+]  # fmt: skip
 
 
 def _load_recipe():
@@ -34,69 +47,156 @@ def recipe():
     return _load_recipe()
 
 
-def test_short_run_logs_norm_stats_and_saves_a_model_that_reloads(recipe, tmp_path):
-    output_dir = tmp_path / "run"
-    result = recipe.main(
-        [
-            "--output_dir", str(output_dir),
-            "--max_steps", "3",
-            "--corpus_max_bytes", "200000",
-            "--logging_steps", "1",
-            "--per_device_train_batch_size", "4",
-            "--disable_tqdm", "true",
-        ]
-    )  # fmt: skip
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
 
-    train_logs = [entry for entry in result["log_history"] if "loss" in entry]
-    assert [entry["step"] for entry in train_logs] == [1, 2, 3]
-    for entry in train_logs:
-        assert math.isfinite(entry["loss"])
-        assert entry["norm_stats/examples"] == 4 * 2  # per-device batch × accumulation steps
-        for key in ("norm_stats/mean_sq_norm", "norm_stats/grad_sq_norm"):
-            assert math.isfinite(entry[key]) and entry[key] > 0, (key, entry)
-    assert math.isfinite(result["eval_loss"]) and result["perplexity"] == pytest.approx(
-        math.exp(result["eval_loss"])
-    )
-    assert result["max_logit_diff"] < 1e-3
 
-    saved_history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    assert all(key in saved_history[0] for key in NORM_STATS_KEYS)
+def test_tiny_run_writes_curves_plots_checkpoints_and_a_plain_model(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2"]
+    result = recipe.main(argv + TINY)
 
-    reloaded = AutoModelForCausalLM.from_pretrained(output_dir)
+    rows = _csv_rows(out / "training_curves.csv")
+    train_rows = [row for row in rows if row["loss"]]
+    assert [int(row["step"]) for row in train_rows] == [1, 2, 3, 4]  # logging_steps=1: one row a step
+    for row in train_rows:
+        assert math.isfinite(float(row["loss"]))
+        assert float(row["gns"]) > 0 and float(row["gns_tokens"]) == pytest.approx(32 * float(row["gns"]))
+        assert int(row["batch_size"]) == 4 and int(row["batch_tokens"]) == 4 * 32
+    assert [int(row["tokens_seen"]) for row in train_rows] == [128, 256, 384, 512]
+    eval_rows = [row for row in rows if row["eval_loss"]]
+    assert len(eval_rows) == 3  # steps 2 and 4, and the final evaluation
+    # the packaged metric's perplexity is the exp of the Trainer's eval loss (loss_type set: T - 1 targets)
+    for row in eval_rows:
+        assert float(row["eval_perplexity"]) == pytest.approx(math.exp(float(row["eval_loss"])), rel=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(result["eval_loss"]), rel=1e-4)
+
+    assert result["plot_paths"] == [out / "gns_batch_size.png", out / "loss.png"]
+    assert all(path.read_bytes()[:4] == b"\x89PNG" for path in result["plot_paths"])
+    assert (out / "checkpoint-2" / "hf_gns_state.pt").exists() and (out / "checkpoint-4").is_dir()
+    assert result["tokens_seen"] == 512 and result["gns"] == pytest.approx(float(train_rows[-1]["gns"]))
+
+    printed = capsys.readouterr().out
+    assert str(out / "training_curves.csv") in printed and "tokens/s" in printed and "final GNS" in printed
+
+    # what was saved is plain transformers: no trace of the patch, the tokenizer alongside
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert not any("_hf_gns" in name for module in reloaded.modules() for name in vars(module))
-    tokenizer = load_tokenizer(output_dir)
-    input_ids = torch.tensor([tokenizer("def main():\n    pass\n")["input_ids"]])  # (1, T)
+    input_ids = torch.tensor([load_tokenizer(out)("def main():\n    pass\n")["input_ids"]])  # (1, T)
     assert torch.isfinite(reloaded(input_ids=input_ids).logits).all()
 
 
-def test_norm_stats_callback_matches_a_direct_computation(recipe):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
-    report = hf_gns.patch(model)
-    callback = recipe.NormStatsCallback(model, report.tracked_parameters)
-    state = TrainerState()
+def test_resume_continues_the_same_run(recipe, tmp_path):
+    argv = ["--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no"] + TINY
+    straight = recipe.main(["--output_dir", str(tmp_path / "straight")] + argv)
 
-    expected_mean_sq, expected_grad_sq = [], []
-    for _ in range(2):  # two optimizer steps of two micro-batches (3 + 2 examples) each
-        model.zero_grad()
-        for batch_size in (3, 2):
-            input_ids = torch.randint(0, 64, (batch_size, 16))  # (B, T)
-            model(input_ids=input_ids, labels=input_ids).loss.backward()
-        per_param = hf_gns.per_example_sq_norms(model)
-        expected_mean_sq.append(sum(values for values in per_param.values()).mean().item())
-        params = dict(model.named_parameters())
-        expected_grad_sq.append(sum(params[name].grad.pow(2).sum().item() for name in per_param))
-        callback.on_pre_optimizer_step(None, state, None)
-        assert all(values.numel() == 0 for values in hf_gns.per_example_sq_norms(model).values())
+    first = tmp_path / "interrupted"
+    recipe.main(["--output_dir", str(first), "--max_steps", "2"] + argv[2:])  # stops after checkpoint-2
+    resumed = recipe.main(["--output_dir", str(first), "--resume_from_checkpoint", "latest"] + argv)
 
-    state.log_history.append({"loss": 1.0, "step": 2})
-    logs = {"loss": 1.0}
-    callback.on_log(None, state, None, logs=logs)
-    assert logs["norm_stats/examples"] == 5
-    assert logs["norm_stats/mean_sq_norm"] == pytest.approx(sum(expected_mean_sq) / 2, rel=1e-5)
-    assert logs["norm_stats/grad_sq_norm"] == pytest.approx(sum(expected_grad_sq) / 2, rel=1e-5)
-    assert state.log_history[-1]["norm_stats/mean_sq_norm"] == logs["norm_stats/mean_sq_norm"]
+    def train_logs(history):
+        return [(e["step"], e["loss"], e["gns"], e["tokens_seen"]) for e in history if "loss" in e]
 
-    eval_logs = {"eval_loss": 1.0}  # nothing pending, and not a training log: left alone
-    callback.on_log(None, state, None, logs=eval_logs)
-    assert eval_logs == {"eval_loss": 1.0}
+    assert [log[0] for log in train_logs(resumed["log_history"])] == [1, 2, 3, 4]
+    for got, want in zip(train_logs(resumed["log_history"]), train_logs(straight["log_history"])):
+        assert got[0] == want[0] and got[3] == want[3]
+        assert got[1] == pytest.approx(want[1], rel=1e-5) and got[2] == pytest.approx(want[2], rel=1e-5)
+    rows = _csv_rows(first / "training_curves.csv")  # steps 1-2 come back from the checkpoint's history
+    assert [int(row["step"]) for row in rows if row["loss"]] == [1, 2, 3, 4]
+
+
+def test_yaml_and_json_config_files_with_command_line_overrides(recipe, tmp_path):
+    config = {
+        "model_size": "cerebras-111m",
+        "train_files": ["data/*.txt", "more/"],
+        "learning_rate": "3e-4",  # YAML 1.1 reads this as a string: parsed like the command line
+        "bf16": False,
+        "gns_groups": ["type"],
+        "max_steps": 7,
+    }
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    (tmp_path / "run.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))
+    for name in ("run.json", "run.yaml"):
+        model_args, data_args, training_args = recipe.parse_arguments(
+            [str(tmp_path / name), "--max_steps", "9", "--output_dir", str(tmp_path / "out")]
+        )
+        assert model_args.gpt2_shape() == {"n_layer": 10, "n_head": 12, "n_embd": 768, "n_positions": 2048}
+        assert data_args.train_files == ["data/*.txt", "more/"]
+        assert training_args.learning_rate == 3e-4 and training_args.gns_groups == ["type"]
+        assert training_args.max_steps == 9  # the flag after the file wins
+        assert training_args.per_device_train_batch_size == 8  # the recipe's default, untouched
+        assert recipe.default_block_size(model_args) == 2048
+
+    (tmp_path / "typo.yaml").write_text("learning_rat: 1e-3\n")
+    with pytest.raises(
+        recipe.UsageError, match=r"unknown argument\(s\) 'learning_rat' \(did you mean learning_rate"
+    ):
+        recipe.parse_arguments([str(tmp_path / "typo.yaml")])
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(recipe.UsageError, match="must hold a mapping"):
+        recipe.parse_arguments([str(tmp_path / "list.yaml")])
+    with pytest.raises(recipe.UsageError, match="does not exist"):
+        recipe.parse_arguments([str(tmp_path / "missing.yaml")])
+
+
+def test_data_from_a_directory_of_text_and_json_files(recipe, tmp_path):
+    data = tmp_path / "data"
+    (data / "nested").mkdir(parents=True)
+    source = (Path(json.__file__).parent / "decoder.py").read_text()
+    (data / "a.txt").write_text(source)
+    (data / "nested" / "b.jsonl").write_text(
+        "".join(json.dumps({"text": source[i : i + 2000]}) + "\n" for i in range(0, len(source), 2000))
+    )
+    (data / "ignored.bin").write_bytes(b"\x00\xff")
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--train_files", str(data), "--max_steps", "2", "--eval_strategy", "no"]
+    result = recipe.main(argv + TINY + ["--save_strategy", "no"])
+    assert math.isfinite(result["train_loss"]) and result["tokens_seen"] == 2 * 4 * 32
+
+    documents = recipe.load_documents(recipe.DataArguments(train_files=[str(data)]))
+    assert documents["text"][0] == source  # the text file whole, then the JSON records
+    assert "".join(documents["text"][1:]) == source
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n_embd", "30", "--n_head", "4"], "n_embd=30 is not a multiple of n_head=4"),
+        (["--eval_fraction", "1.5"], r"--eval_fraction must be in \(0, 1\)"),
+        (["--train_files", "/nonexistent/*.txt"], "unusable data: no file matches '/nonexistent/"),
+        (["--train_files", "x.txt", "--dataset_name", "wikitext"], "not both"),
+        (["--block_size", "1000000", "--corpus_max_bytes", "1000"], "fewer than block_size=1000000"),
+        (["--vocab_size", "100"], "--vocab_size: vocab_size must be at least 257"),
+        (["--resume_from_checkpoint", "latest"], "no checkpoint-\\* in"),
+        (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "is not a directory"),
+        (["--no_such_flag", "3"], "no_such_flag"),
+        (["--gns_track", "everything"], "gns_track must be one of"),
+    ],
+)
+def test_bad_arguments_and_data_get_a_clear_message(recipe, tmp_path, argv, message):
+    with pytest.raises(recipe.UsageError, match=message):
+        recipe.main(["--output_dir", str(tmp_path / "run"), "--max_steps", "1"] + argv)
+
+
+def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    argv = [
+        sys.executable,
+        str(RECIPE),
+        "--output_dir",
+        str(tmp_path),
+        "--train_files",
+        str(tmp_path / "none"),
+    ]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 1
+    assert "train_gpt2.py: error: unusable data: no file matches" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_bad_choice_is_refused_by_argparse(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.parse_arguments(["--model_size", "huge"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
