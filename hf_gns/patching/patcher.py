@@ -17,6 +17,7 @@ from torch import nn
 
 from .detect import find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
 from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
+from .layers import bind_layers, plan_layers, unpatch_layers
 from .model_hook import attach_model_hook, detach_model_hooks
 from .probe import fallback_candidates, probe_norm
 from .registry import registered_spec
@@ -75,7 +76,12 @@ def _bind(module: nn.Module, state: NormPatch) -> None:
     module.forward = types.MethodType(patched_norm_forward, module)
 
 
-def patch(model: nn.Module, strict: bool = False) -> PatchReport:
+PATCH_TARGETS = ("norms", "all")
+
+
+def patch(
+    model: nn.Module, strict: bool = False, targets: str = "norms", linear_method: str = "auto"
+) -> PatchReport:
     """Run every normalization layer of `model` on the fused op that also yields per-example norms.
 
     Recognises norm modules through the registry (looked up along the MRO) and a structural
@@ -87,7 +93,15 @@ def patch(model: nn.Module, strict: bool = False) -> PatchReport:
         model (`nn.Module`): any model, also wrapped by DDP or PEFT. Patch before
             `torch.compile` and before FSDP.
         strict (`bool`, *optional*, defaults to `False`): raise `NormPatchError`, leaving
-            the model untouched, if a norm-like module that owns parameters cannot be patched.
+            the model untouched, if a norm-like module that owns parameters cannot be patched
+            (with `targets="all"`: also a Linear/Conv1D/Embedding with trainable parameters).
+        targets (`str`, *optional*, defaults to `"norms"`): `"norms"` tracks the normalization
+            layers; `"all"` also nn.Linear, HF Conv1D and nn.Embedding modules (weights and
+            biases; a token embedding tied to the LM head reports the norm of the summed
+            contribution under the embedding's name). See `layers.py`.
+        linear_method (`str`, *optional*, defaults to `"auto"`): per-example norm method of
+            linear layers under `targets="all"`: `"auto"` (chosen per call from the shapes,
+            `hf_gns.kernels.linear_cost`), `"simultaneous"` or `"ghost"`.
 
     Returns:
         `PatchReport`: patched modules with their flavour, skipped modules with the reason,
@@ -101,7 +115,13 @@ def patch(model: nn.Module, strict: bool = False) -> PatchReport:
     >>> hf_gns.per_example_sq_norms(model)["model.norm.weight"]  # (B,) fp32
     ```
     """
+    if targets not in PATCH_TARGETS:
+        raise ValueError(
+            f"hf_gns.patch: targets must be one of {PATCH_TARGETS}, got {targets!r}: 'norms' tracks the "
+            "normalization layers, 'all' also every Linear, Conv1D and Embedding"
+        )
     check_patchable(model)
+    layer_plan = plan_layers(model, linear_method) if targets == "all" else None
     shared = shared_module_names(model)
     found: dict[type, NormSpec] = {}
     report = PatchReport()
@@ -130,17 +150,30 @@ def patch(model: nn.Module, strict: bool = False) -> PatchReport:
             "Register their classes with hf_gns.register_norm(cls, NormSpec(...)) if they are plain "
             "LayerNorm/RMSNorm variants, or call patch with strict=False to skip them."
         )
-    if to_bind:
+    if layer_plan is not None:
+        report.layers, report.skipped_layers = layer_plan.patched, layer_plan.skipped
+        report.tracked_parameters.extend(layer_plan.tracked)
+        if strict and report.uncovered_layers:
+            details = "\n".join(f"  {e.name} ({e.class_name}): {e.reason}" for e in report.uncovered_layers)
+            raise NormPatchError(
+                f"hf_gns.patch(strict=True, targets='all'): {len(report.uncovered_layers)} linear/embedding "
+                "modules with trainable parameters cannot be patched; the model was left unchanged:\n"
+                + details
+            )
+    if to_bind or (layer_plan is not None and layer_plan.to_bind):
         model_hook = attach_model_hook(model)
         for module, state in to_bind:
             state.model_hook = model_hook
             model_hook.norms.append((module, state))
             _bind(module, state)
+        if layer_plan is not None:
+            bind_layers(layer_plan, model_hook)
     return report
 
 
 def unpatch(model: nn.Module) -> int:
-    """Restore every norm module patched by `hf_gns.patch`; returns how many were restored.
+    """Restore every module patched by `hf_gns.patch` (norms, and layers of `targets="all"`);
+    returns how many were restored.
 
     Deletes the instance attributes `patch` set and removes its model-level hook, so the
     class forward is used again and outputs and gradients equal the unpatched model's bit
@@ -155,5 +188,6 @@ def unpatch(model: nn.Module) -> int:
             del module.forward
         delattr(module, PATCH_ATTRIBUTE)
         restored += 1
+    restored += unpatch_layers(model)
     detach_model_hooks(model)
     return restored

@@ -48,7 +48,44 @@ class SkippedNorm:
     has_parameters: bool
 
 
-def _tracked_label(entry: PatchedNorm) -> str:
+@dataclass(frozen=True)
+class PatchedLayer:
+    """A Linear / Conv1D / Embedding module whose per-example norms are collected (`targets="all"`).
+
+    Args:
+        name (`str`): module name.
+        class_name (`str`): its class.
+        method (`str`): shapes and method, e.g. `"768→3072 auto: ghost for T<31, simultaneous
+            for T≥31"`, or `"50257×768 rows per example"` for embeddings; ties are noted.
+        source (`str`): `"targets=all"`, or `"earlier call"`.
+        tracked (`tuple[str, ...]`): parameter names reported for this module.
+    """
+
+    name: str
+    class_name: str
+    method: str
+    source: str
+    tracked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A Linear / Conv1D / Embedding module left as it was, with the reason.
+
+    Args:
+        name (`str`): module name.
+        class_name (`str`): its class.
+        reason (`str`): why.
+        has_parameters (`bool`): whether it has trainable parameters, i.e. is a hole in the coverage.
+    """
+
+    name: str
+    class_name: str
+    reason: str
+    has_parameters: bool
+
+
+def _tracked_label(entry: PatchedNorm | PatchedLayer) -> str:
     """ "weight, bias", "weight" or "-": the tracked parameters of a patched module, short."""
     return ", ".join(name.rsplit(".", 1)[-1] for name in entry.tracked) or "-"
 
@@ -67,11 +104,18 @@ class PatchReport:
     patched: list[PatchedNorm] = field(default_factory=list)
     skipped: list[SkippedNorm] = field(default_factory=list)
     tracked_parameters: list[str] = field(default_factory=list)
+    layers: list[PatchedLayer] = field(default_factory=list)
+    skipped_layers: list[SkippedLayer] = field(default_factory=list)
 
     @property
     def uncovered(self) -> list[SkippedNorm]:
         """Skipped modules that own parameters: what `strict=True` refuses."""
         return [entry for entry in self.skipped if entry.has_parameters]
+
+    @property
+    def uncovered_layers(self) -> list[SkippedLayer]:
+        """Skipped Linear/Conv1D/Embedding modules with trainable parameters (`targets="all"`)."""
+        return [entry for entry in self.skipped_layers if entry.has_parameters]
 
     def summary(self) -> str:
         earlier = sum(entry.source == "earlier call" for entry in self.patched)
@@ -79,7 +123,13 @@ class PatchReport:
             f"hf_gns.patch: {len(self.patched)} norm modules patched, {len(self.skipped)} skipped, "
             f"{len(self.tracked_parameters)} parameters tracked"
         )
-        return line + (f" ({earlier} patched by an earlier call)" if earlier else "")
+        line += f" ({earlier} patched by an earlier call)" if earlier else ""
+        if self.layers or self.skipped_layers:
+            line += (
+                f"; {len(self.layers)} linear/embedding modules patched, "
+                f"{len(self.skipped_layers)} skipped ({len(self.uncovered_layers)} with trainable parameters)"
+            )
+        return line
 
     def __str__(self) -> str:
         rows = [
@@ -87,6 +137,11 @@ class PatchReport:
             for e in self.patched
         ]
         rows += [("skipped", e.name or "<root>", e.class_name, "-", e.reason) for e in self.skipped]
+        rows += [
+            ("patched", e.name or "<root>", e.class_name, _tracked_label(e), f"{e.method} [{e.source}]")
+            for e in self.layers
+        ]
+        rows += [("skipped", e.name or "<root>", e.class_name, "-", e.reason) for e in self.skipped_layers]
         lines = [self.summary()]
         if rows:
             header = ("status", "module", "class", "tracked", "flavour [found by] / reason")

@@ -75,10 +75,13 @@ class SquaredNormSinks:
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A sink for a forward on `x` (examples along dim 0)."""
-        n_examples = x.shape[0] if x.dim() > 1 else 1
-        sink = self.spare if self.has_spare(n_examples, x.device) else None
+        return self.take_for(x.shape[0] if x.dim() > 1 else 1, x.device)
+
+    def take_for(self, n_examples: int, device: torch.device) -> torch.Tensor:
+        """A (n_examples, 2) sink on `device`, for inputs whose examples are not along dim 0."""
+        sink = self.spare if self.has_spare(n_examples, device) else None
         if sink is None:  # normally made ahead by the model hook; a graph break under compile
-            sink = _new_sink_outside_graph(self, n_examples, x.device)
+            sink = _new_sink_outside_graph(self, n_examples, device)
         self.spare = None
         return sink
 

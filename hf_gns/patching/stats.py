@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias
+from .layer_state import LayerPatch
+from .layers import layer_states
 
 
-def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, NormPatch]]:
+def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, NormPatch | LayerPatch]]:
     found = [(m, m.__dict__[PATCH_ATTRIBUTE]) for m in model.modules() if PATCH_ATTRIBUTE in m.__dict__]
+    found += layer_states(model)
     if not found:
         raise ValueError(
             "no patched norm module in this model: call hf_gns.patch(model) first (and check its report)"
@@ -24,8 +27,16 @@ def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, NormPatch]]:
     return found
 
 
+def _reported_parameters(module: nn.Module, state: NormPatch | LayerPatch) -> tuple[torch.Tensor | None, ...]:
+    """The parameter behind each column of the module's (B, 2) squared norms."""
+    if isinstance(state, LayerPatch):
+        return state.reported_parameters(module)
+    return module.weight, norm_bias(module)
+
+
 def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Per-example squared gradient norms of every tracked norm parameter.
+    """Per-example squared gradient norms of every tracked parameter (norms; with `targets="all"`
+    also Linear, Conv1D and Embedding weights and biases).
 
     Args:
         model (`nn.Module`): a model patched by `hf_gns.patch` (or a wrapper around it).
@@ -49,7 +60,7 @@ def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     result: dict[str, torch.Tensor] = {}
     for module, state in _patched_modules(model):
         collected = state.sinks.collected
-        for column, param in enumerate((module.weight, norm_bias(module))):
+        for column, param in enumerate(_reported_parameters(module, state)):
             if param is None or not param.requires_grad or id(param) not in names:
                 continue
             if collected:

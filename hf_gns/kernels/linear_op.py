@@ -1,0 +1,183 @@
+"""Linear / embedding ops whose backward also yields per-example squared gradient norms.
+
+As with `fused_norm`, the norms leave backward as the gradient of a (B, 2) fp32 sink leaf:
+column 0 the weight's |c_b|², column 1 the bias's (0 for embeddings). No hooks, no side
+effects in backward, no host sync; `torch.compile` traces these autograd Functions.
+
+- `linear_with_sq_norms`: y = x Wᵀ + b (nn.Linear) or x W + b (HF's Conv1D, `transposed`),
+  computed exactly as the module computes it, so outputs are bit-identical. Its backward
+  returns dx, dW, db and the norms, by the simultaneous method (dW is the sum of the
+  per-example gradients) or the ghost method (dW by the usual matmul).
+- `embedding_sq_norm_tap`: identity on an embedding's output whose backward also gets the
+  per-example norms of the embedding weight from the output gradient and the ids; the
+  lookup and its weight gradient stay PyTorch's own.
+
+Tied weights (an embedding whose weight is also an LM head's): the tap also returns a
+`link`, a zero-memory (B, T·D + 1) tensor that the head's op takes as an input. In
+backward the head runs first and sends, as the link's gradient, the rows R_bt of its
+per-example gradient at the embedding's ids (see `tied_rows`) and its own |G_bᵀ A_b|²;
+the tap then reports the norm of the summed contribution,
+|E_b + G_bᵀA_b|² = |E_b|² + 2 Σ_t ⟨g_bt, R_bt⟩ + |G_bᵀA_b|², in its sink.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .linear_cost import choose_linear_method
+from .linear_reference import (
+    DEFAULT_CHUNK_BYTES,
+    embedding_sq_norms,
+    linear_bias_sq_norms,
+    linear_weight_grad_simultaneous,
+    linear_weight_sq_norms_ghost,
+    tied_rows,
+)
+
+
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
+    """The module's own forward: `F.linear` (nn.Linear) or HF Conv1D's addmm on (rows, K)."""
+    if not transposed:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(bias, rows, weight) if bias is not None else rows @ weight
+    return out.view(*x.shape[:-1], weight.shape[-1])
+
+
+class _LinearWithSqNorms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, sink, link, ids, n_examples, method, transposed, chunk_bytes):
+        out = linear_forward(x, weight, bias, transposed)
+        # Under autocast `out` has the autocast dtype: backward computes in it, like aten's
+        # linear backward on the casted operands, and saves x cast to it (as autograd would).
+        ctx.compute_dtype = out.dtype
+        ctx.config = (n_examples, method, transposed, chunk_bytes)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x.to(out.dtype), weight, ids)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, ids = ctx.saved_tensors
+        n_examples, method, transposed, chunk_bytes = ctx.config
+        dtype = ctx.compute_dtype
+        needs_x, needs_weight, needs_bias, needs_sink, needs_link = ctx.needs_input_grad[:5]
+        grad_x = grad_weight = grad_bias = sink_grad = link_grad = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_out = grad_out.to(dtype)
+            w = weight.to(dtype)
+            if needs_x:
+                grad_x = grad_out @ (w.t() if transposed else w)  # (..., K)
+            inputs = x.reshape(n_examples, -1, x.shape[-1])  # A (B, T, K)
+            grads = grad_out.reshape(n_examples, -1, grad_out.shape[-1])  # G (B, T, L)
+            weight_sq = None
+            if needs_weight and method == "simultaneous":
+                grad_weight, weight_sq = linear_weight_grad_simultaneous(
+                    inputs, grads, weight.dtype, transposed, chunk_bytes
+                )
+            elif needs_weight:
+                flat_grads, flat_inputs = grads.reshape(-1, grads.shape[-1]), inputs.reshape(-1, x.shape[-1])
+                grad_weight = (
+                    flat_inputs.t() @ flat_grads if transposed else flat_grads.t() @ flat_inputs
+                ).to(weight.dtype)
+            if weight_sq is None and (needs_sink or needs_link):
+                weight_sq = linear_weight_sq_norms_ghost(inputs, grads)
+            if ctx.has_bias and (needs_bias or needs_sink):
+                grad_bias = grads.sum((0, 1))
+            if needs_sink:
+                bias_sq = linear_bias_sq_norms(grads) if ctx.has_bias else torch.zeros_like(weight_sq)
+                sink_grad = torch.stack([weight_sq, bias_sq], dim=1)
+            if needs_link:
+                rows = tied_rows(inputs, grads, ids).float().flatten(1)  # (B, T_ids·K)
+                link_grad = torch.cat([rows, weight_sq.unsqueeze(1)], dim=1)
+        if not needs_bias:
+            grad_bias = None
+        return grad_x, grad_weight, grad_bias, sink_grad, link_grad, None, None, None, None, None
+
+
+def linear_with_sq_norms(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sq_norm_sink: torch.Tensor,
+    n_examples: int,
+    method: str = "auto",
+    transposed: bool = False,
+    tied_link: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """A linear layer whose backward also writes per-example |dW_b|², |db_b|² into `sq_norm_sink.grad`.
+
+    Args:
+        x (`torch.Tensor`): input (..., K) whose rows are grouped batch-major into
+            `n_examples` examples: (B, T, K), (B, K), or flattened (B·T, K).
+        weight (`torch.Tensor`): (L, K), or (K, L) when `transposed`.
+        bias (`torch.Tensor`, *optional*): (L,).
+        sq_norm_sink (`torch.Tensor`): (B, 2) fp32 leaf (see `new_sq_norm_sink`).
+        n_examples (`int`): B.
+        method (`str`, *optional*, defaults to `"auto"`): `"simultaneous"`, `"ghost"`, or
+            `"auto"` (`choose_linear_method` from the shapes).
+        transposed (`bool`, *optional*, defaults to `False`): HF Conv1D layout, y = x W + b.
+        tied_link (`tuple[torch.Tensor, torch.Tensor]`, *optional*): `(link, ids)` from
+            `embedding_sq_norm_tap` of the embedding that shares `weight`.
+        chunk_bytes (`int`, *optional*): memory bound of the simultaneous method's chunks.
+
+    Returns:
+        `torch.Tensor`: the layer's output, bit-identical to the module's.
+    """
+    in_features = x.shape[-1]
+    out_features = weight.shape[-1] if transposed else weight.shape[0]
+    seq = x.numel() // max(1, n_examples * in_features)
+    method = choose_linear_method(n_examples, seq, in_features, out_features, method)
+    link, ids = tied_link if tied_link is not None else (None, None)
+    return _LinearWithSqNorms.apply(
+        x, weight, bias, sq_norm_sink, link, ids, n_examples, method, transposed, chunk_bytes
+    )
+
+
+class _EmbeddingSqNormTap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, ids, sink, num_embeddings, padding_idx, with_link):
+        ctx.save_for_backward(ids)
+        ctx.config = (num_embeddings, padding_idx)
+        ctx.set_materialize_grads(False)
+        n_examples, seq, width = rows.shape
+        # The link carries no data forward; expand keeps it free of memory.
+        link_width = seq * width + 1 if with_link else 1
+        link = torch.zeros((), dtype=torch.float32, device=rows.device).expand(n_examples, link_width)
+        return rows.view_as(rows), link
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_link):
+        if grad_rows is None:
+            return None, None, None, None, None, None
+        (ids,) = ctx.saved_tensors
+        num_embeddings, padding_idx = ctx.config
+        sq = embedding_sq_norms(ids, grad_rows, num_embeddings, padding_idx)
+        if grad_link is not None and grad_link.shape[1] > 1:
+            head_rows = grad_link[:, :-1].view(grad_rows.shape)  # R (B, T, D) fp32
+            own_rows = grad_rows.float()
+            if padding_idx is not None:
+                own_rows = own_rows * (ids != padding_idx).unsqueeze(-1)
+            sq = sq + 2 * (own_rows * head_rows).sum((1, 2)) + grad_link[:, -1]
+        sink_grad = torch.stack([sq, torch.zeros_like(sq)], dim=1) if ctx.needs_input_grad[2] else None
+        return grad_rows, None, sink_grad, None, None, None
+
+
+def embedding_sq_norm_tap(
+    rows: torch.Tensor,
+    ids: torch.Tensor,
+    sq_norm_sink: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: int | None = None,
+    with_link: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity on looked-up `rows` (B, T, D) that sends the per-example |E_b|² of the embedding
+    weight (looked up at `ids` (B, T)) to `sq_norm_sink.grad[:, 0]` in backward.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `rows` (a view, same values) and the tie `link`
+        (B, T·D + 1) to pass to the tied head's `linear_with_sq_norms` when `with_link`.
+    """
+    return _EmbeddingSqNormTap.apply(rows, ids, sq_norm_sink, num_embeddings, padding_idx, with_link)

@@ -1,0 +1,148 @@
+"""Per-example squared gradient norms of linear and embedding layers, in plain PyTorch.
+
+Shapes: a linear layer y = A Wᵀ (+ b) sees the input A (B, T, K) and, in backward, the
+output gradient G (B, T, L); example b's weight gradient is G_bᵀ A_b (L, K) and its bias
+gradient Σ_t G_bt (L,). An embedding looked up at ids (B, T) with output gradient
+g (B, T, D) gives example b the weight gradient E_b, E_b[v] = Σ_{t: ids_bt = v} g_bt.
+
+Two ways to |G_bᵀ A_b|² (Gray et al. 2024 §3; Li et al. 2022, "ghost clipping"):
+- simultaneous: form the per-example gradients P_b = G_bᵀ A_b with one batched matmul;
+  Σ_b P_b is the weight gradient, so the matmul FLOPs are those backward spends anyway,
+  and the extra cost is writing and reading B×L×K values (done in chunks of output rows,
+  so memory stays bounded);
+- ghost: |G_bᵀ A_b|² = ⟨A_b A_bᵀ, G_b G_bᵀ⟩ (two T×T Gram matrices), ~2BT²(K+L) extra
+  FLOPs and B×T² memory, never B×L×K.
+`linear_cost.py` picks one from the shapes. Norms come back as (B,) tensors in fp32
+(fp64 for fp64 inputs), accumulated in that precision. Imports torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Largest per-example-gradient chunk (bytes) the simultaneous method materializes at once.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _sq_norms_of_rows(rows: torch.Tensor) -> torch.Tensor:
+    """|rows_b|² over all dims but the first, accumulated in fp32 without an fp32 copy."""
+    return torch.linalg.vector_norm(rows.flatten(1), dim=1, dtype=_accumulation_dtype(rows.dtype)).square()
+
+
+def linear_bias_sq_norms(grad_out: torch.Tensor) -> torch.Tensor:
+    """|Σ_t G_bt|² for G (B, T, L): per-example squared norms of the bias gradient."""
+    return _sq_norms_of_rows(grad_out.sum(1, dtype=_accumulation_dtype(grad_out.dtype)))
+
+
+def linear_weight_sq_norms_ghost(inputs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """|G_bᵀ A_b|² = ⟨A_b A_bᵀ, G_b G_bᵀ⟩ for A (B, T, K), G (B, T, L), without forming G_bᵀ A_b.
+
+    For T = 1 this is |a_b|²·|g_b|².
+    """
+    if inputs.shape[1] == 1:  # (B, K) rows: the outer product's norm is the product of norms
+        return _sq_norms_of_rows(inputs) * _sq_norms_of_rows(grad_out)
+    dtype = _accumulation_dtype(inputs.dtype)
+    gram_a = torch.bmm(inputs, inputs.transpose(1, 2)).to(dtype)  # (B, T, T)
+    gram_g = torch.bmm(grad_out, grad_out.transpose(1, 2)).to(dtype)  # (B, T, T)
+    return gram_a.mul_(gram_g).sum((1, 2))
+
+
+def linear_weight_grad_simultaneous(
+    inputs: torch.Tensor,
+    grad_out: torch.Tensor,
+    out_dtype: torch.dtype,
+    transposed: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight gradient Σ_b G_bᵀ A_b and the per-example squared norms |G_bᵀ A_b|², from the same matmuls.
+
+    Args:
+        inputs (`torch.Tensor`): A, (B, T, K).
+        grad_out (`torch.Tensor`): G, (B, T, L), same dtype as `inputs`.
+        out_dtype (`torch.dtype`): dtype of the returned weight gradient (the weight's).
+        transposed (`bool`, *optional*, defaults to `False`): return the gradient as (K, L),
+            the layout of HF's `Conv1D` weight, instead of nn.Linear's (L, K).
+        chunk_bytes (`int`, *optional*, defaults to 256 MiB): the per-example gradients of
+            as many output rows as fit in this many bytes are formed at once.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the weight gradient and the (B,) norms.
+    """
+    n_examples, _, in_features = inputs.shape
+    out_features = grad_out.shape[-1]
+    rows_per_chunk = max(1, chunk_bytes // (n_examples * in_features * inputs.element_size()))
+    grad_t = grad_out.transpose(1, 2)  # (B, L, T)
+    weight_grad = torch.empty(out_features, in_features, dtype=out_dtype, device=inputs.device)
+    accumulate = _accumulation_dtype(inputs.dtype)
+    sq_norms = torch.zeros(n_examples, dtype=accumulate, device=inputs.device)
+    for start in range(0, out_features, rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        per_example = torch.bmm(grad_t[:, rows], inputs)  # (B, rows, K): P_b for these rows
+        sq_norms += _sq_norms_of_rows(per_example)
+        weight_grad[rows] = per_example.sum(0, dtype=accumulate)
+    return (weight_grad.t() if transposed else weight_grad), sq_norms
+
+
+def per_example_linear_grads(inputs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """P_b = G_bᵀ A_b, (B, L, K) in fp32: the obvious definition, for tests."""
+    return torch.bmm(grad_out.transpose(1, 2).float(), inputs.float())
+
+
+def tied_rows(inputs: torch.Tensor, grad_out: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """R_bt = Σ_s G_b[s, ids_bt] A_bs: row ids_bt of the head's per-example gradient G_bᵀ A_b.
+
+    For a head tied to an embedding (weight (V, K) shared), the cross term of
+    |E_b + G_bᵀ A_b|² is 2⟨E_b, G_bᵀ A_b⟩ = 2 Σ_t ⟨g_bt, R_bt⟩ (E_b is non-zero only in the
+    rows looked up by example b). Costs a B×T_s×T_t gather and 2·B·T_s·T_t·K FLOPs.
+
+    Args:
+        inputs (`torch.Tensor`): the head's input A, (B, T_s, K).
+        grad_out (`torch.Tensor`): its output gradient G, (B, T_s, V).
+        ids (`torch.Tensor`): the embedding's ids, (B, T_t).
+
+    Returns:
+        `torch.Tensor`: R, (B, T_t, K) in the dtype of `inputs`.
+    """
+    n_examples, seq_head, _ = grad_out.shape
+    index = ids.unsqueeze(1).expand(n_examples, seq_head, ids.shape[1])  # (B, T_s, T_t)
+    picked = torch.gather(grad_out, 2, index)  # (B, T_s, T_t): G_b[s, ids_bt]
+    return torch.bmm(picked.transpose(1, 2), inputs)
+
+
+def embedding_sq_norms(
+    ids: torch.Tensor, grad_out: torch.Tensor, num_embeddings: int, padding_idx: int | None = None
+) -> torch.Tensor:
+    """|E_b|² for an embedding lookup: each example's rows summed separately, then squared.
+
+    Rows with equal ids in one example add up before squaring (|g + g'|², not |g|² + |g'|²).
+    Sorting the keys b·V + id groups them, a segment sum adds each group, and every group
+    lands in its example: O(B·T·D) work and memory, no T×T matrix, no host sync.
+
+    Args:
+        ids (`torch.Tensor`): (B, T) integer ids.
+        grad_out (`torch.Tensor`): (B, T, D) gradient of the looked-up rows.
+        num_embeddings (`int`): V.
+        padding_idx (`int`, *optional*): rows looked up at this id get no gradient.
+
+    Returns:
+        `torch.Tensor`: (B,) fp32 (fp64 for fp64 `grad_out`).
+    """
+    n_examples, seq = ids.shape
+    rows = grad_out.reshape(n_examples * seq, -1).to(_accumulation_dtype(grad_out.dtype))  # (B·T, D)
+    if padding_idx is not None:
+        rows = rows * (ids.reshape(-1, 1) != padding_idx)
+    example = torch.arange(n_examples, device=ids.device).repeat_interleave(seq)  # (B·T,)
+    keys = example * num_embeddings + ids.reshape(-1)
+    sorted_keys, order = torch.sort(keys)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    segment = starts.cumsum(0) - 1  # (B·T,): group index of each sorted row
+    sums = torch.zeros_like(rows).index_add_(0, segment, rows[order])  # (B·T, D), unused groups stay 0
+    example_of_group = torch.zeros_like(segment).scatter_(0, segment, example[order])
+    return torch.zeros(n_examples, dtype=rows.dtype, device=ids.device).index_add_(
+        0, example_of_group, sums.square().sum(1)
+    )

@@ -1,0 +1,112 @@
+"""Per-instance state of a Linear / Conv1D / Embedding module patched by `patch(targets="all")`.
+
+Like `NormPatch`, it lives in one instance attribute (`_hf_gns_layer`) next to the rebound
+`forward`: nothing in the state_dict, parameters untouched. The model-level hook
+(`model_hook.py`) keeps these states in its list of sink owners, so their sinks are made
+outside compiled graphs like the norms'.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .model_hook import ModelForwardHook
+from .sinks import SquaredNormSinks
+
+LAYER_ATTRIBUTE = "_hf_gns_layer"
+
+
+def examples_in(x: torch.Tensor, batch_size: int | None) -> int:
+    """How many examples the rows of `x` belong to: dim 0 of a ≥3-D input; for a 2-D input
+    (rows, K), the model's batch size B when rows is a multiple of it (flattened (B·T, K),
+    batch-major, as OPT's MLP sees it), else one example per row."""
+    if x.dim() >= 3:
+        return x.shape[0]
+    if x.dim() == 2:
+        rows = x.shape[0]
+        return batch_size if batch_size and rows % batch_size == 0 else rows
+    return 1
+
+
+class TiedLink:
+    """Hands the tie link from an embedding's forward to the head that shares its weight.
+
+    The embedding runs first in a forward and `put`s its (link, ids); the head `take`s them.
+    Only forward touches this object (backward flows through the link tensor itself).
+    """
+
+    def __init__(self, embedding_name: str, head_name: str):
+        self.embedding_name = embedding_name
+        self.head_name = head_name
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.warned = False
+
+    def put(self, link: torch.Tensor, ids: torch.Tensor) -> None:
+        self.pending = (link, ids)
+
+    def take(self, n_examples: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[1].shape[0] == n_examples:
+            return pending
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"hf_gns: {self.head_name!r} shares its weight with {self.embedding_name!r} but ran "
+                f"without a lookup of {n_examples} examples in {self.embedding_name!r} earlier in the same "
+                "forward (was the model called with inputs_embeds?); the shared weight's per-example norms "
+                "of that forward miss the head's contribution",
+                stacklevel=3,
+            )
+        return None
+
+    def __deepcopy__(self, memo):
+        # Both states of a copied tie share one new, empty link (deepcopy memoizes the result).
+        return TiedLink(self.embedding_name, self.head_name)
+
+
+@dataclass
+class LayerPatch:
+    """State of one patched Linear / Conv1D / Embedding module.
+
+    Args:
+        name (`str`): module name in the patched model.
+        reported (`tuple[str | None, str | None]`): the parameter attribute reported from
+            each sink column (`"weight"`, `"bias"`, or `None`: not reported here, e.g. the
+            weight of a head tied to an embedding, which the embedding reports).
+        method (`str`): for linear layers, the requested method (`"auto"`, `"simultaneous"`,
+            `"ghost"`); `"rows"` for embeddings.
+        transposed (`bool`): HF Conv1D layout.
+        tie (`TiedLink`, *optional*): set on both modules of an embedding/head tie.
+        model_hook (`ModelForwardHook`): batch size and sink preparation.
+        sinks (`SquaredNormSinks`): per-example squared norms, (B, 2) per backward.
+        last_method (`str`, *optional*): the method the last forward chose.
+    """
+
+    name: str
+    reported: tuple[str | None, str | None]
+    method: str = "auto"
+    transposed: bool = False
+    tie: TiedLink | None = None
+    model_hook: ModelForwardHook = field(default_factory=ModelForwardHook)
+    sinks: SquaredNormSinks = field(default=None)
+    last_method: str | None = None
+
+    def __post_init__(self):
+        if self.sinks is None:
+            self.sinks = SquaredNormSinks(self.name)
+
+    def reported_parameters(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+        """The parameter behind each sink column (None where nothing is reported)."""
+        return tuple(None if attr is None else getattr(module, attr, None) for attr in self.reported)
+
+    @staticmethod
+    def tracks_gradients(module: nn.Module) -> bool:
+        """True when this call's backward will produce parameter gradients worth measuring."""
+        if not torch.is_grad_enabled():
+            return False
+        bias = getattr(module, "bias", None)
+        return module.weight.requires_grad or (isinstance(bias, torch.Tensor) and bias.requires_grad)

@@ -1,0 +1,176 @@
+"""Planning, binding and undoing the Linear / Conv1D / Embedding part of `patch(targets="all")`.
+
+Which modules: every nn.Linear, HF Conv1D and nn.Embedding that runs its class's own
+forward and has a trainable parameter. Weight sharing decides the rest:
+- an nn.Embedding and an nn.Linear holding the same (V, D) weight (tied token embedding and
+  LM head) become a tie: the embedding reports the norm of the summed per-example
+  contribution |E_b + G_bᵀA_b|² (see `hf_gns.kernels.linear_op`), the head only its bias;
+- any other sharing (two linears, a weight also held by a module we do not patch) is
+  skipped and reported: a per-module norm of a shared weight would be part of the truth.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..kernels.linear_cost import LINEAR_METHODS
+from .detect import shared_module_names
+from .embedding_norms import describe_embedding, embedding_unsupported_reason, patched_embedding_forward
+from .layer_state import LAYER_ATTRIBUTE, LayerPatch, TiedLink
+from .linear_norms import (
+    describe_linear,
+    is_linear_like,
+    is_transposed,
+    linear_unsupported_reason,
+    patched_linear_forward,
+)
+from .model_hook import ModelForwardHook
+from .report import PatchedLayer, SkippedLayer
+
+_FORWARDS = (patched_linear_forward, patched_embedding_forward)
+
+
+@dataclass
+class LayerPlan:
+    """What `plan_layers` decided, before anything is bound."""
+
+    patched: list[PatchedLayer] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    tracked: list[str] = field(default_factory=list)
+    to_bind: list[tuple[nn.Module, LayerPatch]] = field(default_factory=list)
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _own_reason(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Embedding):
+        return embedding_unsupported_reason(module)
+    return linear_unsupported_reason(module)
+
+
+def _is_tie(members: list[tuple[str, nn.Module]]) -> bool:
+    kinds = sorted((isinstance(m, nn.Embedding), is_transposed(m)) for _, m in members)
+    return len(members) == 2 and kinds == [(False, False), (True, True)]
+
+
+def _owners_by_weight(model: nn.Module) -> dict[int, list[str]]:
+    """Every module name holding each parameter (duplicates included)."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)].append(name.rsplit(".", 1)[0] if "." in name else "")
+    return owners
+
+
+def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
+    """Decide which Linear/Conv1D/Embedding modules of `model` to patch, with the reason for the rest."""
+    if linear_method not in LINEAR_METHODS:
+        raise ValueError(f"linear_method must be one of {LINEAR_METHODS}, got {linear_method!r}")
+    plan = LayerPlan()
+    names = {id(p): n for n, p in model.named_parameters()}
+    shared = shared_module_names(model)
+    owners = _owners_by_weight(model)
+    candidates: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Embedding) or is_linear_like(module)):
+            continue
+        existing = module.__dict__.get(LAYER_ATTRIBUTE)
+        if existing is not None:
+            tracked = tuple(names[id(p)] for p in existing.reported_parameters(module) if p is not None)
+            plan.patched.append(PatchedLayer(name, type(module).__name__, "-", "earlier call", tracked))
+            plan.tracked.extend(tracked)
+            continue
+        reason = _own_reason(module)
+        if reason is None and id(module) in shared:
+            others = ", ".join(repr(n) for n in shared[id(module)] if n != name)
+            reason = f"the same module is also registered as {others}"
+        if reason is None and not _trainable(module):
+            reason = "frozen (requires_grad=False): nothing to track"
+        if reason is not None:
+            plan.skipped.append(SkippedLayer(name, type(module).__name__, reason, _trainable(module)))
+            continue
+        candidates.append((name, module))
+
+    by_weight: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
+    for name, module in candidates:
+        by_weight[id(module.weight)].append((name, module))
+    for members in by_weight.values():
+        member_names = {name for name, _ in members}
+        holders = set(owners[id(members[0][1].weight)])
+        tie = _is_tie(members) and holders == member_names
+        if len(members) > 1 and not tie or not holders <= member_names:
+            for name, module in members:
+                others = ", ".join(repr(n) for n in sorted(holders - {name}))
+                reason = (
+                    f"weight shared with {others}: only an embedding tied to one linear head is supported"
+                )
+                plan.skipped.append(SkippedLayer(name, type(module).__name__, reason, True))
+            continue
+        link = None
+        if tie:
+            (embedding_name, _), (head_name, _) = sorted(
+                members, key=lambda m: not isinstance(m[1], nn.Embedding)
+            )
+            link = TiedLink(embedding_name, head_name)
+        for name, module in members:
+            _plan_one(plan, names, name, module, linear_method, link)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    plan.patched.sort(key=lambda entry: order[entry.name])
+    plan.skipped.sort(key=lambda entry: order[entry.name])
+    return plan
+
+
+def _plan_one(
+    plan: LayerPlan, names: dict[int, str], name: str, module: nn.Module, method: str, link: TiedLink | None
+) -> None:
+    if isinstance(module, nn.Embedding):
+        state = LayerPatch(name, ("weight", None), "rows", tie=link)
+        described = describe_embedding(module)
+        if link is not None:
+            described += f", tied to {link.head_name!r}: norm of the summed contribution"
+    else:
+        tied_head = link is not None
+        state = LayerPatch(
+            name, (None if tied_head else "weight", "bias"), method, is_transposed(module), link
+        )
+        described = describe_linear(module, method)
+        if tied_head:
+            described += f", weight tied to {link.embedding_name!r} (reported there)"
+    tracked = tuple(
+        names[id(p)] for p in state.reported_parameters(module) if p is not None and p.requires_grad
+    )
+    plan.patched.append(PatchedLayer(name, type(module).__name__, described, "targets=all", tracked))
+    plan.tracked.extend(tracked)
+    plan.to_bind.append((module, state))
+
+
+def bind_layers(plan: LayerPlan, model_hook: ModelForwardHook) -> None:
+    """Rebind the planned modules' forwards; their sinks are prepared by `model_hook`."""
+    for module, state in plan.to_bind:
+        state.model_hook = model_hook
+        model_hook.norms.append((module, state))
+        setattr(module, LAYER_ATTRIBUTE, state)
+        forward = patched_embedding_forward if isinstance(module, nn.Embedding) else patched_linear_forward
+        module.forward = types.MethodType(forward, module)
+
+
+def unpatch_layers(model: nn.Module) -> int:
+    """Undo `bind_layers` on every module of `model`; returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if LAYER_ATTRIBUTE not in module.__dict__:
+            continue
+        if getattr(module.__dict__.get("forward"), "__func__", None) in _FORWARDS:
+            del module.forward
+        delattr(module, LAYER_ATTRIBUTE)
+        restored += 1
+    return restored
+
+
+def layer_states(model: nn.Module) -> list[tuple[nn.Module, LayerPatch]]:
+    return [(m, m.__dict__[LAYER_ATTRIBUTE]) for m in model.modules() if LAYER_ATTRIBUTE in m.__dict__]

@@ -1,0 +1,181 @@
+"""Per-example norms of linear and embedding layers: the math (`linear_reference`), the cost
+model (`linear_cost`) and the autograd ops (`linear_op`) against loop-over-examples oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_gns.kernels import new_sq_norm_sink
+from hf_gns.kernels.linear_cost import GHOST_MEMORY_CAP_BYTES, choose_linear_method, simultaneous_min_seq
+from hf_gns.kernels.linear_op import embedding_sq_norm_tap, linear_with_sq_norms
+from hf_gns.kernels.linear_reference import (
+    embedding_sq_norms,
+    linear_bias_sq_norms,
+    linear_weight_grad_simultaneous,
+    linear_weight_sq_norms_ghost,
+    tied_rows,
+)
+
+
+def _randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _loop_weight_sq_norms(inputs, grad_out):
+    """|G_bᵀ A_b|², one example at a time, fp64."""
+    return torch.stack([(g.t().double() @ a.double()).square().sum() for a, g in zip(inputs, grad_out)])
+
+
+@pytest.mark.parametrize("seq", [1, 2, 7])
+def test_ghost_and_simultaneous_norms_match_the_loop(seq):
+    inputs, grad_out = _randn(4, seq, 5, seed=1), _randn(4, seq, 3, seed=2)
+    expected = _loop_weight_sq_norms(inputs, grad_out)
+    torch.testing.assert_close(linear_weight_sq_norms_ghost(inputs, grad_out).double(), expected)
+    weight_grad, sq_norms = linear_weight_grad_simultaneous(inputs, grad_out, torch.float64)
+    torch.testing.assert_close(sq_norms.double(), expected)
+    torch.testing.assert_close(weight_grad, grad_out.flatten(0, 1).t() @ inputs.flatten(0, 1))
+
+
+def test_simultaneous_in_chunks_of_one_row_gives_the_same_gradient_and_norms():
+    inputs, grad_out = _randn(3, 6, 5, seed=3), _randn(3, 6, 4, seed=4)
+    whole = linear_weight_grad_simultaneous(inputs, grad_out, torch.float64)
+    one_row = 3 * 5 * inputs.element_size()  # bytes of one output row's per-example gradients
+    chunked = linear_weight_grad_simultaneous(inputs, grad_out, torch.float64, chunk_bytes=one_row)
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])
+    transposed, _ = linear_weight_grad_simultaneous(inputs, grad_out, torch.float64, transposed=True)
+    torch.testing.assert_close(transposed, whole[0].t())
+
+
+def test_bias_sq_norms_sum_each_example_over_its_rows():
+    grad_out = _randn(3, 4, 2, seed=5)
+    expected = torch.stack([g.sum(0).square().sum() for g in grad_out])
+    torch.testing.assert_close(linear_bias_sq_norms(grad_out).double(), expected)
+
+
+def test_embedding_sq_norms_add_repeated_ids_before_squaring_and_skip_padding():
+    ids = torch.tensor([[3, 1, 3, 0, 3], [2, 2, 2, 2, 2], [0, 0, 4, 1, 2]])
+    grad_out = _randn(3, 5, 4, seed=6)
+    for padding_idx in (None, 0):
+        expected = []
+        for b in range(3):
+            rows = torch.zeros(5, 4, dtype=torch.float64).index_add_(0, ids[b], grad_out[b])
+            if padding_idx is not None:
+                rows[padding_idx] = 0
+            expected.append(rows.square().sum())
+        got = embedding_sq_norms(ids, grad_out, num_embeddings=5, padding_idx=padding_idx)
+        torch.testing.assert_close(got.double(), torch.stack(expected))
+    # the naive per-token sum would be wrong here: example 1 looks up one row five times
+    naive = grad_out[1].square().sum()
+    assert not torch.isclose(embedding_sq_norms(ids, grad_out, 5)[1].double(), naive, rtol=1e-3)
+
+
+def test_tied_rows_are_the_head_gradient_rows_at_the_ids():
+    inputs, grad_out = _randn(2, 3, 4, seed=7), _randn(2, 3, 6, seed=8)
+    ids = torch.tensor([[5, 0, 5, 2], [1, 1, 3, 4]])
+    per_example = torch.bmm(grad_out.transpose(1, 2), inputs)  # (B, V, K)
+    expected = torch.stack([per_example[b, ids[b]] for b in range(2)])
+    torch.testing.assert_close(tied_rows(inputs, grad_out, ids), expected)
+
+
+def test_cost_model_crossover_and_memory_cap():
+    assert simultaneous_min_seq(768, 768) == 24
+    assert simultaneous_min_seq(768, 3072) == 31
+    assert simultaneous_min_seq(768, 50257) == 34
+    for in_features, out_features in [(768, 768), (768, 3072), (32, 128), (4096, 11008)]:
+        crossover = simultaneous_min_seq(in_features, out_features)
+        # the rule of DESIGN.md §2: simultaneous iff T² ≥ 1.5·K·L/(K + L)
+        assert (
+            crossover**2
+            >= 1.5 * in_features * out_features / (in_features + out_features)
+            > (crossover - 1) ** 2
+        )
+        assert choose_linear_method(8, crossover - 1, in_features, out_features) == "ghost"
+        assert choose_linear_method(8, crossover, in_features, out_features) == "simultaneous"
+    assert choose_linear_method(8, 1, 768, 768) == "ghost"  # 2-D inputs
+    # huge layers where the rule says ghost, but the Gram matrices would not fit the cap
+    big, seq, batch = 10**6, 800, 1024
+    assert seq < simultaneous_min_seq(big, big)
+    assert 2 * batch * seq * seq * 4 > GHOST_MEMORY_CAP_BYTES
+    assert choose_linear_method(batch, seq, big, big) == "simultaneous"
+    assert choose_linear_method(1, seq, big, big) == "ghost"
+    assert choose_linear_method(8, 1024, 768, 768, requested="ghost") == "ghost"
+    with pytest.raises(ValueError, match="linear method must be one of"):
+        choose_linear_method(8, 4, 3, 3, requested="fast")
+
+
+def _linear_step(method, transposed, x_shape, n_examples, seed=0):
+    x = _randn(*x_shape, seed=seed, dtype=torch.float32).requires_grad_()
+    weight = _randn(6, 5, seed=seed + 1, dtype=torch.float32)
+    weight = (weight.t().contiguous() if transposed else weight).requires_grad_()
+    bias = _randn(6, seed=seed + 2, dtype=torch.float32).requires_grad_()
+    sink = new_sq_norm_sink(n_examples, "cpu")
+    out = linear_with_sq_norms(x, weight, bias, sink, n_examples, method=method, transposed=transposed)
+    upstream = _randn(*out.shape, seed=seed + 3, dtype=torch.float32)
+    (out * upstream).sum().backward()
+    return x, weight, bias, out, upstream, sink
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("method", ["simultaneous", "ghost", "auto"])
+@pytest.mark.parametrize(
+    "x_shape", [(3, 4, 5), (3, 5), (12, 5), (3, 2, 2, 5)], ids=["BTK", "BK", "flat", "4d"]
+)
+def test_linear_op_output_grads_and_norms(method, transposed, x_shape):
+    x, weight, bias, out, upstream, sink = _linear_step(method, transposed, x_shape, n_examples=3)
+    plain_weight = weight.detach().t() if transposed else weight.detach()
+    xr = x.detach().clone().requires_grad_()
+    wr = plain_weight.clone().requires_grad_()
+    br = bias.detach().clone().requires_grad_()
+    expected_out = F.linear(xr, wr, br)
+    assert torch.allclose(out, expected_out, rtol=1e-6, atol=1e-6)
+    (expected_out * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(weight.grad, wr.grad.t() if transposed else wr.grad)
+    torch.testing.assert_close(bias.grad, br.grad)
+    # oracle: example b's rows (batch-major) and their output gradients
+    inputs = x.detach().double().reshape(3, -1, 5)
+    grads = upstream.double().reshape(3, -1, 6)
+    torch.testing.assert_close(
+        sink.grad[:, 0].double(), _loop_weight_sq_norms(inputs, grads), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(sink.grad[:, 1].double(), grads.sum(1).square().sum(1), rtol=1e-5, atol=0)
+
+
+def test_linear_op_is_bit_identical_to_the_module_forward():
+    x = _randn(2, 3, 5, dtype=torch.float32)
+    linear = torch.nn.Linear(5, 6)
+    sink = new_sq_norm_sink(2, "cpu")
+    assert torch.equal(linear_with_sq_norms(x, linear.weight, linear.bias, sink, 2), linear(x))
+
+
+def test_embedding_tap_and_tied_head_give_the_norm_of_the_summed_contribution():
+    """wte and lm_head share one (V, D) weight: the tap reports |E_b + G_bᵀA_b|², never a part."""
+    vocab, width, batch = 7, 4, 3
+    weight = _randn(vocab, width, seed=9, dtype=torch.float32).requires_grad_()
+    ids = torch.tensor([[1, 2, 1, 0, 6], [3, 3, 3, 3, 3], [0, 4, 5, 6, 1]])
+    mix = _randn(width, width, seed=10, dtype=torch.float32)
+
+    def model(ids, weight, sinks=None):
+        rows = F.embedding(ids, weight)  # (B, T, D)
+        link = None
+        if sinks is not None:
+            rows, link = embedding_sq_norm_tap(rows, ids, sinks[0], vocab, with_link=True)
+        hidden = torch.tanh(rows @ mix.to(rows.dtype))
+        if sinks is None:
+            logits = F.linear(hidden, weight)
+        else:
+            logits = linear_with_sq_norms(hidden, weight, None, sinks[1], batch, tied_link=(link, ids))
+        return F.cross_entropy(logits.flatten(0, 1), ids.roll(1, dims=1).flatten(), reduction="sum")
+
+    sinks = (new_sq_norm_sink(batch, "cpu"), new_sq_norm_sink(batch, "cpu"))
+    model(ids, weight, sinks).backward()
+    expected = []
+    for b in range(batch):
+        (grad,) = torch.autograd.grad(model(ids[b : b + 1], weight.double()), weight)
+        expected.append(grad.double().square().sum())
+    torch.testing.assert_close(sinks[0].grad[:, 0].double(), torch.stack(expected), rtol=1e-5, atol=0)
+    # the head's own part (what a per-module norm would report) is not the answer
+    assert not torch.allclose(sinks[1].grad[:, 0].double(), torch.stack(expected), rtol=1e-2)
