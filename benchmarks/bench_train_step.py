@@ -1,4 +1,4 @@
-"""Tokens/s of a full training step, unpatched vs `hf_gns.patch(model)`.
+"""Tokens/s of a full training step, unpatched vs `hf_gns.patch(model)` (and `targets="all"`).
 
 One step: forward and loss under bf16 autocast (fp32 master weights), backward, for the
 patched model collecting the per-example norms (`hf_gns.per_example_sq_norms` then
@@ -14,8 +14,15 @@ Both variants of a model live on the GPU together and are timed in interleaved b
 with CUDA events and the median is reported. Targets of issue 3: patched/unpatched
 tokens/s ≥ 0.99 for GPT-2, ≥ 1.10 for Llama-style.
 
+`--all-layers` adds a third variant, `hf_gns.patch(model, targets="all")`: per-example
+norms of every norm, Linear, Conv1D and Embedding parameter, read every step. Its table
+shows unpatched, norms-only and all-layers tokens/s side by side; target of issue 6:
+all-layers ≥ 0.85 × unpatched (≤ 15% overhead). `--linear-method` forces one method
+for every linear layer (default: chosen per layer by the cost model).
+
     python benchmarks/bench_train_step.py
     python benchmarks/bench_train_step.py --models llama --steps 100 --json train_step.json
+    python benchmarks/bench_train_step.py --models gpt2 --all-layers --steps 30   # ~1 min on an H100
 """
 
 from __future__ import annotations
@@ -86,16 +93,19 @@ MODELS = {
 }
 
 
+ALL_LAYERS_TARGET = 0.85  # issue 6: all-layers tokens/s ≥ 0.85 × unpatched
+
+
 @dataclass
 class Variant:
-    name: str  # "unpatched" or "patched"
+    name: str  # "unpatched", "patched" (norm layers) or "all" (targets="all")
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     times_ms: list[float] = field(default_factory=list)
 
     @property
     def patched(self) -> bool:
-        return self.name == "patched"
+        return self.name != "unpatched"
 
 
 def build_variant(name: str, spec: ModelSpec, args, device: torch.device) -> Variant:
@@ -104,10 +114,11 @@ def build_variant(name: str, spec: ModelSpec, args, device: torch.device) -> Var
     torch.manual_seed(args.seed)  # both variants start from the same weights
     model = AutoModelForCausalLM.from_config(spec.config(args.tiny), attn_implementation="sdpa")
     model = model.to(device=device, dtype=torch.float32).train()  # fp32 master weights
-    if name == "patched":
+    if name != "unpatched":
         import hf_gns
 
-        report = hf_gns.patch(model)
+        targets = "all" if name == "all" else "norms"
+        report = hf_gns.patch(model, targets=targets, linear_method=args.linear_method)
         if args.verbose:
             print(report)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
@@ -144,7 +155,9 @@ def check_patched(unpatched: Variant, patched: Variant, input_ids: torch.Tensor)
             losses.append(variant.model(input_ids=input_ids, labels=input_ids).loss.item())  # sync
         variant.model.train()
     if not abs(losses[1] - losses[0]) <= 1e-2 * abs(losses[0]):
-        raise SystemExit(f"patched model's eval loss {losses[1]:.5f} differs from unpatched {losses[0]:.5f}")
+        raise SystemExit(
+            f"{patched.name} model's eval loss {losses[1]:.5f} differs from unpatched {losses[0]:.5f}"
+        )
 
     stats = train_step(patched, input_ids, keep_stats=True)
     if not stats:
@@ -158,7 +171,7 @@ def check_patched(unpatched: Variant, patched: Variant, input_ids: torch.Tensor)
             f"per-example norms wrong: bad shapes {bad} (want ({batch},)), finite {finite}, > 0 {positive}"
         )
     print(
-        f"  check: eval loss {losses[0]:.4f} unpatched, {losses[1]:.4f} patched; "
+        f"  check: eval loss {losses[0]:.4f} unpatched, {losses[1]:.4f} {patched.name}; "
         f"per-example norms of {len(stats)} params, ({batch},) each, finite and > 0"
     )
 
@@ -166,8 +179,9 @@ def check_patched(unpatched: Variant, patched: Variant, input_ids: torch.Tensor)
 def bench_model(key: str, args, device: torch.device) -> dict:
     spec = MODELS[key]
     batch, seq = (2, 32) if args.tiny else (spec.batch, spec.seq)
-    unpatched = build_variant("unpatched", spec, args, device)
-    patched = build_variant("patched", spec, args, device)
+    names = ("unpatched", "patched", "all") if args.all_layers else ("unpatched", "patched")
+    variants = [build_variant(name, spec, args, device) for name in names]
+    unpatched = variants[0]
     n_params = sum(p.numel() for p in unpatched.model.parameters())
     vocab = unpatched.model.config.vocab_size
     print(f"{spec.title}: {n_params / 1e6:.1f}M params, B={batch}, T={seq}")
@@ -176,16 +190,17 @@ def bench_model(key: str, args, device: torch.device) -> dict:
     batches = [
         torch.randint(0, vocab, (batch, seq), device=device, generator=gen) for _ in range(4)
     ]  # (B, T)
-    check_patched(unpatched, patched, batches[0])
-    for variant in (unpatched, patched):
+    for patched in variants[1:]:
+        check_patched(unpatched, patched, batches[0])
+    for variant in variants:
         for i in range(args.warmup):
             train_step(variant, batches[i % len(batches)])
     synchronize(device)
 
-    # Interleaved blocks, order A B, B A, A B, ...: a linear drift cancels out.
+    # Interleaved blocks, order A B C, C B A, A B C, ...: a linear drift cancels out.
     n_blocks = max(1, -(-args.steps // args.block))
     for block in range(n_blocks):
-        order = (unpatched, patched) if block % 2 == 0 else (patched, unpatched)
+        order = variants if block % 2 == 0 else variants[::-1]
         steps = min(args.block, args.steps - block * args.block)
         for variant in order:
             variant.times_ms += time_calls_ms(
@@ -194,17 +209,54 @@ def bench_model(key: str, args, device: torch.device) -> dict:
 
     tokens = batch * seq
     result = {"model": key, "title": spec.title, "params": n_params, "batch": batch, "seq": seq}
-    for variant in (unpatched, patched):
+    for variant in variants:
         step_ms = statistics.median(variant.times_ms)
         result[f"{variant.name}_step_ms"] = step_ms
         result[f"{variant.name}_tokens_per_s"] = tokens / (step_ms / 1e3)
     result["ratio"] = result["patched_tokens_per_s"] / result["unpatched_tokens_per_s"]
     result["target"] = spec.target
     result["pass"] = result["ratio"] >= spec.target
-    del unpatched, patched
+    if args.all_layers:
+        result["all_ratio"] = result["all_tokens_per_s"] / result["unpatched_tokens_per_s"]
+        result["all_target"] = ALL_LAYERS_TARGET
+        result["all_pass"] = result["all_ratio"] >= ALL_LAYERS_TARGET
+        result["linear_methods"] = linear_methods(variants[2].model)
+    del unpatched, patched, variants
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def linear_methods(model: torch.nn.Module) -> dict[str, int]:
+    """How many linear layers used each per-example norm method in the last step."""
+    from hf_gns.patching.layer_state import LAYER_ATTRIBUTE
+
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        state = module.__dict__.get(LAYER_ATTRIBUTE)
+        if state is not None and state.method != "rows":
+            counts[state.last_method] = counts.get(state.last_method, 0) + 1
+    return counts
+
+
+def all_layers_table(results: list[dict]) -> str:
+    headers = ["model", "B x T", "unpatched tok/s", "norms tok/s", "all-layers tok/s", "norms/unp"]
+    headers += ["all/unp", "target", "status"]
+    rows = [
+        [
+            r["title"],
+            f"{r['batch']} x {r['seq']}",
+            fmt(r["unpatched_tokens_per_s"], ",.0f"),
+            fmt(r["patched_tokens_per_s"], ",.0f"),
+            fmt(r["all_tokens_per_s"], ",.0f"),
+            fmt_ratio(r["ratio"]),
+            fmt_ratio(r["all_ratio"]),
+            f">= {r['all_target']:.2f}x",
+            "PASS" if r["all_pass"] else "MISS",
+        ]
+        for r in results
+    ]
+    return format_table(headers, rows)
 
 
 def results_table(results: list[dict]) -> str:
@@ -236,6 +288,15 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results and environment to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="print hf_gns's patch report")
+    parser.add_argument(
+        "--all-layers", action="store_true", help="add the hf_gns.patch(model, targets='all') variant"
+    )
+    parser.add_argument(
+        "--linear-method",
+        default="auto",
+        choices=("auto", "simultaneous", "ghost"),
+        help="per-example norm method of every linear layer with --all-layers (default: per layer)",
+    )
     # Smoke path for machines without a GPU: tiny configs and batches.
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
@@ -259,9 +320,11 @@ def main(argv=None) -> None:
     )
     results = [bench_model(key, args, device) for key in args.models]
     print()
-    print(results_table(results))
+    print(all_layers_table(results) if args.all_layers else results_table(results))
     for r in results:
         step_ms = f"{r['unpatched_step_ms']:.1f} ms unpatched, {r['patched_step_ms']:.1f} ms patched"
+        if args.all_layers:
+            step_ms += f", {r['all_step_ms']:.1f} ms all-layers (linear methods {r['linear_methods']})"
         print(f"{r['title']}: median step {step_ms}")
     if args.json:
         write_json(
