@@ -2,7 +2,7 @@
 
 from .patcher import NormPatchError, patch, unpatch
 from .registry import register_norm, unregister_norm
-from .report import PatchedNorm, PatchReport, SkippedNorm
+from .report import PatchedLayer, PatchedNorm, PatchReport, SkippedLayer, SkippedNorm
 from .spec import NormSpec
 from .stats import per_example_sq_norms, zero_stats
 
@@ -10,7 +10,9 @@ __all__ = [
     "NormPatchError",
     "NormSpec",
     "PatchReport",
+    "PatchedLayer",
     "PatchedNorm",
+    "SkippedLayer",
     "SkippedNorm",
     "patch",
     "per_example_sq_norms",
