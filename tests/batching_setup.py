@@ -1,0 +1,116 @@
+"""Shared setup of the batch-control trainer tests (pytest and the 2-process torchrun script).
+
+Tiny GPT-2 on a synthetic dataset whose examples are told apart by their first two tokens,
+so a test can read back which examples each micro-batch held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, default_data_collator
+
+import hf_gns
+import hf_gns.trainer as hf_gns_trainer
+from hf_gns.trainer.batch_arguments import BatchControlArguments
+from hf_gns.trainer.batching import BatchSizeControlMixin, MicroBatches
+
+VOCAB, SEQ_LEN = 97, 8
+
+# GNSTrainer inherits the mixin once integrated; compose here otherwise.
+if issubclass(hf_gns_trainer.GNSTrainer, BatchSizeControlMixin):
+    Trainer = hf_gns_trainer.GNSTrainer
+else:
+
+    class Trainer(BatchSizeControlMixin, hf_gns_trainer.GNSTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._setup_batch_control()
+
+
+if issubclass(hf_gns_trainer.GNSTrainingArguments, BatchControlArguments):
+    Arguments = hf_gns_trainer.GNSTrainingArguments
+else:
+
+    @dataclasses.dataclass
+    class Arguments(BatchControlArguments, hf_gns_trainer.GNSTrainingArguments):
+        pass
+
+
+def example_dataset(num_examples: int, seed: int = 0) -> Dataset:
+    """Examples whose first two tokens spell their index (base VOCAB); the rest is random."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (num_examples, SEQ_LEN), generator=generator)
+    index = torch.arange(num_examples)
+    ids[:, 0], ids[:, 1] = index // VOCAB, index % VOCAB
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def example_indices(input_ids: torch.Tensor) -> list[int]:
+    return (input_ids[:, 0] * VOCAB + input_ids[:, 1]).tolist()
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
+    return GPT2LMHeadModel(config)
+
+
+def training_arguments(output_dir: str, **overrides) -> Arguments:
+    options = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+        gns_groups=[],
+    )
+    options.update(overrides)
+    return Arguments(**options)
+
+
+class RecordingTrainer(Trainer):
+    """Records the example indices of every micro-batch, grouped by optimizer step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps_seen: list[list[list[int]]] = []  # [step][micro-batch] -> example indices
+
+    def train(self, *args, **kwargs):
+        with hf_gns.use_backend(
+            "torch"
+        ):  # the pure-torch norm path: fast on CPU, kernels are tested elsewhere
+            return super().train(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if isinstance(inputs, MicroBatches):
+            self.steps_seen.append([])
+        else:
+            self.steps_seen[-1].append(example_indices(inputs["input_ids"]))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def make_trainer(output_dir: str, dataset: Dataset, model_seed: int = 0, dropout: float = 0.0, **overrides):
+    return RecordingTrainer(
+        model=tiny_model(model_seed, dropout),
+        args=training_arguments(output_dir, **overrides),
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+    )
+
+
+def step_logs(
+    trainer, keys=("loss", "batch_size", "tokens_seen", "gns", "learning_rate")
+) -> dict[int, tuple]:
+    """{step: (values of keys)} from the training log history."""
+    return {h["step"]: tuple(h.get(k) for k in keys) for h in trainer.state.log_history if "loss" in h}
