@@ -179,3 +179,28 @@ def test_embedding_tap_and_tied_head_give_the_norm_of_the_summed_contribution():
     torch.testing.assert_close(sinks[0].grad[:, 0].double(), torch.stack(expected), rtol=1e-5, atol=0)
     # the head's own part (what a per-module norm would report) is not the answer
     assert not torch.allclose(sinks[1].grad[:, 0].double(), torch.stack(expected), rtol=1e-2)
+
+
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_linear_op_under_bf16_autocast_matches_the_module_and_the_fp32_norms(method):
+    x = _randn(3, 16, 8, seed=11, dtype=torch.float32).requires_grad_()
+    linear = torch.nn.Linear(8, 12)
+    upstream = _randn(3, 16, 12, seed=12, dtype=torch.float32).to(torch.bfloat16)
+    sink = new_sq_norm_sink(3, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_with_sq_norms(x, linear.weight, linear.bias, sink, 3, method=method)
+        expected = linear(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.backward(upstream)
+    weight_grad, x_grad = linear.weight.grad.clone(), x.grad.clone()
+    linear.weight.grad = x.grad = None
+    expected.backward(upstream)
+    assert weight_grad.dtype == torch.float32
+    # Autocast's dW is the fp32-accumulated sum rounded once to bf16; the simultaneous dW sums
+    # per-example gradients each rounded to bf16 (entries ~4 here, half an ulp = 0.008 each).
+    torch.testing.assert_close(weight_grad, linear.weight.grad, rtol=2e-2, atol=3 * 2**-7)
+    torch.testing.assert_close(x_grad, x.grad, rtol=2e-2, atol=1e-2)
+    inputs, grads = x.detach().double(), upstream.double()
+    torch.testing.assert_close(
+        sink.grad[:, 0].double(), _loop_weight_sq_norms(inputs, grads), rtol=2e-2, atol=0
+    )
