@@ -45,28 +45,42 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.view(*x.shape[:-1], weight.shape[-1])
 
 
+def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The operands as autocast would hand them to the matmul: floating tensors other than fp64
+    cast to the autocast dtype when autocast is on for x's device, else unchanged."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
 class _LinearWithSqNorms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sink, link, ids, n_examples, method, transposed, chunk_bytes):
-        out = linear_forward(x, weight, bias, transposed)
-        # Under autocast `out` has the autocast dtype: backward computes in it, like aten's
-        # linear backward on the casted operands, and saves x cast to it (as autograd would).
-        ctx.compute_dtype = out.dtype
+        # Cast once, as autocast would, and keep the casts for backward (as autograd keeps
+        # autocast's): the output is bit-identical, and backward casts nothing again.
+        x_c, weight_c, bias_c = _autocast_operands(x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            out = linear_forward(x_c, weight_c, bias_c, transposed)
         ctx.config = (n_examples, method, transposed, chunk_bytes)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x.to(out.dtype), weight, ids)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(x_c, weight_c, ids)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, ids = ctx.saved_tensors
+        x, w, ids = ctx.saved_tensors
         n_examples, method, transposed, chunk_bytes = ctx.config
-        dtype = ctx.compute_dtype
         needs_x, needs_weight, needs_bias, needs_sink, needs_link = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = sink_grad = link_grad = None
         with torch.autocast(grad_out.device.type, enabled=False):
-            grad_out = grad_out.to(dtype)
-            w = weight.to(dtype)
+            grad_out = grad_out.to(x.dtype)
             if needs_x:
                 grad_x = grad_out @ (w.t() if transposed else w)  # (..., K)
             inputs = x.reshape(n_examples, -1, x.shape[-1])  # A (B, T, K)
@@ -74,13 +88,13 @@ class _LinearWithSqNorms(torch.autograd.Function):
             weight_sq = None
             if needs_weight and method == "simultaneous":
                 grad_weight, weight_sq = linear_weight_grad_simultaneous(
-                    inputs, grads, weight.dtype, transposed, chunk_bytes
+                    inputs, grads, ctx.weight_dtype, transposed, chunk_bytes
                 )
             elif needs_weight:
                 flat_grads, flat_inputs = grads.reshape(-1, grads.shape[-1]), inputs.reshape(-1, x.shape[-1])
                 grad_weight = (
                     flat_inputs.t() @ flat_grads if transposed else flat_grads.t() @ flat_inputs
-                ).to(weight.dtype)
+                ).to(ctx.weight_dtype)
             if weight_sq is None and (needs_sink or needs_link):
                 weight_sq = linear_weight_sq_norms_ghost(inputs, grads)
             if ctx.has_bias and (needs_bias or needs_sink):
