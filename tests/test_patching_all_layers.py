@@ -290,3 +290,19 @@ def test_torch_compile_gives_the_eager_norms_without_extra_graphs():
     # unpatched GPT-2 also runs as 2 graphs (a break in HF's code); sinks add none after step 1
     assert runs[1:] == [2, 2]
     torch._dynamo.reset()
+
+
+def test_patching_again_is_a_no_op_and_norms_first_then_all_works():
+    input_ids = _batch_with_padding()
+    model = tiny_model("gpt2")
+    hf_gns.patch(model)
+    first = hf_gns.patch(model, targets="all")
+    again = hf_gns.patch(model, targets="all")
+    assert sorted(again.tracked_parameters) == sorted(first.tracked_parameters)
+    assert {e.source for e in again.layers} == {"earlier call"} and {e.source for e in again.patched} == {
+        "earlier call"
+    }
+    hooks = model.__dict__["_hf_gns_model_hook"][0]
+    assert len(hooks.norms) == len(first.patched) + len(first.layers)  # each module once
+    loss_of(model, input_ids).backward()
+    _assert_matches_oracle(hf_gns.per_example_sq_norms(model), _oracle_sq_norms("gpt2", input_ids), BATCH)

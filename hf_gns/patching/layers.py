@@ -81,8 +81,14 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
             continue
         existing = module.__dict__.get(LAYER_ATTRIBUTE)
         if existing is not None:
-            tracked = tuple(names[id(p)] for p in existing.reported_parameters(module) if p is not None)
-            plan.patched.append(PatchedLayer(name, type(module).__name__, "-", "earlier call", tracked))
+            reported = existing.reported_parameters(module)
+            tracked = tuple(names[id(p)] for p in reported if p is not None and p.requires_grad)
+            described = (
+                describe_embedding(module)
+                if isinstance(module, nn.Embedding)
+                else describe_linear(module, existing.method)
+            )
+            plan.patched.append(PatchedLayer(name, type(module).__name__, described, "earlier call", tracked))
             plan.tracked.extend(tracked)
             continue
         reason = _own_reason(module)
