@@ -18,13 +18,11 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from gns_fixtures import N_EXAMPLES, SEQ, FixedTokens, make_args, tiny_gpt2
 from transformers.utils import logging as hf_logging
 
 import hf_gns
 from hf_gns.trainer import STATE_FILE
-
-N_EXAMPLES, SEQ, VOCAB = 32, 12, 37
 
 
 @pytest.fixture(autouse=True)
@@ -32,32 +30,6 @@ def _torch_backend_and_quiet():
     hf_logging.set_verbosity_error()
     with hf_gns.use_backend("torch"):
         yield
-
-
-class FixedTokens(torch.utils.data.Dataset):
-    """Variations of one sequence: a shared signal plus per-example noise, so the GNS is moderate."""
-
-    def __init__(self):
-        gen = torch.Generator().manual_seed(0)
-        base = torch.randint(0, VOCAB, (SEQ,), generator=gen)
-        self.rows = base.repeat(N_EXAMPLES, 1)
-        swap = torch.rand(N_EXAMPLES, SEQ, generator=gen) < 0.35
-        self.rows[swap] = torch.randint(0, VOCAB, (int(swap.sum()),), generator=gen)
-
-    def __len__(self):
-        return N_EXAMPLES
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config)
 
 
 def oracle_gns(model, dataset, names) -> float:
@@ -75,27 +47,6 @@ def oracle_gns(model, dataset, names) -> float:
     sq_norm = (n * full_sq - mean_sq) / (n - 1)
     trace_cov = (mean_sq - full_sq) / (1 - 1 / n)
     return (trace_cov / sq_norm).item()
-
-
-def make_args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        learning_rate=0.0,
-        optim="sgd",
-        max_grad_norm=1e-4,  # effective clipping: a read after clipping would give |G_B|² ~ 1e-8
-        max_steps=64,
-        logging_steps=8,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        gns_ema_decay=1 - 1e-7,  # ~ a plain average over the whole run
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return hf_gns.GNSTrainingArguments(**kwargs)
 
 
 def gns_logs(trainer):

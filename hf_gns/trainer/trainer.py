@@ -185,6 +185,7 @@ class GNSTrainer(Trainer):
         self._step_examples = 0
         self._step_tokens: torch.Tensor | int = 0
         self._gns_device: torch.device | None = None
+        self._last_statistics = None
 
     def _maybe_register_ddp_hook(self, model: nn.Module) -> None:
         if self.gns_ddp_estimator is None or self._ddp_hook is not None:
@@ -328,12 +329,34 @@ class GNSTrainer(Trainer):
                 big_batch=examples,
                 small_batch=examples / world,
             )
+        self._last_statistics = (examples, tokens, stats)
         counters = self._gns_counters
         counters.last_batch = torch.stack([examples, tokens])
         counters.tokens_seen = counters.tokens_seen + tokens.round().long()
         counters.examples_seen = counters.examples_seen + examples.round().long()
         self._step_examples, self._step_tokens = 0, 0
         zero_stats(model)
+
+    def last_step_statistics(self) -> dict[str, object]:
+        """The last optimizer step's global statistics in synchronized-gradient units (one sync).
+
+        Returns:
+            `dict`: `batch_size`, `batch_tokens`, and per group (`{group: float}`)
+            `example_sq_norm_sum` (Σ_i |c_i|²) and `batch_sq_norm` (|G_B|²); with `gns_ddp`,
+            `local_grad_sq_norm_mean` (mean over processes of |g_r|²). Empty before the first step.
+        """
+        if self._last_statistics is None:
+            return {}
+        examples, tokens, stats = self._last_statistics
+        result = {
+            "batch_size": int(round(examples.item())),
+            "batch_tokens": int(round(tokens.item())),
+            "example_sq_norm_sum": dict(zip(self._group_names, stats.example_sq_norm_sum.tolist())),
+            "batch_sq_norm": dict(zip(self._group_names, stats.batch_sq_norm.tolist())),
+        }
+        if self.gns_ddp_estimator is not None:
+            result["local_grad_sq_norm_mean"] = stats.local_grad_sq_norm_mean.item()
+        return result
 
     # ---- logging and checkpoints ----
 
