@@ -24,15 +24,19 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "results.json"
+def run_two_processes(script, *script_args):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_GNS_BACKEND="torch", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [os.path.join(TESTS, "gns_two_processes.py"), str(out)]
+    command += [os.path.join(TESTS, script), *script_args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "results.json"
+    run_two_processes("gns_two_processes.py", str(out))
     with open(out) as f:
         return json.load(f)
 
@@ -97,3 +101,8 @@ def test_logged_values_are_consistent(two_process_results):
         assert last["gns"] == pytest.approx(last["gns_trace_cov"] / last["gns_sq_norm"])
         assert last["tokens_seen"] == result["tokens_seen"]
         assert torch.isfinite(torch.tensor(last["gns_ddp"]))
+
+
+def test_fsdp2_sharded_gradients_give_the_unsharded_statistics():
+    """`fully_shard` on gloo: DTensor shard shares of |G_B|² and per-example norms, all-reduced (rel 1e-5)."""
+    run_two_processes("gns_fsdp2_two_processes.py")

@@ -38,6 +38,7 @@ from ..gns.groups import clean_name, membership_matrix, parameter_groups
 from ..gns.units import to_synced_units
 from ..patching import patch, per_example_sq_norms, zero_stats
 from .arguments import GNSTrainingArguments
+from .batching import BatchSizeControlMixin, MicroBatches
 from .checkpoint import CheckpointStateRegistry
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class _StepCounters:
         self.last_batch = state["last_batch"].to(device)
 
 
-class GNSTrainer(Trainer):
+class GNSTrainer(BatchSizeControlMixin, Trainer):
     """`transformers.Trainer` that measures the gradient noise scale (GNS) online, for free.
 
     Patches the model's normalization layers (or all supported layers, `gns_track="all"`) with
@@ -81,7 +82,9 @@ class GNSTrainer(Trainer):
     Logged values are the state at the logging step (the GNS is already an EMA; batch values
     are the last optimizer step's). The estimator state, counters and every state registered
     with `register_checkpoint_state` are saved in each checkpoint (`hf_gns_state.pt`) and
-    restored by `train(resume_from_checkpoint=...)`.
+    restored by `train(resume_from_checkpoint=...)`. With the `BatchControlArguments` options
+    (`max_tokens`, `batch_size_policy`, `lr_schedule`, ...) the global batch changes at any
+    optimizer step (`BatchSizeControlMixin`, `hf_gns.trainer.batching`).
 
     Args:
         model (`PreTrainedModel` or `nn.Module`): patched here if it is not yet.
@@ -120,6 +123,7 @@ class GNSTrainer(Trainer):
         self._checkpoint_states.register("gns_counters", self._gns_counters)
         if self.gns_ddp_estimator is not None:
             self._checkpoint_states.register("gns_ddp_estimator", self.gns_ddp_estimator)
+        self._setup_batch_control()  # after the registry: it registers the controller and data position
 
     # ---- public API ----
 
@@ -193,8 +197,8 @@ class GNSTrainer(Trainer):
         if not isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError(
                 "gns_log_ddp_estimate needs DistributedDataParallel (the classic estimate reads each "
-                "process's "
-                f"gradient before the all-reduce), but the model is wrapped as {type(model).__name__}"
+                "process's gradient before the all-reduce), but the model is wrapped as "
+                f"{type(model).__name__}; set gns_log_ddp_estimate=False"
             )
         tracked = set(self._tracked_names)
         params = [p for name, p in model.named_parameters() if clean_name(name) in tracked]
@@ -227,6 +231,8 @@ class GNSTrainer(Trainer):
         )
 
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        if isinstance(inputs, MicroBatches):  # batch control: the mixin calls back once per micro-batch
+            return super().training_step(model, inputs, num_items_in_batch)
         self._maybe_register_ddp_hook(model)
         self._count_batch(inputs)
         self._gns_pending = True
