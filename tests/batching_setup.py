@@ -6,37 +6,15 @@ so a test can read back which examples each micro-batch held.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, default_data_collator
 
 import hf_gns
-import hf_gns.trainer as hf_gns_trainer
-from hf_gns.trainer.batch_arguments import BatchControlArguments
-from hf_gns.trainer.batching import BatchSizeControlMixin, MicroBatches
+from hf_gns.trainer import GNSTrainer, GNSTrainingArguments
+from hf_gns.trainer.batching import MicroBatches
 
 VOCAB, SEQ_LEN = 97, 8
-
-# GNSTrainer inherits the mixin once integrated; compose here otherwise.
-if issubclass(hf_gns_trainer.GNSTrainer, BatchSizeControlMixin):
-    Trainer = hf_gns_trainer.GNSTrainer
-else:
-
-    class Trainer(BatchSizeControlMixin, hf_gns_trainer.GNSTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._setup_batch_control()
-
-
-if issubclass(hf_gns_trainer.GNSTrainingArguments, BatchControlArguments):
-    Arguments = hf_gns_trainer.GNSTrainingArguments
-else:
-
-    @dataclasses.dataclass
-    class Arguments(BatchControlArguments, hf_gns_trainer.GNSTrainingArguments):
-        pass
 
 
 def example_dataset(num_examples: int, seed: int = 0) -> Dataset:
@@ -61,7 +39,7 @@ def tiny_model(seed: int = 0, dropout: float = 0.0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def training_arguments(output_dir: str, **overrides) -> Arguments:
+def training_arguments(output_dir: str, **overrides) -> GNSTrainingArguments:
     options = dict(
         output_dir=output_dir,
         per_device_train_batch_size=2,
@@ -76,10 +54,10 @@ def training_arguments(output_dir: str, **overrides) -> Arguments:
         gns_groups=[],
     )
     options.update(overrides)
-    return Arguments(**options)
+    return GNSTrainingArguments(**options)
 
 
-class RecordingTrainer(Trainer):
+class RecordingTrainer(GNSTrainer):
     """Records the example indices of every micro-batch, grouped by optimizer step."""
 
     def __init__(self, *args, **kwargs):

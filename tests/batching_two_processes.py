@@ -6,6 +6,7 @@ Runs a tiny GPT-2 under a (tokens -> batch) schedule that changes the global bat
 multiples of the world size (so steps end inside a micro-batch), and asserts on process 0
 that the two processes together consumed exactly the fixed stream, dealt round-robin:
 process r's i-th example of a step that starts at stream position S is position S + r + 2i.
+Then runs the GNS policy and asserts both processes took the same batch at every step.
 Writes the batches, the consumed stream and the final parameters to OUTPUT_DIR/result.pt,
 where the pytest side compares them with the same run on 1 process.
 """
@@ -71,9 +72,34 @@ def run(output_dir: str) -> dict:
     return {"world_size": world, "batches": batches, "consumed": consumed, "parameters": parameters}
 
 
+def run_gns_policy(output_dir: str) -> list[int]:
+    """The GNS policy on 2 processes: both must take the same decision at every step, without talking."""
+    trainer = make_trainer(
+        output_dir,
+        example_dataset(NUM_EXAMPLES),
+        max_tokens=8 * 60,
+        batch_size_policy="gns",
+        batch_size_min=2,
+        batch_size_max=12,
+        batch_size_hysteresis=0.0,
+        batch_size_min_interval_steps=2,
+        batch_size_granularity="example",
+        per_device_train_batch_size=2,
+    )
+    trainer.train()
+    counts = [sum(len(micro) for micro in step) for step in trainer.steps_seen]
+    gathered = [None, None]
+    dist.all_gather_object(gathered, counts)
+    assert gathered[0] == gathered[1], gathered
+    batches = [h["batch_size"] for h in trainer.state.log_history if "loss" in h]
+    assert batches == [2 * c for c in counts] and len(set(batches)) > 1, batches
+    return batches
+
+
 def main() -> None:
     output_dir = sys.argv[1]
     assert int(os.environ.get("WORLD_SIZE", "1")) == 2, "run me with torchrun --nproc_per_node 2"
+    run_gns_policy(os.path.join(output_dir, "gns"))
     result = run(output_dir)
     assert result["world_size"] == 2 and dist.get_world_size() == 2
     if dist.get_rank() == 0:

@@ -83,7 +83,7 @@ def planned_batches(max_tokens):
 
 def test_data_order_invariant_and_realized_batches_while_the_batch_changes(tmp_path):
     dataset = example_dataset(11)  # small: the run crosses epoch boundaries mid-step
-    max_tokens = 8 * 48
+    max_tokens = 8 * 56
     trainer = make_trainer(
         str(tmp_path),
         dataset,
@@ -92,9 +92,13 @@ def test_data_order_invariant_and_realized_batches_while_the_batch_changes(tmp_p
         batch_size_schedule_file=schedule_file(tmp_path),
         batch_size_granularity="example",
         per_device_train_batch_size=3,
+        # HF's step estimate is then 448 / (7 × 8) = 8 steps: it must be extended while tokens remain,
+        # and HF's loop opens a new "epoch" (a new loader iterator, re-fetching a cut micro-batch).
+        batch_size_start=7,
     )
     trainer.train()
     plan = planned_batches(max_tokens)
+    assert len(plan) > 2 * 8
     assert [sum(len(m) for m in step) for step in trainer.steps_seen] == plan
     # Micro-batches of 3: a step may open with the rows carried from a cut one and end with a cut one.
     assert all(len(m) == 3 for step in trainer.steps_seen for m in step[1:-1])

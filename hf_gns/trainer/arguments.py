@@ -7,13 +7,17 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..gns.groups import GROUPINGS
+from .batch_arguments import BatchControlArguments
 
 GNS_TRACK_CHOICES = ("norms", "all")
 
 
 @dataclass
-class GNSTrainingArguments(TrainingArguments):
+class GNSTrainingArguments(BatchControlArguments, TrainingArguments):
     """`transformers.TrainingArguments` plus the options of the online gradient noise scale.
+
+    The batch-size controller and token-schedule options (`max_tokens`, `batch_size_policy`,
+    `lr_schedule`, ...) come from `BatchControlArguments` (`hf_gns.trainer.batch_arguments`).
 
     Args:
         gns_track (`str`, *optional*, defaults to `"norms"`): which parameters the GNS is measured
