@@ -227,3 +227,33 @@ def test_non_finite_statistics_are_skipped(tmp_path, monkeypatch):
         and logs[2]["gns"] != logs[0]["gns"]
     )
     assert trainer.gns_estimator.steps == 2
+
+
+def test_loss_scale_is_divided_out(tmp_path):
+    """fp16's GradScaler (CPU has no fp16 Trainer path, so one is attached by hand): the gradients read
+    before clipping carry the scale (grad_norm below is 1024× larger), the GNS statistics do not."""
+    logs = []
+    for scale in (None, 2.0**10):
+        trainer = hf_gns.GNSTrainer(
+            model=tiny_gpt2(), args=make_args(tmp_path / str(scale), max_steps=4, logging_steps=4),
+            train_dataset=FixedTokens(),
+        )  # fmt: skip
+        if scale is not None:
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        trainer.train()
+        logs.append(gns_logs(trainer)[-1])
+    assert logs[1]["grad_norm"] == pytest.approx(1024 * logs[0]["grad_norm"], rel=1e-5)
+    for key in ("gns", "gns_sq_norm", "gns_trace_cov", "gns/layer/1"):
+        assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5), key
+
+
+def test_bf16_autocast_matches_fp32(tmp_path):
+    logs = []
+    for bf16 in (False, True):
+        trainer = hf_gns.GNSTrainer(
+            model=tiny_gpt2(), args=make_args(tmp_path / str(bf16), max_steps=8, logging_steps=8, bf16=bf16),
+            train_dataset=FixedTokens(),
+        )  # fmt: skip
+        trainer.train()
+        logs.append(gns_logs(trainer)[-1])
+    assert logs[1]["gns"] == pytest.approx(logs[0]["gns"], rel=0.05)
