@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .control import BatchSizeController
 from .gns import GNSEstimator
 from .kernels import fused_norm, new_sq_norm_sink, set_backend, use_backend
 from .patching import (
@@ -17,6 +18,7 @@ from .patching import (
 )
 
 __all__ = [
+    "BatchSizeController",
     "GNSEstimator",
     "GNSTrainer",
     "GNSTrainingArguments",
