@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import triton_runs_here
 
-from hf_gns.kernels import new_sq_norm_sink
+from hf_gns.kernels import new_sq_norm_sink, use_backend
 from hf_gns.kernels.linear_cost import GHOST_MEMORY_CAP_BYTES, choose_linear_method, simultaneous_min_seq
 from hf_gns.kernels.linear_op import embedding_sq_norm_tap, linear_with_sq_norms
 from hf_gns.kernels.linear_reference import (
@@ -15,6 +16,7 @@ from hf_gns.kernels.linear_reference import (
     linear_bias_sq_norms,
     linear_weight_grad_simultaneous,
     linear_weight_sq_norms_ghost,
+    sum_and_sq_norms_reference,
     tied_rows,
 )
 
@@ -204,3 +206,31 @@ def test_linear_op_under_bf16_autocast_matches_the_module_and_the_fp32_norms(met
     torch.testing.assert_close(
         sink.grad[:, 0].double(), _loop_weight_sq_norms(inputs, grads), rtol=2e-2, atol=0
     )
+
+
+@pytest.mark.skipif(
+    not triton_runs_here("cpu"), reason="Triton kernels run on CPU only under TRITON_INTERPRET=1"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_sum_and_sq_norms_read_once_match_the_reference(dtype):
+    from hf_gns.kernels.linear_triton import BLOCK, sum_and_sq_norms_triton
+
+    per_example = _randn(3, BLOCK + 37, seed=13, dtype=torch.float32).to(dtype)  # two blocks, one partial
+    out, expected_out = torch.empty(BLOCK + 37), torch.empty(BLOCK + 37)
+    sq_norms = sum_and_sq_norms_triton(per_example, out)
+    expected = sum_and_sq_norms_reference(per_example, expected_out)
+    torch.testing.assert_close(out, expected_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sq_norms, expected.float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(
+    not triton_runs_here("cpu"), reason="Triton kernels run on CPU only under TRITON_INTERPRET=1"
+)
+def test_linear_op_with_the_triton_reduction_matches_the_torch_backend():
+    results = []
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            x, weight, bias, _, _, sink = _linear_step("simultaneous", False, (3, 4, 5), n_examples=3)
+        results.append((x.grad, weight.grad, bias.grad, sink.grad))
+    for torch_result, triton_result in zip(*results):
+        torch.testing.assert_close(triton_result, torch_result, rtol=1e-5, atol=1e-6)

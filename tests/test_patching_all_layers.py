@@ -306,3 +306,60 @@ def test_patching_again_is_a_no_op_and_norms_first_then_all_works():
     assert len(hooks.norms) == len(first.patched) + len(first.layers)  # each module once
     loss_of(model, input_ids).backward()
     _assert_matches_oracle(hf_gns.per_example_sq_norms(model), _oracle_sq_norms("gpt2", input_ids), BATCH)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_eager_and_inductor_norms_agree_with_the_fp32_oracle():
+    """CUDA, bf16 autocast: eager (Triton kernels) against the fp64 oracle, and torch.compile
+    (inductor) against eager. The compiled model runs the torch backend: the Triton norm
+    backward's custom op returns dγ and dβ as views of one buffer, which inductor refuses."""
+    import torch._dynamo
+
+    input_ids = _batch_with_padding(seq=16).cuda()
+    oracle = _oracle_sq_norms("gpt2", input_ids.cpu())
+    results = []
+    for backend, compiled in (("auto", False), ("torch", False), ("torch", True)):
+        torch._dynamo.reset()
+        model = tiny_model("gpt2").cuda()
+        hf_gns.patch(model, targets="all")
+        call = torch.compile(model) if compiled else model
+        with hf_gns.use_backend(backend):
+            for _ in range(2):  # the second step runs the compiled graph with recycled sinks
+                hf_gns.zero_stats(model)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = call(input_ids=input_ids, labels=input_ids).loss
+                loss.backward()
+        results.append({k: v.double().cpu() for k, v in hf_gns.per_example_sq_norms(model).items()})
+    for name, values in results[0].items():
+        torch.testing.assert_close(values, oracle[name], rtol=5e-2, atol=1e-6 * oracle[name].max().item())
+        torch.testing.assert_close(
+            results[2][name], results[1][name], rtol=2e-2, atol=1e-6 * values.max().item()
+        )
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_gpu_triton_reduction_under_inductor_matches_eager():
+    import torch._dynamo
+
+    from hf_gns.kernels import new_sq_norm_sink
+    from hf_gns.kernels.linear_op import linear_with_sq_norms
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 64, 96, device="cuda", requires_grad=True)
+    linear = nn.Linear(96, 80).cuda()
+    upstream = torch.randn(4, 64, 80, device="cuda")
+
+    def step(x, sink):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = linear_with_sq_norms(x, linear.weight, linear.bias, sink, 4, method="simultaneous")
+        (out.float() * upstream).sum().backward()
+        return sink.grad, linear.weight.grad.clone()
+
+    results = []
+    for fn in (step, torch.compile(step)):
+        linear.zero_grad()
+        results.append(fn(x, new_sq_norm_sink(4, "cuda")))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-3, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)
+    torch._dynamo.reset()

@@ -32,8 +32,48 @@ from .linear_reference import (
     linear_bias_sq_norms,
     linear_weight_grad_simultaneous,
     linear_weight_sq_norms_ghost,
+    sum_and_sq_norms_reference,
     tied_rows,
 )
+from .norm_op import TRITON_AVAILABLE, get_backend
+
+if TRITON_AVAILABLE:
+    from .linear_triton import sum_and_sq_norms_triton
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _uses_triton(per_example: torch.Tensor) -> bool:
+    """The backend rule of `norm_op`: "triton" always, "auto" for CUDA tensors, "torch" never."""
+    backend = get_backend()
+    if backend == "torch" or not TRITON_AVAILABLE or per_example.dtype not in _TRITON_DTYPES:
+        return False
+    return backend == "triton" or per_example.is_cuda
+
+
+def _sum_and_sq_norms_impl(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if _uses_triton(per_example):
+        return sum_and_sq_norms_triton(per_example, out)
+    return sum_and_sq_norms_reference(per_example, out)
+
+
+@torch.library.custom_op("hf_gns::sum_and_sq_norms", mutates_args=("out",))
+def _sum_and_sq_norms_op(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return _sum_and_sq_norms_impl(per_example, out)
+
+
+@_sum_and_sq_norms_op.register_fake
+def _(per_example, out):
+    dtype = torch.promote_types(per_example.dtype, torch.float32)
+    return per_example.new_empty(per_example.shape[0], dtype=dtype)
+
+
+def sum_and_sq_norms(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Σ_b P_b into `out` and |P_b|² (B,) from P (B, N): one read of P with Triton (see
+    `linear_triton.py`), two torch reductions otherwise; an opaque custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return _sum_and_sq_norms_op(per_example, out)
+    return _sum_and_sq_norms_impl(per_example, out)
 
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
@@ -88,7 +128,7 @@ class _LinearWithSqNorms(torch.autograd.Function):
             weight_sq = None
             if needs_weight and method == "simultaneous":
                 grad_weight, weight_sq = linear_weight_grad_simultaneous(
-                    inputs, grads, ctx.weight_dtype, transposed, chunk_bytes
+                    inputs, grads, ctx.weight_dtype, transposed, chunk_bytes, reduce=sum_and_sq_norms
                 )
             elif needs_weight:
                 flat_grads, flat_inputs = grads.reshape(-1, grads.shape[-1]), inputs.reshape(-1, x.shape[-1])

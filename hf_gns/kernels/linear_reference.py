@@ -18,6 +18,8 @@ Two ways to |G_bᵀ A_b|² (Gray et al. 2024 §3; Li et al. 2022, "ghost clippin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # Largest per-example-gradient chunk (bytes) the simultaneous method materializes at once.
@@ -51,12 +53,19 @@ def linear_weight_sq_norms_ghost(inputs: torch.Tensor, grad_out: torch.Tensor) -
     return gram_a.mul_(gram_g).sum((1, 2))
 
 
+def sum_and_sq_norms_reference(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write Σ_b per_example[b] into `out` (N,) and return |per_example[b]|² (B,), for P (B, N)."""
+    out.copy_(per_example.sum(0, dtype=_accumulation_dtype(per_example.dtype)))
+    return _sq_norms_of_rows(per_example)
+
+
 def linear_weight_grad_simultaneous(
     inputs: torch.Tensor,
     grad_out: torch.Tensor,
     out_dtype: torch.dtype,
     transposed: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_and_sq_norms_reference,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight gradient Σ_b G_bᵀ A_b and the per-example squared norms |G_bᵀ A_b|², from the same matmuls.
 
@@ -68,6 +77,9 @@ def linear_weight_grad_simultaneous(
             the layout of HF's `Conv1D` weight, instead of nn.Linear's (L, K).
         chunk_bytes (`int`, *optional*, defaults to 256 MiB): the per-example gradients of
             as many output rows as fit in this many bytes are formed at once.
+        reduce (`Callable`, *optional*): `(P (B, N), out (N,)) -> (B,)` writing the example sum
+            into `out` and returning the squared norms; `sum_and_sq_norms_reference` or the
+            one-read Triton kernel.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: the weight gradient and the (B,) norms.
@@ -82,8 +94,7 @@ def linear_weight_grad_simultaneous(
     for start in range(0, out_features, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         per_example = torch.bmm(grad_t[:, rows], inputs)  # (B, rows, K): P_b for these rows
-        sq_norms += _sq_norms_of_rows(per_example)
-        weight_grad[rows] = per_example.sum(0, dtype=accumulate)
+        sq_norms += reduce(per_example.view(n_examples, -1), weight_grad[rows].view(-1))
     return (weight_grad.t() if transposed else weight_grad), sq_norms
 
 

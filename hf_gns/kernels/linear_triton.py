@@ -1,0 +1,54 @@
+"""Triton: the weight gradient and per-example squared norms from per-example gradients, in one read.
+
+The simultaneous method forms per-example gradients P (B, N) (N = rows·K of a chunk of the
+weight) with one batched matmul. Two torch reductions over P (the sum over examples, the
+squared norm of each example) read it twice; this kernel reads it once: each program owns
+a block of N columns, walks the B examples, accumulates the fp32 column sums and stores
+each example's Σ P_b² over its block. The (B, blocks) partials are summed afterwards, in
+a fixed order, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .norm_triton import _CachedLauncher
+
+BLOCK = 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _sum_and_sq_norms_kernel(P, Out, Partial, n_examples, n_cols, n_blocks, BLOCK: tl.constexpr):
+    """Out[n] = Σ_b P[b, n] (fp32 accumulation, stored in Out's dtype);
+    Partial[b, block] = Σ_{n in block} P[b, n]² (fp32)."""
+    block = tl.program_id(0)
+    cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    row = P + cols  # pointers into example 0; advanced by one row per example (64-bit pointer math)
+    for b in range(n_examples):
+        values = tl.load(row, mask=mask, other=0.0).to(tl.float32)
+        total += values
+        tl.store(Partial + b * n_blocks + block, tl.sum(values * values, axis=0))
+        row += n_cols
+    tl.store(Out + cols, total.to(Out.dtype.element_ty), mask=mask)
+
+
+_launch = _CachedLauncher(_sum_and_sq_norms_kernel)
+
+
+def sum_and_sq_norms_triton(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write Σ_b per_example[b] into `out` (N,) and return |per_example[b]|² (B,) fp32.
+
+    Args:
+        per_example (`torch.Tensor`): (B, N), contiguous, fp32/bf16/fp16.
+        out (`torch.Tensor`): (N,), contiguous, any float dtype (the weight's).
+    """
+    n_examples, n_cols = per_example.shape
+    n_blocks = triton.cdiv(n_cols, BLOCK)
+    partial = torch.empty(n_examples, n_blocks, dtype=torch.float32, device=per_example.device)
+    _launch((n_blocks,), (per_example, out, partial, n_examples, n_cols, n_blocks), NUM_WARPS, BLOCK=BLOCK)
+    return partial.sum(1)
