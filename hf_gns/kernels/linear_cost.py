@@ -2,8 +2,9 @@
 
 For input A (B, T, K) and output gradient G (B, T, L), beyond the ordinary weight gradient:
 - simultaneous: the per-example gradients G_bᵀ A_b come out of the weight-gradient matmul
-  itself (same FLOPs); the extra work is writing B·K·L values and reading them twice (sum
-  over examples, squared norms): ~3·B·K·L element operations, memory-bound.
+  itself (same FLOPs); the extra work is writing B·K·L values and reading them back for the
+  sum over examples and the squared norms (once with the Triton kernel, twice in torch):
+  ~3·B·K·L element operations, memory-bound.
 - ghost: the Gram matrices A_b A_bᵀ and G_b G_bᵀ, ~2·B·T²·(K + L) FLOPs, B·T² memory each.
 Counting an element touched like a FLOP, simultaneous wins when 2·T²·(K + L) ≥ 3·K·L,
 i.e. T² ≥ 1.5·K·L / (K + L) (DESIGN.md §2): T ≥ 24 for K = L = 768, T ≥ 31 for GPT-2's

@@ -7,7 +7,8 @@ effects in backward, no host sync; `torch.compile` traces these autograd Functio
 - `linear_with_sq_norms`: y = x Wᵀ + b (nn.Linear) or x W + b (HF's Conv1D, `transposed`),
   computed exactly as the module computes it, so outputs are bit-identical. Its backward
   returns dx, dW, db and the norms, by the simultaneous method (dW is the sum of the
-  per-example gradients) or the ghost method (dW by the usual matmul).
+  per-example gradients; on CUDA one Triton pass over them gives both the sum and the
+  norms, `linear_triton.py`) or the ghost method (dW by the usual matmul).
 - `embedding_sq_norm_tap`: identity on an embedding's output whose backward also gets the
   per-example norms of the embedding weight from the output gradient and the ids; the
   lookup and its weight gradient stay PyTorch's own.
