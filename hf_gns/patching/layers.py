@@ -7,6 +7,11 @@ forward and has a trainable parameter. Weight sharing decides the rest:
   contribution |E_b + G_bᵀA_b|² (see `hf_gns.kernels.linear_op`), the head only its bias;
 - any other sharing (two linears, a weight also held by a module we do not patch) is
   skipped and reported: a per-module norm of a shared weight would be part of the truth.
+
+Limits: a weight that a model uses outside its module (e.g. logits = h @ wte.weight.T
+with no head module) is invisible here, and the embedding's norm would miss that part;
+2-D inputs are taken as batch-major rows (B·T, K) or one row per example, so layers fed
+token-gathered rows (mixture-of-experts experts) get wrong per-example groupings.
 """
 
 from __future__ import annotations
