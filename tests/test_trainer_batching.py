@@ -59,6 +59,15 @@ def test_a_sampler_restarts_at_a_partly_consumed_micro_batch():
     assert micro == [order[6 + 2 * 4 * 2 + 1 + 2 * j] for j in range(4)]  # the 3rd micro-batch again
 
 
+def test_a_position_saved_under_another_grid_resumes_at_the_first_unconsumed_example():
+    saved = DataPosition(2, 4, base=6, micro_batches=3, carry=1)  # 6 + 2 × 11 = 28 examples consumed
+    same, other = DataPosition(2, 4), DataPosition(3, 2)
+    same.load_state_dict(saved.state_dict())
+    other.load_state_dict(saved.state_dict())
+    assert same == saved  # exact: the cut micro-batch is re-fetched
+    assert (other.base, other.micro_batches, other.carry, other.examples_consumed) == (28, 0, 0, 28)
+
+
 # ---- in the trainer -------------------------------------------------------------------------
 
 # Global batches per step of a (tokens -> batch) schedule: SEQ_LEN = 8 tokens per example.
