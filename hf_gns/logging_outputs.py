@@ -5,7 +5,7 @@ logs (`gns`, `batch_size`, `tokens_seen`, ... see `CURVE_COLUMNS`, plus every `g
 and the loss into `<output_dir>/training_curves.csv`, one row per `Trainer.log` call, as
 training runs. At the end of training it draws `plot_training_curves` next to it:
 
-- `gns_batch_size.png`: GNS (total and per group) and the global batch size against tokens
+- `gns_batch_size.png`: GNS (total and per layer type) and the global batch size against tokens
   seen, both in examples (sequences), on a log scale: the controller aims the batch at the
   GNS, so the two belong on one axis;
 - `loss.png`: training and evaluation loss against tokens seen.
@@ -56,6 +56,7 @@ CURVE_COLUMNS = (
     "eval_perplexity",
 )
 GROUP_PREFIX = "gns/"
+TYPE_GROUP_PREFIX = "gns/type/"
 
 
 def _is_curve_key(key: str) -> bool:
@@ -189,10 +190,10 @@ def plot_training_curves(csv_path: str | os.PathLike, out_dir: str | os.PathLike
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
-    for key in sorted(k for k in curves if k.startswith(GROUP_PREFIX)):
-        axes.plot(
-            *_points(curves, x_key, key), linewidth=1, alpha=0.6, label=f"GNS {key[len(GROUP_PREFIX) :]}"
-        )
+    # Per-type groups only: per-layer and per-module curves (dozens) stay in the CSV.
+    for key in sorted(k for k in curves if k.startswith(TYPE_GROUP_PREFIX)):
+        layer_type = key[len(TYPE_GROUP_PREFIX) :]
+        axes.plot(*_points(curves, x_key, key), linewidth=1, alpha=0.7, label=f"GNS, {layer_type} layers")
     axes.plot(*_points(curves, x_key, "gns"), color="black", linewidth=2, label="GNS (total)")
     if "gns_ddp" in curves:
         axes.plot(*_points(curves, x_key, "gns_ddp"), color="gray", linestyle=":", label="GNS (classic DDP)")

@@ -143,16 +143,21 @@ class DataArguments:
 # Recipe defaults for the training arguments; each can be overridden on the command line or in the file.
 TRAINING_DEFAULTS = dict(
     output_dir="outputs/train_gpt2",
-    max_steps=200,
-    per_device_train_batch_size=8,
-    per_device_eval_batch_size=32,
+    # Budget and batch: global tokens, and a global batch (examples) that follows the GNS.
+    max_tokens=1_000_000,
+    per_device_train_batch_size=4,  # the micro-batch; the controller accumulates micro-batches
+    batch_size_policy="gns",  # target = gns_batch_multiplier x GNS, within [batch_size_min, batch_size_max]
+    batch_size_max=256,
+    lr_schedule="d2z",  # linear warmup, then linear decay to zero, in tokens
+    lr_warmup_fraction=0.02,
     learning_rate=3e-3,
-    warmup_steps=4,
+    gns_groups=["type", "layer"],  # per-module GNS too: add "module" (one key per norm layer)
+    per_device_eval_batch_size=32,
     logging_steps=1,  # one CSV row per optimizer step
     eval_strategy="steps",
-    eval_steps=50,
+    eval_steps=100,
     save_strategy="steps",
-    save_steps=100,
+    save_steps=200,
     save_total_limit=2,
     report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs a GPU (and warns without one)
@@ -365,18 +370,18 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model()  # model + tokenizer, plain transformers files
     trainer.save_state()  # trainer_state.json, every logged GNS value in log_history
 
-    tokens_seen = getattr(trainer, "tokens_seen", None)
-    if tokens_seen is None:
-        tokens_seen = trainer.state.global_step * training_args.train_batch_size * block_size
-    tokens_per_second = tokens_seen / train_seconds if train_seconds > 0 else math.nan
-    gns = trainer.current_gns() if hasattr(trainer, "current_gns") else None
+    tokens_seen = trainer.tokens_seen  # global, cumulative (a resumed run counts from the start)
+    gns = trainer.current_gns()  # examples; None before the first optimizer step
+    # Throughput between logs, median: leaves out start-up, evaluation pauses and the resumed past.
+    rates = sorted(row["tokens_per_second"] for row in curves.rows if "tokens_per_second" in row)
+    tokens_per_second = rates[len(rates) // 2] if rates else math.nan
     plot_paths = plot_training_curves(curves.csv_path) if is_main else []
     if is_main:
         out = Path(training_args.output_dir)
+        gns_text = "n/a" if gns is None else f"{gns:.1f} examples = {gns * block_size:,.0f} tokens"
         print(
-            f"\ntrained {trainer.state.global_step} steps, {tokens_seen:,} tokens in {train_seconds:.1f} s "
-            f"({tokens_per_second:,.0f} tokens/s); final GNS: "
-            f"{'n/a' if gns is None else f'{gns:.1f} examples = {gns * block_size:,.0f} tokens'}; "
+            f"\ntrained {trainer.state.global_step} steps, {tokens_seen:,} tokens in {train_seconds:.1f} s; "
+            f"throughput {tokens_per_second:,.0f} tokens/s (median between logs); final GNS: {gns_text}; "
             f"eval loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f}\n"
             f"outputs in {out}/:\n"
             f"  model, tokenizer     {out}/ (config.json, model.safetensors, tokenizer.json)\n"
@@ -393,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
         "log_history": trainer.state.log_history,
         "tokens_seen": tokens_seen,
         "tokens_per_second": tokens_per_second,
+        "train_seconds": train_seconds,
         "gns": gns,
         "csv_path": curves.csv_path,
         "plot_paths": plot_paths,

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ TINY = [
     "--vocab_size", "300",
     "--block_size", "32",
     "--per_device_train_batch_size", "4",
+    "--batch_size_policy", "constant",  # 4 examples = 128 tokens a step
     "--max_eval_samples", "16",
     "--disable_tqdm", "true",
 ]  # fmt: skip
@@ -54,7 +56,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 
 def test_tiny_run_writes_curves_plots_checkpoints_and_a_plain_model(recipe, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["--output_dir", str(out), "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2"]
+    argv = ["--output_dir", str(out), "--max_tokens", "512", "--eval_steps", "2", "--save_steps", "2"]
     result = recipe.main(argv + TINY)
 
     rows = _csv_rows(out / "training_curves.csv")
@@ -87,13 +89,28 @@ def test_tiny_run_writes_curves_plots_checkpoints_and_a_plain_model(recipe, tmp_
     assert torch.isfinite(reloaded(input_ids=input_ids).logits).all()
 
 
+def test_the_batch_size_follows_the_gns_within_the_token_budget(recipe, tmp_path):
+    # A target of 1000 x GNS exceeds any bound: after the minimum interval the batch goes to its maximum.
+    policy = ["--batch_size_policy", "gns", "--gns_batch_multiplier", "1000", "--batch_size_max", "8"]
+    policy += ["--batch_size_min_interval_steps", "2", "--max_tokens", "1024"]
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--eval_strategy", "no", "--save_strategy", "no"]
+    result = recipe.main(argv + TINY + policy)  # the later --batch_size_policy wins over TINY's
+    rows = [row for row in _csv_rows(out / "training_curves.csv") if row["loss"]]
+    batches = [int(row["batch_size"]) for row in rows]
+    assert batches[0] == 4 and batches[-1] == 8 and batches == sorted(batches) and set(batches) == {4, 8}
+    assert [int(row["batch_tokens"]) for row in rows] == [32 * b for b in batches]
+    assert result["tokens_seen"] == 1024 == sum(32 * b for b in batches)  # the budget, exactly
+
+
 def test_resume_continues_the_same_run(recipe, tmp_path):
-    argv = ["--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no"] + TINY
+    argv = ["--max_tokens", "512", "--save_steps", "2", "--eval_strategy", "no"] + TINY
     straight = recipe.main(["--output_dir", str(tmp_path / "straight")] + argv)
 
-    first = tmp_path / "interrupted"
-    recipe.main(["--output_dir", str(first), "--max_steps", "2"] + argv[2:])  # stops after checkpoint-2
-    resumed = recipe.main(["--output_dir", str(first), "--resume_from_checkpoint", "latest"] + argv)
+    # An interrupted run: only its checkpoint after step 2 exists.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", interrupted / "checkpoint-2")
+    resumed = recipe.main(["--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"] + argv)
 
     def train_logs(history):
         return [(e["step"], e["loss"], e["gns"], e["tokens_seen"]) for e in history if "loss" in e]
@@ -102,7 +119,7 @@ def test_resume_continues_the_same_run(recipe, tmp_path):
     for got, want in zip(train_logs(resumed["log_history"]), train_logs(straight["log_history"])):
         assert got[0] == want[0] and got[3] == want[3]
         assert got[1] == pytest.approx(want[1], rel=1e-5) and got[2] == pytest.approx(want[2], rel=1e-5)
-    rows = _csv_rows(first / "training_curves.csv")  # steps 1-2 come back from the checkpoint's history
+    rows = _csv_rows(interrupted / "training_curves.csv")  # steps 1-2 come back from the checkpoint's history
     assert [int(row["step"]) for row in rows if row["loss"]] == [1, 2, 3, 4]
 
 
@@ -125,7 +142,8 @@ def test_yaml_and_json_config_files_with_command_line_overrides(recipe, tmp_path
         assert data_args.train_files == ["data/*.txt", "more/"]
         assert training_args.learning_rate == 3e-4 and training_args.gns_groups == ["type"]
         assert training_args.max_steps == 9  # the flag after the file wins
-        assert training_args.per_device_train_batch_size == 8  # the recipe's default, untouched
+        assert training_args.per_device_train_batch_size == 4  # the recipe's default, untouched
+        assert training_args.max_tokens == 1_000_000 and training_args.batch_size_policy == "gns"
         assert recipe.default_block_size(model_args) == 2048
 
     (tmp_path / "typo.yaml").write_text("learning_rat: 1e-3\n")
@@ -150,7 +168,8 @@ def test_data_from_a_directory_of_text_and_json_files(recipe, tmp_path):
     )
     (data / "ignored.bin").write_bytes(b"\x00\xff")
     out = tmp_path / "run"
-    argv = ["--output_dir", str(out), "--train_files", str(data), "--max_steps", "2", "--eval_strategy", "no"]
+    argv = ["--output_dir", str(out), "--train_files", str(data), "--max_tokens", "256"]
+    argv += ["--eval_strategy", "no"]
     result = recipe.main(argv + TINY + ["--save_strategy", "no"])
     assert math.isfinite(result["train_loss"]) and result["tokens_seen"] == 2 * 4 * 32
 
@@ -172,6 +191,8 @@ def test_data_from_a_directory_of_text_and_json_files(recipe, tmp_path):
         (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "is not a directory"),
         (["--no_such_flag", "3"], "no_such_flag"),
         (["--gns_track", "everything"], "gns_track must be one of"),
+        (["--batch_size_policy", "sometimes"], "batch_size_policy must be one of"),
+        (["--gradient_accumulation_steps", "2"], "keep gradient_accumulation_steps=1"),
     ],
 )
 def test_bad_arguments_and_data_get_a_clear_message(recipe, tmp_path, argv, message):
