@@ -7,7 +7,6 @@ so a test can read back which examples each micro-batch held.
 from __future__ import annotations
 
 import torch
-from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, default_data_collator
 
 import hf_gns
@@ -17,13 +16,27 @@ from hf_gns.trainer.batching import MicroBatches
 VOCAB, SEQ_LEN = 97, 8
 
 
-def example_dataset(num_examples: int, seed: int = 0) -> Dataset:
-    """Examples whose first two tokens spell their index (base VOCAB); the rest is random."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (num_examples, SEQ_LEN), generator=generator)
-    index = torch.arange(num_examples)
-    ids[:, 0], ids[:, 1] = index // VOCAB, index % VOCAB
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+class ExampleDataset(torch.utils.data.Dataset):
+    """Examples whose first two tokens spell their index (base VOCAB); the rest is random.
+
+    A plain torch dataset (the GPU machine has no `datasets`); items are `{"input_ids", "labels"}`.
+    """
+
+    def __init__(self, num_examples: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (num_examples, SEQ_LEN), generator=generator)  # (N, T)
+        index = torch.arange(num_examples)
+        self.ids[:, 0], self.ids[:, 1] = index // VOCAB, index % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def example_dataset(num_examples: int, seed: int = 0) -> ExampleDataset:
+    return ExampleDataset(num_examples, seed)
 
 
 def example_indices(input_ids: torch.Tensor) -> list[int]:
@@ -78,7 +91,9 @@ class RecordingTrainer(GNSTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def make_trainer(output_dir: str, dataset: Dataset, model_seed: int = 0, dropout: float = 0.0, **overrides):
+def make_trainer(
+    output_dir: str, dataset: torch.utils.data.Dataset, model_seed: int = 0, dropout: float = 0.0, **overrides
+):
     return RecordingTrainer(
         model=tiny_model(model_seed, dropout),
         args=training_arguments(output_dir, **overrides),

@@ -159,7 +159,7 @@ def test_loss_normalization_matches_the_full_batch_gradient(tmp_path, per_device
     # sum over HF's num_items_in_batch (labels[..., 1:] counted if HF sees a shifting loss: not for
     # a config-built GPT-2 whose loss_type is None); without, the mean over all tokens.
     model = tiny_model(0)
-    ids = torch.tensor(dataset[examples]["input_ids"])
+    ids = dataset.ids[examples]  # (batch, T)
     assert example_indices(ids) == examples
     if accepts_loss_kwargs:
         num_items = (ids[..., 1:] if trainer._loss_shifts_labels else ids).numel()
@@ -211,9 +211,12 @@ def test_batch_control_refuses_what_it_cannot_realize(tmp_path):
         training_arguments(str(tmp_path), lr_schedule="d2z")
     with pytest.raises(ValueError, match="batch_size_end"):
         training_arguments(str(tmp_path), max_tokens=100, batch_size_policy="linear")
-    trainer = make_trainer(
-        str(tmp_path), example_dataset(4).to_iterable_dataset(), max_tokens=100, max_steps=5
-    )
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(example_dataset(4))
+
+    trainer = make_trainer(str(tmp_path), Stream(), max_tokens=100, max_steps=5)
     with pytest.raises(ValueError, match="map-style dataset"):
         trainer.train()
 
