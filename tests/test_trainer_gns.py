@@ -257,3 +257,46 @@ def test_bf16_autocast_matches_fp32(tmp_path):
         trainer.train()
         logs.append(gns_logs(trainer)[-1])
     assert logs[1]["gns"] == pytest.approx(logs[0]["gns"], rel=0.05)
+
+
+@pytest.mark.parametrize("track", ["norms", "all"])
+def test_one_step_statistics_equal_the_per_example_oracle(tmp_path, track):
+    """The first optimizer step's Σ_i |c_i|² and |G_B|² per group, against one-example-at-a-time autograd."""
+    from gns_fixtures import InOrderGNSTrainer
+
+    dataset = FixedTokens()
+    trainer = InOrderGNSTrainer(
+        model=tiny_gpt2(), args=make_args(tmp_path, max_steps=1, logging_steps=1, gns_track=track),
+        train_dataset=dataset,
+    )  # fmt: skip
+    model = trainer.model
+    tracked = list(hf_gns.per_example_sq_norms(model))
+    if track == "all":
+        assert any(".attn.c_attn." in n for n in tracked) and any(".mlp.c_fc." in n for n in tracked)
+    else:
+        assert all(".ln_" in n for n in tracked)
+    params = dict(model.named_parameters())
+    batch = 8  # 4 per micro-batch × 2 accumulated, read in order
+    # c_i: example i's share of HF's token-normalized loss Σ token losses / num_items_in_batch
+    rows = dataset.rows[:batch]
+    num_items = trainer._get_num_items_in_batch([{"input_ids": rows, "labels": rows}], torch.device("cpu"))
+    contributions = []
+    for i in range(batch):
+        ids = rows[i : i + 1]
+        loss = model(input_ids=ids, labels=ids, num_items_in_batch=num_items).loss
+        grads = torch.autograd.grad(loss, [params[n] for n in tracked])
+        contributions.append(dict(zip(tracked, grads)))
+    # the oracle's backward passes were collected too: train() must forget them
+    trainer.train()
+    stats = trainer.last_step_statistics()
+    assert stats["batch_size"] == batch
+    groups = trainer._group_names
+    assert ("type/attention" in groups) == (track == "all")
+    for group in groups:
+        members = [
+            n for n, col in zip(trainer._tracked_names, trainer._membership[groups.index(group)]) if col
+        ]
+        example_sum = sum(c[n].double().square().sum() for c in contributions for n in members)
+        batch_sq = sum(sum(c[n] for c in contributions).double().square().sum() for n in members)
+        assert stats["example_sq_norm_sum"][group] == pytest.approx(example_sum.item(), rel=1e-4), group
+        assert stats["batch_sq_norm"][group] == pytest.approx(batch_sq.item(), rel=1e-4), group

@@ -212,6 +212,7 @@ class GNSTrainer(BatchSizeControlMixin, Trainer):
     ):
         if self.model is not None:
             self._patch(self.model)  # a no-op if already patched; model_init may have built a new model
+            zero_stats(self.model)  # backward passes before training (or of a previous train()) don't count
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
