@@ -386,3 +386,27 @@ def test_gpu_cached_launch_matches_triton_launch(variant):
     for name in ("aligned", "misaligned", "aligned2"):
         for key in results[False, name]:
             assert torch.equal(results[False, name][key], results[True, name][key]), (name, key)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compiles_layernorm_with_bias():
+    """Inductor refuses custom ops whose outputs alias each other; dγ and dβ must not share a buffer."""
+    variant = VARIANTS[0]
+    x, weight, bias, dy = make_inputs((2, 64, 768), torch.bfloat16, variant, "cuda", seed=3)
+    for tensor in (x, weight, bias):
+        tensor.requires_grad_()
+    sink = new_sq_norm_sink(x)
+
+    out_dtype = torch.promote_types(weight.dtype, x.dtype) if variant.out_promotes else x.dtype
+
+    def step(x, weight, bias, sink):
+        return fused_norm(x, weight, bias, EPS, out_dtype=out_dtype, sq_norm_sink=sink)
+
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        y = torch.compile(step, fullgraph=True)(x, weight, bias, sink)
+        y.backward(dy.to(y.dtype))
+        eager = run_fused(x.detach(), weight.detach(), bias.detach(), dy, variant)
+    torch.testing.assert_close(y.detach(), eager["y"])
+    torch.testing.assert_close(sink.grad[:, 0], eager["sq_w"])
+    torch.testing.assert_close(bias.grad, eager["db"])

@@ -113,6 +113,10 @@ def _(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), mean, rstd
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 @torch.library.custom_op("hf_gns::norm_backward", mutates_args=())
 def _norm_backward_op(
     dy: torch.Tensor,
@@ -131,6 +135,10 @@ def _norm_backward_op(
     )
     # custom ops return tensors only: absent gradients travel as empty tensors
     empty = x.new_empty(0)
+    if dw is not None and db is not None and _same_storage(dw, db):
+        # The Triton path writes dγ and dβ as two rows of one buffer; outputs of a custom op may not
+        # alias each other (inductor refuses), so dβ gets its own D-element copy here.
+        db = db.clone()
     return dx, empty if dw is None else dw, empty if db is None else db, sq_norms.float()
 
 
