@@ -221,3 +221,11 @@ def test_a_bad_choice_is_refused_by_argparse(recipe, capsys):
         recipe.parse_arguments(["--model_size", "huge"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_config_files_parse(recipe, path):
+    cpu = [] if torch.cuda.is_available() else ["--bf16", "false"]  # bf16 training needs a GPU
+    model_args, data_args, training_args = recipe.parse_arguments([str(path)] + cpu)
+    assert training_args.max_tokens > 0 and training_args.batch_size_policy is not None
+    assert model_args.gpt2_shape()["n_embd"] % model_args.gpt2_shape()["n_head"] == 0
