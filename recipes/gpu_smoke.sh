@@ -40,17 +40,26 @@ ARGS=(
     --per_device_train_batch_size 16 --bf16 true
     --max_tokens "$MAX_TOKENS" --batch_size_policy gns --batch_size_max 512
     --lr_schedule d2z --lr_warmup_fraction 0.05 --learning_rate 6e-4
+    --gns_ema_decay 0.999  # per example: the GNS of about the last 1000 examples (60 steps), not of the run
     --logging_steps 5 --eval_strategy no --save_strategy no
     --max_eval_samples 64 --per_device_eval_batch_size 16
     --dataloader_num_workers 2 --disable_tqdm true
 )
 
 for config in $CONFIGS; do
-    processes=1
+    processes=1 extra=()
     [ "$config" != single_gpu ] && processes="$N_GPUS"
+    # DDP: also the classic two-batch-size estimate (small batch = one process's), to compare.
+    [ "$config" = ddp ] && extra=(--gns_log_ddp_estimate true)
     echo "=== $config: $processes process(es), recipes/accelerate/$config.yaml ==="
     "$PYTHON" -m accelerate.commands.launch --config_file "recipes/accelerate/$config.yaml" \
-        --num_processes "$processes" recipes/train_gpt2.py "${ARGS[@]}" --output_dir "$OUT_DIR/$config" "$@" \
+        --num_processes "$processes" recipes/train_gpt2.py "${ARGS[@]}" "${extra[@]}" --output_dir "$OUT_DIR/$config" "$@" \
         >"$OUT_DIR/$config.log" 2>&1 || { tail -40 "$OUT_DIR/$config.log"; exit 1; }
     grep -E "^(data|model):|^trained" "$OUT_DIR/$config.log"
+    "$PYTHON" - "$OUT_DIR/$config/training_curves.csv" <<'PY'
+import csv, sys
+rows = [row for row in csv.DictReader(open(sys.argv[1])) if row["loss"]]
+keys = ("step", "tokens_seen", "batch_size", "loss", "gns", "gns_ddp", "tokens_per_second")
+print("last log:", ", ".join(f"{k}={float(rows[-1][k]):.4g}" for k in keys if rows[-1].get(k)))
+PY
 done
