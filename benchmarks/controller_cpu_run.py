@@ -1,6 +1,6 @@
 """A real CPU run of the GNS batch-size policy: the global batch follows the measured GNS.
 
-    python benchmarks/controller_cpu_run.py                     # 470 steps, ~13 min on 2 busy CPU cores
+    python benchmarks/controller_cpu_run.py                     # 468 steps, 13-17 min on 2 busy CPU cores
     python benchmarks/controller_cpu_run.py --max_tokens 2000000 --gns_batch_multiplier 0.5
 
 A tiny GPT-2 trains on the embedded standard-library corpus (`hf_gns.data`) with
