@@ -25,10 +25,13 @@ def load_perplexity_metric(**kwargs):
     """`evaluate.load` of the packaged metric `hf_gns/metrics/perplexity.py`, by path: no network.
 
     Args:
-        kwargs: passed to `evaluate.load` (e.g. `experiment_id`, `num_process`, `process_id`).
+        kwargs: passed to `evaluate.load`. `keep_in_memory` defaults to `True`: the Trainer
+            gathers predictions across processes itself, and every process computing in
+            memory keeps them from racing for the same cache file.
     """
     import evaluate
 
+    kwargs.setdefault("keep_in_memory", True)
     return evaluate.load(PERPLEXITY_METRIC_PATH, **kwargs)
 
 
