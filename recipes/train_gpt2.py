@@ -36,6 +36,7 @@ from transformers import (
     GPT2LMHeadModel,
     HfArgumentParser,
     PreTrainedTokenizerBase,
+    ProgressCallback,
     default_data_collator,
     set_seed,
 )
@@ -311,6 +312,28 @@ def default_block_size(model_args: ModelArguments) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# Console: the progress bar (its postfix shows the GNS) and one training log in PRINT_EVERY;
+# every log still reaches trainer_state.json and training_curves.csv.
+
+PRINT_EVERY = 50
+
+
+class SparseLogProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, printing the first training log and then one in `every`."""
+
+    def __init__(self, every: int = PRINT_EVERY):
+        super().__init__()
+        self.every, self.training_logs = every, 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            self.training_logs += 1
+            if (self.training_logs - 1) % self.every:
+                return
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -362,6 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
         preprocess_logits_for_metrics=sequence_nll,  # (B, T, V) logits -> (B, 2) [nll sum, tokens]
         callbacks=[curves],
     )
+    if not training_args.disable_tqdm:  # with it disabled, the Trainer prints every log (PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(SparseLogProgressCallback())
 
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume_from)

@@ -229,3 +229,21 @@ def test_shipped_config_files_parse(recipe, path):
     model_args, data_args, training_args = recipe.parse_arguments([str(path)] + cpu)
     assert training_args.max_tokens > 0 and training_args.batch_size_policy is not None
     assert model_args.gpt2_shape()["n_embd"] % model_args.gpt2_shape()["n_head"] == 0
+
+
+def test_the_console_prints_one_training_log_in_every_and_all_evaluations(recipe):
+    from transformers import TrainerState
+
+    written = []
+    callback = recipe.SparseLogProgressCallback(every=2)
+    callback.training_bar = type("Bar", (), {"write": lambda self, text: written.append(text)})()
+    state = TrainerState()
+    for step in range(1, 6):
+        callback.on_log(None, state, None, logs={"loss": float(step), "gns": 1.0})
+    callback.on_log(None, state, None, logs={"eval_loss": 9.0})
+    assert [text.split(",")[0].rstrip("}") for text in written] == [
+        "{'loss': '1'",
+        "{'loss': '3'",
+        "{'loss': '5'",
+        "{'eval_loss': '9'",
+    ]
