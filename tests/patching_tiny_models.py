@@ -75,3 +75,17 @@ def tiny_batch(seed: int = 1, batch: int = BATCH, seq: int = SEQ) -> torch.Tenso
 def loss_of(model, input_ids: torch.Tensor) -> torch.Tensor:
     """HF's causal LM loss: the mean over all predicted tokens (equal lengths: mean of per-example means)."""
     return model(input_ids=input_ids, labels=input_ids).loss
+
+
+class GraphCounter:
+    """A torch.compile backend that runs each graph eagerly and counts the graph runs."""
+
+    def __init__(self):
+        self.runs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        def run(*args):
+            self.runs += 1
+            return graph_module.forward(*args)
+
+        return run

@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from patching_tiny_models import BATCH, loss_of, tiny_batch, tiny_model
+from patching_tiny_models import BATCH, GraphCounter, loss_of, tiny_batch, tiny_model
 from torch import nn
 
 import hf_gns
@@ -264,25 +264,17 @@ def test_torch_compile_gives_the_eager_norms_without_extra_graphs():
     eager, compiled = tiny_model("gpt2"), tiny_model("gpt2")
     hf_gns.patch(eager, targets="all")
     hf_gns.patch(compiled, targets="all")
-    graphs = {"runs": 0}
-
-    def counting_backend(graph_module, example_inputs):
-        def run(*args):
-            graphs["runs"] += 1
-            return graph_module.forward(*args)
-
-        return run
-
-    call = torch.compile(compiled, backend=counting_backend)
+    graphs = GraphCounter()
+    call = torch.compile(compiled, backend=graphs)
     runs = []
     for seed in (1, 2, 3):
         input_ids = _batch_with_padding(seed)
         for model in (eager, compiled):
             hf_gns.zero_stats(model)
         loss_of(eager, input_ids).backward()
-        graphs["runs"] = 0
+        graphs.runs = 0
         call(input_ids=input_ids, labels=input_ids).loss.backward()
-        runs.append(graphs["runs"])
+        runs.append(graphs.runs)
         expected, actual = hf_gns.per_example_sq_norms(eager), hf_gns.per_example_sq_norms(compiled)
         assert actual.keys() == expected.keys()
         for name, values in expected.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from patching_tiny_models import loss_of, tiny_batch, tiny_model
+from patching_tiny_models import GraphCounter, loss_of, tiny_batch, tiny_model
 
 import hf_gns
 
@@ -57,21 +57,13 @@ def test_compiled_patched_model_matches_eager(arch):
 
 def _graphs_per_step(model, steps: int = 3) -> list[int]:
     """How many compiled graphs run in each training step."""
-    runs = {"count": 0}
-
-    def counting_backend(graph_module, example_inputs):
-        def run(*args):
-            runs["count"] += 1
-            return graph_module.forward(*args)
-
-        return run
-
-    compiled = torch.compile(model, backend=counting_backend)
+    graphs = GraphCounter()
+    compiled = torch.compile(model, backend=graphs)
     counts = []
     for _ in range(steps):
-        runs["count"] = 0
+        graphs.runs = 0
         compiled(input_ids=tiny_batch(), labels=tiny_batch()).loss.backward()
-        counts.append(runs["count"])
+        counts.append(graphs.runs)
     return counts
 
 
