@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import seed_worker
 
 from ..control import BatchSizeController, ScheduleFilePolicy, TokenLRScheduler
@@ -518,10 +519,23 @@ class BatchSizeControlMixin:
             state.epoch = self.data_position.examples_consumed / self._num_train_examples
         if self.args.max_tokens is None:
             return
-        if self._global_tokens_seen() >= self.args.max_tokens:
+        tokens = self._global_tokens_seen()
+        if tokens >= self.args.max_tokens:
             control.should_training_stop = True
             if str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) == "steps":
                 control.should_save = True  # as DefaultFlowCallback does at max_steps
+        elif self._owns_max_steps:
+            # Re-estimate the remaining steps at the current batch, so the progress bar's total and
+            # ETA follow the batch size (the first estimate, at the starting batch, can be far off).
+            state.max_steps = state.global_step + self._estimate_steps_for(self.args.max_tokens - tokens)
+            self._show_step_estimate(state.max_steps)
+
+    def _show_step_estimate(self, total_steps: int) -> None:
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+            if bar is not None and bar.total != total_steps:
+                bar.total = total_steps
+                bar.refresh()
 
 
 def _is_hf_dataset(dataset) -> bool:
