@@ -242,3 +242,34 @@ def test_two_processes(tmp_path):
     assert two["batches"] == one["batches"] and two["consumed"] == one["consumed"]
     for name, value in one["parameters"].items():
         torch.testing.assert_close(two["parameters"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_step_estimate_follows_the_batch_size(tmp_path):
+    """HF's max_steps (the progress bar's total) is re-estimated at the current batch each step."""
+    from transformers import TrainerCallback
+
+    class RecordEstimates(TrainerCallback):
+        def __init__(self):
+            self.estimates = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.estimates.append(state.max_steps)
+
+    max_tokens = 8 * 240
+    trainer = make_trainer(
+        str(tmp_path),
+        example_dataset(64),
+        max_tokens=max_tokens,
+        batch_size_policy="linear",
+        batch_size_start=2,
+        batch_size_end=20,
+        batch_size_ramp_tokens=max_tokens,
+    )
+    recorder = RecordEstimates()
+    trainer.add_callback(recorder)
+    trainer.train()
+    steps = trainer.state.global_step
+    assert recorder.estimates[-1] == steps  # the last estimate is exact
+    # A growing batch shortens the run: the estimate only comes down, to the exact count.
+    assert recorder.estimates[0] > 3 * steps
+    assert all(later <= earlier for earlier, later in zip(recorder.estimates, recorder.estimates[1:]))

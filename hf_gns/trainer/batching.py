@@ -524,6 +524,9 @@ class BatchSizeControlMixin:
             control.should_training_stop = True
             if str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) == "steps":
                 control.should_save = True  # as DefaultFlowCallback does at max_steps
+            if self._owns_max_steps:  # the bar ends full
+                state.max_steps = state.global_step
+                self._show_step_estimate(state.max_steps)
         elif self._owns_max_steps:
             # Re-estimate the remaining steps at the current batch, so the progress bar's total and
             # ETA follow the batch size (the first estimate, at the starting batch, can be far off).
