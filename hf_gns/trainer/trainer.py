@@ -190,6 +190,7 @@ class GNSTrainer(BatchSizeControlMixin, Trainer):
         self._step_tokens: torch.Tensor | int = 0
         self._gns_device: torch.device | None = None
         self._last_statistics = None
+        self._tracked_params_cache: tuple[nn.Module, list[nn.Parameter]] | None = None
 
     def _maybe_register_ddp_hook(self, model: nn.Module) -> None:
         if self.gns_ddp_estimator is None or self._ddp_hook is not None:
@@ -276,13 +277,12 @@ class GNSTrainer(BatchSizeControlMixin, Trainer):
         strategy = getattr(plugin, "sharding_strategy", None)
         return getattr(strategy, "name", "FULL_SHARD") != "NO_SHARD"
 
-    @torch.no_grad()
-    def _read_gns_statistics(self, model: nn.Module) -> None:
-        """Fold this optimizer step's statistics into the estimators (see the module docstring)."""
-        if not self._gns_pending:
-            return
-        self._gns_pending = False
-        norms = {clean_name(k): v for k, v in per_example_sq_norms(model).items()}
+    def _tracked_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The tracked parameters of the (wrapped) model, in `_tracked_names` order; looked up once
+        per wrapper object rather than every step (wrapping does not change later)."""
+        cached = self._tracked_params_cache
+        if cached is not None and cached[0] is model:
+            return cached[1]
         params = {clean_name(k): p for k, p in model.named_parameters()}
         missing = [n for n in self._tracked_names if n not in params]
         if missing:
@@ -290,7 +290,19 @@ class GNSTrainer(BatchSizeControlMixin, Trainer):
                 f"tracked parameters {missing[:3]} are not among the wrapped model's parameters; under FSDP1 "
                 "set use_orig_params=True (fsdp_config) so the norm weights keep their names"
             )
-        device = next(p.device for p in params.values())
+        tracked = [params[n] for n in self._tracked_names]
+        self._tracked_params_cache = (model, tracked)
+        return tracked
+
+    @torch.no_grad()
+    def _read_gns_statistics(self, model: nn.Module) -> None:
+        """Fold this optimizer step's statistics into the estimators (see the module docstring)."""
+        if not self._gns_pending:
+            return
+        self._gns_pending = False
+        norms = {clean_name(k): v for k, v in per_example_sq_norms(model).items()}
+        tracked = self._tracked_parameters(model)
+        device = tracked[0].device
         if self._gns_device != device:
             self._gns_device = device
             self._membership = self._membership.to(device)
@@ -303,7 +315,7 @@ class GNSTrainer(BatchSizeControlMixin, Trainer):
             [norms[n].sum().to(device) if n in norms else zero for n in self._tracked_names]
         )
         grad_shares = distributed.grad_sq_norm_shares(
-            [params[n].grad for n in self._tracked_names], sharded=self._grads_sharded()
+            [param.grad for param in tracked], sharded=self._grads_sharded()
         ).to(device)
         local_ddp = self._ddp_hook.take(device) if self._ddp_hook is not None else zero
         batch = torch.stack(
