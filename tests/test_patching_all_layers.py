@@ -185,6 +185,39 @@ def test_micro_batches_accumulate_and_checkpointing_gives_the_same_norms():
     assert all(v.numel() == 0 for v in hf_gns.per_example_sq_norms(checkpointed).values())
 
 
+def test_layer_tracking_switched_off_runs_the_plain_layers_and_back_on_matches_the_oracle():
+    """The calibration switch: off, the layers are plain (bit-identical outputs and grads to the
+    norms-only patch, no values collected); on again, every parameter matches the oracle."""
+    input_ids = _batch_with_padding()
+    norms_only, model = tiny_model("gpt2"), tiny_model("gpt2")
+    hf_gns.patch(norms_only)
+    report = hf_gns.patch(model, targets="all")
+    norm_params = {name for entry in report.patched for name in entry.tracked}
+
+    assert hf_gns.patching.set_layer_tracking(model, False) == 11
+    assert not hf_gns.patching.layer_tracking_enabled(model)
+    expected, actual = loss_of(norms_only, input_ids), loss_of(model, input_ids)
+    assert torch.equal(actual, expected)
+    expected.backward()
+    actual.backward()
+    reference = dict(norms_only.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param.grad, reference[name].grad), name
+    assert set(hf_gns.per_example_sq_norms(model)) == norm_params
+    assert all(not state.sinks.collected for _, state in hf_gns.patching.layers.layer_states(model))
+
+    hf_gns.zero_stats(model)
+    model.zero_grad()
+    hf_gns.patching.set_layer_tracking(model, True)
+    assert hf_gns.patching.layer_tracking_enabled(model)
+    loss_of(model, input_ids).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    assert sorted(norms) == sorted(report.tracked_parameters)
+    _assert_matches_oracle(norms, _oracle_sq_norms("gpt2", input_ids), BATCH)
+    with pytest.raises(ValueError, match="targets='all'"):
+        hf_gns.patching.set_layer_tracking(norms_only, False)
+
+
 def test_two_dimensional_inputs_and_a_model_without_norms():
     """(B, K) rows: |dW_b|² = |a_b|²·|g_b|²; the model hook takes B from the first argument."""
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """Patching any HF causal LM's norm layers onto the fused op, and the statistics it yields."""
 
+from .layers import layer_tracking_enabled, set_layer_tracking
 from .patcher import NormPatchError, patch, unpatch
 from .registry import register_norm, unregister_norm
 from .report import PatchedLayer, PatchedNorm, PatchReport, SkippedLayer, SkippedNorm
@@ -14,9 +15,11 @@ __all__ = [
     "PatchedNorm",
     "SkippedLayer",
     "SkippedNorm",
+    "layer_tracking_enabled",
     "patch",
     "per_example_sq_norms",
     "register_norm",
+    "set_layer_tracking",
     "unpatch",
     "unregister_norm",
     "zero_stats",

@@ -84,6 +84,8 @@ class LayerPatch:
         model_hook (`ModelForwardHook`): batch size and sink preparation.
         sinks (`SquaredNormSinks`): per-example squared norms, (B, 2) per backward.
         last_method (`str`, *optional*): the method the last forward chose.
+        enabled (`bool`): whether the per-example reduction runs (`set_layer_tracking`); when
+            off, the forward is the module's plain computation and nothing is collected.
     """
 
     name: str
@@ -94,6 +96,7 @@ class LayerPatch:
     model_hook: ModelForwardHook = field(default_factory=ModelForwardHook)
     sinks: SquaredNormSinks = field(default=None)
     last_method: str | None = None
+    enabled: bool = True
 
     def __post_init__(self):
         if self.sinks is None:
@@ -103,10 +106,10 @@ class LayerPatch:
         """The parameter behind each sink column (None where nothing is reported)."""
         return tuple(None if attr is None else getattr(module, attr, None) for attr in self.reported)
 
-    @staticmethod
-    def tracks_gradients(module: nn.Module) -> bool:
-        """True when this call's backward will produce parameter gradients worth measuring."""
-        if not torch.is_grad_enabled():
+    def tracks_gradients(self, module: nn.Module) -> bool:
+        """True when this call's backward will produce parameter gradients worth measuring
+        (never while tracking is switched off by `set_layer_tracking`)."""
+        if not (self.enabled and torch.is_grad_enabled()):
             return False
         bias = getattr(module, "bias", None)
         return module.weight.requires_grad or (isinstance(bias, torch.Tensor) and bias.requires_grad)

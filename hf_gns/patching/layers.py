@@ -185,3 +185,34 @@ def unpatch_layers(model: nn.Module) -> int:
 
 def layer_states(model: nn.Module) -> list[tuple[nn.Module, LayerPatch]]:
     return [(m, m.__dict__[LAYER_ATTRIBUTE]) for m in model.modules() if LAYER_ATTRIBUTE in m.__dict__]
+
+
+def set_layer_tracking(model: nn.Module, enabled: bool) -> int:
+    """Switch the per-example reductions of the Linear / Conv1D / Embedding layers patched by
+    `patch(model, targets="all")` off or on (norm layers are not affected); returns how many
+    layers were switched.
+
+    Off, a patched layer runs its plain `F.linear` / Conv1D addmm / `F.embedding` computation:
+    no sink, no extra work, outputs and gradients bit-identical to the unpatched layer, and
+    `per_example_sq_norms` leaves its parameters out (not collected this step). Switch at
+    optimizer-step boundaries, e.g. all-layer statistics on one step in N for calibration:
+
+    ```python
+    >>> hf_gns.patch(model, targets="all")
+    >>> set_layer_tracking(model, step % 100 == 0)
+    ```
+    """
+    states = layer_states(model)
+    if not states:
+        raise ValueError(
+            "set_layer_tracking: no layer of this model is patched by hf_gns.patch(model, targets='all')"
+        )
+    for _module, state in states:
+        state.enabled = bool(enabled)
+    return len(states)
+
+
+def layer_tracking_enabled(model: nn.Module) -> bool:
+    """Whether the all-layer reductions of `model` are on (see `set_layer_tracking`); False
+    when no layer of `model` is patched with `targets="all"`."""
+    return any(state.enabled for _module, state in layer_states(model))

@@ -59,6 +59,8 @@ def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     names = {id(param): name for name, param in model.named_parameters()}
     result: dict[str, torch.Tensor] = {}
     for module, state in _patched_modules(model):
+        if isinstance(state, LayerPatch) and not state.enabled:
+            continue  # switched off by set_layer_tracking: not collected this step
         collected = state.sinks.collected
         for column, param in enumerate(_reported_parameters(module, state)):
             if param is None or not param.requires_grad or id(param) not in names:
