@@ -103,6 +103,7 @@ class GNSEstimator:
         big_sq_norm: torch.Tensor,
         big_batch: Number,
         small_batch: Number = 1,
+        ema_weight: Number | None = None,
     ) -> None:
         """Fold one optimizer step into the averages.
 
@@ -112,6 +113,10 @@ class GNSEstimator:
             big_sq_norm (`torch.Tensor` of shape `(n_groups,)`): |G_B|² of the step's gradient.
             big_batch (`int` or `torch.Tensor`): B_big, examples in the step; also the EMA weight.
             small_batch (`int` or `torch.Tensor`, *optional*, defaults to `1`): B_small.
+            ema_weight (`int` or `torch.Tensor`, *optional*): examples this step stands for in the
+                averages (the old average is weighed by `ema_decay ** ema_weight`); defaults to
+                `big_batch`. A step that is measured only every k steps (a calibration step, see
+                `calibration.py`) stands for the examples of all k.
         """
         n = len(self.group_names)
         small = torch.as_tensor(small_sq_norm, device=self.device).to(torch.float64).reshape(-1)
@@ -127,7 +132,8 @@ class GNSEstimator:
         trace_cov = (small - big) / (1.0 / b_small - 1.0 / b_big)
         # b_big <= b_small (one example) carries no noise information: count it as skipped too.
         ok = torch.isfinite(sq_norm).all() & torch.isfinite(trace_cov).all() & (b_big > b_small)
-        keep = torch.where(ok, torch.exp(b_big * math.log(self.ema_decay)), 1.0)  # decay ** B
+        weight = b_big if ema_weight is None else torch.as_tensor(ema_weight, device=self.device).double()
+        keep = torch.where(ok, torch.exp(weight * math.log(self.ema_decay)), 1.0)  # decay ** B
         self._sq_norm = torch.where(ok, keep * self._sq_norm + (1 - keep) * sq_norm, self._sq_norm)
         self._trace_cov = torch.where(ok, keep * self._trace_cov + (1 - keep) * trace_cov, self._trace_cov)
         self._weight = keep * self._weight + (1 - keep)
