@@ -22,10 +22,13 @@ import os
 import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # imported where used: the tokenizer and corpus helpers work without `datasets`
+    from datasets import Dataset
 
 END_OF_TEXT = "<|endoftext|>"
 # Directories left out of the standard-library corpus: test suites (large, repetitive,
@@ -234,7 +237,7 @@ def load_text_files(
         `ValueError`: a file cannot be read as UTF-8 text or JSON, a JSON file lacks `text_column`,
             or there is no text at all.
     """
-    from datasets import concatenate_datasets, load_dataset
+    from datasets import Dataset, concatenate_datasets, load_dataset
 
     files = [Path(path) for path in files]
     if not files:
@@ -325,6 +328,7 @@ def pack_token_dataset(tokenized: Dataset, block_size: int) -> Dataset:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
+    from datasets import Dataset
 
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
@@ -355,5 +359,7 @@ def build_lm_dataset(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, b
         `datasets.Dataset`: columns `input_ids` and `labels`, equal int lists of length
         `block_size`, one row per block in corpus order.
     """
+    from datasets import Dataset
+
     documents = Dataset.from_dict({"text": list(texts)})
     return pack_token_dataset(tokenize_dataset(documents, tokenizer), block_size)
