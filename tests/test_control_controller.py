@@ -237,3 +237,28 @@ def test_loading_under_another_unit_re_rounds_the_batch():
     other = BatchSizeController(ConstantPolicy(96), initial_batch_size=64, world_size=8, micro_batch_size=8)
     other.load_state_dict(state)
     assert other.batch_size == 128  # 96 / 64 = 1.5 -> 2 × 64
+
+
+def test_a_gns_that_is_not_positive_and_finite_holds_the_batch_and_says_so(caplog):
+    # Unbiased |G|² and tr(Σ) estimates can be negative over few noisy steps: -23.9 means "not
+    # measurable yet", and NaN (None from the trainer after step 0) means no estimate at all.
+    c = controller(GNSPolicy(1.0), max_batch_size=1024)
+    with caplog.at_level("WARNING", logger="hf_gns.control.controller"):
+        assert c.update(step=5, tokens_seen=100, gns=-23.9) == 64
+        assert c.update(step=6, tokens_seen=200, gns=math.nan) == 64
+        assert c.update(step=7, tokens_seen=300, gns=None) == 64
+        assert c.update(step=8, tokens_seen=400, gns=0.0) == 64
+    assert c.held_steps == 4 and c.changes == []
+    held = [r.getMessage() for r in caplog.records]
+    assert len(held) == 1  # once per stretch, not once per step
+    assert "GNS is -23.9 at step 5" in held[0] and "holding the global batch at 64" in held[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_gns.control.controller"):
+        assert c.update(step=9, tokens_seen=500, gns=300.0) == 288
+    assert c.held_steps == 0 and "positive again (300)" in caplog.records[0].getMessage()
+    # before the first optimizer step an unknown GNS is expected: nothing to report
+    fresh = controller(GNSPolicy(1.0))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_gns.control.controller"):
+        assert fresh.update(step=0, tokens_seen=0, gns=None) == 64
+    assert caplog.records == [] and fresh.held_steps == 0

@@ -35,11 +35,14 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .policies import BatchSizePolicy, ControlInputs
+
+logger = logging.getLogger(__name__)
 
 Granularity = Literal["micro_batch", "example"]
 GRANULARITIES = ("micro_batch", "example")
@@ -154,6 +157,7 @@ class BatchSizeController:
         self.last_change_step = 0
         self.last_change_tokens = 0
         self.changes: list[BatchChange] = []
+        self.held_steps = 0  # decisions that kept the batch because the GNS was not positive and finite
 
     # ---- what the trainer realizes ------------------------------------------------------
 
@@ -199,6 +203,8 @@ class BatchSizeController:
         """
         if self.policy.reactive and not self.interval_elapsed(step, tokens_seen):
             return self.batch_size
+        if self.policy.needs_gns and not self._usable_gns(gns, step):
+            return self.batch_size
         inputs = ControlInputs(step=step, tokens_seen=tokens_seen, gns=gns, batch_size=self.batch_size)
         target = self.policy.target(inputs)
         if target is None or not math.isfinite(target) or target <= 0:
@@ -213,6 +219,37 @@ class BatchSizeController:
         self.batch_size = proposal
         self.last_change_step, self.last_change_tokens = step, tokens_seen
         return proposal
+
+    def _usable_gns(self, gns: float | None, step: int) -> bool:
+        """Whether a GNS-driven decision can be taken; otherwise the batch holds, logged once per stretch.
+
+        The GNS is the ratio of two unbiased estimates, tr(Σ) and |G|², and either can come out
+        negative over few or noisy steps: when the noise dominates, the |G|² estimate
+        (B|G_B|² - s)/(B - 1) falls to or below zero. A negative, zero, infinite or NaN GNS means
+        "not measurable yet", not "use a tiny batch": the batch holds until it is positive and finite.
+        """
+        if gns is not None and math.isfinite(gns) and gns > 0:
+            if self.held_steps:
+                logger.warning(
+                    "hf_gns: the GNS is positive again (%.4g) at step %d: batch control resumes after %d "
+                    "held decisions",
+                    gns,
+                    step,
+                    self.held_steps,
+                )
+                self.held_steps = 0
+            return True
+        if gns is not None or step > 0:  # None at step 0: nothing measured yet, nothing to report
+            if self.held_steps == 0:
+                logger.warning(
+                    "hf_gns: the GNS is %s at step %d (not positive and finite: the |G|^2 estimate is at or "
+                    "below zero, estimator noise); holding the global batch at %d until it is",
+                    "NaN (unknown)" if gns is None else f"{gns:.4g}",
+                    step,
+                    self.batch_size,
+                )
+            self.held_steps += 1
+        return False
 
     # ---- checkpointing ------------------------------------------------------------------
 
