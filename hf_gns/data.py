@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sysconfig
@@ -51,16 +52,20 @@ def embedded_corpus_files() -> list[Path]:
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
 
 
-# What a directory given as data contributes: text files, and JSON (Lines) files of documents.
+# What a directory given as data contributes: text files, and JSON Lines files of documents. A plain
+# `.json` file is read only when named (or matched by a glob): folders hold configuration JSON
+# (package.json, tsconfig.json, config.json) far more often than a corpus.
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".rst", ".py"})
 JSON_SUFFIXES = frozenset({".json", ".jsonl"})
+DIRECTORY_SUFFIXES = TEXT_SUFFIXES | {".jsonl"}
 
 
 def expand_text_files(patterns: Sequence[str]) -> list[Path]:
     """Local files named by paths, glob patterns (`**` recursive) or directories, sorted, without duplicates.
 
     A directory stands for every file under it (recursively) whose suffix is in
-    `TEXT_SUFFIXES` or `JSON_SUFFIXES`, hidden files and directories left out.
+    `DIRECTORY_SUFFIXES` (text files and `.jsonl`; not `.json`, which folders mostly hold as
+    configuration), hidden files and directories left out. Name `.json` data files explicitly.
 
     Raises:
         `FileNotFoundError`: a pattern matches nothing, or a directory holds no such file.
@@ -74,7 +79,7 @@ def expand_text_files(patterns: Sequence[str]) -> list[Path]:
             if os.path.isdir(match):
                 found = _data_files_under(Path(match))
                 if not found:
-                    suffixes = " ".join(sorted(TEXT_SUFFIXES | JSON_SUFFIXES))
+                    suffixes = " ".join(sorted(DIRECTORY_SUFFIXES))
                     raise FileNotFoundError(f"directory {match!r} holds no data file (suffixes: {suffixes})")
                 files.update(found)
             elif os.path.isfile(match):
@@ -89,7 +94,7 @@ def _data_files_under(root: Path) -> list[Path]:
         found.extend(
             Path(directory, name)
             for name in names
-            if not name.startswith(".") and Path(name).suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES
+            if not name.startswith(".") and Path(name).suffix.lower() in DIRECTORY_SUFFIXES
         )
     return found
 
@@ -234,8 +239,9 @@ def load_text_files(
         `datasets.Dataset` with one column, `text`; empty documents are dropped.
 
     Raises:
-        `ValueError`: a file cannot be read as UTF-8 text or JSON, a JSON file lacks `text_column`,
-            or there is no text at all.
+        `ValueError`: a file is not UTF-8 (refused, naming it and the first bad byte: skipping it
+            would silently train on less data than asked), a JSON file cannot be parsed or lacks
+            `text_column` (named), or there is no text at all.
     """
     from datasets import Dataset, concatenate_datasets, load_dataset
 
@@ -247,33 +253,96 @@ def load_text_files(
     parts = []
     if text_files:
         try:
-            texts = load_dataset("text", data_files=text_files, sample_by="document", split="train")
+            with _quiet_datasets():
+                texts = load_dataset("text", data_files=text_files, sample_by="document", split="train")
         except Exception as error:  # datasets wraps decoding errors in its own exception types
-            raise ValueError(
-                f"could not read the text files {_names(text_files)} as UTF-8 text: {error}. "
-                "Pass text or JSON Lines files (a directory contributes only "
-                f"{' '.join(sorted(TEXT_SUFFIXES | JSON_SUFFIXES))} files)."
-            ) from error
+            raise ValueError(_unreadable_text_message(text_files, error)) from error
         parts.append(texts)
     if json_files:
         try:
-            records = load_dataset("json", data_files=json_files, split="train")
+            with _quiet_datasets():
+                records = load_dataset("json", data_files=json_files, split="train")
         except Exception as error:
-            raise ValueError(f"could not read the JSON files {_names(json_files)}: {error}") from error
+            raise ValueError(_unreadable_json_message(json_files, text_column, error)) from error
         if text_column not in records.column_names:
-            raise ValueError(
-                f"the JSON files {_names(json_files)} have no field {text_column!r}; their fields: "
-                f"{records.column_names}. Name the text field with --text_column."
-            )
+            raise ValueError(_unreadable_json_message(json_files, text_column, None))
         records = records.select_columns([text_column])
         parts.append(records if text_column == "text" else records.rename_column(text_column, "text"))
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    dataset = dataset.filter(lambda text: bool(text), input_columns="text")
+    with _quiet_datasets():
+        dataset = dataset.filter(lambda text: bool(text), input_columns="text")
     if max_bytes is not None and max_bytes > 0:
         dataset = Dataset.from_dict({"text": _take_bytes(dataset["text"], max_bytes)})
     if len(dataset) == 0:
         raise ValueError(f"the data files {_names([str(path) for path in files])} hold no text")
     return dataset
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """`datasets` without its progress bars ("Downloading data: 293/293 files" for LOCAL files, "Generating
+    train split"): they describe copying local files into its cache, not a download."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def first_non_utf8(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(byte offset, byte value) of the first byte of `path` that is not valid UTF-8, or `None`."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start, data[error.start]
+    return None
+
+
+def _unreadable_text_message(text_files: Sequence[str], error: Exception) -> str:
+    for path in text_files:  # find the culprit: datasets' error names the whole list, or nothing
+        bad = first_non_utf8(path)
+        if bad is not None:
+            return (
+                f"{path!r} is not UTF-8 text (byte 0x{bad[1]:02x} at offset {bad[0]}): convert it "
+                "(e.g. iconv -f latin1 -t utf-8) or leave it out of --train_files"
+            )
+    return f"could not read the text files {_names(text_files)}: {error}"
+
+
+def _json_fields(path: str) -> list[str] | None:
+    """Field names of the first record of a JSON or JSON Lines file; `None` if it does not parse."""
+    import json
+
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = json.loads(text.lstrip().splitlines()[0]) if text.strip() else None
+        except ValueError:
+            return None
+    if isinstance(data, list):
+        data = data[0] if data else {}
+    return sorted(data) if isinstance(data, dict) else None
+
+
+def _unreadable_json_message(json_files: Sequence[str], text_column: str, error: Exception | None) -> str:
+    for path in json_files:  # name the file that is not a corpus (e.g. a stray package.json)
+        fields = _json_fields(path)
+        if fields is None:
+            return f"{path!r} is not JSON or JSON Lines: leave it out of --train_files"
+        if text_column not in fields:
+            return (
+                f"{path!r} has no field {text_column!r} (its fields: {', '.join(fields[:8])}"
+                f"{' ...' if len(fields) > 8 else ''}): if it is not data, leave it out of --train_files; "
+                "if it is, name its text field with --text_column"
+            )
+    return f"could not read the JSON files {_names(json_files)}: {error}"
 
 
 def _names(paths: Sequence[str], shown: int = 3) -> str:

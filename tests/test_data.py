@@ -160,7 +160,8 @@ def test_read_hub_dataset_goes_through_load_dataset(tmp_path):
 
 
 def test_expand_text_files_takes_directories_of_data_files(tmp_path):
-    for name in ["a.txt", "sub/b.jsonl", "sub/c.md", "skip.bin", ".hidden.txt", ".git/d.txt"]:
+    # a .json in a folder is configuration far more often than a corpus (package.json): named files only
+    for name in ["a.txt", "sub/b.jsonl", "sub/c.md", "skip.bin", ".hidden.txt", ".git/d.txt", "package.json"]:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(name)
     assert expand_text_files([str(tmp_path)]) == [
@@ -199,7 +200,7 @@ def test_load_text_files_says_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="no field 'text'.*--text_column"):
         load_text_files([tmp_path / "records.jsonl"])
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not utf-8")
-    with pytest.raises(ValueError, match="as UTF-8 text"):
+    with pytest.raises(ValueError, match=r"binary.txt' is not UTF-8 text \(byte 0xff at offset 0\)"):
         load_text_files([tmp_path / "binary.txt"])
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="hold no text"):
@@ -221,3 +222,28 @@ def test_pack_token_dataset_joins_documents_and_cuts_int64_blocks(small_corpus, 
     assert ids[0] == tokenizer(small_corpus[0], add_special_tokens=False)["input_ids"] + [
         tokenizer.eos_token_id
     ]
+
+
+def test_the_error_names_the_one_file_that_is_not_utf8_among_many(tmp_path, capsys):
+    # Refused, not skipped: skipping would train on less data than asked, silently.
+    files = []
+    for i in range(12):
+        files.append(tmp_path / f"doc_{i}.txt")
+        files[-1].write_text(f"document {i}\n")
+    (tmp_path / "doc_7.txt").write_bytes("caf\u00e9 ok, then latin-1: ".encode() + b"caf\xe9\n")
+    with pytest.raises(ValueError) as error:
+        load_text_files(sorted(files))
+    message = str(error.value)
+    assert "doc_7.txt' is not UTF-8 text (byte 0xe9 at offset 27)" in message
+    assert "doc_0.txt" not in message and "doc_10.txt" not in message
+    assert "Downloading" not in capsys.readouterr().err  # local files: no download progress bars
+
+
+def test_a_stray_json_file_is_named_as_not_data(tmp_path):
+    (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "a record"}) + "\n")
+    (tmp_path / "package.json").write_text(json.dumps({"name": "site", "version": "1.0.0"}))
+    assert expand_text_files([str(tmp_path)]) == [tmp_path / "a.txt", tmp_path / "docs.jsonl"]
+    expected = r"'.*package.json' has no field 'text' \(its fields: name, version\)"
+    with pytest.raises(ValueError, match=expected):
+        load_text_files([tmp_path / "docs.jsonl", tmp_path / "package.json"])
