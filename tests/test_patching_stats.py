@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -142,3 +143,102 @@ def test_deepcopy_of_a_patched_model_has_its_own_stats():
 def test_stats_of_an_unpatched_model_raise():
     with pytest.raises(ValueError, match="call hf_gns.patch"):
         hf_gns.per_example_sq_norms(tiny_model("gpt2"))
+
+
+# ---- the per-step guard: every tracked parameter with a gradient has exactly B values ----
+
+
+def _rms_forward_liger_style(self, hidden_states):
+    """What an instance-level patch (Liger's) binds: a correct RMSNorm that bypasses hf_gns."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def test_complete_statistics_pass_the_guard_over_micro_batches():
+    model = tiny_model("gpt2")
+    hf_gns.patch(model, targets="all")
+    loss_of(model, tiny_batch(seed=1)).backward()
+    loss_of(model, tiny_batch(seed=2, batch=2)).backward()
+    assert hf_gns.patching.check_step_statistics(model, BATCH + 2) == []
+    expected = f"{BATCH + 2} per-example values for 7 examples"
+    with pytest.raises(hf_gns.patching.IncompleteStatisticsError, match=expected):
+        hf_gns.patching.check_step_statistics(model, 7)
+
+
+def test_a_forward_rebound_after_patching_is_an_error_naming_the_module():
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    norm = model.model.layers[1].post_attention_layernorm
+    norm.forward = types.MethodType(_rms_forward_liger_style, norm)
+    loss_of(model, tiny_batch()).backward()
+    with pytest.raises(hf_gns.patching.IncompleteStatisticsError) as error:
+        hf_gns.patching.check_step_statistics(model, BATCH)
+    message = str(error.value)
+    assert message.count("\n") == 1  # one line per incomplete parameter, only this one
+    assert "model.layers.1.post_attention_layernorm.weight" in message
+    assert "replaced after hf_gns.patch" in message and "_rms_forward_liger_style" in message
+    assert "0 per-example values for 3 examples" in message
+
+
+class _WeightUsedOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.other = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return (self.norm(x) + x * self.other.weight).square().mean()
+
+
+def test_a_weight_used_outside_its_module_is_an_error():
+    model = _WeightUsedOutside()
+    hf_gns.patch(model)
+    model(torch.randn(3, 4, 8)).backward()
+    with pytest.raises(hf_gns.patching.IncompleteStatisticsError) as error:
+        hf_gns.patching.check_step_statistics(model, 3)
+    message = str(error.value)
+    assert "other.weight (module 'other')" in message and "outside its module" in message
+    assert "other.bias" not in message and "norm.weight" not in message  # no gradient / complete
+
+
+def test_a_module_called_twice_is_an_error_and_warn_mode_returns_it_for_dropping():
+    model = _SharedNormModel()
+    hf_gns.patch(model)
+    with pytest.warns(UserWarning, match="two calls"):
+        model(torch.randn(3, 4, 8)).backward()
+    with pytest.raises(hf_gns.patching.IncompleteStatisticsError, match="2× the examples"):
+        hf_gns.patching.check_step_statistics(model, 3)
+    with pytest.warns(UserWarning, match="dropping 2 tracked parameters"):
+        incomplete = hf_gns.patching.check_step_statistics(model, 3, on_incomplete="warn")
+    assert [(i.parameter, i.modules, i.n_values) for i in incomplete] == [
+        ("norm.weight", ("norm",), 6),
+        ("norm.bias", ("norm",), 6),
+    ]
+    remaining = [model.proj.weight]  # the caller drops them: nothing left to check
+    assert hf_gns.patching.check_step_statistics(model, 3, parameters=remaining) == []
+    with pytest.raises(ValueError, match="on_incomplete"):
+        hf_gns.patching.check_step_statistics(model, 3, on_incomplete="ignore")
+
+
+def test_unused_parameters_without_gradient_are_fine():
+    model = _WeightUsedOutside()
+    hf_gns.patch(model)
+    assert hf_gns.patching.check_step_statistics(model, 3) == []  # no backward, no gradient: nothing to check
+
+
+def test_patching_a_model_with_nothing_to_patch_warns_and_stats_say_so():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.warns(UserWarning, match="nothing to patch in Sequential"):
+        report = hf_gns.patch(model)
+    assert not report.patched
+    with pytest.raises(ValueError, match="found nothing to patch"):
+        hf_gns.per_example_sq_norms(model)
+    hf_gns.unpatch(model)
+    with pytest.raises(ValueError, match="call hf_gns.patch"):
+        hf_gns.per_example_sq_norms(model)
+
+
+def test_tracked_parameter_names_are_known_before_any_backward():
+    model = tiny_model("gpt2")
+    report = hf_gns.patch(model)
+    assert hf_gns.patching.tracked_parameter_names(model) == report.tracked_parameters

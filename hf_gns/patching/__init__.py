@@ -5,9 +5,18 @@ from .patcher import NormPatchError, patch, unpatch
 from .registry import register_norm, unregister_norm
 from .report import PatchedLayer, PatchedNorm, PatchReport, SkippedLayer, SkippedNorm
 from .spec import NormSpec
-from .stats import per_example_sq_norms, zero_stats
+from .stats import (
+    IncompleteStatistics,
+    IncompleteStatisticsError,
+    check_step_statistics,
+    per_example_sq_norms,
+    tracked_parameter_names,
+    zero_stats,
+)
 
 __all__ = [
+    "IncompleteStatistics",
+    "IncompleteStatisticsError",
     "NormPatchError",
     "NormSpec",
     "PatchReport",
@@ -15,11 +24,13 @@ __all__ = [
     "PatchedNorm",
     "SkippedLayer",
     "SkippedNorm",
+    "check_step_statistics",
     "layer_tracking_enabled",
     "patch",
     "per_example_sq_norms",
     "register_norm",
     "set_layer_tracking",
+    "tracked_parameter_names",
     "unpatch",
     "unregister_norm",
     "zero_stats",

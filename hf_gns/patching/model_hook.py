@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .forward import NormPatch
 
 HOOK_ATTRIBUTE = "_hf_gns_model_hook"
+# Set on the object given to `patch` even when nothing was patched, so that the statistics
+# functions can tell "patched, nothing found" from "never patched".
+PATCHED_MARK = "_hf_gns_patched"
 _BATCH_KWARGS = ("input_ids", "inputs_embeds")
 
 
@@ -90,8 +93,9 @@ def attach_model_hook(model: nn.Module) -> ModelForwardHook:
 
 
 def detach_model_hooks(model: nn.Module) -> None:
-    """Remove every pre-hook `attach_model_hook` put on `model` or its submodules."""
+    """Remove every pre-hook `attach_model_hook` put on `model` or its submodules (and the patch marks)."""
     for module in model.modules():
+        module.__dict__.pop(PATCHED_MARK, None)
         entry = module.__dict__.get(HOOK_ATTRIBUTE)
         if entry is not None:
             entry[1].remove()

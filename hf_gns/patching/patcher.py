@@ -12,13 +12,14 @@ which keeps state_dict keys, parameter identity and `save_pretrained` output as 
 from __future__ import annotations
 
 import types
+import warnings
 
 from torch import nn
 
 from .detect import find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
 from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
 from .layers import bind_layers, plan_layers, unpatch_layers
-from .model_hook import attach_model_hook, detach_model_hooks
+from .model_hook import PATCHED_MARK, attach_model_hook, detach_model_hooks
 from .probe import fallback_candidates, probe_norm
 from .registry import registered_spec
 from .report import PatchedNorm, PatchReport, SkippedNorm
@@ -160,6 +161,16 @@ def patch(
                 "modules with trainable parameters cannot be patched; the model was left unchanged:\n"
                 + details
             )
+    model.__dict__[PATCHED_MARK] = True
+    if not report.patched and not report.layers:
+        skipped = len(report.skipped) + len(report.skipped_layers)
+        warnings.warn(
+            f"hf_gns.patch: nothing to patch in {type(model).__name__} (no recognised norm layer"
+            + ("" if targets == "norms" else " or Linear/Conv1D/Embedding")
+            + (f"; {skipped} skipped, see the report" if skipped else "")
+            + "): no per-example statistics will be collected",
+            stacklevel=2,
+        )
     if to_bind or (layer_plan is not None and layer_plan.to_bind):
         model_hook = attach_model_hook(model)
         for module, state in to_bind:

@@ -1,28 +1,50 @@
-"""Reading and clearing the per-example squared norms collected by patched norm modules.
+"""Reading, checking and clearing the per-example squared norms collected by patched modules.
 
 Units: each value is |c_b|², the squared L2 norm of example b's contribution c_b to
 `param.grad` from one backward pass (Σ_b c_b is what that pass added to `param.grad`),
 so loss scaling and the loss's reduction are already inside. Turning these into GNS
 statistics (B·c_b, accumulation, DDP averaging, fp16 loss scale) is the estimator's job
 (DESIGN.md section 2), not this module's.
+
+Per optimizer step, a training loop calls:
+1. `check_step_statistics(model, n_examples)`: every tracked parameter that got a
+   gradient has exactly one value per example of the step (host-side shapes, no sync);
+2. `example_sq_norm_sums(model, names)`: Σ_b |c_b|² per parameter in a few launches;
+3. `zero_stats(model)`.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias
+from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
 from .layer_state import LayerPatch
+from .layers import _FORWARDS as _LAYER_FORWARDS
 from .layers import layer_states
+from .model_hook import PATCHED_MARK
+
+INCOMPLETE_MODES = ("error", "warn")
+
+
+class IncompleteStatisticsError(RuntimeError):
+    """A tracked parameter got a gradient but not exactly one per-example value per example."""
 
 
 def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, NormPatch | LayerPatch]]:
     found = [(m, m.__dict__[PATCH_ATTRIBUTE]) for m in model.modules() if PATCH_ATTRIBUTE in m.__dict__]
     found += layer_states(model)
     if not found:
+        if any(PATCHED_MARK in m.__dict__ for m in model.modules()):
+            raise ValueError(
+                "hf_gns.patch(model) found nothing to patch in this model (no recognised norm layer; "
+                "print its report for the skipped modules): there are no per-example statistics"
+            )
         raise ValueError(
-            "no patched norm module in this model: call hf_gns.patch(model) first (and check its report)"
+            "no patched module in this model: call hf_gns.patch(model) first (and check its report)"
         )
     return found
 
@@ -34,6 +56,46 @@ def _reported_parameters(module: nn.Module, state: NormPatch | LayerPatch) -> tu
     return module.weight, norm_bias(module)
 
 
+def _collecting(state: NormPatch | LayerPatch) -> bool:
+    """False for layers whose reductions are switched off this step (`set_layer_tracking`)."""
+    return getattr(state, "enabled", True)
+
+
+@dataclass
+class _Tracked:
+    """One tracked parameter and the (module, state, column) sources of its per-example values."""
+
+    name: str
+    param: torch.Tensor
+    sources: list[tuple[nn.Module, NormPatch | LayerPatch, int]] = field(default_factory=list)
+
+    def n_values(self) -> int:
+        """Values collected since the last `zero_stats` (host-side shapes: no sync)."""
+        return sum(sq.shape[0] for _, state, _ in self.sources for sq in state.sinks.collected)
+
+
+def _tracked(model: nn.Module, collecting_only: bool = True) -> dict[int, _Tracked]:
+    """Every tracked parameter (requires grad; by default only those collecting this step, see
+    `set_layer_tracking`), keyed by id, in module order."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    tracked: dict[int, _Tracked] = {}
+    for module, state in _patched_modules(model):
+        if collecting_only and not _collecting(state):
+            continue
+        for column, param in enumerate(_reported_parameters(module, state)):
+            if param is None or not param.requires_grad or id(param) not in names:
+                continue
+            entry = tracked.setdefault(id(param), _Tracked(names[id(param)], param))
+            entry.sources.append((module, state, column))
+    return tracked
+
+
+def tracked_parameter_names(model: nn.Module) -> list[str]:
+    """Names (as in `model.named_parameters()`) of the parameters whose per-example norms are collected
+    (including layers switched off for now by `set_layer_tracking`)."""
+    return [entry.name for entry in _tracked(model, collecting_only=False).values()]
+
+
 def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per-example squared gradient norms of every tracked parameter (norms; with `targets="all"`
     also Linear, Conv1D and Embedding weights and biases).
@@ -42,11 +104,15 @@ def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
         model (`nn.Module`): a model patched by `hf_gns.patch` (or a wrapper around it).
 
     Returns:
-        `dict[str, torch.Tensor]`: for each norm parameter that requires grad, keyed by its
-        name in `model.named_parameters()`, a 1-D fp32 tensor on the parameter's device with
-        one value per example seen in backward passes since the last `zero_stats`:
-        micro-batches concatenated in the order of their backward passes. Empty (0,)
-        tensors before the first backward. No host-device sync.
+        `dict[str, torch.Tensor]`: for each tracked parameter, keyed by its name in
+        `model.named_parameters()`, a 1-D fp32 tensor on the parameter's device with one
+        value per example seen in backward passes since the last `zero_stats`: micro-batches
+        concatenated in the order of their backward passes. No host-device sync.
+
+        An empty (0,) tensor means that no backward pass reached the parameter's module since
+        the last `zero_stats`: it is not a statistic (its sum, 0, is not a squared norm).
+        Before using values, check them with `check_step_statistics`, which also catches a
+        parameter whose gradient did not come through its patched module.
 
     Example:
     ```python
@@ -56,21 +122,147 @@ def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     >>> hf_gns.zero_stats(model)
     ```
     """
-    names = {id(param): name for name, param in model.named_parameters()}
     result: dict[str, torch.Tensor] = {}
-    for module, state in _patched_modules(model):
-        if isinstance(state, LayerPatch) and not state.enabled:
-            continue  # switched off by set_layer_tracking: not collected this step
-        collected = state.sinks.collected
-        for column, param in enumerate(_reported_parameters(module, state)):
-            if param is None or not param.requires_grad or id(param) not in names:
-                continue
-            if collected:
-                values = torch.cat([sq_norms[:, column] for sq_norms in collected])
-            else:
-                values = torch.zeros(0, dtype=torch.float32, device=param.device)
-            result[names[id(param)]] = values
+    for entry in _tracked(model).values():
+        parts = [sq[:, column] for _, state, column in entry.sources for sq in state.sinks.collected]
+        if parts:
+            result[entry.name] = torch.cat(parts)
+        else:
+            result[entry.name] = torch.zeros(0, dtype=torch.float32, device=entry.param.device)
     return result
+
+
+@dataclass(frozen=True)
+class IncompleteStatistics:
+    """A tracked parameter without exactly one per-example value per example this step.
+
+    Attributes:
+        parameter (`str`): name in `model.named_parameters()`.
+        modules (`tuple[str, ...]`): the patched module(s) that report it.
+        n_values (`int`): per-example values collected this step.
+        n_examples (`int`): examples of the step (this process).
+        cause (`str`): the likely cause, in words.
+    """
+
+    parameter: str
+    modules: tuple[str, ...]
+    n_values: int
+    n_examples: int
+    cause: str
+
+    def __str__(self) -> str:
+        modules = ", ".join(repr(m) for m in self.modules)
+        return (
+            f"{self.parameter} (module {modules}): {self.n_values} per-example values for "
+            f"{self.n_examples} examples: {self.cause}"
+        )
+
+
+def _foreign_forward(module: nn.Module) -> str | None:
+    """The qualified name of `module`'s forward if something rebound it after `hf_gns.patch`."""
+    forward = module.__dict__.get("forward")
+    function = getattr(forward, "__func__", forward)
+    if function is patched_norm_forward or function in _LAYER_FORWARDS:
+        return None
+    if forward is None:
+        return f"{type(module).__name__}.forward (the class's own)"
+    owner = getattr(function, "__module__", "?")
+    return f"{owner}.{getattr(function, '__qualname__', repr(function))}"
+
+
+def _cause(entry: _Tracked, n_values: int, n_examples: int) -> str:
+    foreign = [f for module, _, _ in entry.sources if (f := _foreign_forward(module)) is not None]
+    if foreign:
+        return (
+            f"its forward was replaced after hf_gns.patch (now {foreign[0]}, e.g. by Liger's instance "
+            "patching), so the fused op no longer runs; call hf_gns.patch(model) again after the other patch"
+        )
+    if n_values == 0:
+        return (
+            "it got a gradient that did not pass through its patched forward (the weight is used outside "
+            "its module, e.g. `x @ module.weight`, or the module ran under no_grad with its output reused)"
+        )
+    if len(entry.sources) > 1 and n_values == len(entry.sources) * n_examples:
+        return (
+            f"the parameter is shared by {len(entry.sources)} patched modules, each reporting its own part; "
+            "per-example norms of the sum cannot be formed from the parts"
+        )
+    if n_values % n_examples == 0:
+        k = n_values // n_examples
+        return (
+            f"{k}× the examples: the module ran {k} times per example (called several times in one "
+            "forward: |a+b|² cannot be formed from |a|², |b|²), or its input is sequence-first (T, B, D) "
+            "so that dim 0 counts positions; leave it unpatched or give each call its own module"
+        )
+    if n_values < n_examples:
+        return (
+            "fewer values than examples: part of the step's backward passes did not reach the patched "
+            "forward, or zero_stats ran within the step"
+        )
+    return (
+        "the module's input does not put examples along dim 0 (sequence-first or token-flattened rows "
+        "that could not be regrouped)"
+    )
+
+
+def check_step_statistics(
+    model: nn.Module,
+    n_examples: int,
+    parameters: list[torch.Tensor] | None = None,
+    on_incomplete: str = "error",
+) -> list[IncompleteStatistics]:
+    """Check that every tracked parameter has exactly one per-example value per example of the step.
+
+    Call it once per optimizer step, after the step's backward passes and before reading the
+    statistics. Host-side only (tensor shapes, `param.grad is not None`): no host-device sync.
+    A tracked parameter is incomplete when its values do not number `n_examples` and it got a
+    gradient (or got some values but not `n_examples`): zero values with a gradient means the
+    gradient bypassed the fused op (the forward was rebound after patching, e.g. by Liger, or
+    the weight is used outside its module); k·`n_examples` values a module called k times per
+    forward, a shared weight or a sequence-first input. A parameter with neither values nor
+    gradient was simply not used this step and is fine. Gradients must be reset to `None`
+    between steps (`zero_grad(set_to_none=True)`, the default).
+
+    Args:
+        model (`nn.Module`): the patched model (or a wrapper around it).
+        n_examples (`int`): examples of this step on this process (documents for
+            padding-free batches): what every tracked parameter must have.
+        parameters (`list[torch.Tensor]`, *optional*): check only these (e.g. the ones a
+            trainer still tracks after dropping incomplete ones); all tracked by default.
+        on_incomplete (`str`, *optional*, defaults to `"error"`): `"error"` raises
+            `IncompleteStatisticsError` naming every incomplete parameter, its module and
+            the likely cause; `"warn"` warns once per call and returns them, for the caller
+            to drop from its estimate.
+
+    Returns:
+        `list[IncompleteStatistics]`: empty when every checked parameter is complete.
+    """
+    if on_incomplete not in INCOMPLETE_MODES:
+        raise ValueError(f"on_incomplete must be one of {INCOMPLETE_MODES}, got {on_incomplete!r}")
+    wanted = None if parameters is None else {id(p) for p in parameters}
+    incomplete = []
+    for key, entry in _tracked(model).items():
+        if wanted is not None and key not in wanted:
+            continue
+        n_values = entry.n_values()
+        if n_values == n_examples or (n_values == 0 and entry.param.grad is None):
+            continue
+        modules = tuple(dict.fromkeys(state.name for _, state, _ in entry.sources))
+        cause = _cause(entry, n_values, n_examples)
+        incomplete.append(IncompleteStatistics(entry.name, modules, n_values, n_examples, cause))
+    if incomplete:
+        lines = "\n".join(f"  {item}" for item in incomplete)
+        if on_incomplete == "error":
+            raise IncompleteStatisticsError(
+                f"hf_gns: {len(incomplete)} tracked parameters lack exact per-example statistics this step; "
+                f"no GNS is computed from them:\n{lines}"
+            )
+        warnings.warn(
+            f"hf_gns: dropping {len(incomplete)} tracked parameters without exact per-example statistics "
+            f"from the estimate:\n{lines}",
+            stacklevel=2,
+        )
+    return incomplete
 
 
 def zero_stats(model: nn.Module) -> None:
