@@ -295,8 +295,13 @@ def test_clear_errors_for_bad_input():
         fused_norm(x, torch.ones(7))
     with pytest.raises(ValueError, match="bias only together with a weight"):
         fused_norm(x, None, torch.zeros(8))
-    with pytest.raises(ValueError, match=r"shape \(B, 2\)"):
+    with pytest.raises(ValueError, match=r"sq_norm_sink must have shape \(\d+, 2\), one row per example"):
         fused_norm(x, torch.ones(8), sq_norm_sink=torch.zeros(3, 2, requires_grad=True))
+    with pytest.raises(ValueError, match="example_offsets must be a 1-D int64 tensor"):
+        fused_norm(x, torch.ones(8), example_offsets=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"sq_norm_sink must have shape \(3, 2\)"):  # E = 3 documents
+        sink = torch.zeros(2, 2, requires_grad=True)
+        fused_norm(x, torch.ones(8), sq_norm_sink=sink, example_offsets=torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="unknown hf_gns backend"):
         with use_backend("cuda"):
             pass

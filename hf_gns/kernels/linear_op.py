@@ -102,7 +102,9 @@ def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 class _LinearWithSqNorms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, sink, link, ids, n_examples, method, transposed, chunk_bytes):
+    def forward(
+        ctx, x, weight, bias, sink, link, ids, example_offsets, n_examples, method, transposed, chunk_bytes
+    ):
         # Cast once, as autocast would, and keep the casts for backward (as autograd keeps
         # autocast's): the output is bit-identical, and backward casts nothing again.
         x_c, weight_c, bias_c = _autocast_operands(x, weight, bias)
@@ -111,25 +113,32 @@ class _LinearWithSqNorms(torch.autograd.Function):
         ctx.config = (n_examples, method, transposed, chunk_bytes)
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(x_c, weight_c, ids)
+        ctx.save_for_backward(x_c, weight_c, ids, example_offsets)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, ids = ctx.saved_tensors
+        x, w, ids, example_offsets = ctx.saved_tensors
         n_examples, method, transposed, chunk_bytes = ctx.config
+        # per-document examples: the references take the rows flat, (N, K) and (N, L), and the
+        # offsets; only given when present, so None keeps the (B, T, ·) path unchanged
+        extra = {} if example_offsets is None else {"example_offsets": example_offsets}
         needs_x, needs_weight, needs_bias, needs_sink, needs_link = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = sink_grad = link_grad = None
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_out = grad_out.to(x.dtype)
             if needs_x:
                 grad_x = grad_out @ (w.t() if transposed else w)  # (..., K)
-            inputs = x.reshape(n_examples, -1, x.shape[-1])  # A (B, T, K)
-            grads = grad_out.reshape(n_examples, -1, grad_out.shape[-1])  # G (B, T, L)
+            if example_offsets is None:
+                inputs = x.reshape(n_examples, -1, x.shape[-1])  # A (B, T, K)
+                grads = grad_out.reshape(n_examples, -1, grad_out.shape[-1])  # G (B, T, L)
+            else:
+                inputs = x.reshape(-1, x.shape[-1])  # A (N, K), rows of E documents
+                grads = grad_out.reshape(-1, grad_out.shape[-1])  # G (N, L)
             weight_sq = None
             if needs_weight and method == "simultaneous":
                 grad_weight, weight_sq = linear_weight_grad_simultaneous(
-                    inputs, grads, ctx.weight_dtype, transposed, chunk_bytes, reduce=sum_and_sq_norms
+                    inputs, grads, ctx.weight_dtype, transposed, chunk_bytes, reduce=sum_and_sq_norms, **extra
                 )
             elif needs_weight:
                 flat_grads, flat_inputs = grads.reshape(-1, grads.shape[-1]), inputs.reshape(-1, x.shape[-1])
@@ -137,18 +146,20 @@ class _LinearWithSqNorms(torch.autograd.Function):
                     flat_inputs.t() @ flat_grads if transposed else flat_grads.t() @ flat_inputs
                 ).to(ctx.weight_dtype)
             if weight_sq is None and (needs_sink or needs_link):
-                weight_sq = linear_weight_sq_norms_ghost(inputs, grads)
+                weight_sq = linear_weight_sq_norms_ghost(inputs, grads, **extra)
             if ctx.has_bias and (needs_bias or needs_sink):
-                grad_bias = grads.sum((0, 1))
+                grad_bias = grads.reshape(-1, grads.shape[-1]).sum(0)
             if needs_sink:
-                bias_sq = linear_bias_sq_norms(grads) if ctx.has_bias else torch.zeros_like(weight_sq)
+                bias_sq = (
+                    linear_bias_sq_norms(grads, **extra) if ctx.has_bias else torch.zeros_like(weight_sq)
+                )
                 sink_grad = torch.stack([weight_sq, bias_sq], dim=1)
             if needs_link:
                 rows = tied_rows(inputs, grads, ids).float().flatten(1)  # (B, T_ids·K)
                 link_grad = torch.cat([rows, weight_sq.unsqueeze(1)], dim=1)
         if not needs_bias:
             grad_bias = None
-        return grad_x, grad_weight, grad_bias, sink_grad, link_grad, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, sink_grad, link_grad, None, None, None, None, None, None
 
 
 def linear_with_sq_norms(
@@ -161,6 +172,7 @@ def linear_with_sq_norms(
     transposed: bool = False,
     tied_link: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    example_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A linear layer whose backward also writes per-example |dW_b|², |db_b|² into `sq_norm_sink.grad`.
 
@@ -177,24 +189,34 @@ def linear_with_sq_norms(
         tied_link (`tuple[torch.Tensor, torch.Tensor]`, *optional*): `(link, ids)` from
             `embedding_sq_norm_tap` of the embedding that shares `weight`.
         chunk_bytes (`int`, *optional*): memory bound of the simultaneous method's chunks.
+        example_offsets (`torch.Tensor`, *optional*): int64 (E+1,) row offsets of E documents
+            in the rows of `x` flattened to (N, K) (padding-free batches); `n_examples` must
+            then be E. None: rows are grouped batch-major into `n_examples` examples.
 
     Returns:
         `torch.Tensor`: the layer's output, bit-identical to the module's.
     """
     in_features = x.shape[-1]
     out_features = weight.shape[-1] if transposed else weight.shape[0]
-    seq = x.numel() // max(1, n_examples * in_features)
+    if example_offsets is not None:
+        if example_offsets.shape[0] - 1 != n_examples:
+            raise ValueError(
+                f"example_offsets gives {example_offsets.shape[0] - 1} examples, n_examples={n_examples}"
+            )
+        if tied_link is not None:
+            raise NotImplementedError("a tied LM head with per-document example_offsets is not supported yet")
+    seq = x.numel() // max(1, n_examples * in_features)  # mean rows per example
     method = choose_linear_method(n_examples, seq, in_features, out_features, method)
     link, ids = tied_link if tied_link is not None else (None, None)
     return _LinearWithSqNorms.apply(
-        x, weight, bias, sq_norm_sink, link, ids, n_examples, method, transposed, chunk_bytes
+        x, weight, bias, sq_norm_sink, link, ids, example_offsets, n_examples, method, transposed, chunk_bytes
     )
 
 
 class _EmbeddingSqNormTap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, ids, sink, num_embeddings, padding_idx, with_link):
-        ctx.save_for_backward(ids)
+    def forward(ctx, rows, ids, sink, example_offsets, num_embeddings, padding_idx, with_link):
+        ctx.save_for_backward(ids, example_offsets)
         ctx.config = (num_embeddings, padding_idx)
         ctx.set_materialize_grads(False)
         n_examples, seq, width = rows.shape
@@ -206,10 +228,11 @@ class _EmbeddingSqNormTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, grad_link):
         if grad_rows is None:
-            return None, None, None, None, None, None
-        (ids,) = ctx.saved_tensors
+            return None, None, None, None, None, None, None
+        ids, example_offsets = ctx.saved_tensors
         num_embeddings, padding_idx = ctx.config
-        sq = embedding_sq_norms(ids, grad_rows, num_embeddings, padding_idx)
+        extra = {} if example_offsets is None else {"example_offsets": example_offsets}
+        sq = embedding_sq_norms(ids, grad_rows, num_embeddings, padding_idx, **extra)
         if grad_link is not None and grad_link.shape[1] > 1:
             head_rows = grad_link[:, :-1].view(grad_rows.shape)  # R (B, T, D) fp32
             own_rows = grad_rows.float()
@@ -217,7 +240,7 @@ class _EmbeddingSqNormTap(torch.autograd.Function):
                 own_rows = own_rows * (ids != padding_idx).unsqueeze(-1)
             sq = sq + 2 * (own_rows * head_rows).sum((1, 2)) + grad_link[:, -1]
         sink_grad = torch.stack([sq, torch.zeros_like(sq)], dim=1) if ctx.needs_input_grad[2] else None
-        return grad_rows, None, sink_grad, None, None, None
+        return grad_rows, None, sink_grad, None, None, None, None
 
 
 def embedding_sq_norm_tap(
@@ -227,12 +250,20 @@ def embedding_sq_norm_tap(
     num_embeddings: int,
     padding_idx: int | None = None,
     with_link: bool = False,
+    example_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Identity on looked-up `rows` (B, T, D) that sends the per-example |E_b|² of the embedding
     weight (looked up at `ids` (B, T)) to `sq_norm_sink.grad[:, 0]` in backward.
+
+    `example_offsets` (int64 (E+1,), *optional*) groups the B·T flattened rows into E
+    documents (padding-free batches); the sink then has E rows.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: `rows` (a view, same values) and the tie `link`
         (B, T·D + 1) to pass to the tied head's `linear_with_sq_norms` when `with_link`.
     """
-    return _EmbeddingSqNormTap.apply(rows, ids, sq_norm_sink, num_embeddings, padding_idx, with_link)
+    if example_offsets is not None and with_link:
+        raise NotImplementedError("a tied embedding with per-document example_offsets is not supported yet")
+    return _EmbeddingSqNormTap.apply(
+        rows, ids, sq_norm_sink, example_offsets, num_embeddings, padding_idx, with_link
+    )

@@ -79,13 +79,44 @@ def _forward_impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, 
     return impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
 
 
-def _backward_impl(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads):
+def _backward_impl(
+    dy,
+    x,
+    weight,
+    mean,
+    rstd,
+    has_bias,
+    rms,
+    weight_offset,
+    cast_before_weight,
+    param_grads,
+    example_offsets=None,
+):
+    # example_offsets goes to the implementations only when given: None keeps dim 0 as the examples
+    extra = {} if example_offsets is None else {"example_offsets": example_offsets}
     if _uses_triton(x):
         args = (dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
-        return norm_backward_triton(*args)
+        return norm_backward_triton(*args, **extra)
     return norm_backward_reference(
-        dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads=param_grads
+        dy,
+        x,
+        weight,
+        mean,
+        rstd,
+        has_bias,
+        rms,
+        weight_offset,
+        cast_before_weight,
+        param_grads=param_grads,
+        **extra,
     )
+
+
+def _n_examples(x: torch.Tensor, example_offsets: torch.Tensor | None) -> int:
+    """B: dim 0 of `x`, or E = offsets.numel() - 1 (a size the host knows) for per-document examples."""
+    if example_offsets is not None:
+        return example_offsets.shape[0] - 1
+    return x.shape[0] if x.dim() > 1 else 1
 
 
 # --------------------------------------------------------------- torch.library custom ops
@@ -129,9 +160,20 @@ def _norm_backward_op(
     weight_offset: float,
     cast_before_weight: bool,
     param_grads: bool,
+    example_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db, sq_norms = _backward_impl(
-        dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads
+        dy,
+        x,
+        weight,
+        mean,
+        rstd,
+        has_bias,
+        rms,
+        weight_offset,
+        cast_before_weight,
+        param_grads,
+        example_offsets,
     )
     # custom ops return tensors only: absent gradients travel as empty tensors
     empty = x.new_empty(0)
@@ -143,8 +185,8 @@ def _norm_backward_op(
 
 
 @_norm_backward_op.register_fake
-def _(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads):
-    n_examples = x.shape[0] if x.dim() > 1 else 1
+def _(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads, *offsets):
+    n_examples = _n_examples(x, offsets[0] if offsets else None)
     tracked = weight is not None and param_grads
     dw = torch.empty_like(weight) if tracked else x.new_empty(0)
     db = torch.empty_like(weight) if (tracked and has_bias) else x.new_empty(0)
@@ -156,7 +198,19 @@ def _(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weigh
 
 class _FusedNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, sq_norm_sink, eps, rms, weight_offset, cast_before_weight, out_dtype):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        sq_norm_sink,
+        example_offsets,
+        eps,
+        rms,
+        weight_offset,
+        cast_before_weight,
+        out_dtype,
+    ):
         if torch.compiler.is_compiling():
             y, mean, rstd = _norm_forward_op(
                 x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype
@@ -165,7 +219,7 @@ class _FusedNorm(torch.autograd.Function):
             y, mean, rstd = _forward_impl(
                 x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype
             )
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd, example_offsets)
         ctx.config = (bias is not None, rms, weight_offset, cast_before_weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.has_sink = sq_norm_sink is not None
@@ -173,11 +227,12 @@ class _FusedNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, example_offsets = ctx.saved_tensors
         has_bias, rms, weight_offset, cast_before_weight = ctx.config
         # frozen γ, β and no sink (LoRA): skip the parameter gradients and their norms
         param_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.has_sink
-        args = (dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
+        config = (has_bias, rms, weight_offset, cast_before_weight, param_grads, example_offsets)
+        args = (dy, x, weight, mean, rstd, *config)
         if torch.compiler.is_compiling():
             dx, dw, db, sq_norms = _norm_backward_op(*args)
             tracked = weight is not None and param_grads
@@ -188,7 +243,7 @@ class _FusedNorm(torch.autograd.Function):
         if db is not None:
             db = db.to(ctx.bias_dtype)
         sink_grad = sq_norms.float() if ctx.has_sink else None
-        return dx, dw, db, sink_grad, None, None, None, None, None
+        return dx, dw, db, sink_grad, None, None, None, None, None, None
 
 
 def new_sq_norm_sink(x_or_n_examples: torch.Tensor | int, device: torch.device | str | None = None):
@@ -217,6 +272,7 @@ def fused_norm(
     cast_before_weight: bool = False,
     out_dtype: torch.dtype | None = None,
     sq_norm_sink: torch.Tensor | None = None,
+    example_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LayerNorm (`rms=False`) or RMSNorm (`rms=True`) over the last dim of `x`.
 
@@ -236,6 +292,10 @@ def fused_norm(
             `new_sq_norm_sink(x)`; after backward its `.grad` holds, per example, the
             squared norms of that example's contribution to `weight.grad` (column 0)
             and `bias.grad` (column 1).
+        example_offsets (`torch.Tensor`, *optional*): int64 (E+1,) offsets grouping the rows
+            of `x` flattened to (N, D) into E examples (per-document, padding-free batches):
+            example e owns rows [offsets[e], offsets[e+1]). The sink then has shape (E, 2).
+            None: dim 0 indexes the examples.
 
     Returns:
         `torch.Tensor` of `x.shape` in `out_dtype`.
@@ -256,13 +316,20 @@ def fused_norm(
         raise ValueError("fused_norm takes a bias only together with a weight")
     if bias is not None and bias.shape != x.shape[-1:]:
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match D={x.shape[-1]} of the input")
-    if sq_norm_sink is not None and sq_norm_sink.shape != (x.shape[0] if x.dim() > 1 else 1, 2):
-        raise ValueError("sq_norm_sink must have shape (B, 2); make it with new_sq_norm_sink(x)")
+    if example_offsets is not None and (example_offsets.dim() != 1 or example_offsets.shape[0] < 2):
+        raise ValueError("example_offsets must be a 1-D int64 tensor of E+1 >= 2 row offsets")
+    n_examples = _n_examples(x, example_offsets)
+    if sq_norm_sink is not None and sq_norm_sink.shape != (n_examples, 2):
+        raise ValueError(
+            f"sq_norm_sink must have shape ({n_examples}, 2), one row per example; "
+            f"got {tuple(sq_norm_sink.shape)}"
+        )
     return _FusedNorm.apply(
         x,
         weight,
         bias,
         sq_norm_sink,
+        example_offsets,
         float(eps),
         rms,
         float(weight_offset),
