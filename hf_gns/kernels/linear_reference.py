@@ -14,6 +14,16 @@ Two ways to |G_bᵀ A_b|² (Gray et al. 2024 §3; Li et al. 2022, "ghost clippin
   FLOPs and B×T² memory, never B×L×K.
 `linear_cost.py` picks one from the shapes. Norms come back as (B,) tensors in fp32
 (fp64 for fp64 inputs), accumulated in that precision. Imports torch only.
+
+Padding-free batches (an example is a document: rows [offsets[e], offsets[e+1]) of the
+input flattened to (N, K)): `documents_as_batch` lays the documents out as a zero-padded
+(E, T_max, K) batch, on which both methods above are exact (padding rows add nothing to
+G_eᵀ A_e, to Σ_t G_et or to the Gram matrices) and Σ_e P_e is still the weight gradient.
+It costs E·T_max/N times the unpadded work and memory (≈1 for documents of similar
+length) and needs T_max on the host (`max_example_rows`: known without a sync when the
+batch came with `max_length_q`, else one device→host read per offsets tensor, cached).
+Embeddings need no padding: `embedding_sq_norms(..., example_offsets=...)` keys rows by
+document.
 """
 
 from __future__ import annotations
@@ -21,9 +31,58 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # Largest per-example-gradient chunk (bytes) the simultaneous method materializes at once.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+# T_max (rows of the longest example) per offsets tensor: set by whoever knows it without a
+# host sync (`hf_gns.patching.documents`), else read once from the device and kept.
+_MAX_EXAMPLE_ROWS = WeakIdKeyDictionary()
+
+
+def remember_max_example_rows(example_offsets: torch.Tensor, max_rows: int) -> None:
+    """Record T_max for `example_offsets` (known on the host), so no layer syncs to get it."""
+    _MAX_EXAMPLE_ROWS[example_offsets] = int(max_rows)
+
+
+def max_example_rows(example_offsets: torch.Tensor) -> int:
+    """T_max = max_e (offsets[e+1] - offsets[e]): remembered, or one device→host read (then kept)."""
+    known = _MAX_EXAMPLE_ROWS.get(example_offsets)
+    if known is None:
+        known = int(example_offsets.diff().max()) if example_offsets.numel() > 1 else 0  # host sync
+        _MAX_EXAMPLE_ROWS[example_offsets] = known
+    return known
+
+
+def example_of_rows(example_offsets: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(N,) int64: the example owning each row, for offsets (E+1,) covering rows 0..N-1 (no sync).
+
+    Empty examples own no row: row r belongs to the last e with offsets[e] <= r.
+    """
+    rows = torch.arange(n_rows, device=example_offsets.device)
+    return torch.searchsorted(example_offsets[1:], rows, right=True)
+
+
+def documents_as_batch(
+    rows: torch.Tensor, example_offsets: torch.Tensor, max_rows: int | None = None
+) -> torch.Tensor:
+    """Rows (N, F) regrouped as a zero-padded batch (E, T_max, F): out[e, t] = rows[offsets[e] + t]
+    for t < offsets[e+1] - offsets[e], else 0.
+
+    Args:
+        rows (`torch.Tensor`): (N, F), the input (or output gradient) flattened to rows.
+        example_offsets (`torch.Tensor`): int64 (E+1,), covering rows 0..N-1.
+        max_rows (`int`, *optional*): T_max; defaults to `max_example_rows(example_offsets)`.
+    """
+    if max_rows is None:
+        max_rows = max_example_rows(example_offsets)
+    starts, ends = example_offsets[:-1, None], example_offsets[1:, None]  # (E, 1)
+    index = starts + torch.arange(max_rows, device=rows.device)  # (E, T_max)
+    valid = index < ends
+    picked = rows[index.clamp_(max=max(rows.shape[0] - 1, 0))]  # (E, T_max, F)
+    return picked.masked_fill_(~valid.unsqueeze(-1), 0)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,7 +184,11 @@ def tied_rows(inputs: torch.Tensor, grad_out: torch.Tensor, ids: torch.Tensor) -
 
 
 def embedding_sq_norms(
-    ids: torch.Tensor, grad_out: torch.Tensor, num_embeddings: int, padding_idx: int | None = None
+    ids: torch.Tensor,
+    grad_out: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: int | None = None,
+    example_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """|E_b|² for an embedding lookup: each example's rows summed separately, then squared.
 
@@ -138,15 +201,23 @@ def embedding_sq_norms(
         grad_out (`torch.Tensor`): (B, T, D) gradient of the looked-up rows.
         num_embeddings (`int`): V.
         padding_idx (`int`, *optional*): rows looked up at this id get no gradient.
+        example_offsets (`torch.Tensor`, *optional*): int64 (E+1,): examples are the row
+            ranges [offsets[e], offsets[e+1]) of the flattened ids (documents of a
+            padding-free batch) instead of dim 0; `ids` and `grad_out` may then have any
+            leading shape.
 
     Returns:
-        `torch.Tensor`: (B,) fp32 (fp64 for fp64 `grad_out`).
+        `torch.Tensor`: (B,) fp32 (fp64 for fp64 `grad_out`), (E,) with `example_offsets`.
     """
-    n_examples, seq = ids.shape
-    rows = grad_out.reshape(n_examples * seq, -1).to(_accumulation_dtype(grad_out.dtype))  # (B·T, D)
+    if example_offsets is None:
+        n_examples, seq = ids.shape
+        example = torch.arange(n_examples, device=ids.device).repeat_interleave(seq)  # (B·T,)
+    else:
+        n_examples = example_offsets.numel() - 1
+        example = example_of_rows(example_offsets, ids.numel())  # (N,)
+    rows = grad_out.reshape(ids.numel(), -1).to(_accumulation_dtype(grad_out.dtype))  # (B·T, D)
     if padding_idx is not None:
         rows = rows * (ids.reshape(-1, 1) != padding_idx)
-    example = torch.arange(n_examples, device=ids.device).repeat_interleave(seq)  # (B·T,)
     keys = example * num_embeddings + ids.reshape(-1)
     sorted_keys, order = torch.sort(keys)
     starts = torch.ones_like(sorted_keys, dtype=torch.bool)

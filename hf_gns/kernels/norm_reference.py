@@ -6,7 +6,9 @@ kernels in `norm_triton.py` compute. Forward and backward are written out explic
 squared norms of dγ and dβ.
 
 Shapes: the input is viewed as (B, R, D): B examples, R rows per example (sequence,
-heads, ...), D normalized features. With x̂ the normalized input, dy the incoming
+heads, ...), D normalized features. With `example_offsets` (padding-free batches, where an
+example is a document), the input is viewed as (N, D) instead and example e owns rows
+[offsets[e], offsets[e+1]). With x̂ the normalized input, dy the incoming
 gradient and w_eff = γ + weight_offset:
 
     LayerNorm: x̂ = (x - μ)·rstd,   RMSNorm: x̂ = x·rstd,   y = x̂ ⊙ w_eff (+ β)
@@ -75,6 +77,35 @@ def norm_forward_reference(
     return y.to(out_dtype or x.dtype), mean, rstd
 
 
+def check_example_offsets(example_offsets: torch.Tensor, n_rows: int) -> None:
+    """Clear errors for offsets that cannot describe row ranges of an (N, D) input.
+
+    Shape and dtype only on accelerators (the values would cost a host-device sync); on CPU
+    also the values: offsets[0] == 0, non-decreasing, offsets[-1] == N.
+    """
+    if example_offsets.dim() != 1 or example_offsets.numel() < 2 or example_offsets.dtype != torch.int64:
+        raise ValueError(
+            "example_offsets must be a 1-D int64 tensor (E+1,) of row offsets, got "
+            f"{example_offsets.dtype} of shape {tuple(example_offsets.shape)}"
+        )
+    if example_offsets.device.type == "cpu":
+        first, last = int(example_offsets[0]), int(example_offsets[-1])
+        if first != 0 or last != n_rows or bool((example_offsets.diff() < 0).any()):
+            raise ValueError(
+                f"example_offsets must rise from 0 to the input's {n_rows} rows without decreasing, "
+                f"got {example_offsets.tolist()}"
+            )
+
+
+def segment_sums(rows: torch.Tensor, example_offsets: torch.Tensor) -> torch.Tensor:
+    """(E, D): Σ of rows[offsets[e]:offsets[e+1]] for each e (zeros for empty ranges), for rows (N, D).
+
+    A segmented reduction: each example's rows are summed in a fixed order (no atomics, no
+    host sync), so results are deterministic on every device.
+    """
+    return torch.segment_reduce(rows, "sum", offsets=example_offsets, axis=0, unsafe=True)
+
+
 def norm_backward_reference(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -87,6 +118,7 @@ def norm_backward_reference(
     cast_before_weight: bool = False,
     upcast: bool = True,
     param_grads: bool = True,
+    example_offsets: torch.Tensor | None = None,
 ):
     """Backward of `norm_forward_reference`, with per-example squared norms.
 
@@ -95,7 +127,16 @@ def norm_backward_reference(
     `db` in `weight`'s dtype (None without bias); `sq_norms` of shape (B, 2), fp32 (fp64
     for fp64 inputs): column 0 is |dγ_b|², column 1 is |dβ_b|² (zeros where absent).
     `param_grads=False` (frozen γ and β, no sink) skips dw, db and the norms.
+
+    `example_offsets` (int64 (E+1,), *optional*): examples are row ranges of `x` viewed as
+    (N, D) instead of dim 0: example e (a document of a padding-free batch) owns rows
+    [offsets[e], offsets[e+1]), and `sq_norms` is (E, 2). The offsets must cover all N rows.
     """
+    if example_offsets is not None:
+        return _norm_backward_documents(
+            dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, upcast,
+            param_grads, example_offsets,
+        )  # fmt: skip
     cdt = compute_dtype_for(x, upcast)
     n_examples, width = x.shape[0], x.shape[-1]
     x3 = x.reshape(n_examples, -1, width).to(cdt)  # (B, R, D)
@@ -123,3 +164,37 @@ def norm_backward_reference(
             db = db_per_example.sum(0).to(weight.dtype)
             sq_norms[:, 1] = db_per_example.square().sum(-1).to(sq_dtype)
     return dx, dw, db, sq_norms
+
+
+def _norm_backward_documents(
+    dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, upcast, param_grads, offsets
+):
+    """`norm_backward_reference` with examples given as row ranges of the (N, D) input."""
+    width = x.shape[-1]
+    n_rows = x.numel() // width
+    check_example_offsets(offsets, n_rows)
+    n_examples = offsets.numel() - 1
+    # dx is row-wise: the whole input as one example gives it; the parameter sums are per segment
+    dx, _, _, _ = norm_backward_reference(
+        dy.reshape(1, n_rows, width), x.reshape(1, n_rows, width), weight, mean,
+        rstd.reshape(1, n_rows), has_bias, rms, weight_offset, cast_before_weight, upcast, param_grads=False,
+    )  # fmt: skip
+    cdt = compute_dtype_for(x, upcast)
+    sq_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+    sq_norms = torch.zeros(n_examples, 2, dtype=sq_dtype, device=x.device)
+    dw = db = None
+    if weight is not None and param_grads:
+        x2, dy2 = x.reshape(n_rows, width).to(cdt), dy.reshape(n_rows, width).to(cdt)  # (N, D)
+        xhat = _normalize(
+            x2, None if rms else mean.reshape(n_rows, 1).to(cdt), rstd.reshape(n_rows, 1).to(cdt), rms
+        )
+        if cast_before_weight:
+            xhat = _round_like_input(xhat, x.dtype)
+        dw_per_example = segment_sums(dy2 * xhat, offsets)  # (E, D)
+        dw = dw_per_example.sum(0).to(weight.dtype)
+        sq_norms[:, 0] = dw_per_example.square().sum(-1).to(sq_dtype)
+        if has_bias:
+            db_per_example = segment_sums(dy2, offsets)  # (E, D)
+            db = db_per_example.sum(0).to(weight.dtype)
+            sq_norms[:, 1] = db_per_example.square().sum(-1).to(sq_dtype)
+    return dx.reshape(x.shape), dw, db, sq_norms

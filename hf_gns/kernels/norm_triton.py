@@ -13,6 +13,17 @@ orders nothing numeric) adds those up into |dγ_b|². No atomics on the sums the
 results are bitwise deterministic (DESIGN.md section 3). Partial sums keyed by SM or
 by lock would mix examples and lose the per-example information.
 
+Padding-free batches (`example_offsets`: example e owns rows [offsets[e], offsets[e+1]) of
+the input viewed as (N, D)) use a second backward kernel and the same reduction. The
+rows are cut into C-row chunks, one program each (the dense grid with B = 1); a program
+walks the examples that meet its chunk (found by binary search in the offsets) and
+stores one partial per piece (chunk k ∩ example e) at slot k + e. Slots are unique (each
+new piece in row order starts a new chunk, a new example, or both) and example e's
+pieces fill the contiguous slots offsets[e]//C + e … (offsets[e+1]-1)//C + e, so the
+reduction finds them from the offsets alone. The grid (N/C programs) and the buffer
+(N/C + E - 1 slots) are sized from N and E = offsets.numel() - 1, both host-known: no
+host-device sync, and the dense path is unchanged.
+
 Host cost matters as much as bandwidth at small D (a fwd+bwd takes tens of
 microseconds on the GPU), so the launchers make few allocations and launch three
 kernels in all.
@@ -27,6 +38,8 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+
+from .norm_reference import check_example_offsets
 
 # A full row lives in registers; beyond this the launchers refuse (the op falls back).
 MAX_FUSED_WIDTH = 65536
@@ -72,6 +85,42 @@ def _norm_fwd_kernel(
         y = y + tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     y_rows = rows.to(tl.int64) * width
     tl.store(Y + y_rows[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_rows(
+    X, DY, Mean, Rstd, DX, x_rows, dy_rows, flat_rows, row_mask, cols, col_mask, w, width, inv_width,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+):  # fmt: skip
+    """dx of one tile of rows (stored), and the tile's fp32 dy and x̂ (rounded like the forward's
+    when CAST_BEFORE_WEIGHT) for the partial sums dγ += dy ⊙ x̂, dβ += dy.
+
+    g = dy ⊙ w;  dx = rstd·(g - x̂·mean(g ⊙ x̂) - mean(g))  (no mean(g) term for RMSNorm).
+    `x_rows`/`dy_rows` are element offsets of the rows in X/DY, `flat_rows` their index in
+    Mean/Rstd and in the contiguous DX.
+    """
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + dy_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(Rstd + flat_rows, mask=row_mask, other=0.0)
+    if IS_RMS:
+        xhat = x * rstd[:, None]
+    else:
+        mean = tl.load(Mean + flat_rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    if HAS_WEIGHT:
+        g = dy * w[None, :]
+    else:
+        g = dy
+    proj = tl.sum(g * xhat, axis=1) * inv_width
+    centred = g - xhat * proj[:, None]
+    if not IS_RMS:
+        centred = centred - (tl.sum(g, axis=1) * inv_width)[:, None]
+    dx = centred * rstd[:, None]
+    tl.store(DX + flat_rows[:, None] * width + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if N_PARAMS >= 1 and CAST_BEFORE_WEIGHT:
+        xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
+    return dy, xhat
 
 
 @triton.jit
@@ -141,15 +190,80 @@ def _norm_bwd_kernel(
 
 
 @triton.jit
+def _example_of_row(Offsets, n_examples, row, search_steps):
+    """The last e in [0, E) with offsets[e] <= row: the example owning `row` (empty examples
+    own none). Binary search over the (E+1,) offsets, `search_steps` = ⌈log2 E⌉ halvings."""
+    lo = row * 0
+    hi = lo + n_examples - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        right = tl.load(Offsets + mid) <= row
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _norm_bwd_documents_kernel(
+    X, DY, W, Mean, Rstd, DX, PartialW, PartialB, Offsets,
+    stride_xr, stride_dyr,
+    n_rows, n_examples, rows_per_chunk, search_steps, width, inv_width, weight_offset,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dx for the rows of chunk k, [k·C, (k+1)·C), and for each example e meeting the chunk the
+    partial dγ_e = Σ_r dy_r ⊙ x̂_r (and dβ_e = Σ_r dy_r) over the rows they share, stored at
+    slot k + e of PartialW (PartialB). The row math is `_norm_bwd_kernel`'s (kept inline
+    there: the tuned dense kernel's code stays exactly as it was)."""
+    chunk = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < width
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
+    else:
+        w = tl.zeros((BLOCK_D,), dtype=tl.float32)  # unused
+
+    chunk_start = chunk.to(tl.int64) * rows_per_chunk
+    chunk_end = tl.minimum(chunk_start + rows_per_chunk, n_rows)
+    first_example = _example_of_row(Offsets, n_examples, chunk_start, search_steps)
+    last_example = _example_of_row(Offsets, n_examples, chunk_end - 1, search_steps)
+    for example in range(first_example, last_example + 1):
+        row_start = tl.maximum(tl.load(Offsets + example), chunk_start)
+        row_end = tl.minimum(tl.load(Offsets + example + 1), chunk_end)
+        acc_dw = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        acc_db = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for first in range(row_start, row_end, BLOCK_M):
+            r = first + tl.arange(0, BLOCK_M)  # int64
+            row_mask = r < row_end
+            dy, xhat = _norm_bwd_rows(
+                X, DY, Mean, Rstd, DX, r * stride_xr, r * stride_dyr, r, row_mask, cols, col_mask, w, width,
+                inv_width, IS_RMS, HAS_WEIGHT, N_PARAMS, CAST_BEFORE_WEIGHT,
+            )  # fmt: skip
+            if N_PARAMS >= 1:
+                acc_dw += dy * xhat
+            if N_PARAMS == 2:
+                acc_db += dy
+        partial_offset = (chunk + example) * width + cols  # slot k + e
+        if N_PARAMS >= 1:
+            tl.store(PartialW + partial_offset, tl.sum(acc_dw, axis=0), mask=col_mask)
+        if N_PARAMS == 2:
+            tl.store(PartialB + partial_offset, tl.sum(acc_db, axis=0), mask=col_mask)
+
+
+@triton.jit
 def _reduce_partials_kernel(
-    Partial, Grads, SqPartial, SqNorms, Ticket,
-    n_examples, n_chunks, width,
+    Partial, Grads, SqPartial, SqNorms, Ticket, Offsets,
+    n_examples, n_chunks, width, rows_per_chunk, n_slots,
     N_PARAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """For a block of columns and each parameter p: dγ_b = Σ_c Partial[p, b, c] (c in
     order), Grads[p] = Σ_b dγ_b, SqPartial[b, p, block] = Σ_{d in block} dγ_b[d]².
-    The last program to finish sums SqPartial over blocks: SqNorms[b, p] = |dγ_b|²."""
+    The last program to finish sums SqPartial over blocks: SqNorms[b, p] = |dγ_b|².
+
+    SEGMENTED (examples given by Offsets, partials by `_norm_bwd_documents_kernel`):
+    example b's partials are the contiguous slots offsets[b]//C + b, … of Partial[p]
+    ((n_slots, D) per parameter), one per chunk its rows meet, none if it is empty."""
     block = tl.program_id(0)
     n_blocks = tl.num_programs(0)
     cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -159,13 +273,30 @@ def _reduce_partials_kernel(
         for first_example in range(0, n_examples, BLOCK_B):
             examples = first_example + tl.arange(0, BLOCK_B)
             per_example = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-            for first_chunk in range(0, n_chunks, BLOCK_C):
-                chunks = first_chunk + tl.arange(0, BLOCK_C)
-                rows = (p * n_examples + examples)[:, None] * n_chunks + chunks[None, :]  # (BLOCK_B, BLOCK_C)
-                offsets = rows.to(tl.int64)[:, :, None] * width + cols[None, None, :]
-                mask = ((examples < n_examples)[:, None] & (chunks < n_chunks)[None, :])[:, :, None]
-                mask = mask & col_mask[None, None, :]
-                per_example += tl.sum(tl.load(Partial + offsets, mask=mask, other=0.0), axis=1)
+            if SEGMENTED:
+                in_range = examples < n_examples
+                starts = tl.load(Offsets + examples, mask=in_range, other=0)
+                ends = tl.load(Offsets + examples + 1, mask=in_range, other=0)
+                first_slots = p * n_slots + starts // rows_per_chunk + examples  # (BLOCK_B,)
+                n_pieces = tl.where(
+                    ends > starts, (ends - 1) // rows_per_chunk - starts // rows_per_chunk + 1, 0
+                )
+                for first_chunk in range(0, tl.max(n_pieces, axis=0), BLOCK_C):
+                    chunks = first_chunk + tl.arange(0, BLOCK_C)
+                    rows = first_slots[:, None] + chunks[None, :]  # (BLOCK_B, BLOCK_C) slots
+                    offsets = rows.to(tl.int64)[:, :, None] * width + cols[None, None, :]
+                    mask = (chunks[None, :] < n_pieces[:, None])[:, :, None] & col_mask[None, None, :]
+                    per_example += tl.sum(tl.load(Partial + offsets, mask=mask, other=0.0), axis=1)
+            else:
+                for first_chunk in range(0, n_chunks, BLOCK_C):
+                    chunks = first_chunk + tl.arange(0, BLOCK_C)
+                    rows = (p * n_examples + examples)[:, None] * n_chunks + chunks[
+                        None, :
+                    ]  # (BLOCK_B, BLOCK_C)
+                    offsets = rows.to(tl.int64)[:, :, None] * width + cols[None, None, :]
+                    mask = ((examples < n_examples)[:, None] & (chunks < n_chunks)[None, :])[:, :, None]
+                    mask = mask & col_mask[None, None, :]
+                    per_example += tl.sum(tl.load(Partial + offsets, mask=mask, other=0.0), axis=1)
             total += tl.sum(per_example, axis=0)
             sq_offsets = (examples * 2 + p) * n_blocks + block
             tl.store(
@@ -256,6 +387,7 @@ class _CachedLauncher:
 
 _launch_forward = _CachedLauncher(_norm_fwd_kernel)
 _launch_backward = _CachedLauncher(_norm_bwd_kernel)
+_launch_backward_documents = _CachedLauncher(_norm_bwd_documents_kernel)
 _launch_reduce = _CachedLauncher(_reduce_partials_kernel)
 
 
@@ -375,9 +507,16 @@ def norm_forward_triton(x, weight, bias, eps, rms, weight_offset, cast_before_we
 
 
 def norm_backward_triton(
-    dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads=True
-):
-    """Launch the backward kernels. Returns `(dx, dw, db, sq_norms)` like the reference."""
+    dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads=True,
+    example_offsets=None,
+):  # fmt: skip
+    """Launch the backward kernels. Returns `(dx, dw, db, sq_norms)` like the reference;
+    with `example_offsets` (int64 (E+1,)), examples are row ranges of x viewed as (N, D)."""
+    if example_offsets is not None:
+        return _norm_backward_documents_triton(
+            dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads,
+            example_offsets,
+        )  # fmt: skip
     width = x.shape[-1]
     n_examples = x.shape[0] if x.dim() > 1 else 1
     x3 = _as_rows(x, n_examples)  # (B, R, D)
@@ -418,10 +557,66 @@ def norm_backward_triton(
     sq_norms = torch.empty(n_examples, 2, dtype=torch.float32, device=x.device)
     _launch_reduce(
         (n_blocks,),
-        (workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device),
-         n_examples, n_chunks, width),
+        (workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device), None,
+         n_examples, n_chunks, width, 0, 0),
         reduce_warps,
         N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_D=reduce_d,
-        BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b),
+        BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=False,
+    )  # fmt: skip
+    return dx, grads[0], (grads[1] if n_params == 2 else None), sq_norms
+
+
+# Pieces of one example summed per load in the segmented reduction: most documents meet
+# one or two chunks; a long one loops.
+_DOCUMENT_PIECES_PER_LOAD = 4
+
+
+def _norm_backward_documents_triton(
+    dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads, example_offsets
+):
+    """`norm_backward_triton` with examples given as row ranges of the (N, D) input (see the
+    module docstring). No host-device sync: every size comes from N and E."""
+    width = x.shape[-1]
+    x3 = _as_rows(x, 1)  # (1, N, D)
+    dy3 = _as_rows(dy, 1)  # (1, N, D)
+    n_rows = x3.shape[1]
+    check_example_offsets(example_offsets, n_rows)
+    offsets = example_offsets.contiguous()
+    n_examples = offsets.numel() - 1
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n_params = 0 if (weight is None or not param_grads) else (2 if has_bias else 1)
+    sq_norms = torch.zeros(n_examples, 2, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        grads = [torch.zeros_like(weight) if n_params >= k else None for k in (1, 2)]
+        return dx, *grads, sq_norms
+
+    block_m, block_d, num_warps, rows_per_chunk, n_chunks = backward_config(width, 1, n_rows, x.device)
+    n_slots = n_chunks + n_examples - 1  # slot k + e for chunk k, example e
+    search_steps = (n_examples - 1).bit_length()  # ⌈log2 E⌉ halvings find a row's example
+    reduce_b, _, reduce_d, reduce_warps = reduce_config(width, n_examples, _DOCUMENT_PIECES_PER_LOAD)
+    n_blocks = triton.cdiv(width, reduce_d)
+    partial_numel = n_params * n_slots * width
+    # one fp32 workspace: partial sums (P, slots, D), then per-block squared norms (E, 2, blocks)
+    workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
+    _launch_backward_documents(
+        (n_chunks,),
+        (x3, dy3, weight, mean, rstd, dx, workspace, workspace[n_slots * width :], offsets,
+         x3.stride(1), dy3.stride(1),
+         n_rows, n_examples, rows_per_chunk, search_steps, width, 1.0 / width, weight_offset),
+        num_warps,
+        IS_RMS=rms, HAS_WEIGHT=weight is not None, N_PARAMS=n_params,
+        CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    if n_params == 0:
+        return dx, None, None, sq_norms
+
+    grads = torch.empty(n_params, width, dtype=weight.dtype, device=x.device)  # dγ, dβ
+    _launch_reduce(
+        (n_blocks,),
+        (workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device), offsets,
+         n_examples, n_chunks, width, rows_per_chunk, n_slots),
+        reduce_warps,
+        N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=_DOCUMENT_PIECES_PER_LOAD, BLOCK_D=reduce_d,
+        BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=True,
     )  # fmt: skip
     return dx, grads[0], (grads[1] if n_params == 2 else None), sq_norms
