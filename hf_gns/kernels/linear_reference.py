@@ -94,16 +94,36 @@ def _sq_norms_of_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows.flatten(1), dim=1, dtype=_accumulation_dtype(rows.dtype)).square()
 
 
-def linear_bias_sq_norms(grad_out: torch.Tensor) -> torch.Tensor:
-    """|Σ_t G_bt|² for G (B, T, L): per-example squared norms of the bias gradient."""
+def _as_documents(example_offsets: torch.Tensor | None, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flat rows (N, F) as zero-padded document batches (E, T_max, F) when offsets are given."""
+    if example_offsets is None:
+        return rows
+    max_rows = max_example_rows(example_offsets)
+    return tuple(documents_as_batch(r.reshape(-1, r.shape[-1]), example_offsets, max_rows) for r in rows)
+
+
+def linear_bias_sq_norms(grad_out: torch.Tensor, example_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """|Σ_t G_bt|² for G (B, T, L): per-example squared norms of the bias gradient.
+
+    With `example_offsets` (int64 (E+1,)), G is taken as rows (N, L) of E documents: (E,) norms.
+    """
+    if example_offsets is not None:
+        rows = grad_out.reshape(-1, grad_out.shape[-1]).to(_accumulation_dtype(grad_out.dtype))
+        return _sq_norms_of_rows(
+            torch.segment_reduce(rows, "sum", offsets=example_offsets, axis=0, unsafe=True)
+        )
     return _sq_norms_of_rows(grad_out.sum(1, dtype=_accumulation_dtype(grad_out.dtype)))
 
 
-def linear_weight_sq_norms_ghost(inputs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def linear_weight_sq_norms_ghost(
+    inputs: torch.Tensor, grad_out: torch.Tensor, example_offsets: torch.Tensor | None = None
+) -> torch.Tensor:
     """|G_bᵀ A_b|² = ⟨A_b A_bᵀ, G_b G_bᵀ⟩ for A (B, T, K), G (B, T, L), without forming G_bᵀ A_b.
 
-    For T = 1 this is |a_b|²·|g_b|².
+    For T = 1 this is |a_b|²·|g_b|². With `example_offsets` (int64 (E+1,)), A and G are taken
+    as rows (N, K), (N, L) of E documents, padded to (E, T_max, ·): (E,) norms.
     """
+    inputs, grad_out = _as_documents(example_offsets, inputs, grad_out)
     if inputs.shape[1] == 1:  # (B, K) rows: the outer product's norm is the product of norms
         return _sq_norms_of_rows(inputs) * _sq_norms_of_rows(grad_out)
     dtype = _accumulation_dtype(inputs.dtype)
@@ -125,6 +145,7 @@ def linear_weight_grad_simultaneous(
     transposed: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_and_sq_norms_reference,
+    example_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight gradient Σ_b G_bᵀ A_b and the per-example squared norms |G_bᵀ A_b|², from the same matmuls.
 
@@ -139,10 +160,14 @@ def linear_weight_grad_simultaneous(
         reduce (`Callable`, *optional*): `(P (B, N), out (N,)) -> (B,)` writing the example sum
             into `out` and returning the squared norms; `sum_and_sq_norms_reference` or the
             one-read Triton kernel.
+        example_offsets (`torch.Tensor`, *optional*): int64 (E+1,): A and G are rows (N, K),
+            (N, L) of E documents (padding-free batches), formed into the zero-padded
+            (E, T_max, ·) batch `documents_as_batch` makes; the norms are then (E,).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: the weight gradient and the (B,) norms.
     """
+    inputs, grad_out = _as_documents(example_offsets, inputs, grad_out)
     n_examples, _, in_features = inputs.shape
     out_features = grad_out.shape[-1]
     rows_per_chunk = max(1, chunk_bytes // (n_examples * in_features * inputs.element_size()))

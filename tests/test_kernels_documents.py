@@ -1,0 +1,282 @@
+"""Per-document examples (`example_offsets`) in the norm, linear and embedding kernels.
+
+Oracle: one document at a time through plain autograd in fp64 (norms are row-wise, so a
+document alone gives its own rows' outputs and its own parameter gradient). Documents of
+unequal lengths, including length 1, empty ones and ones spanning several backward chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_gns.kernels import norm_backward_reference, norm_forward_reference
+from hf_gns.kernels.linear_reference import (
+    documents_as_batch,
+    embedding_sq_norms,
+    example_of_rows,
+    linear_bias_sq_norms,
+    linear_weight_grad_simultaneous,
+    linear_weight_sq_norms_ghost,
+    max_example_rows,
+    remember_max_example_rows,
+)
+from tests.conftest import triton_runs_here
+from tests.test_kernels_norm import EPS, VARIANTS, Variant, oracle_forward
+
+NORM_VARIANTS = [v for v in VARIANTS if v.name in ("layernorm", "rmsnorm", "rmsnorm_llama", "rmsnorm_gemma")]
+LENGTHS = [1, 6, 0, 9, 3, 1, 14]  # N = 34: a one-row document, an empty one, several crossing chunks
+
+
+def offsets_of(lengths, device="cpu"):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64, device=device)
+
+
+def norm_inputs(n_rows, width, dtype, variant: Variant, seed=0, leading=None):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (*(leading or (1, n_rows)), width)
+    x = (3.0 * torch.randn(shape, generator=gen) + 0.5).to(dtype)
+    weight = (1.0 + 0.5 * torch.randn(width, generator=gen)).to(dtype)
+    bias = (0.5 * torch.randn(width, generator=gen)).to(dtype) if variant.bias else None
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    return x, weight, bias, dy
+
+
+def per_document_oracle(x, weight, bias, dy, variant: Variant, offsets):
+    """|dγ_e|², |dβ_e|² (fp64) and dγ, dβ, dx, from each document's rows alone."""
+    width = x.shape[-1]
+    rows, grads = x.reshape(-1, width), dy.reshape(-1, width)
+    sq, dws, dbs, dxs = [], [], [], []
+    for e in range(offsets.numel() - 1):
+        start, end = int(offsets[e]), int(offsets[e + 1])
+        xe = rows[start:end].double().requires_grad_()
+        we = weight.double().requires_grad_()
+        be = None if bias is None else bias.double().requires_grad_()
+        oracle_forward(xe, we, be, variant).backward(grads[start:end].double())
+        sq.append([we.grad.square().sum().item(), 0.0 if be is None else be.grad.square().sum().item()])
+        dws.append(we.grad)
+        dbs.append(None if be is None else be.grad)
+        dxs.append(xe.grad)
+    out = {"sq": torch.tensor(sq, dtype=torch.float64), "dw": torch.stack(dws).sum(0), "dx": torch.cat(dxs)}
+    if bias is not None:
+        out["db"] = torch.stack(dbs).sum(0)
+    return out
+
+
+def run_backward(backend, x, weight, bias, dy, variant: Variant, offsets):
+    if backend == "torch":
+        forward, backward = norm_forward_reference, norm_backward_reference
+        _, mean, rstd = forward(x, weight, bias, EPS, variant.rms)
+        return backward(
+            dy, x, weight, mean, rstd, bias is not None, variant.rms, variant.weight_offset,
+            variant.cast_before_weight, example_offsets=offsets,
+        )  # fmt: skip
+    from hf_gns.kernels.norm_triton import norm_backward_triton, norm_forward_triton
+
+    _, mean, rstd = norm_forward_triton(
+        x, weight, bias, EPS, variant.rms, variant.weight_offset, variant.cast_before_weight, None
+    )
+    return norm_backward_triton(
+        dy, x, weight, mean, rstd, bias is not None, variant.rms, variant.weight_offset,
+        variant.cast_before_weight, example_offsets=offsets,
+    )  # fmt: skip
+
+
+def force_chunks(monkeypatch, block_m, rows_per_chunk):
+    """Make the Triton backward cut its rows into `rows_per_chunk`-row chunks of `block_m`-row tiles."""
+    from hf_gns.kernels import norm_triton
+
+    def config(width, n_examples, n_rows, device):
+        block_d = norm_triton.triton.next_power_of_2(width)
+        return block_m, block_d, 4, rows_per_chunk, -(-n_rows // rows_per_chunk)
+
+    monkeypatch.setattr(norm_triton, "backward_config", config)
+
+
+def backends():
+    return ["torch", "triton"] if triton_runs_here("cpu") else ["torch"]
+
+
+def check(got, exact, dtype=torch.float32):
+    dx, dw, db, sq = got
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(sq.double(), exact["sq"], **tol)
+    torch.testing.assert_close(dw.double(), exact["dw"], **tol)
+    torch.testing.assert_close(dx.reshape(exact["dx"].shape).double(), exact["dx"], **tol)
+    if "db" in exact:
+        torch.testing.assert_close(db.double(), exact["db"], **tol)
+
+
+@pytest.mark.parametrize("variant", NORM_VARIANTS, ids=[v.name for v in NORM_VARIANTS])
+@pytest.mark.parametrize(
+    "backend, chunking",
+    [("torch", None), ("triton", (2, 4)), ("triton", (4, 8)), ("triton", (1, 3))],
+    ids=["torch", "triton-m2c4", "triton-m4c8", "triton-m1c3"],
+)
+def test_norm_per_document_matches_one_document_at_a_time(monkeypatch, variant, backend, chunking):
+    """Chunks of 3, 4 and 8 rows (tiles of 1, 2, 4): documents start and end inside and at chunk edges."""
+    if backend not in backends():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    if chunking is not None:
+        force_chunks(monkeypatch, *chunking)
+    offsets = offsets_of(LENGTHS)
+    x, weight, bias, dy = norm_inputs(int(offsets[-1]), 24, torch.float32, variant)
+    got = run_backward(backend, x, weight, bias, dy, variant, offsets)
+    assert got[3].shape == (len(LENGTHS), 2)
+    check(got, per_document_oracle(x, weight, bias, dy, variant, offsets))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_documents_across_rows_of_a_batch_and_per_head_rows(backend):
+    """(B, T) batches with restarts, and 4-D (B, T, H, Dh) inputs: offsets count rows of (N, D)."""
+    if backend not in backends():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    variant = NORM_VARIANTS[0]
+    offsets = offsets_of([3, 5, 2, 6])  # a (2, 8) batch: row 0 = docs 0,1; row 1 = docs 2,3
+    x, weight, bias, dy = norm_inputs(16, 16, torch.float32, variant, leading=(2, 8))
+    check(
+        run_backward(backend, x, weight, bias, dy, variant, offsets),
+        per_document_oracle(x, weight, bias, dy, variant, offsets),
+    )
+    heads = 3  # token-major rows: each token owns 3 consecutive rows
+    x, weight, bias, dy = norm_inputs(48, 8, torch.float32, variant, leading=(2, 8, heads))
+    row_offsets = offsets * heads
+    check(
+        run_backward(backend, x, weight, bias, dy, variant, row_offsets),
+        per_document_oracle(x, weight, bias, dy, variant, row_offsets),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_documents_low_precision_match_the_reference(monkeypatch, dtype):
+    if not triton_runs_here("cpu"):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    force_chunks(monkeypatch, 2, 4)
+    variant = NORM_VARIANTS[0]
+    offsets = offsets_of(LENGTHS)
+    x, weight, bias, dy = norm_inputs(int(offsets[-1]), 24, dtype, variant)
+    got = run_backward("triton", x, weight, bias, dy, variant, offsets)
+    ref = run_backward("torch", x, weight, bias, dy, variant, offsets)
+    torch.testing.assert_close(got[3], ref[3].float(), rtol=1e-4, atol=1e-4)  # fp32 sums of the same rows
+    check(got, per_document_oracle(x, weight, bias, dy, variant, offsets), dtype)
+
+
+def test_triton_documents_are_bitwise_deterministic_and_close_to_the_dense_path(monkeypatch):
+    if not triton_runs_here("cpu"):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    variant = NORM_VARIANTS[0]
+    x, weight, bias, dy = norm_inputs(12, 40, torch.float32, variant, leading=(3, 4))
+    dense = run_backward("torch", x, weight, bias, dy, variant, None)
+    force_chunks(monkeypatch, 2, 2)
+    offsets = offsets_of([4, 4, 4])  # one document per row: the dense examples
+    first = run_backward("triton", x, weight, bias, dy, variant, offsets)
+    second = run_backward("triton", x, weight, bias, dy, variant, offsets)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(first, dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_parameters_with_documents_still_give_dx(backend):
+    if backend not in backends():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    variant = NORM_VARIANTS[0]
+    offsets = offsets_of([2, 5])
+    x, weight, bias, dy = norm_inputs(7, 8, torch.float32, variant)
+    _, mean, rstd = norm_forward_reference(x, weight, bias, EPS, False)
+    impl = norm_backward_reference
+    if backend == "triton":
+        from hf_gns.kernels.norm_triton import norm_backward_triton as impl
+    dx, dw, db, sq = impl(
+        dy, x, weight, mean, rstd, True, False, 0.0, False, param_grads=False, example_offsets=offsets
+    )
+    assert dw is None and db is None and sq.shape == (2, 2) and not sq.any()
+    torch.testing.assert_close(
+        dx.double(), per_document_oracle(x, weight, bias, dy, variant, offsets)["dx"].reshape(dx.shape)
+    )
+
+
+def test_bad_offsets_fail_with_a_clear_error():
+    variant = NORM_VARIANTS[0]
+    x, weight, bias, dy = norm_inputs(5, 8, torch.float32, variant)
+    for bad in (
+        torch.tensor([0, 2, 4]),
+        torch.tensor([1, 5]),
+        torch.tensor([0, 3, 2, 5]),
+        torch.tensor([0, 5.0]),
+    ):
+        with pytest.raises(ValueError, match="example_offsets"):
+            run_backward("torch", x, weight, bias, dy, variant, bad)
+
+
+# --------------------------------------------------------------------------- linear, embedding
+
+
+def linear_per_document_oracle(rows, grad_rows, offsets, with_bias=True):
+    """|dW_e|², |db_e|² in fp64 from each document's rows through F.linear alone."""
+    sq_w, sq_b = [], []
+    for e in range(offsets.numel() - 1):
+        start, end = int(offsets[e]), int(offsets[e + 1])
+        weight = torch.zeros(grad_rows.shape[-1], rows.shape[-1], dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(grad_rows.shape[-1], dtype=torch.float64, requires_grad=True)
+        F.linear(rows[start:end].double(), weight, bias).backward(grad_rows[start:end].double())
+        sq_w.append(weight.grad.square().sum())
+        sq_b.append(bias.grad.square().sum())
+    return torch.stack(sq_w), torch.stack(sq_b)
+
+
+def test_documents_as_batch_pads_each_document_with_zero_rows():
+    offsets = offsets_of([2, 0, 3])
+    rows = torch.arange(10.0).reshape(5, 2)
+    padded = documents_as_batch(rows, offsets)
+    assert padded.shape == (3, 3, 2)
+    assert padded[0, :2].tolist() == rows[:2].tolist() and not padded[0, 2].any()
+    assert not padded[1].any()
+    assert padded[2].tolist() == rows[2:].tolist()
+    assert example_of_rows(offsets, 5).tolist() == [0, 0, 2, 2, 2]
+
+
+def test_max_example_rows_is_remembered_without_reading_the_device():
+    offsets = offsets_of([2, 7, 1])
+    assert max_example_rows(offsets) == 7
+    other = offsets_of([2, 7, 1])
+    remember_max_example_rows(other, 9)  # a caller that knows it (e.g. max_length_q) sets it
+    assert max_example_rows(other) == 9
+
+
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_linear_per_document_norms_match_one_document_at_a_time(method):
+    gen = torch.Generator().manual_seed(0)
+    offsets = offsets_of(LENGTHS)
+    n_rows = int(offsets[-1])
+    rows, grad_rows = torch.randn(n_rows, 5, generator=gen), torch.randn(n_rows, 7, generator=gen)
+    exact_w, exact_b = linear_per_document_oracle(rows, grad_rows, offsets)
+    if method == "simultaneous":  # rows (N, ·) and the offsets, as the linear op passes them
+        weight_grad, sq_w = linear_weight_grad_simultaneous(
+            rows, grad_rows, torch.float32, chunk_bytes=64, example_offsets=offsets
+        )
+        torch.testing.assert_close(weight_grad, grad_rows.t() @ rows, rtol=1e-5, atol=1e-5)  # Σ_e P_e = dW
+    else:
+        sq_w = linear_weight_sq_norms_ghost(rows, grad_rows, example_offsets=offsets)
+    torch.testing.assert_close(sq_w.double(), exact_w, rtol=1e-5, atol=1e-5)
+    bias_sq = linear_bias_sq_norms(grad_rows, example_offsets=offsets)
+    torch.testing.assert_close(bias_sq.double(), exact_b, rtol=1e-5, atol=1e-5)
+    padded = documents_as_batch(grad_rows, offsets)  # (E, T_max, L): the dense functions agree
+    torch.testing.assert_close(linear_bias_sq_norms(padded).double(), exact_b, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_per_document_norms_add_repeats_within_a_document_only():
+    offsets = offsets_of([3, 1, 0, 4])
+    ids = torch.tensor([[2, 5, 2, 2, 5, 1, 0, 5]])  # id 2 repeats inside doc 0 and appears in doc 3
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(1, 8, 4, generator=gen)
+    exact = []
+    for e in range(4):
+        start, end = int(offsets[e]), int(offsets[e + 1])
+        weight = torch.zeros(6, 4, dtype=torch.float64, requires_grad=True)
+        F.embedding(ids[0, start:end], weight, padding_idx=0).backward(grad[0, start:end].double())
+        exact.append(weight.grad.square().sum())
+    got = embedding_sq_norms(ids, grad, 6, padding_idx=0, example_offsets=offsets)
+    torch.testing.assert_close(got.double(), torch.stack(exact), rtol=1e-6, atol=1e-6)
