@@ -1,0 +1,518 @@
+"""The benchmark of record: plain `transformers.Trainer` vs `hf_gns.GNSTrainer`, one process per variant.
+
+Both trainers get identical `TrainingArguments`: bf16, `optim="adamw_torch_fused"`,
+`max_grad_norm=1.0`, logging every 10 steps, no saving, no evaluation, `report_to="none"`,
+a fixed seed, synthetic random tokens (labels = inputs). Models are built from configs
+(random weights, same seed for every variant):
+
+    gpt2       GPT-2 124M (GPT2Config defaults: 12 x 768, vocab 50257, tied), B=16, T=1024
+    llama124   Llama-style 123.6M: hidden 768, 12 layers, 12 heads (no GQA), intermediate
+               2048, vocab 50257, tied embeddings, SDPA, B=8, T=2048
+    llama850   Llama-style 0.85B: hidden 2048, 16 layers, GQA 16/4 heads, intermediate 5632,
+               vocab 32000, untied, SDPA, B=4, T=2048
+
+Variants (`--variants`): `trainer`, `gns-norms` (`gns_track="norms"`), `gns-all`
+(`gns_track="all"`), each also with a `-compile` suffix (`torch_compile=True`), and
+`trainer-liger`, `gns-norms-liger` (`use_liger_kernel=True`; skipped with a note when
+liger_kernel is not importable). Every variant runs in a fresh subprocess (no compile
+caches, allocator state or clocks shared in-process). A `TrainerCallback` records one CUDA
+event at the end of every optimizer step (no host sync: read once after training); a step's
+time is the gap between consecutive events, i.e. wall time of the loop including data
+loading, host work and the Trainer's own syncs. Reported: median step time over the
+`--steps` steps after `--warmup` steps, tokens/s, the ratio to the same model's plain
+Trainer of the same kind (eager / compiled / Liger) in the same invocation, peak memory
+(`torch.cuda.max_memory_allocated` over the whole run), and each process's wall time
+(compile time is the cost). Targets (issue 11): see `TARGETS`.
+
+    PYTHONPATH=. python benchmarks/bench_trainer.py                               # everything
+    PYTHONPATH=. python benchmarks/bench_trainer.py --models gpt2,llama124 --json a.json
+    PYTHONPATH=. python benchmarks/bench_trainer.py --models llama850 --json b.json
+    PYTHONPATH=. python benchmarks/bench_trainer.py --from-json a.json,b.json     # one table of both
+    PYTHONPATH=. python benchmarks/bench_trainer.py --check-graph-breaks --models gpt2
+    PYTHONPATH=. python benchmarks/bench_trainer.py --profile --models llama124 --variants trainer,gns-all
+    python benchmarks/bench_trainer.py --tiny --models gpt2 --variants trainer,gns-norms   # CPU smoke
+
+`--check-graph-breaks` runs the compiled GNS variants with `TORCH_LOGS=graph_breaks,recompiles`
+and prints every graph break / recompile whose log record names a file under hf_gns/
+(and how many there were in all). `--profile` runs torch.profiler over a few steps after
+warm-up and prints the top ops by device time and by host time (the Trainer-loop step,
+issue 11 part 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+VARIANTS = (
+    "trainer",
+    "gns-norms",
+    "gns-all",
+    "trainer-compile",
+    "gns-norms-compile",
+    "gns-all-compile",
+    "trainer-liger",
+    "gns-norms-liger",
+)
+DEFAULT_VARIANTS = VARIANTS
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    title: str
+    batch: int
+    seq: int
+    norms_eager_target: float  # GNSTrainer (norms) / Trainer, eager
+
+
+MODELS = {
+    "gpt2": ModelSpec("GPT-2 124M", 16, 1024, 1.00),
+    "llama124": ModelSpec("Llama-style 124M", 8, 2048, 1.12),
+    "llama850": ModelSpec("Llama-style 0.85B", 4, 2048, 1.08),
+}
+TINY_BATCH, TINY_SEQ = 2, 32
+
+COMPILED_NORMS_TARGET = 0.99
+ALL_LAYERS_TARGET = 0.85
+LIGER_NORMS_TARGET = 0.99  # issue 12: GNSTrainer + Liger vs Trainer + Liger
+MEMORY_SLACK = 1.02  # peak memory ≤ Trainer's + 2%
+
+
+def model_config(key: str, tiny: bool):
+    from transformers import GPT2Config, LlamaConfig
+
+    if key == "gpt2":
+        if tiny:
+            return GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=512)
+        return GPT2Config()  # 124M: 12 layers, 768 wide, vocab 50257, n_positions 1024
+    if tiny:
+        size = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4)
+        size.update(num_key_value_heads=2 if key == "llama850" else 4, vocab_size=512)
+    elif key == "llama124":
+        size = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12)
+        size.update(num_key_value_heads=12, vocab_size=50257)
+    else:  # llama850: 0.853B parameters
+        size = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16)
+        size.update(num_key_value_heads=4, vocab_size=32000)
+    return LlamaConfig(**size, max_position_embeddings=2048, tie_word_embeddings=key == "llama124")
+
+
+def baseline_of(variant: str) -> str:
+    """The plain-Trainer variant a variant is compared with: same compile / Liger setting."""
+    for suffix in ("-compile", "-liger"):
+        if variant.endswith(suffix):
+            return "trainer" + suffix
+    return "trainer"
+
+
+# ------------------------------------------------------------------------------ child
+
+
+def _child(args) -> None:
+    """Train one variant of one model and write its measurements to `args.child_json`."""
+    import torch
+
+    result = {"model": args.model, "variant": args.variant}
+    if "liger" in args.variant:
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError as error:
+            result["skipped"] = f"liger_kernel not importable ({error})"
+            _write(args.child_json, result)
+            return
+
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    import hf_gns
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    spec = MODELS[args.model]
+    batch, seq = (TINY_BATCH, TINY_SEQ) if args.tiny else (spec.batch, spec.seq)
+    total_steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
+
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(model_config(args.model, args.tiny), attn_implementation="sdpa")
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, vocab, (total_steps * batch, seq), generator=generator)  # (N, T)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+
+    gns = args.variant.startswith("gns")
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench_trainer_"),
+        per_device_train_batch_size=batch,
+        max_steps=total_steps,
+        learning_rate=1e-4,
+        bf16=cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        max_grad_norm=1.0,
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        torch_compile=args.variant.endswith("-compile"),
+        use_liger_kernel=args.variant.endswith("-liger"),
+    )
+    if gns:
+        arguments = hf_gns.GNSTrainingArguments(
+            **common, gns_track="all" if "-all" in args.variant else "norms"
+        )
+        trainer_class = hf_gns.GNSTrainer
+    else:
+        arguments = TrainingArguments(**common)
+        trainer_class = Trainer
+
+    class StepTimer(TrainerCallback):
+        """One CUDA event (or host clock on CPU) at the end of each optimizer step; no sync."""
+
+        def __init__(self):
+            self.marks = []
+            self.profiler = None
+
+        def _mark(self):
+            if cuda:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                self.marks.append(event)
+            else:
+                self.marks.append(time.perf_counter())
+
+        def on_train_begin(self, *_, **__):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, _args, state, *_, **__):
+            self._mark()
+            if args.profile and state.global_step == args.warmup + args.steps:
+                from torch.profiler import ProfilerActivity, profile
+
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                self.profiler = profile(activities=activities)
+                self.profiler.__enter__()
+            if self.profiler is not None and state.global_step == total_steps:
+                if cuda:
+                    torch.cuda.synchronize()  # sync: the profiled steps' kernels finish inside the trace
+                self.profiler.__exit__(None, None, None)
+
+        def step_ms(self) -> list[float]:
+            if cuda:
+                torch.cuda.synchronize()  # sync: once, after training, to read the events
+                return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+            return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+    timer = StepTimer()
+    trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, callbacks=[timer])
+    trainer.train()
+    # marks[k] ends step k+1: gaps[k] is step k+2; measured steps are warmup+1 .. warmup+steps
+    gaps = timer.step_ms()
+    measured = (
+        gaps[args.warmup - 1 : args.warmup - 1 + args.steps] if args.warmup >= 1 else gaps[: args.steps]
+    )
+    step_ms = statistics.median(measured)
+    result.update(
+        title=spec.title,
+        batch=batch,
+        seq=seq,
+        params=sum(p.numel() for p in model.parameters()),
+        step_ms=step_ms,
+        step_ms_all=measured,
+        tokens_per_s=batch * seq / (step_ms / 1e3),
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+    )
+    if gns:
+        value = trainer.current_gns()  # sync, after timing
+        result["gns"] = None if value is None or math.isnan(value) else value
+        result["tracked_params"] = len(hf_gns.per_example_sq_norms(trainer.model))
+    if args.check_graph_breaks:
+        from torch._dynamo.utils import counters
+
+        result["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
+        result["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]
+    if timer.profiler is not None:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        averages = timer.profiler.key_averages()
+        print(f"\n=== profile: {args.model} {args.variant}, {args.profile_steps} steps, by device time ===")
+        print(averages.table(sort_by=sort, row_limit=args.profile_rows))
+        if cuda:
+            print(f"=== profile: {args.model} {args.variant}, by host time ===")
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    _write(args.child_json, result)
+
+
+def _write(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f)
+
+
+# ----------------------------------------------------------------------------- parent
+
+_LOG_RECORD = re.compile(r"^(?:\[rank\d+\]:)?[VIWEDC]\d{4} ")
+
+
+def hf_gns_log_records(stderr: str) -> tuple[int, list[str]]:
+    """(number of graph-break/recompile records, those naming a file under hf_gns/) in TORCH_LOGS output."""
+    records, current = [], []
+    for line in stderr.splitlines():
+        if _LOG_RECORD.match(line) and current:
+            records.append("\n".join(current))
+            current = []
+        if _LOG_RECORD.match(line) or current:
+            current.append(line)
+    if current:
+        records.append("\n".join(current))
+    relevant = [r for r in records if "graph_break" in r or "Graph break" in r or "ecompil" in r]
+    return len(relevant), [r for r in relevant if re.search(r"hf_gns[/\\]", r)]
+
+
+def run_variant(model: str, variant: str, args) -> dict:
+    """One subprocess per variant; returns its result dict (with wall time, or an error)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    command = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--variant", variant]
+    command += ["--child-json", out, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command += ["--seed", str(args.seed), "--profile-steps", str(args.profile_steps)]
+    command += ["--profile-rows", str(args.profile_rows)]
+    command += ["--tiny"] * args.tiny + ["--profile"] * args.profile
+    command += ["--check-graph-breaks"] * args.check_graph_breaks
+    env = dict(os.environ)
+    if args.check_graph_breaks:
+        env["TORCH_LOGS"] = "graph_breaks,recompiles"
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+        returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as error:
+        returncode, stdout, stderr = None, error.stdout or "", error.stderr or ""
+        stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
+    wall_s = time.perf_counter() - start
+    if args.profile and stdout:
+        print(stdout)
+    result = {"model": model, "variant": variant}
+    if returncode == 0 and os.path.getsize(out) > 0:
+        with open(out) as f:
+            result = json.load(f)
+    else:
+        why = "timed out" if returncode is None else f"exit {returncode}"
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        result["error"] = f"{why} after {wall_s:.0f} s"
+        print(f"  {model} {variant}: FAILED ({why}); stderr tail:\n{tail}", flush=True)
+    os.unlink(out)
+    result["wall_s"] = wall_s
+    if args.check_graph_breaks:
+        total, ours = hf_gns_log_records(stderr)
+        result["log_records"], result["hf_gns_log_records"] = total, ours
+    return result
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def add_ratios(results: list[dict]) -> None:
+    by_key = {(r["model"], r["variant"]): r for r in results}
+    for r in results:
+        base = by_key.get((r["model"], baseline_of(r["variant"])))
+        ok = base is not None and "tokens_per_s" in base and "tokens_per_s" in r
+        r["baseline"] = baseline_of(r["variant"])
+        r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"] if ok else None
+        mem_ok = ok and r.get("peak_memory_bytes") and base.get("peak_memory_bytes")
+        r["memory_ratio"] = r["peak_memory_bytes"] / base["peak_memory_bytes"] if mem_ok else None
+
+
+def results_table(results: list[dict]) -> str:
+    from _timing import format_table
+
+    headers = ["model", "B x T", "variant", "step ms", "tok/s", "vs baseline", "baseline"]
+    headers += ["peak GiB", "mem ratio", "wall s", "gns"]
+    rows = []
+    for r in results:
+        note = r.get("skipped") or r.get("error")
+        if note:
+            rows.append(
+                [r["model"], "", r["variant"], note, "", "", "", "", "", _fmt(r.get("wall_s"), ".0f"), ""]
+            )
+            continue
+        peak = r.get("peak_memory_bytes")
+        rows.append(
+            [
+                r["title"],
+                f"{r['batch']} x {r['seq']}",
+                r["variant"],
+                f"{r['step_ms']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                _fmt(r["ratio"], ".3f") + ("x" if r["ratio"] is not None else ""),
+                r["baseline"] if r["variant"] != r["baseline"] else "",
+                _fmt(None if peak is None else peak / 2**30, ".2f"),
+                _fmt(r["memory_ratio"], ".3f"),
+                f"{r['wall_s']:.0f}",
+                _fmt(r.get("gns"), ".4g") if r["variant"].startswith("gns") else "",
+            ]
+        )
+    return format_table(headers, rows)
+
+
+def target_lines(results: list[dict]) -> list[str]:
+    """Every issue-11 (and issue-12 Liger) target measurable from these results, PASS or MISS."""
+    lines = []
+    for r in results:
+        variant, spec = r["variant"], MODELS[r["model"]]
+        if not variant.startswith("gns"):
+            continue
+        if variant == "gns-norms":
+            goal, what = spec.norms_eager_target, "GNS norms eager vs Trainer"
+        elif variant == "gns-norms-compile":
+            goal, what = COMPILED_NORMS_TARGET, "GNS norms compiled vs compiled Trainer"
+        elif variant.startswith("gns-all"):
+            kind = "compiled" if variant.endswith("-compile") else "eager"
+            goal, what = ALL_LAYERS_TARGET, f"gns_track='all' {kind} vs Trainer"
+        else:
+            goal, what = LIGER_NORMS_TARGET, "GNS norms + Liger vs Trainer + Liger"
+        label = f"{spec.title}: {what}"
+        if r.get("ratio") is None:
+            lines.append(f"  {label} >= {goal:.2f}x: not measured ({r.get('skipped') or r.get('error')})")
+            continue
+        lines.append(
+            f"  {label} >= {goal:.2f}x: {r['ratio']:.3f}x {'PASS' if r['ratio'] >= goal else 'MISS'}"
+        )
+        if r.get("memory_ratio") is not None:
+            status = "PASS" if r["memory_ratio"] <= MEMORY_SLACK else "MISS"
+            lines.append(
+                f"  {label[: label.index(':')]}: {variant} peak memory <= {r['baseline']} + 2%: "
+                f"{(r['memory_ratio'] - 1) * 100:+.1f}% {status}"
+            )
+    return lines
+
+
+def report(results: list[dict], header: str) -> None:
+    add_ratios(results)
+    print()
+    print(header)
+    print(results_table(results))
+    lines = target_lines(results)
+    if lines:
+        print("\nTargets (issue 11; Liger: issue 12):")
+        print("\n".join(lines))
+
+
+def parse_args(argv=None):
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument(
+        "--models", default="gpt2,llama124,llama850", help=f"comma-separated: {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=8, help="unmeasured steps first (compile happens here)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write every variant's result to this JSON file")
+    parser.add_argument(
+        "--from-json", help="comma-separated JSON files of earlier runs: print their table only"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=420, help="seconds before a variant's process is killed"
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU in fp32 (smoke test)")
+    parser.add_argument(
+        "--check-graph-breaks",
+        action="store_true",
+        help="run the compiled GNS variants under TORCH_LOGS=graph_breaks,recompiles; print hf_gns records",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="torch.profiler summary of steps after warm-up"
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--profile-rows", type=int, default=30)
+    # internal: one variant in this process
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.variants = [v for v in args.variants.split(",") if v]
+    if set(args.models) - set(MODELS):
+        parser.error(
+            f"unknown models {sorted(set(args.models) - set(MODELS))}; choose from {', '.join(MODELS)}"
+        )
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}; choose from {VARIANTS}")
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1")
+    if args.check_graph_breaks:
+        args.variants = [v for v in args.variants if v.startswith("gns") and v.endswith("-compile")]
+        args.variants = args.variants or ["gns-norms-compile"]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+    if args.from_json:
+        results = []
+        for path in args.from_json.split(","):
+            with open(path) as f:
+                results += json.load(f)["results"]
+        report(results, f"from {args.from_json}")
+        return
+
+    from _timing import environment_info, format_environment, require_device
+
+    env = environment_info(require_device("cpu" if args.tiny else "cuda"))
+    print(format_environment(env))
+    print(
+        f"HF Trainer loop, {'fp32 (tiny, CPU)' if args.tiny else 'bf16, adamw_torch_fused'}, "
+        "max_grad_norm 1.0, "
+        f"random tokens; per variant its own process, {args.warmup} warm-up + median of {args.steps} steps",
+        flush=True,
+    )
+    results = []
+    for model in args.models:
+        for variant in args.variants:
+            result = run_variant(model, variant, args)
+            status = result.get("skipped") or result.get("error") or f"{result['step_ms']:.1f} ms/step"
+            print(f"  {model:9s} {variant:18s} {status}  (process wall {result['wall_s']:.0f} s)", flush=True)
+            results.append(result)
+    if args.check_graph_breaks:
+        print()
+        for r in results:
+            ours = r.get("hf_gns_log_records", [])
+            print(
+                f"{r['model']} {r['variant']}: {r.get('log_records', 0)} graph-break/recompile records, "
+                f"{len(ours)} naming hf_gns; dynamo counters: graph breaks {r.get('dynamo_graph_breaks')}, "
+                f"unique graphs {r.get('dynamo_unique_graphs')}"
+            )
+            for record in ours:
+                print("  " + record.replace("\n", "\n  "))
+    report(results, "GNSTrainer vs Trainer (ratio: tokens/s over the baseline variant, same model, same run)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"environment": env, "steps": args.steps, "warmup": args.warmup, "results": results},
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()

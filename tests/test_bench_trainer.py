@@ -1,0 +1,67 @@
+"""benchmarks/bench_trainer.py reporting: targets, ratios, the graph-break log filter (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trainer.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_trainer", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_trainer"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(model, variant, tokens_per_s, peak):
+    return {"model": model, "variant": variant, "title": model, "batch": 2, "seq": 8, "step_ms": 1.0,
+            "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak, "wall_s": 1.0}  # fmt: skip
+
+
+def test_ratios_use_the_baseline_of_the_same_kind_and_targets_pass_or_miss():
+    bench = _bench()
+    results = [
+        _result("gpt2", "trainer", 100.0, 1000),
+        _result("gpt2", "gns-norms", 101.0, 1010),
+        _result("gpt2", "trainer-compile", 200.0, 1000),
+        _result("gpt2", "gns-norms-compile", 150.0, 1100),
+        _result("gpt2", "gns-all", 80.0, 1000),
+        {
+            "model": "gpt2",
+            "variant": "gns-norms-liger",
+            "skipped": "liger_kernel not importable",
+            "wall_s": 1.0,
+        },
+    ]
+    bench.add_ratios(results)
+    assert results[1]["ratio"] == 1.01 and results[1]["baseline"] == "trainer"
+    assert results[3]["ratio"] == 0.75 and results[3]["baseline"] == "trainer-compile"
+    lines = "\n".join(bench.target_lines(results))
+    assert "GNS norms eager vs Trainer >= 1.00x: 1.010x PASS" in lines
+    assert "gns-norms peak memory <= trainer + 2%: +1.0% PASS" in lines
+    assert "GNS norms compiled vs compiled Trainer >= 0.99x: 0.750x MISS" in lines
+    assert "gns-norms-compile peak memory <= trainer-compile + 2%: +10.0% MISS" in lines
+    assert "gns_track='all' eager vs Trainer >= 0.85x: 0.800x MISS" in lines
+    assert "not measured (liger_kernel not importable)" in lines
+    assert "gns-norms-liger" in bench.results_table(results)
+
+
+def test_graph_break_records_naming_hf_gns_are_picked_out():
+    bench = _bench()
+    stderr = "\n".join(
+        [
+            "V1201 23:40:00.000000 1 torch/_dynamo/a.py:1] [0/0] [__graph_breaks] Graph break",
+            '  File "/repo/hf_gns/patching/model_hook.py", line 40, in hook',
+            "V1201 23:40:01.000000 1 torch/_dynamo/g.py:2] [0/1] [__recompiles] Recompiling function forward",
+            "    triggered by the following guard failure(s): tensor 'x' size mismatch",
+            "I1201 23:40:02.000000 123 torch/_dynamo/other.py:3] unrelated hf_gns/ record",
+            "some trainer output",
+        ]
+    )
+    total, ours = bench.hf_gns_log_records(stderr)
+    assert total == 2
+    assert len(ours) == 1 and "model_hook.py" in ours[0]
