@@ -19,6 +19,7 @@ from torch import nn
 from .detect import find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
 from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
 from .layers import bind_layers, plan_layers, unpatch_layers
+from .liger import instance_forward, liger_kind, liger_norm_spec
 from .model_hook import PATCHED_MARK, attach_model_hook, detach_model_hooks
 from .probe import fallback_candidates, probe_norm
 from .registry import registered_spec
@@ -29,6 +30,32 @@ from .wrappers import check_patchable
 
 class NormPatchError(RuntimeError):
     """Raised by `patch(model, strict=True)` when some norm modules with parameters cannot be patched."""
+
+
+# The instance-level forward that `patch` replaced (Liger's), put back by `unpatch`.
+DISPLACED_ATTRIBUTE = "_hf_gns_displaced_forward"
+
+
+def _structural_reason(module: nn.Module) -> str | None:
+    """`unsupported_reason`, except that an instance forward bound by Liger does not count: hf_gns
+    takes such norms over (Liger keeps its other kernels)."""
+    if liger_kind(module) is None or "forward" not in module.__dict__:
+        return unsupported_reason(module)
+    liger_forward = module.__dict__.pop("forward")
+    try:
+        return unsupported_reason(module)
+    finally:
+        module.__dict__["forward"] = liger_forward
+
+
+def _foreign_forward_name(module: nn.Module) -> str | None:
+    """Who replaced our forward on a module patched earlier, or None if ours is still bound."""
+    function = instance_forward(module)
+    if function is patched_norm_forward:
+        return None
+    if function is None:
+        return f"{type(module).__name__}.forward (the class's own: the instance forward was deleted)"
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
 
 
 def _tracked_names(name: str, module: nn.Module) -> tuple[str, ...]:
@@ -48,9 +75,14 @@ def _plan(
     if id(module) in shared:
         others = ", ".join(repr(n) for n in shared[id(module)] if n != name)
         return f"shared with {others}: a norm called twice per forward has no per-example norms here"
-    reason = unsupported_reason(module)
+    reason = _structural_reason(module)
     if reason is not None:
         return reason
+    liger_spec = liger_norm_spec(module)
+    if isinstance(liger_spec, str):
+        return liger_spec
+    if liger_spec is not None:  # Liger's kernels do not run on every device: mapped, not probed
+        return NormPatch(name, liger_spec, find_eps_attr(module, liger_spec), "liger")
     cls = type(module)
     registered = registered_spec(cls)
     if registered is not None:
@@ -74,6 +106,9 @@ def _plan(
 
 def _bind(module: nn.Module, state: NormPatch) -> None:
     setattr(module, PATCH_ATTRIBUTE, state)
+    displaced = module.__dict__.get("forward")
+    if displaced is not None and instance_forward(module) is not patched_norm_forward:
+        module.__dict__[DISPLACED_ATTRIBUTE] = displaced
     module.forward = types.MethodType(patched_norm_forward, module)
 
 
@@ -127,18 +162,23 @@ def patch(
     found: dict[type, NormSpec] = {}
     report = PatchReport()
     to_bind: list[tuple[nn.Module, NormPatch]] = []
+    rebind: list[tuple[nn.Module, NormPatch]] = []
     for name, module in model.named_modules():
         if not is_norm_like(module):
             continue
         class_name = type(module).__name__
         existing = module.__dict__.get(PATCH_ATTRIBUTE)
         plan = existing if existing is not None else _plan(name, module, shared, found)
+        foreign = _foreign_forward_name(module) if existing is not None else None
         if isinstance(plan, str):
             has_parameters = next(module.parameters(recurse=False), None) is not None
             report.skipped.append(SkippedNorm(name, class_name, plan, has_parameters))
             continue
         tracked = _tracked_names(name, module)
         source = "earlier call" if existing is not None else plan.source
+        if foreign is not None:  # e.g. Liger applied after an earlier patch: take the norm back
+            source = f"re-bound (its forward had been replaced by {foreign})"
+            rebind.append((module, existing))
         report.patched.append(PatchedNorm(name, class_name, plan.spec.describe(), source, tracked))
         report.tracked_parameters.extend(tracked)
         if existing is None:
@@ -162,6 +202,8 @@ def patch(
                 + details
             )
     model.__dict__[PATCHED_MARK] = True
+    for module, state in rebind:
+        _bind(module, state)
     if not report.patched and not report.layers:
         skipped = len(report.skipped) + len(report.skipped_layers)
         warnings.warn(
@@ -194,9 +236,11 @@ def unpatch(model: nn.Module) -> int:
     for module in model.modules():
         if PATCH_ATTRIBUTE not in module.__dict__:
             continue
-        forward = module.__dict__.get("forward")
-        if getattr(forward, "__func__", None) is patched_norm_forward:
+        if instance_forward(module) is patched_norm_forward:
             del module.forward
+        displaced = module.__dict__.pop(DISPLACED_ATTRIBUTE, None)
+        if displaced is not None and "forward" not in module.__dict__:
+            module.__dict__["forward"] = displaced  # Liger's forward, as before patch
         delattr(module, PATCH_ATTRIBUTE)
         restored += 1
     restored += unpatch_layers(model)
