@@ -123,7 +123,8 @@ def run(model, batches, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--batch", type=int, default=8)
@@ -147,16 +148,20 @@ def main() -> None:
         results[variant] = run(build(base, variant.split(",")[0]), markov_batches(args, seed), args)
 
     plain = results["plain"]
-    print(f"Llama-style {args.layers}×{args.hidden}, B={args.batch}, T={args.seq}, {args.steps} steps, bf16 autocast")
-    print(f"{'variant':<20} {'Σ|c|² step 0':>14} {'|G_B|² step 0':>14} {'GNS':>10} {'GNS/plain':>10} {'ms/step':>8}")
+    shape = f"{args.layers}×{args.hidden}, B={args.batch}, T={args.seq}"
+    print(f"Llama-style {shape}, {args.steps} steps, bf16 autocast; step-0 statistics relative to plain")
+    header = ("variant", "Σ|c|² step 0", "|G_B|² step 0", "GNS", "GNS/plain", "ms/step")
+    print("{:<20} {:>14} {:>14} {:>10} {:>10} {:>8}".format(*header))
     ok = True
     for variant, r in results.items():
         rel = [r["first"][i] / plain["first"][i] for i in range(2)]
         ratio = r["gns"] / plain["gns"]
-        print(f"{variant:<20} {rel[0]:>14.5f} {rel[1]:>14.5f} {r['gns']:>10.1f} {ratio:>10.3f} {r['ms']:>8.1f}")
+        row = f"{variant:<20} {rel[0]:>14.5f} {rel[1]:>14.5f} {r['gns']:>10.1f} {ratio:>10.3f}"
+        print(f"{row} {r['ms']:>8.1f}")
         if "liger" in variant:
             ok &= all(abs(x - 1) <= args.stat_rtol for x in rel) and abs(ratio - 1) <= args.gns_rtol
-    print("PASS" if ok else "FAIL", f"(first-step statistics within {args.stat_rtol}, GNS within {args.gns_rtol})")
+    limits = f"(first-step statistics within {args.stat_rtol}, GNS within {args.gns_rtol})"
+    print("PASS" if ok else "FAIL", limits)
     raise SystemExit(0 if ok else 1)
 
 
