@@ -280,3 +280,63 @@ def test_embedding_per_document_norms_add_repeats_within_a_document_only():
         exact.append(weight.grad.square().sum())
     got = embedding_sq_norms(ids, grad, 6, padding_idx=0, example_offsets=offsets)
     torch.testing.assert_close(got.double(), torch.stack(exact), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- through the ops
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_norm_sink_gets_per_document_norms(backend):
+    from hf_gns.kernels import fused_norm, new_sq_norm_sink, use_backend
+
+    if backend not in backends():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    variant = NORM_VARIANTS[0]
+    offsets = offsets_of(LENGTHS)
+    x, weight, bias, dy = norm_inputs(int(offsets[-1]), 24, torch.float32, variant)
+    weight, bias = weight.requires_grad_(), bias.requires_grad_()
+    sink = new_sq_norm_sink(len(LENGTHS), "cpu")
+    with use_backend(backend):
+        y = fused_norm(x, weight, bias, EPS, sq_norm_sink=sink, example_offsets=offsets)
+        y.backward(dy)
+    exact = per_document_oracle(x, weight.detach(), bias.detach(), dy, variant, offsets)
+    torch.testing.assert_close(sink.grad.double(), exact["sq"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), exact["dw"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_linear_op_sink_gets_per_document_norms(method):
+    from hf_gns.kernels import new_sq_norm_sink
+    from hf_gns.kernels.linear_op import linear_with_sq_norms
+
+    gen = torch.Generator().manual_seed(1)
+    offsets = offsets_of(LENGTHS)
+    n_rows = int(offsets[-1])
+    x, dy = torch.randn(1, n_rows, 5, generator=gen), torch.randn(1, n_rows, 7, generator=gen)
+    weight = torch.randn(7, 5, generator=gen, requires_grad=True)
+    bias = torch.randn(7, generator=gen, requires_grad=True)
+    sink = new_sq_norm_sink(len(LENGTHS), "cpu")
+    out = linear_with_sq_norms(x, weight, bias, sink, len(LENGTHS), method=method, example_offsets=offsets)
+    out.backward(dy)
+    exact_w, exact_b = linear_per_document_oracle(x[0], dy[0], offsets)
+    torch.testing.assert_close(sink.grad[:, 0].double(), exact_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sink.grad[:, 1].double(), exact_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, dy[0].t() @ x[0], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_tap_sink_gets_per_document_norms():
+    from hf_gns.kernels import new_sq_norm_sink
+    from hf_gns.kernels.linear_op import embedding_sq_norm_tap
+
+    offsets = offsets_of([2, 3])
+    ids = torch.tensor([[1, 1, 2, 1, 1]])
+    rows = torch.randn(1, 5, 3, requires_grad=True)
+    sink = new_sq_norm_sink(2, "cpu")
+    tapped, _ = embedding_sq_norm_tap(rows, ids, sink, 4, example_offsets=offsets)
+    grad = torch.randn(1, 5, 3)
+    tapped.backward(grad)
+    expected = [
+        grad[0, :2].sum(0).square().sum(),
+        grad[0, 2].square().sum() + grad[0, 3:].sum(0).square().sum(),
+    ]
+    torch.testing.assert_close(sink.grad[:, 0], torch.stack(expected))
