@@ -340,3 +340,74 @@ def test_embedding_tap_sink_gets_per_document_norms():
         grad[0, 2].square().sum() + grad[0, 3:].sum(0).square().sum(),
     ]
     torch.testing.assert_close(sink.grad[:, 0], torch.stack(expected))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def random_lengths(n_rows, n_documents, seed):
+    """`n_documents` lengths summing to `n_rows`: uneven, with one-row and empty documents among them."""
+    gen = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(n_rows - 1, generator=gen)[: n_documents - 3].add(1).sort().values.tolist()
+    lengths = torch.tensor([0, *cuts, n_rows]).diff().tolist()
+    return [1, 0, *lengths[:-1], lengths[-1] - 1]  # a one-row and an empty document up front
+
+
+def on(device, tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def gpu_error_rule(variant, width, dtype, lengths, device="cuda"):
+    """Triton vs the fp64 reference: max error <= 2x the reference's own error (its fp32 math on
+    the same `dtype` inputs) + one ulp of `dtype` at the reference's scale."""
+    offsets = offsets_of(lengths, device)
+    x, weight, bias, dy = on(device, norm_inputs(int(offsets[-1]), width, dtype, variant, seed=3))
+    got = run_backward("triton", x, weight, bias, dy, variant, offsets)
+    own = run_backward("torch", x, weight, bias, dy, variant, offsets)  # fp32 math on the same inputs
+    to64 = (x.double(), weight.double(), None if bias is None else bias.double(), dy.double())
+    exact = run_backward("torch", *to64, variant, offsets)
+    ulp = torch.finfo(dtype).eps
+    for name, g, o, e in zip(("dx", "dw", "db", "sq"), got, own, exact, strict=True):
+        if e is None:
+            continue
+        err, own_err = (g.double() - e).abs().max().item(), (o.double() - e).abs().max().item()
+        assert err <= 2 * own_err + ulp * e.abs().max().item() + 1e-6, (name, err, own_err)
+    return got
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", NORM_VARIANTS, ids=[v.name for v in NORM_VARIANTS])
+@pytest.mark.parametrize("width", [768, 2051, 4096], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_documents", [24, 700], ids=["24docs", "700docs"])
+def test_gpu_triton_documents_match_the_reference(variant, width, dtype, n_documents):
+    gpu_error_rule(variant, width, dtype, random_lengths(8192, n_documents, seed=n_documents))
+
+
+@pytest.mark.gpu
+def test_gpu_triton_documents_are_bitwise_deterministic():
+    variant = NORM_VARIANTS[0]
+    offsets = offsets_of(random_lengths(16384, 64, seed=1), "cuda")
+    x, weight, bias, dy = on("cuda", norm_inputs(16384, 768, torch.bfloat16, variant, seed=5))
+    runs = [run_backward("triton", x, weight, bias, dy, variant, offsets) for _ in range(3)]
+    for results in runs[1:]:
+        for a, b in zip(runs[0], results, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_norm_with_documents_through_autograd():
+    from hf_gns.kernels import fused_norm, new_sq_norm_sink, use_backend
+
+    variant = NORM_VARIANTS[1]  # RMSNorm
+    lengths = random_lengths(4096, 40, seed=2)
+    offsets = offsets_of(lengths, "cuda")
+    x, weight, _, dy = (
+        t.cuda() if t is not None else None for t in norm_inputs(4096, 2048, torch.bfloat16, variant)
+    )
+    weight.requires_grad_()
+    sink = new_sq_norm_sink(len(lengths), "cuda")
+    with use_backend("triton"):
+        fused_norm(x, weight, None, EPS, rms=True, sq_norm_sink=sink, example_offsets=offsets).backward(dy)
+    exact = run_backward("torch", x.double(), weight.detach().double(), None, dy.double(), variant, offsets)
+    torch.testing.assert_close(sink.grad.double(), exact[3], rtol=1e-3, atol=1e-6)
