@@ -51,12 +51,27 @@ def _dtensor_class():
 
 
 def _sq_norm(tensor: torch.Tensor) -> torch.Tensor:
-    # vector_norm upcasts internally: no fp32 copy of a bf16 gradient.
-    return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+    # vector_norm upcasts internally: no fp32 copy of a bf16 gradient (fp64 stays fp64 until the end).
+    wide = tensor.dtype == torch.float64
+    return torch.linalg.vector_norm(tensor, dtype=None if wide else torch.float32).float().square()
+
+
+def _sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fp32 |t|² of each tensor as one (len(tensors),) tensor on `device`, fused: `torch._foreach_norm`
+    groups them by device and dtype into a few multi-tensor launches (one `vector_norm` per tensor
+    where it is unavailable)."""
+    try:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    except (AttributeError, RuntimeError, TypeError):  # fp64 gradients, or torch without dtype=
+        return torch.stack([_sq_norm(t).to(device) for t in tensors])
+    return torch.stack([n.to(device) for n in norms]).square()
 
 
 def grad_sq_norm_shares(grads: Iterable[torch.Tensor | None], sharded: bool) -> torch.Tensor:
     """This process's share of |grad|² for each gradient, such that the shares sum to |grad|² over ranks.
+
+    All squared norms are taken in one fused `torch._foreach_norm` (a few launches for any number
+    of gradients, instead of one reduction each).
 
     Args:
         grads (`Iterable[torch.Tensor | None]`): synchronized gradients (`None` counts 0).
@@ -71,25 +86,29 @@ def grad_sq_norm_shares(grads: Iterable[torch.Tensor | None], sharded: bool) -> 
     grads = list(grads)
     dtensor = _dtensor_class()
     device = next((g.device for g in grads if g is not None), torch.device("cpu"))
-    this_rank = rank()
-    shares = []
-    for grad in grads:
+    counted_here = sharded or rank() == 0
+    # (position, local tensor, 1 / number of replicas that hold the same values)
+    measured: list[tuple[int, torch.Tensor, float]] = []
+    for position, grad in enumerate(grads):
         if grad is None:
-            shares.append(torch.zeros((), device=device))
-        elif dtensor is not None and isinstance(grad, dtensor):
-            local = grad.to_local()
+            continue
+        if dtensor is not None and isinstance(grad, dtensor):
             replicas = 1
             for dim, placement in enumerate(grad.placements):
                 if placement.is_replicate():
                     replicas *= grad.device_mesh.size(dim)
-            shares.append(_sq_norm(local) / replicas)
-        elif sharded or this_rank == 0:
-            shares.append(_sq_norm(grad))
-        else:
-            shares.append(torch.zeros((), device=grad.device))
-    if not shares:
-        return torch.zeros(0, device=device)
-    return torch.stack([s.to(device) for s in shares])
+            measured.append((position, grad.to_local(), 1.0 / replicas))
+        elif counted_here:
+            measured.append((position, grad, 1.0))
+    if not measured:
+        return torch.zeros(len(grads), device=device)
+    sq_norms = _sq_norms([local for _, local, _ in measured], device)
+    if len(measured) == len(grads) and all(scale == 1.0 for _, _, scale in measured):
+        return sq_norms  # the common case (DDP rank 0, FSDP): already in place
+    shares = [torch.zeros((), device=device)] * len(grads)
+    for i, (position, _, scale) in enumerate(measured):
+        shares[position] = sq_norms[i] * scale
+    return torch.stack(shares)
 
 
 class LocalGradSqNormHook:

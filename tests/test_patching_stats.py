@@ -242,3 +242,44 @@ def test_tracked_parameter_names_are_known_before_any_backward():
     model = tiny_model("gpt2")
     report = hf_gns.patch(model)
     assert hf_gns.patching.tracked_parameter_names(model) == report.tracked_parameters
+
+
+# ---- the fused per-step read ----
+
+
+def test_example_sq_norm_sums_equal_the_per_parameter_sums():
+    model = tiny_model("gpt2")
+    hf_gns.patch(model, targets="all")
+    loss_of(model, tiny_batch(seed=1)).backward()
+    loss_of(model, tiny_batch(seed=2, batch=2)).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    names = list(norms)[::-1]  # any order
+    expected = torch.stack([norms[n].sum() for n in names])
+    for _ in range(2):  # the second call reuses the cached index plan
+        torch.testing.assert_close(hf_gns.patching.example_sq_norm_sums(model, names), expected)
+    hf_gns.zero_stats(model)
+    assert torch.equal(hf_gns.patching.example_sq_norm_sums(model, names), torch.zeros(len(names)))
+    with pytest.raises(ValueError, match="not tracked"):
+        hf_gns.patching.example_sq_norm_sums(model, ["transformer.wte.bias"])
+
+
+def test_example_sq_norm_sums_add_a_parameter_reported_by_two_modules():
+    model = _SharedWeightNorms()
+    hf_gns.patch(model)
+    model(torch.randn(3, 4, 8)).backward()
+    values = hf_gns.per_example_sq_norms(model)["first.weight"]
+    assert values.shape == (6,)  # both modules' values (the guard flags this parameter)
+    sums = hf_gns.patching.example_sq_norm_sums(model, ["first.weight", "first.bias"])
+    torch.testing.assert_close(sums[0], values.sum())
+
+
+class _SharedWeightNorms(nn.Module):
+    """Two LayerNorm modules holding one weight parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(self.first(x) * 2).square().mean()

@@ -36,6 +36,16 @@ HOOK_ATTRIBUTE = "_hf_gns_model_hook"
 # functions can tell "patched, nothing found" from "never patched".
 PATCHED_MARK = "_hf_gns_patched"
 _BATCH_KWARGS = ("input_ids", "inputs_embeds")
+_GENERATION = [0]
+
+
+def patch_generation() -> int:
+    """A counter that `patch` and `unpatch` bump: caches of what a model tracks compare it."""
+    return _GENERATION[0]
+
+
+def bump_patch_generation() -> None:
+    _GENERATION[0] += 1
 
 
 @torch.compiler.disable

@@ -20,7 +20,7 @@ from .detect import find_eps_attr, is_norm_like, shared_module_names, unsupporte
 from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
 from .layers import bind_layers, plan_layers, unpatch_layers
 from .liger import instance_forward, liger_kind, liger_norm_spec
-from .model_hook import PATCHED_MARK, attach_model_hook, detach_model_hooks
+from .model_hook import PATCHED_MARK, attach_model_hook, bump_patch_generation, detach_model_hooks
 from .probe import fallback_candidates, probe_norm
 from .registry import registered_spec
 from .report import PatchedNorm, PatchReport, SkippedNorm
@@ -202,6 +202,7 @@ def patch(
                 + details
             )
     model.__dict__[PATCHED_MARK] = True
+    bump_patch_generation()
     for module, state in rebind:
         _bind(module, state)
     if not report.patched and not report.layers:
@@ -245,4 +246,5 @@ def unpatch(model: nn.Module) -> int:
         restored += 1
     restored += unpatch_layers(model)
     detach_model_hooks(model)
+    bump_patch_generation()
     return restored

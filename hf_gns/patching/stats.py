@@ -16,6 +16,7 @@ Per optimizer step, a training loop calls:
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
 from .layer_state import LayerPatch
 from .layers import _FORWARDS as _LAYER_FORWARDS
 from .layers import layer_states
-from .model_hook import PATCHED_MARK
+from .model_hook import PATCHED_MARK, patch_generation
 
 INCOMPLETE_MODES = ("error", "warn")
 
@@ -74,19 +75,42 @@ class _Tracked:
         return sum(sq.shape[0] for _, state, _ in self.sources for sq in state.sinks.collected)
 
 
+# model → (patch generation, every reported parameter with its sources): walking a large model's
+# modules and parameters costs milliseconds of host time, too much for every optimizer step.
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module) -> tuple[list[_Tracked], list[NormPatch | LayerPatch]]:
+    """(every reported parameter with its sources, every patched module's state) of `model`."""
+    cached = _LAYOUTS.get(model)
+    if cached is not None and cached[0] == patch_generation():
+        return cached[1], cached[2]
+    names = {id(param): name for name, param in model.named_parameters()}
+    entries: dict[int, _Tracked] = {}
+    patched = _patched_modules(model)
+    for module, state in patched:
+        for column, param in enumerate(_reported_parameters(module, state)):
+            if param is None or id(param) not in names:
+                continue
+            entry = entries.setdefault(id(param), _Tracked(names[id(param)], param))
+            entry.sources.append((module, state, column))
+    layout, states = list(entries.values()), [state for _, state in patched]
+    _LAYOUTS[model] = (patch_generation(), layout, states)
+    return layout, states
+
+
 def _tracked(model: nn.Module, collecting_only: bool = True) -> dict[int, _Tracked]:
     """Every tracked parameter (requires grad; by default only those collecting this step, see
     `set_layer_tracking`), keyed by id, in module order."""
-    names = {id(param): name for name, param in model.named_parameters()}
     tracked: dict[int, _Tracked] = {}
-    for module, state in _patched_modules(model):
-        if collecting_only and not _collecting(state):
+    for entry in _layout(model)[0]:
+        if not entry.param.requires_grad:
             continue
-        for column, param in enumerate(_reported_parameters(module, state)):
-            if param is None or not param.requires_grad or id(param) not in names:
-                continue
-            entry = tracked.setdefault(id(param), _Tracked(names[id(param)], param))
-            entry.sources.append((module, state, column))
+        sources = [s for s in entry.sources if not collecting_only or _collecting(s[1])]
+        if sources:
+            tracked[id(entry.param)] = (
+                entry if len(sources) == len(entry.sources) else _Tracked(entry.name, entry.param, sources)
+            )
     return tracked
 
 
@@ -130,6 +154,80 @@ def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             result[entry.name] = torch.zeros(0, dtype=torch.float32, device=entry.param.device)
     return result
+
+
+class _SumPlan:
+    """Device index tensors of `example_sq_norm_sums` for one layout of collected rows (cached)."""
+
+    def __init__(self, row_counts: list[int], sources: list[list[tuple[int, int]]], device: torch.device):
+        n_owners = len(row_counts)
+        # row r of the concatenated (R, 2) values belongs to owner row_owner[r]
+        self.row_owner = torch.repeat_interleave(torch.arange(n_owners), torch.tensor(row_counts)).to(device)
+        self.n_owners = n_owners
+        # entry (owner, column) → flat index owner·2 + column of the (owners, 2) sums, and the name it adds to
+        flat = [owner * 2 + column for name_sources in sources for owner, column in name_sources]
+        target = [i for i, name_sources in enumerate(sources) for _ in name_sources]
+        self.source_index = torch.tensor(flat, dtype=torch.long).to(device)
+        self.single = all(len(name_sources) == 1 for name_sources in sources)
+        self.target_index = None if self.single else torch.tensor(target, dtype=torch.long).to(device)
+
+
+_SUM_PLANS: dict[tuple, _SumPlan] = {}
+_SUM_PLAN_CACHE_SIZE = 16
+
+
+def example_sq_norm_sums(model: nn.Module, names: list[str]) -> torch.Tensor:
+    """Σ over the examples collected since the last `zero_stats` of |c_b|², per parameter, fused.
+
+    The same numbers as `torch.stack([per_example_sq_norms(model)[n].sum() for n in names])`,
+    in a handful of launches whatever the number of parameters: one `cat` of every collected
+    (B, 2) block, one `index_add_` into per-module sums, one gather (plus one `index_add_`
+    for a parameter reported by several modules). The index tensors depend only on the
+    layout (rows collected per module, `names`) and are cached, so a steady training loop
+    copies nothing to the device. No host-device sync.
+
+    Args:
+        model (`nn.Module`): the patched model (or a wrapper around it).
+        names (`list[str]`): tracked parameter names as in `model.named_parameters()`.
+
+    Returns:
+        `torch.Tensor`: fp32, shape (len(names),), on the device of the collected values; 0 for
+        a parameter with nothing collected (check with `check_step_statistics` first).
+    """
+    tracked = {entry.name: entry for entry in _tracked(model, collecting_only=False).values()}
+    unknown = [n for n in names if n not in tracked]
+    if unknown:
+        raise ValueError(f"example_sq_norm_sums: {unknown[:3]} are not tracked parameters of this model")
+    owners: dict[int, int] = {}
+    blocks: list[torch.Tensor] = []
+    row_counts: list[int] = []
+    sources: list[list[tuple[int, int]]] = []
+    for name in names:
+        name_sources = []
+        for _, state, column in tracked[name].sources:
+            if id(state) not in owners:
+                owners[id(state)] = len(row_counts)
+                collected = state.sinks.collected
+                blocks.extend(collected)
+                row_counts.append(sum(sq.shape[0] for sq in collected))
+            name_sources.append((owners[id(state)], column))
+        sources.append(name_sources)
+    device = blocks[0].device if blocks else tracked[names[0]].param.device if names else torch.device("cpu")
+    if not blocks:
+        return torch.zeros(len(names), dtype=torch.float32, device=device)
+    key = (tuple(row_counts), tuple(map(tuple, sources)), str(device))
+    plan = _SUM_PLANS.get(key)
+    if plan is None:
+        if len(_SUM_PLANS) >= _SUM_PLAN_CACHE_SIZE:
+            _SUM_PLANS.clear()
+        plan = _SUM_PLANS[key] = _SumPlan(row_counts, sources, device)
+    values = torch.cat([block.to(device) for block in blocks])  # (R, 2) fp32
+    owner_sums = torch.zeros(plan.n_owners, 2, dtype=values.dtype, device=device)
+    owner_sums.index_add_(0, plan.row_owner, values)
+    picked = owner_sums.view(-1).index_select(0, plan.source_index)
+    if plan.single:
+        return picked
+    return torch.zeros(len(names), dtype=values.dtype, device=device).index_add_(0, plan.target_index, picked)
 
 
 @dataclass(frozen=True)
@@ -267,5 +365,5 @@ def check_step_statistics(
 
 def zero_stats(model: nn.Module) -> None:
     """Forget the per-example squared norms collected so far (call once per optimizer step)."""
-    for _module, state in _patched_modules(model):
+    for state in _layout(model)[1]:
         state.sinks.clear()
