@@ -26,7 +26,17 @@ from tests.conftest import triton_runs_here
 from tests.test_kernels_norm import EPS, VARIANTS, Variant, oracle_forward
 
 NORM_VARIANTS = [v for v in VARIANTS if v.name in ("layernorm", "rmsnorm", "rmsnorm_llama", "rmsnorm_gemma")]
-LENGTHS = [1, 6, 0, 9, 3, 1, 14]  # N = 34: a one-row document, an empty one, several crossing chunks
+LENGTHS = [
+    0,
+    1,
+    6,
+    0,
+    9,
+    3,
+    1,
+    14,
+    0,
+]  # N = 34: one-row and empty documents (first, inside, last), some crossing chunks
 
 
 def offsets_of(lengths, device="cpu"):
