@@ -10,6 +10,11 @@ training runs. At the end of training it draws `plot_training_curves` next to it
   GNS, so the two belong on one axis;
 - `loss.png`: training and evaluation loss against tokens seen.
 
+`TokenProgressCallback` replaces the Trainer's step progress bar when the budget is in tokens:
+under batch-size control the number of optimizer steps is not known in advance (it depends on
+the batches the GNS will ask for), so a bar over steps keeps changing its total; a bar over
+tokens has a fixed total (`max_tokens`) and an ETA from the measured token rate.
+
 Plotting needs matplotlib (in the `dev` extra). Without it the CSV is still written and
 `plot_training_curves` says how to get the plots.
 
@@ -29,6 +34,7 @@ import os
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 CSV_NAME = "training_curves.csv"
@@ -146,6 +152,93 @@ class TrainingCurvesCallback(TrainerCallback):
             writer.writerows(self.rows)
 
 
+class TokenProgressCallback(TrainerCallback):
+    """A progress bar over the token budget, with the GNS and the batch; prints one training log in `every`.
+
+    The bar's total is `max_tokens` and its position the `tokens_seen` of the last training log
+    (GNSTrainer logs it; with `logging_steps=1` the bar moves every step, with no extra host
+    sync). Without a token budget it counts optimizer steps against `state.max_steps`, like the
+    Trainer's own bar. The first training log and then one in `every` are printed above the
+    bar, every evaluation log too; all of them still reach `trainer_state.json` and the CSV.
+    Only the main process draws.
+
+    Args:
+        max_tokens (`int`, *optional*): the run's budget in global tokens; `None` counts steps.
+        every (`int`, *optional*, defaults to 50): print one training log in this many.
+    """
+
+    def __init__(self, max_tokens: int | None = None, every: int = 50):
+        self.max_tokens, self.every = max_tokens, every
+        self.bar = None
+        self.prediction_bar = None
+        self.training_logs = 0
+        self.postfix: dict[str, str] = {}
+
+    def _position(self, state) -> int:
+        if self.max_tokens is None:
+            return state.global_step
+        logged = [e["tokens_seen"] for e in state.log_history if "tokens_seen" in e]
+        return int(logged[-1]) if logged else 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training_logs = 0
+        if not state.is_world_process_zero:
+            return
+        if self.max_tokens is None:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
+        else:  # unit_scale: 1.00M tokens; the initial part (a resumed run's past) is not in the rate
+            self.bar = tqdm(total=self.max_tokens, initial=self._position(state), unit="tok",
+                            unit_scale=True, dynamic_ncols=True)  # fmt: skip
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None and self.max_tokens is None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not state.is_world_process_zero:
+            return
+        if "loss" in logs:
+            self.training_logs += 1
+            if self.bar is not None:
+                self._move(logs)
+            if (self.training_logs - 1) % self.every:
+                return
+        text = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items() if k != "total_flos"}
+        (self.bar.write if self.bar is not None else print)(str(text))
+
+    def _move(self, logs: dict) -> None:
+        if self.max_tokens is not None and "tokens_seen" in logs:
+            self.bar.update(min(int(logs["tokens_seen"]), self.max_tokens) - self.bar.n)
+        if "gns" in logs:
+            self.postfix["gns"] = f"{logs['gns']:.4g}"
+        if "batch_size" in logs:
+            self.postfix["batch"] = str(logs["batch_size"])
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero or not hasattr(eval_dataloader, "__len__"):
+            return
+        if self.prediction_bar is None:
+            self.prediction_bar = tqdm(total=len(eval_dataloader), leave=self.bar is None, dynamic_ncols=True)
+        self.prediction_bar.update(1)
+
+    def _close_prediction_bar(self, state) -> None:
+        if state.is_world_process_zero and self.prediction_bar is not None:
+            self.prediction_bar.close()
+        self.prediction_bar = None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._close_prediction_bar(state)
+
+    def on_predict(self, args, state, control, **kwargs):
+        self._close_prediction_bar(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def read_training_curves(csv_path: str | os.PathLike) -> dict[str, list[float]]:
     """The CSV written by `TrainingCurvesCallback`, column by column; empty cells are NaN."""
     with Path(csv_path).open(newline="") as f:
@@ -162,6 +255,18 @@ def _points(curves: dict[str, list[float]], x_key: str, y_key: str) -> tuple[lis
         if math.isfinite(x) and math.isfinite(y)
     ]
     return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def plotted_type_groups(curves: dict[str, list[float]], x_key: str = "tokens_seen") -> list[str]:
+    """The `gns/type/<t>` columns drawn next to the total GNS.
+
+    Per-type groups only: per-layer and per-module curves (dozens) stay in the CSV. A type whose
+    series IS the total (only norm layers tracked: `gns/type/norm` == `gns`) would hide under the
+    total's line and still be listed in the legend: it is left out.
+    """
+    total = _points(curves, x_key, "gns")
+    keys = sorted(k for k in curves if k.startswith(TYPE_GROUP_PREFIX))
+    return [key for key in keys if _points(curves, x_key, key) != total]
 
 
 def plot_training_curves(csv_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -190,8 +295,7 @@ def plot_training_curves(csv_path: str | os.PathLike, out_dir: str | os.PathLike
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
-    # Per-type groups only: per-layer and per-module curves (dozens) stay in the CSV.
-    for key in sorted(k for k in curves if k.startswith(TYPE_GROUP_PREFIX)):
+    for key in plotted_type_groups(curves, x_key):
         layer_type = key[len(TYPE_GROUP_PREFIX) :]
         axes.plot(*_points(curves, x_key, key), linewidth=1, alpha=0.7, label=f"GNS, {layer_type} layers")
     axes.plot(*_points(curves, x_key, "gns"), color="black", linewidth=2, label="GNS (total)")

@@ -15,8 +15,10 @@ from hf_gns.logging_outputs import (
     CSV_NAME,
     GNS_PLOT_NAME,
     LOSS_PLOT_NAME,
+    TokenProgressCallback,
     TrainingCurvesCallback,
     plot_training_curves,
+    plotted_type_groups,
     read_training_curves,
 )
 
@@ -146,3 +148,75 @@ def test_without_matplotlib_the_plot_function_says_what_to_do(tmp_path, clock, m
     assert plot_training_curves(tmp_path / CSV_NAME) == []
     assert "pip install matplotlib" in capsys.readouterr().out
     assert (tmp_path / CSV_NAME).exists()
+
+
+def test_a_type_group_equal_to_the_total_is_not_drawn_under_it(tmp_path, clock):
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = TrainerState()
+    callback = TrainingCurvesCallback(plot=False)
+    callback.on_train_begin(args, state, None)
+    _run_logs(callback, state, args, [(s, _train_log(s, 2.0 + s)) for s in range(1, 4)], clock)
+    assert plotted_type_groups(read_training_curves(tmp_path / CSV_NAME)) == []  # norms only: == gns
+    every_layer = [(s, {**_train_log(s, 2.0 + s), "gns/type/mlp": 9.0 * s}) for s in range(4, 6)]
+    _run_logs(callback, state, args, every_layer, clock)
+    assert plotted_type_groups(read_training_curves(tmp_path / CSV_NAME)) == ["gns/type/mlp"]
+
+
+class _Bar:
+    def __init__(self, total=None, initial=0, **kwargs):
+        self.total, self.n, self.written, self.postfix, self.closed = total, initial, [], {}, False
+
+    def update(self, n):
+        assert n >= 0, "the bar never moves backwards"
+        self.n += n
+
+    def set_postfix(self, postfix, refresh=True):
+        self.postfix = dict(postfix)
+
+    def write(self, text):
+        self.written.append(text)
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_progress_bar_counts_tokens_against_a_fixed_budget(monkeypatch):
+    # Under batch control the number of steps is unknown in advance: a step bar's total kept
+    # jumping (3907 -> 1959 -> 3897 ...) as the batch moved. The token bar's total never changes.
+    monkeypatch.setattr(logging_outputs, "tqdm", _Bar)
+    callback = TokenProgressCallback(max_tokens=10_000, every=2)
+    state = TrainerState()
+    state.log_history = [{"step": 3, "loss": 1.0, "tokens_seen": 768}]  # resumed at 768 tokens
+    callback.on_train_begin(None, state, None)
+    bar = callback.bar
+    assert (bar.total, bar.n) == (10_000, 768)
+    positions, step, tokens = [], 3, 768
+    for batch in (4, 8, 4, 16, 64):  # the batch goes up and down; the total stays, the position grows
+        step, tokens = step + 1, tokens + batch * 64
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+        callback.on_log(
+            None, state, None, logs={"loss": 2.0, "gns": 12.5, "batch_size": batch, "tokens_seen": tokens}
+        )
+        positions.append(bar.n)
+    assert bar.total == 10_000 and positions == sorted(positions) and bar.n == tokens
+    assert bar.postfix == {"gns": "12.5", "batch": "64"}
+    callback.on_log(None, state, None, logs={"eval_loss": 9.0})
+    # one training log in `every` is printed (the 1st, 3rd, 5th), and every evaluation
+    assert [text.split(",")[0].rstrip("}") for text in bar.written] == [
+        "{'loss': '2'", "{'loss': '2'", "{'loss': '2'", "{'eval_loss': '9'"
+    ]  # fmt: skip
+    callback.on_train_end(None, state, None)
+    assert bar.closed and callback.bar is None
+
+
+def test_without_a_token_budget_the_bar_counts_steps(monkeypatch):
+    monkeypatch.setattr(logging_outputs, "tqdm", _Bar)
+    callback = TokenProgressCallback(max_tokens=None)
+    state = TrainerState()
+    state.max_steps = 20
+    callback.on_train_begin(None, state, None)
+    for step in (1, 2, 3):
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+    assert (callback.bar.total, callback.bar.n) == (20, 3)
