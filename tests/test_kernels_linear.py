@@ -234,3 +234,28 @@ def test_linear_op_with_the_triton_reduction_matches_the_torch_backend():
         results.append((x.grad, weight.grad, bias.grad, sink.grad))
     for torch_result, triton_result in zip(*results):
         torch.testing.assert_close(triton_result, torch_result, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    not triton_runs_here("cpu"), reason="Triton kernels run on CPU only under TRITON_INTERPRET=1"
+)
+def test_traceable_sum_and_sq_norms_equals_the_eager_launch():
+    """The triton_op body (wrap_triton launch) gives the cached launcher's results bit for bit."""
+    from hf_gns.kernels.linear_triton import BLOCK, sum_and_sq_norms_traceable, sum_and_sq_norms_triton
+
+    per_example = _randn(3, BLOCK + 37, seed=14, dtype=torch.float32)
+    out, traced_out = torch.empty(BLOCK + 37), torch.empty(BLOCK + 37)
+    expected = sum_and_sq_norms_triton(per_example, out)
+    actual = sum_and_sq_norms_traceable(per_example, traced_out)
+    assert torch.equal(out, traced_out) and torch.equal(expected, actual)
+
+
+def test_sum_and_sq_norms_triton_op_passes_opcheck_on_the_reference_path():
+    per_example, out = _randn(3, 40, seed=15, dtype=torch.float32), torch.empty(40)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(
+        torch.ops.hf_gns.sum_and_sq_norms.default, (per_example, out, False), test_utils=utils
+    )
+    sq_norms = torch.ops.hf_gns.sum_and_sq_norms(per_example, out, False)
+    torch.testing.assert_close(out, per_example.sum(0))
+    torch.testing.assert_close(sq_norms, per_example.square().sum(1))

@@ -331,18 +331,66 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(weight.grad, eager["dw"])
 
 
-def test_custom_ops_pass_opcheck():
+def test_triton_ops_pass_opcheck():
     x = torch.randn(2, 3, 16)
     weight, bias = torch.randn(16), torch.randn(16)
-    args = (x, weight, bias, EPS, False, 0.0, False, torch.float32)
+    args = (x, weight, bias, EPS, False, 0.0, False, torch.float32, True)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.hf_gns.fused_norm_forward.default, args, test_utils=utils)
+    y, mean, rstd = torch.ops.hf_gns.fused_norm_forward(*args)
+    bwd_args = (torch.randn_like(x), x, weight, mean, rstd, True, False, 0.0, False, True, True)
+    torch.library.opcheck(torch.ops.hf_gns.fused_norm_backward.default, bwd_args, test_utils=utils)
+    offsets = torch.tensor([0, 2, 2, 6])  # 3 documents over the 6 rows, one empty
+    dx, grads, sq_norms = torch.ops.hf_gns.fused_norm_backward(*bwd_args, offsets)
+    assert grads.shape == (2, 16) and sq_norms.shape == (3, 2)
     torch.library.opcheck(
-        torch.ops.hf_gns.norm_forward.default, args, test_utils=("test_schema", "test_faketensor")
+        torch.ops.hf_gns.fused_norm_backward.default, (*bwd_args, offsets), test_utils=utils
     )
-    y, mean, rstd = torch.ops.hf_gns.norm_forward(*args)
-    bwd_args = (torch.randn_like(x), x, weight, mean, rstd, True, False, 0.0, False, True)
-    torch.library.opcheck(
-        torch.ops.hf_gns.norm_backward.default, bwd_args, test_utils=("test_schema", "test_faketensor")
-    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("documents", [False, True], ids=["dense", "documents"])
+def test_traceable_launchers_equal_the_eager_launchers(variant, documents):
+    """The triton_op bodies launch the kernels through wrap_triton with their own buffers; under
+    the interpreter they must give the eager launchers' results bit for bit."""
+    from hf_gns.kernels.norm_triton import norm_backward_triton, norm_forward_triton
+    from hf_gns.kernels.norm_triton_op import norm_backward_traceable, norm_forward_traceable
+
+    if not triton_runs_here("cpu"):
+        pytest.skip("runs the Triton kernels on CPU: needs TRITON_INTERPRET=1")
+    x, weight, bias, dy = make_inputs((3, 5, 24), torch.float32, variant, "cpu")
+    kw = {
+        "rms": variant.rms,
+        "weight_offset": variant.weight_offset,
+        "cast_before_weight": variant.cast_before_weight,
+    }
+    fwd = (x, weight, bias, EPS, kw["rms"], kw["weight_offset"], kw["cast_before_weight"], torch.float32)
+    expected_fwd, actual_fwd = norm_forward_triton(*fwd), norm_forward_traceable(*fwd)
+    for expected, actual in zip(expected_fwd, actual_fwd, strict=True):
+        assert torch.equal(expected, actual)
+    _, mean, rstd = expected_fwd
+    offsets = torch.tensor([0, 4, 4, 11, 15]) if documents else None
+    for param_grads in (True, False):
+        bwd = (
+            dy,
+            x,
+            weight,
+            mean,
+            rstd,
+            bias is not None,
+            kw["rms"],
+            kw["weight_offset"],
+            kw["cast_before_weight"],
+        )
+        dx, dw, db, sq = norm_backward_triton(*bwd, param_grads, example_offsets=offsets)
+        dx_t, grads_t, sq_t = norm_backward_traceable(*bwd, param_grads, offsets)
+        assert torch.equal(dx, dx_t)
+        present = [g for g in (dw, db) if g is not None]
+        assert grads_t.shape[0] == len(present)
+        for g, g_t in zip(present, grads_t, strict=True):
+            assert torch.equal(g, g_t)
+        if present:
+            assert torch.equal(sq, sq_t)
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -95,3 +95,107 @@ def test_inductor_matches_eager():
     for _ in range(2):  # the second step runs the compiled graph, not the first compile
         actual = _step(compiled, input_ids, compiled_call)
     _assert_same_step(actual, expected)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _norm_case(documents: bool, rms: bool, bias: bool):
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 4 * 96, 768) if documents else (4, 96, 768)
+    x = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
+    weight = (1 + 0.5 * torch.randn(768, generator=gen)).to("cuda", torch.bfloat16)
+    beta = (0.5 * torch.randn(768, generator=gen)).to("cuda", torch.bfloat16) if bias else None
+    dy = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
+    offsets = torch.tensor([0, 50, 50, 211, 384], device="cuda") if documents else None
+    return x, weight, beta, dy, offsets
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("documents", [False, True], ids=["dense", "documents"])
+@pytest.mark.parametrize("rms,bias", [(False, True), (True, False)], ids=["layernorm", "rmsnorm"])
+def test_gpu_inductor_launches_the_norm_kernels_itself_with_the_eager_results(documents, rms, bias):
+    """Inductor's code calls the Triton kernels directly (no hf_gns op dispatch), and every output
+    equals the eager op's bit for bit (same kernels, same inputs)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hf_gns.kernels import fused_norm, new_sq_norm_sink
+
+    x, weight, beta, dy, offsets = _norm_case(documents, rms, bias)
+    n_examples = 4
+
+    def forward(x, weight, beta, sink, offsets):
+        return fused_norm(x, weight, beta, 1e-5, rms=rms, sq_norm_sink=sink, example_offsets=offsets)
+
+    results, code = [], ""
+    for compiled in (False, True):
+        inputs = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, beta)]
+        sink = new_sq_norm_sink(n_examples, "cuda")
+        fn = torch.compile(forward, fullgraph=True) if compiled else forward
+
+        def run(fn=fn, inputs=inputs, sink=sink):
+            y = fn(*inputs, sink, offsets)
+            y.backward(dy)
+            return y.detach()
+
+        if compiled:
+            y, codes = run_and_get_code(run)
+            code = "\n".join(codes)
+        else:
+            y = run()
+        results.append([y, *(t.grad for t in inputs if t is not None), sink.grad])
+    for name in ("_norm_fwd_kernel", "_reduce_partials_kernel"):
+        assert name in code, f"{name} not launched by inductor"
+    assert ("_norm_bwd_documents_kernel" if documents else "_norm_bwd_kernel") in code
+    assert "torch.ops.hf_gns" not in code, "an hf_gns op is dispatched from the compiled graph"
+    for expected, actual in zip(*results, strict=True):
+        assert torch.equal(expected, actual)
+
+
+def _compiled_steps(model, input_ids, patched: bool, steps=3):
+    """(graph breaks, unique graphs) from dynamo's counters over `steps` compiled training steps."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    call = torch.compile(model)
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        call(input_ids=input_ids, labels=input_ids).loss.backward()
+        if patched:
+            hf_gns.zero_stats(model)
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("targets", ["norms", "all"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gpu_inductor_patched_model_adds_no_graph_break_or_recompile_and_gives_the_eager_norms(arch, targets):
+    input_ids = tiny_batch().cuda()
+    unpatched = _compiled_steps(tiny_model(arch).cuda(), input_ids, patched=False)
+    patched_model = tiny_model(arch).cuda()
+    hf_gns.patch(patched_model, targets=targets)
+    assert _compiled_steps(patched_model, input_ids, patched=True) == unpatched
+    eager, compiled = tiny_model(arch).cuda(), tiny_model(arch).cuda()
+    hf_gns.patch(eager, targets=targets)
+    hf_gns.patch(compiled, targets=targets)
+    torch._dynamo.reset()
+    compiled_call = torch.compile(compiled)
+    for _ in range(2):  # the second step runs the compiled graphs
+        expected = _step(eager, input_ids)
+        actual = _step(compiled, input_ids, compiled_call)
+    _assert_same_step(actual, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_cuda_graphs_give_the_eager_norms():
+    """torch.compile(mode="reduce-overhead") (CUDA graphs): the patched step replays with the
+    eager step's results (sinks and statistics read before the next replay)."""
+    input_ids = tiny_batch().cuda()
+    eager, compiled = tiny_model("llama").cuda(), tiny_model("llama").cuda()
+    hf_gns.patch(eager)
+    hf_gns.patch(compiled)
+    call = torch.compile(compiled, mode="reduce-overhead")
+    for _ in range(4):  # recording, then replays
+        expected = _step(eager, input_ids)
+        _assert_same_step(_step(compiled, input_ids, call), expected)

@@ -39,7 +39,7 @@ from .linear_reference import (
 from .norm_op import TRITON_AVAILABLE, get_backend
 
 if TRITON_AVAILABLE:
-    from .linear_triton import sum_and_sq_norms_triton
+    from .linear_triton import sum_and_sq_norms_traceable, sum_and_sq_norms_triton
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -58,22 +58,19 @@ def _sum_and_sq_norms_impl(per_example: torch.Tensor, out: torch.Tensor) -> torc
     return sum_and_sq_norms_reference(per_example, out)
 
 
-@torch.library.custom_op("hf_gns::sum_and_sq_norms", mutates_args=("out",))
-def _sum_and_sq_norms_op(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return _sum_and_sq_norms_impl(per_example, out)
-
-
-@_sum_and_sq_norms_op.register_fake
-def _(per_example, out):
-    dtype = torch.promote_types(per_example.dtype, torch.float32)
-    return per_example.new_empty(per_example.shape[0], dtype=dtype)
+@torch.library.triton_op("hf_gns::sum_and_sq_norms", mutates_args=("out",))
+def _sum_and_sq_norms_op(per_example: torch.Tensor, out: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    # A triton_op: under torch.compile Inductor traces this body and launches the kernel itself.
+    if use_triton and per_example.is_cuda:
+        return sum_and_sq_norms_traceable(per_example, out)
+    return sum_and_sq_norms_reference(per_example, out)
 
 
 def sum_and_sq_norms(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Σ_b P_b into `out` and |P_b|² (B,) from P (B, N): one read of P with Triton (see
-    `linear_triton.py`), two torch reductions otherwise; an opaque custom op under torch.compile."""
+    `linear_triton.py`), two torch reductions otherwise; a `triton_op` under torch.compile."""
     if torch.compiler.is_compiling():
-        return _sum_and_sq_norms_op(per_example, out)
+        return _sum_and_sq_norms_op(per_example, out, _uses_triton(per_example))
     return _sum_and_sq_norms_impl(per_example, out)
 
 

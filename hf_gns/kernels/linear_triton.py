@@ -52,3 +52,15 @@ def sum_and_sq_norms_triton(per_example: torch.Tensor, out: torch.Tensor) -> tor
     partial = torch.empty(n_examples, n_blocks, dtype=torch.float32, device=per_example.device)
     _launch((n_blocks,), (per_example, out, partial, n_examples, n_cols, n_blocks), NUM_WARPS, BLOCK=BLOCK)
     return partial.sum(1)
+
+
+def sum_and_sq_norms_traceable(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`sum_and_sq_norms_triton` launched through `torch.library.wrap_triton`, for the body of
+    a `triton_op` that Inductor traces (no cached launcher, no `data_ptr`)."""
+    n_examples, n_cols = (int(n) for n in per_example.shape)
+    n_blocks = triton.cdiv(n_cols, BLOCK)
+    partial = torch.empty(n_examples, n_blocks, dtype=torch.float32, device=per_example.device)
+    torch.library.wrap_triton(_sum_and_sq_norms_kernel)[(n_blocks,)](
+        per_example, out, partial, n_examples, n_cols, n_blocks, BLOCK=BLOCK, num_warps=NUM_WARPS
+    )
+    return partial.sum(1)

@@ -9,9 +9,10 @@ Two entry points share one implementation:
 - eager: a `torch.autograd.Function` calling the launchers directly (a
   `torch.library.custom_op` costs ~2x the Python dispatch per call, which matters at
   small D where the kernels take tens of microseconds);
-- under `torch.compile`: the same Function calls the `hf_gns::norm_forward` /
-  `hf_gns::norm_backward` custom ops, which the compiler treats as opaque kernels with
-  fake (meta) implementations, so there are no graph breaks.
+- under `torch.compile`: the same Function calls the `hf_gns::fused_norm_forward` /
+  `hf_gns::fused_norm_backward` `torch.library.triton_op`s (`norm_triton_op.py`), whose
+  bodies Inductor traces: it launches the Triton kernels from its generated code, with no
+  Python op dispatch per call and no graph break.
 
 Backends: "triton" (the kernels in `norm_triton.py`; on CPU only under
 TRITON_INTERPRET=1), "torch" (`norm_reference.py`), or "auto" (Triton for CUDA tensors
@@ -27,6 +28,7 @@ import os
 import torch
 
 from .norm_reference import norm_backward_reference, norm_forward_reference
+from .norm_triton_op import norm_backward_op, norm_forward_op
 
 try:  # Triton is optional: without it (macOS, Windows) everything runs on the reference.
     from .norm_triton import MAX_FUSED_WIDTH, norm_backward_triton, norm_forward_triton
@@ -39,6 +41,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 BACKENDS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _backend = os.environ.get("HF_GNS_BACKEND", "auto")
+# HF_GNS_COMPILED_TRITON=0: compiled graphs trace the PyTorch reference instead of the Triton
+# kernels (eager keeps Triton) - a switch for diagnosing the compiled path
+_COMPILED_TRITON = os.environ.get("HF_GNS_COMPILED_TRITON", "1") != "0"
 
 
 def set_backend(name: str) -> None:
@@ -119,80 +124,6 @@ def _n_examples(x: torch.Tensor, example_offsets: torch.Tensor | None) -> int:
     return x.shape[0] if x.dim() > 1 else 1
 
 
-# --------------------------------------------------------------- torch.library custom ops
-
-
-@torch.library.custom_op("hf_gns::norm_forward", mutates_args=())
-def _norm_forward_op(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    rms: bool,
-    weight_offset: float,
-    cast_before_weight: bool,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
-
-
-@_norm_forward_op.register_fake
-def _(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
-    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rstd = x.new_empty(x.shape[:-1], dtype=stats_dtype)
-    mean = x.new_empty(0, dtype=stats_dtype) if rms else x.new_empty(x.shape[:-1], dtype=stats_dtype)
-    return x.new_empty(x.shape, dtype=out_dtype), mean, rstd
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-@torch.library.custom_op("hf_gns::norm_backward", mutates_args=())
-def _norm_backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    has_bias: bool,
-    rms: bool,
-    weight_offset: float,
-    cast_before_weight: bool,
-    param_grads: bool,
-    example_offsets: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db, sq_norms = _backward_impl(
-        dy,
-        x,
-        weight,
-        mean,
-        rstd,
-        has_bias,
-        rms,
-        weight_offset,
-        cast_before_weight,
-        param_grads,
-        example_offsets,
-    )
-    # custom ops return tensors only: absent gradients travel as empty tensors
-    empty = x.new_empty(0)
-    if dw is not None and db is not None and _same_storage(dw, db):
-        # The Triton path writes dγ and dβ as two rows of one buffer; outputs of a custom op may not
-        # alias each other (inductor refuses), so dβ gets its own D-element copy here.
-        db = db.clone()
-    return dx, empty if dw is None else dw, empty if db is None else db, sq_norms.float()
-
-
-@_norm_backward_op.register_fake
-def _(dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads, *offsets):
-    n_examples = _n_examples(x, offsets[0] if offsets else None)
-    tracked = weight is not None and param_grads
-    dw = torch.empty_like(weight) if tracked else x.new_empty(0)
-    db = torch.empty_like(weight) if (tracked and has_bias) else x.new_empty(0)
-    return torch.empty_like(x), dw, db, x.new_empty((n_examples, 2), dtype=torch.float32)
-
-
 # ------------------------------------------------------------------------- autograd
 
 
@@ -212,8 +143,10 @@ class _FusedNorm(torch.autograd.Function):
         out_dtype,
     ):
         if torch.compiler.is_compiling():
-            y, mean, rstd = _norm_forward_op(
-                x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype
+            # the triton_op: Inductor traces its body and launches the kernels itself
+            ctx.use_triton = _uses_triton(x) and _COMPILED_TRITON
+            y, mean, rstd = norm_forward_op(
+                x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype, ctx.use_triton
             )
         else:
             y, mean, rstd = _forward_impl(
@@ -231,15 +164,17 @@ class _FusedNorm(torch.autograd.Function):
         has_bias, rms, weight_offset, cast_before_weight = ctx.config
         # frozen γ, β and no sink (LoRA): skip the parameter gradients and their norms
         param_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.has_sink
-        config = (has_bias, rms, weight_offset, cast_before_weight, param_grads, example_offsets)
-        args = (dy, x, weight, mean, rstd, *config)
+        config = (has_bias, rms, weight_offset, cast_before_weight, param_grads)
         if torch.compiler.is_compiling():
-            dx, dw, db, sq_norms = _norm_backward_op(*args)
-            tracked = weight is not None and param_grads
-            dw = dw if tracked else None
-            db = db if tracked and has_bias else None
+            use_triton = getattr(ctx, "use_triton", _uses_triton(x) and _COMPILED_TRITON)
+            dx, grads, sq_norms = norm_backward_op(
+                dy, x, weight, mean, rstd, *config, use_triton, example_offsets
+            )
+            n_params = 0 if (weight is None or not param_grads) else (2 if has_bias else 1)
+            dw = grads[0] if n_params >= 1 else None
+            db = grads[1] if n_params == 2 else None
         else:
-            dx, dw, db, sq_norms = _backward_impl(*args)
+            dx, dw, db, sq_norms = _backward_impl(dy, x, weight, mean, rstd, *config, example_offsets)
         if db is not None:
             db = db.to(ctx.bias_dtype)
         sink_grad = sq_norms.float() if ctx.has_sink else None

@@ -21,6 +21,7 @@ References: Gray et al. 2024 (arXiv 2411.00999), section 3; DESIGN.md section 2.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def compute_dtype_for(x: torch.Tensor, upcast: bool = True) -> torch.dtype:
@@ -88,7 +89,8 @@ def check_example_offsets(example_offsets: torch.Tensor, n_rows: int) -> None:
             "example_offsets must be a 1-D int64 tensor (E+1,) of row offsets, got "
             f"{example_offsets.dtype} of shape {tuple(example_offsets.shape)}"
         )
-    if example_offsets.device.type == "cpu":
+    # real CPU tensors only: a traced (fake) tensor has no values to read
+    if example_offsets.device.type == "cpu" and not is_fake(example_offsets):
         first, last = int(example_offsets[0]), int(example_offsets[-1])
         if first != 0 or last != n_rows or bool((example_offsets.diff() < 0).any()):
             raise ValueError(
