@@ -1,19 +1,26 @@
-"""Sweep the tile configurations of the Triton norm kernels on the GPU at hand.
+"""Sweep the tile configurations of the Triton norm kernels on the GPU at hand (~2 minutes).
 
-Times the forward kernel and the backward pair (row kernel + partial reduction) as
-GPU time (CUDA-graph replays, so host overhead stays out), for a few (BLOCK_M,
-num_warps, programs-per-SM) choices per width, each as a fraction of the copy-bandwidth
-roofline measured in the same run. The winners are what `forward_config` and
-`backward_config` in `hf_gns/kernels/norm_triton.py` encode.
+Times the forward kernel and, separately, the backward pair (row kernel + partial
+reduction) as GPU time (CUDA-graph replays, so host overhead stays out), for a few tiles
+per width: forward (BLOCK_M, num_warps), backward (BLOCK_M, num_warps, waves of programs),
+each against the copy-bandwidth roofline measured in the same run (forward moves 2 tensors
+of x's size, backward 3: x and dy read, dx written). Issue 11's target is the fwd+bwd pair
+at >= 80% of the roofline for D >= 2048, still bitwise deterministic (the tiles change
+neither the reduction order across chunks' partials nor the use of atomics).
 
-    python benchmarks/tune_norm_kernels.py --widths 768,2048,4096,8192 [--rms]
+It ends with the winners as the two dicts `FORWARD_TILES` / `BACKWARD_TILES` of
+`hf_gns/kernels/norm_triton.py` (keyed by BLOCK_D), ready to paste, and the fwd+bwd
+roofline fraction of the current rules against the winners.
+
+    PYTHONPATH=. python benchmarks/tune_norm_kernels.py                      # LayerNorm, D 768..8192
+    PYTHONPATH=. python benchmarks/tune_norm_kernels.py --rms --widths 2048,4096
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
+import time
 
 import torch
 import triton
@@ -21,12 +28,12 @@ import triton
 from hf_gns.kernels import norm_triton
 
 
-def graph_ms(fn, replays: int = 50) -> float:
+def graph_ms(fn, replays: int = 30) -> float:
     """Median GPU time of `fn` from CUDA-graph replays."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
@@ -38,7 +45,7 @@ def graph_ms(fn, replays: int = 50) -> float:
         start.record()
         graph.replay()
         end.record()
-        end.synchronize()
+        end.synchronize()  # sync: read this replay's time
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
@@ -49,74 +56,81 @@ def copy_bandwidth_gbps(n_bytes: int = 1 << 31) -> float:
     return 2 * n_bytes / graph_ms(lambda: dst.copy_(src)) / 1e6
 
 
-def fixed_forward_config(width, block_m, num_warps):
-    return block_m, triton.next_power_of_2(width), num_warps
+def _set_tiles(block_d: int, forward=None, backward=None) -> None:
+    """Install one tile for BLOCK_D (None removes it: the rules apply) and drop the cached configs."""
+    for table, tile in ((norm_triton.FORWARD_TILES, forward), (norm_triton.BACKWARD_TILES, backward)):
+        table.pop(block_d, None)
+        if tile is not None:
+            table[block_d] = tile
+    norm_triton.forward_config.cache_clear()
+    norm_triton.backward_config.cache_clear()
 
 
-def fixed_backward_config(width, n_examples, rows, device, block_m, num_warps, waves):
-    n_chunks = max(
-        1,
-        min(
-            triton.cdiv(rows, block_m),
-            triton.cdiv(waves * norm_triton._target_programs(device) // 2, n_examples),
-        ),
-    )
-    per_chunk = triton.cdiv(triton.cdiv(rows, n_chunks), block_m) * block_m
-    return block_m, triton.next_power_of_2(width), num_warps, per_chunk, triton.cdiv(rows, per_chunk)
+def forward_tiles(block_d: int):
+    for block_m in (1, 2, 4, 8, 16):
+        if not 2048 <= block_m * block_d <= 16384 and not (block_m == 1 and block_d > 16384):
+            continue
+        for num_warps in (4, 8, 16):
+            if block_m * block_d // (32 * num_warps) >= 4:  # at least 4 elements a thread
+                yield block_m, num_warps
 
 
-def sweep_width(width, args, bandwidth):
+def backward_tiles(block_d: int):
+    for block_m in (1, 2, 4, 8):
+        if not 2048 <= block_m * block_d <= 8192 and not (block_m == 1 and block_d > 8192):
+            continue  # two fp32 accumulators of this tile live in registers
+        for num_warps in (4, 8, 16):
+            if block_m * block_d // (32 * num_warps) >= 4:
+                for waves in (1, 2, 4):
+                    yield block_m, num_warps, waves
+
+
+def sweep_width(width: int, args, bandwidth: float) -> tuple[dict, dict]:
     x = torch.randn(args.batch, args.seq, width, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     weight = torch.randn(width, device="cuda", dtype=torch.bfloat16)
     bias = None if args.rms else torch.randn_like(weight)
-    forward = functools.partial(
-        norm_triton.norm_forward_triton, x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype
-    )
     block_d = triton.next_power_of_2(width)
-    results = []
-    for block_m in (1, 2, 4, 8, 16):
-        if block_m * block_d > 16384 or (block_m > 1 and block_m * block_d < 1024):
-            continue
-        for num_warps in (4, 8, 16):
-            if block_m * block_d // (32 * num_warps) < 2:
-                continue
-            norm_triton.forward_config = functools.partial(
-                fixed_forward_config, block_m=block_m, num_warps=num_warps
-            )
-            fwd_ms = graph_ms(forward)
-            _, mean, rstd = forward()
-            backward = functools.partial(
-                norm_triton.norm_backward_triton,
-                dy,
-                x,
-                weight,
-                mean,
-                rstd,
-                bias is not None,
-                args.rms,
-                0.0,
-                False,
-            )
-            for waves in (1, 2, 4):
-                norm_triton.backward_config = functools.partial(
-                    fixed_backward_config, block_m=block_m, num_warps=num_warps, waves=waves
-                )
-                results.append((block_m, num_warps, waves, fwd_ms, graph_ms(backward)))
+
+    def forward():
+        return norm_triton.norm_forward_triton(x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype)
+
+    _set_tiles(block_d)
+    _, mean, rstd = forward()
+
+    def backward():
+        return norm_triton.norm_backward_triton(
+            dy, x, weight, mean, rstd, bias is not None, args.rms, 0.0, False
+        )
+
+    rule_fwd, rule_bwd = graph_ms(forward), graph_ms(backward)
+    fwd_results = []
+    for tile in forward_tiles(block_d):
+        _set_tiles(block_d, forward=tile)
+        fwd_results.append((graph_ms(forward), tile))
+    bwd_results = []
+    for tile in backward_tiles(block_d):
+        _set_tiles(block_d, backward=tile)
+        bwd_results.append((graph_ms(backward), tile))
+    _set_tiles(block_d)
+
     tensor_bytes = x.numel() * x.element_size()
     roof_fwd, roof_bwd = 2 * tensor_bytes / bandwidth / 1e6, 3 * tensor_bytes / bandwidth / 1e6
+    kind = "RMSNorm" if args.rms else "LayerNorm"
     print(
-        f"\nD={width} ({'RMS' if args.rms else 'LN'}): roofline fwd {roof_fwd:.4f} ms, bwd {roof_bwd:.4f} ms"
+        f"\nD={width} {kind}, B={args.batch} T={args.seq} bf16: "
+        f"roofline fwd {roof_fwd:.4f} ms, bwd {roof_bwd:.4f} ms"
     )
-    print(f"{'BLOCK_M':>7} {'warps':>5} {'waves':>5} {'fwd ms':>8} {'fwd %':>6} {'bwd ms':>8} {'bwd %':>6}")
-    for block_m, num_warps, waves, fwd_ms, bwd_ms in sorted(results, key=lambda r: r[3] + r[4])[:6]:
-        print(
-            f"{block_m:>7} {num_warps:>5} {waves:>5} {fwd_ms:8.4f} {100 * roof_fwd / fwd_ms:5.1f}% "
-            f"{bwd_ms:8.4f} {100 * roof_bwd / bwd_ms:5.1f}%"
-        )
-    best_fwd, best_bwd = min(results, key=lambda r: r[3]), min(results, key=lambda r: r[4])
-    print(f"best fwd: BLOCK_M={best_fwd[0]} warps={best_fwd[1]} {best_fwd[3]:.4f} ms")
-    print(f"best bwd: BLOCK_M={best_bwd[0]} warps={best_bwd[1]} waves={best_bwd[2]} {best_bwd[4]:.4f} ms")
+    rule_share = 100 * (roof_fwd + roof_bwd) / (rule_fwd + rule_bwd)
+    print(f"  rules:   fwd {rule_fwd:.4f} ms ({100 * roof_fwd / rule_fwd:.1f}%), bwd {rule_bwd:.4f} ms "
+          f"({100 * roof_bwd / rule_bwd:.1f}%), fwd+bwd {rule_share:.1f}% of the roofline")  # fmt: skip
+    for label, results, roof in (("fwd", fwd_results, roof_fwd), ("bwd", bwd_results, roof_bwd)):
+        for ms, tile in sorted(results)[:3]:
+            print(f"  {label} {str(tile):14s} {ms:.4f} ms  {100 * roof / ms:5.1f}% of roofline")
+    best_fwd, best_bwd = min(fwd_results), min(bwd_results)
+    total = best_fwd[0] + best_bwd[0]
+    print(f"  best fwd+bwd {total:.4f} ms: {100 * (roof_fwd + roof_bwd) / total:.1f}% of the roofline")
+    return {block_d: best_fwd[1]}, {block_d: best_bwd[1]}
 
 
 def main() -> None:
@@ -130,14 +144,26 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this sweep needs a CUDA GPU")
+    start = time.perf_counter()
     bandwidth = copy_bandwidth_gbps()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth:.0f} GB/s  triton {triton.__version__}")
-    original = norm_triton.forward_config, norm_triton.backward_config
+    saved = dict(norm_triton.FORWARD_TILES), dict(norm_triton.BACKWARD_TILES)
+    forward, backward = {}, {}
     try:
         for width in [int(w) for w in args.widths.split(",")]:
-            sweep_width(width, args, bandwidth)
+            fwd, bwd = sweep_width(width, args, bandwidth)
+            forward.update(fwd)
+            backward.update(bwd)
+            print(f"  ({time.perf_counter() - start:.0f} s so far)", flush=True)
     finally:
-        norm_triton.forward_config, norm_triton.backward_config = original
+        norm_triton.FORWARD_TILES.clear()
+        norm_triton.FORWARD_TILES.update(saved[0])
+        norm_triton.BACKWARD_TILES.clear()
+        norm_triton.BACKWARD_TILES.update(saved[1])
+    print("\n# paste into hf_gns/kernels/norm_triton.py (tuned on " + torch.cuda.get_device_name() + ")")
+    print(f"FORWARD_TILES: dict[int, tuple[int, int]] = {forward}  # BLOCK_D: (BLOCK_M, num_warps)")
+    print(f"BACKWARD_TILES: dict[int, tuple[int, int, int]] = {backward}  # (BLOCK_M, num_warps, waves)")
+    print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

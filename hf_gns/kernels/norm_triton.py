@@ -397,6 +397,12 @@ def _as_rows(t: torch.Tensor, n_examples: int) -> torch.Tensor:
     return t3 if t3.stride(-1) == 1 else t3.contiguous()
 
 
+# Tuned tiles by BLOCK_D (the next power of two of D), as `benchmarks/tune_norm_kernels.py`
+# prints them; a BLOCK_D not listed uses the rules in `forward_config` / `backward_config`.
+FORWARD_TILES: dict[int, tuple[int, int]] = {}  # BLOCK_D: (BLOCK_M, num_warps)
+BACKWARD_TILES: dict[int, tuple[int, int, int]] = {}  # BLOCK_D: (BLOCK_M, num_warps, waves of programs)
+
+
 @functools.lru_cache(maxsize=256)
 def forward_config(width: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_D columns, num_warps) for one program's tile.
@@ -408,6 +414,7 @@ def forward_config(width: int) -> tuple[int, int, int]:
     block_d = triton.next_power_of_2(width)
     block_m = max(1, min(16, 8192 // block_d))
     num_warps = max(4, min(16, block_d // 512))
+    block_m, num_warps = FORWARD_TILES.get(block_d, (block_m, num_warps))
     return block_m, block_d, num_warps
 
 
@@ -424,8 +431,10 @@ def backward_config(width: int, n_examples: int, rows_per_example: int, device: 
     block_d = triton.next_power_of_2(width)
     block_m = max(1, 4096 // block_d)
     num_warps = 4 if block_d <= 1024 else min(16, block_m * block_d // 512)
+    block_m, num_warps, waves = BACKWARD_TILES.get(block_d, (block_m, num_warps, 2))
     max_chunks = triton.cdiv(rows_per_example, block_m)
-    n_chunks = max(1, min(max_chunks, triton.cdiv(_target_programs(device), n_examples)))
+    programs = _target_programs(device) * waves // 2  # _target_programs is two waves
+    n_chunks = max(1, min(max_chunks, triton.cdiv(programs, n_examples)))
     rows_per_chunk = triton.cdiv(triton.cdiv(rows_per_example, n_chunks), block_m) * block_m
     return block_m, block_d, num_warps, rows_per_chunk, triton.cdiv(rows_per_example, rows_per_chunk)
 
