@@ -239,7 +239,7 @@ def _child(args) -> None:
     if gns:
         value = trainer.current_gns()  # sync, after timing
         result["gns"] = None if value is None or math.isnan(value) else value
-        result["tracked_params"] = len(hf_gns.per_example_sq_norms(trainer.model))
+        result["tracked_params"] = len(getattr(trainer, "_tracked_names", []))
     if args.check_graph_breaks:
         from torch._dynamo.utils import counters
 
@@ -253,6 +253,21 @@ def _child(args) -> None:
         if cuda:
             print(f"=== profile: {args.model} {args.variant}, by host time ===")
             print(averages.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+            # GPU busy time against the wall time of the same steps: well under 100% means the
+            # step is host-bound (launch overhead, Python, syncs), not kernel-bound
+            kernel_ms = (
+                sum(
+                    e.time_range.elapsed_us() for e in timer.profiler.events() if e.device_type.name == "CUDA"
+                )
+                / 1e3
+                / args.profile_steps
+            )
+            profiled = gaps[args.warmup + args.steps - 1 :][: args.profile_steps]
+            wall_ms = statistics.median(profiled) if profiled else float("nan")
+            print(
+                f"=== {args.model} {args.variant}: GPU kernel time {kernel_ms:.1f} ms a step, step wall time "
+                f"{wall_ms:.1f} ms (profiler on): GPU busy {100 * kernel_ms / wall_ms:.0f}% ==="
+            )
     _write(args.child_json, result)
 
 
@@ -386,7 +401,8 @@ def target_lines(results: list[dict]) -> list[str]:
             goal, what = LIGER_NORMS_TARGET, "GNS norms + Liger vs Trainer + Liger"
         label = f"{spec.title}: {what}"
         if r.get("ratio") is None:
-            lines.append(f"  {label} >= {goal:.2f}x: not measured ({r.get('skipped') or r.get('error')})")
+            why = r.get("skipped") or r.get("error") or f"no {baseline_of(variant)} result in this run"
+            lines.append(f"  {label} >= {goal:.2f}x: not measured ({why})")
             continue
         lines.append(
             f"  {label} >= {goal:.2f}x: {r['ratio']:.3f}x {'PASS' if r['ratio'] >= goal else 'MISS'}"
