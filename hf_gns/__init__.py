@@ -18,14 +18,18 @@ from .patching import (
 )
 
 __all__ = [
+    "BatchSizeControlMixin",
     "BatchSizeController",
+    "GNSArguments",
     "GNSEstimator",
+    "GNSMixin",
     "GNSTrainer",
     "GNSTrainingArguments",
     "NormPatchError",
     "NormSpec",
     "PatchReport",
     "fused_norm",
+    "gns_config",
     "new_sq_norm_sink",
     "patch",
     "per_example_sq_norms",
@@ -38,10 +42,20 @@ __all__ = [
 ]
 
 
+_TRAINER_NAMES = (
+    "BatchSizeControlMixin",
+    "GNSArguments",
+    "GNSMixin",
+    "GNSTrainer",
+    "GNSTrainingArguments",
+    "gns_config",
+)
+
+
 def __getattr__(name: str):
     # The trainer imports transformers: load it on first use so that `import hf_gns` (and the
     # kernels and patching layers) stays light.
-    if name in ("GNSTrainer", "GNSTrainingArguments"):
+    if name in _TRAINER_NAMES:
         from . import trainer
 
         return getattr(trainer, name)

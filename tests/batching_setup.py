@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, default_data_collator
 
 import hf_gns
 from hf_gns.trainer import GNSTrainer, GNSTrainingArguments
-from hf_gns.trainer.batching import MicroBatches
+from hf_gns.trainer.example_stream import MicroBatches
 
 VOCAB, SEQ_LEN = 97, 8
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from batching_setup import example_dataset, make_trainer
 
-from hf_gns.trainer.batching import ExampleOrder
+from hf_gns.trainer.example_stream import ExampleOrder
 
 NUM_EXAMPLES, MAX_TOKENS = 15, 8 * 40
 # Global batches, all even so that 1 and 2 processes realize the same ones (unit = world size).

@@ -23,7 +23,7 @@ from batching_setup import (
 )
 
 from hf_gns.control import d2z
-from hf_gns.trainer.batching import DataPosition, ExampleOrder, MicroBatchSampler
+from hf_gns.trainer.example_stream import DataPosition, ExampleOrder, MicroBatchSampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

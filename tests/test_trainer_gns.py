@@ -205,7 +205,7 @@ def test_deepspeed_is_refused(tmp_path):
 
 def test_non_finite_statistics_are_skipped(tmp_path, monkeypatch):
     """A step whose statistics overflow (as fp16 steps that GradScaler skips do) leaves the GNS as it was."""
-    import hf_gns.trainer.trainer as trainer_module
+    import hf_gns.trainer.measurement as trainer_module
 
     reads = []
 
@@ -290,11 +290,13 @@ def test_one_step_statistics_equal_the_per_example_oracle(tmp_path, track):
     trainer.train()
     stats = trainer.last_step_statistics()
     assert stats["batch_size"] == batch
-    groups = trainer._group_names
+    groups = trainer._gns_group_names
     assert ("type/attention" in groups) == (track == "all")
     for group in groups:
         members = [
-            n for n, col in zip(trainer._tracked_names, trainer._membership[groups.index(group)]) if col
+            n
+            for n, col in zip(trainer._gns_tracked_names, trainer._gns_membership[groups.index(group)])
+            if col
         ]
         example_sum = sum(c[n].double().square().sum() for c in contributions for n in members)
         batch_sq = sum(sum(c[n] for c in contributions).double().square().sum() for n in members)

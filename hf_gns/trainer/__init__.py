@@ -1,7 +1,18 @@
-"""`GNSTrainer` and its arguments: the HF Trainer with an online gradient noise scale."""
+"""The trainer side: `GNSMixin` (measurement), `BatchSizeControlMixin`, `GNSTrainer`, the arguments."""
 
-from .arguments import GNSTrainingArguments
+from .arguments import GNSArguments, GNSTrainingArguments, gns_config
+from .batching import BatchSizeControlMixin
 from .checkpoint import STATE_FILE, CheckpointStateRegistry
+from .measurement import GNSMixin
 from .trainer import GNSTrainer
 
-__all__ = ["STATE_FILE", "CheckpointStateRegistry", "GNSTrainer", "GNSTrainingArguments"]
+__all__ = [
+    "STATE_FILE",
+    "BatchSizeControlMixin",
+    "CheckpointStateRegistry",
+    "GNSArguments",
+    "GNSMixin",
+    "GNSTrainer",
+    "GNSTrainingArguments",
+    "gns_config",
+]

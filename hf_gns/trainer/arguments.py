@@ -1,8 +1,17 @@
-"""`GNSTrainingArguments`: the `TrainingArguments` of `GNSTrainer`, with its GNS options."""
+"""The GNS options: `GNSArguments` (a dataclass mixin), `GNSTrainingArguments`, and `gns_config`.
+
+`GNSArguments` holds the `gns_*` fields. It composes with any `TrainingArguments` subclass:
+`GNSTrainingArguments = GNSArguments + BatchControlArguments + TrainingArguments`, and
+`gns_config(SFTConfig)` builds the same composition on TRL's (or any) config class. A trainer
+mixin given a config without these fields (plain `TrainingArguments`, TRL's `SFTConfig`) uses
+the defaults below (`gns_options`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import MISSING, dataclass, field, fields
+from types import SimpleNamespace
 
 from transformers import TrainingArguments
 
@@ -13,11 +22,8 @@ GNS_TRACK_CHOICES = ("norms", "all")
 
 
 @dataclass
-class GNSTrainingArguments(BatchControlArguments, TrainingArguments):
-    """`transformers.TrainingArguments` plus the options of the online gradient noise scale.
-
-    The batch-size controller and token-schedule options (`max_tokens`, `batch_size_policy`,
-    `lr_schedule`, ...) come from `BatchControlArguments` (`hf_gns.trainer.batch_arguments`).
+class GNSArguments:
+    """The options of the online gradient noise scale (a dataclass mixin of a `TrainingArguments` class).
 
     Args:
         gns_track (`str`, *optional*, defaults to `"norms"`): which parameters the GNS is measured
@@ -55,16 +61,67 @@ class GNSTrainingArguments(BatchControlArguments, TrainingArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.gns_track not in GNS_TRACK_CHOICES:
-            raise ValueError(f"gns_track must be one of {list(GNS_TRACK_CHOICES)}, got {self.gns_track!r}")
-        if not 0.0 < self.gns_ema_decay < 1.0:
-            raise ValueError(
-                f"gns_ema_decay is a decay per example and must be in (0, 1), got {self.gns_ema_decay}; "
-                "e.g. 0.9999 averages over about 10k examples"
-            )
-        if isinstance(self.gns_groups, str):
-            self.gns_groups = [g for g in self.gns_groups.replace(",", " ").split() if g]
-        unknown = [g for g in self.gns_groups if g not in GROUPINGS]
-        if unknown:
-            raise ValueError(f"gns_groups has unknown entries {unknown}: choose among {list(GROUPINGS)}")
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        check_gns_arguments(self)
+
+
+def check_gns_arguments(args) -> None:
+    """Raise `ValueError` naming the option when a `gns_*` value is out of range; normalizes `gns_groups`."""
+    if args.gns_track not in GNS_TRACK_CHOICES:
+        raise ValueError(f"gns_track must be one of {list(GNS_TRACK_CHOICES)}, got {args.gns_track!r}")
+    if not 0.0 < args.gns_ema_decay < 1.0:
+        raise ValueError(
+            f"gns_ema_decay is a decay per example and must be in (0, 1), got {args.gns_ema_decay}; "
+            "e.g. 0.9999 averages over about 10k examples"
+        )
+    if isinstance(args.gns_groups, str):
+        args.gns_groups = [g for g in args.gns_groups.replace(",", " ").split() if g]
+    unknown = [g for g in args.gns_groups if g not in GROUPINGS]
+    if unknown:
+        raise ValueError(f"gns_groups has unknown entries {unknown}: choose among {list(GROUPINGS)}")
+
+
+@dataclass
+class GNSTrainingArguments(GNSArguments, BatchControlArguments, TrainingArguments):
+    """`transformers.TrainingArguments` plus the GNS options (`GNSArguments`) and the batch-size
+    controller and token-schedule options (`BatchControlArguments`, `hf_gns.trainer.batch_arguments`:
+    `max_tokens`, `batch_size_policy`, `lr_schedule`, ...)."""
+
+
+@functools.cache
+def gns_config(config_class: type) -> type:
+    """`config_class` (a `TrainingArguments` dataclass, e.g. TRL's `SFTConfig`) with the GNS and
+    batch-control fields added: the way to pass GNS options to a trainer that takes its own config.
+
+    The class is built once per `config_class` and named `GNS<name>` in this module (so the Trainer's
+    `training_args.bin` pickles). Equivalent to writing it out, which is what to do when the arguments
+    must also be unpickled in a process that did not call `gns_config`:
+    `@dataclass class GNSSFTConfig(GNSArguments, BatchControlArguments, SFTConfig): pass`.
+
+    Example:
+    ```python
+    >>> from trl import SFTConfig, SFTTrainer
+    >>> class SFTTrainerWithGNS(hf_gns.GNSMixin, SFTTrainer): pass
+    >>> args = hf_gns.gns_config(SFTConfig)("out", packing=True, gns_track="all", gns_ema_decay=0.999)
+    ```
+    """
+    if issubclass(config_class, GNSArguments):
+        return config_class
+    if not issubclass(config_class, TrainingArguments):
+        raise TypeError(f"gns_config needs a TrainingArguments subclass, got {config_class.__name__}")
+    name = f"GNS{config_class.__name__}"
+    namespace = {"__module__": __name__, "__qualname__": name, "__doc__": f"`{name}` with the GNS options."}
+    composed = dataclass(type(name, (GNSArguments, BatchControlArguments, config_class), namespace))
+    globals().setdefault(name, composed)
+    return composed
+
+
+def _field_default(f):
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def gns_options(args) -> SimpleNamespace:
+    """The GNS options of `args`: its `gns_*` fields, the `GNSArguments` defaults for those it lacks."""
+    return SimpleNamespace(**{f.name: getattr(args, f.name, _field_default(f)) for f in fields(GNSArguments)})

@@ -1,23 +1,17 @@
-"""Realizing a global batch that changes at any optimizer step inside the HF Trainer.
+"""`BatchSizeControlMixin`: a global batch that changes at any optimizer step inside the HF Trainer.
 
-Mechanism (what `BatchSizeControlMixin` overrides, and why):
+Mechanism (what the mixin overrides, and why):
 
-- Data. The examples form ONE global stream, epoch after epoch: stream position s is example
-  `perm_e[s mod N]` of epoch e = s // N (`perm_e` a permutation drawn from the data seed and e,
-  or the identity for `train_sampling_strategy="sequential"`). Positions are dealt round-robin
-  to the W processes: process r's i-th example is position `base + r + W·i`. A step in which
-  every process consumes k examples therefore consumes exactly the next W·k positions of the
-  stream, whatever k is: no example is dropped, repeated or reordered when the batch changes,
-  and no epoch boundary drops a remainder. Each process's `DataLoader` has a fixed micro-batch
-  of `per_device_train_batch_size` examples and an infinite, self-sharded batch sampler
-  (`MicroBatchSampler`) that Accelerate never wraps: its `BatchSamplerShard` caches the batch
-  size and would drop mismatched batches.
+- Data. One global example stream dealt round-robin to the processes, read through an infinite,
+  self-sharded micro-batch sampler (`hf_gns.trainer.example_stream`): whatever the batch does, no
+  example is dropped, repeated or reordered.
 - Accumulation. HF's `gradient_accumulation_steps` stays 1. `get_batch_samples` asks the
   controller for the next global batch, pulls this process's n micro-batches (the last one cut
   when the granularity is "example"; its remainder is carried into the next step) and hands
   them to the loop as ONE item, a `MicroBatches` list, with HF's own `num_items_in_batch` for
   all of them (gathered across processes when `average_tokens_across_devices`). `training_step`
-  runs them under `accelerator.no_sync` except the last. A loss normalized by
+  feeds them one by one back through `self.training_step` (so mixins above see each micro-batch,
+  a mapping), under `accelerator.no_sync` except the last. A loss normalized by
   `num_items_in_batch` is right for any n; otherwise each micro-batch's mean loss is weighted by
   its share of the step's examples (1/n for full micro-batches).
 - Decision. Every process calls `BatchSizeController.update` at the same step with the same
@@ -30,10 +24,20 @@ Mechanism (what `BatchSizeControlMixin` overrides, and why):
   are saved in `hf_gns_state.pt` through `register_checkpoint_state` and restored exactly; HF's
   own batch skipping is switched off (`ignore_data_skip`) so nothing is skipped twice.
 
-Needs from the host trainer (`GNSTrainer`): `tokens_seen`, `current_gns()` and
-`register_checkpoint_state(name, obj)`, and a call to `_setup_batch_control()` once that
-registry exists. Not supported with batch control: DeepSpeed, iterable datasets,
-`train_sampling_strategy` other than "random"/"sequential", `auto_find_batch_size`.
+The measurement interface (what this mixin needs from the trainer it is mixed into; `hf_gns.GNSMixin`
+provides it, anything else with these three members works too, nothing checks types):
+
+- `tokens_seen` (`int` attribute or property): global tokens of every optimizer step so far, the
+  same on every process. Read once per optimizer step, before the step's batch is decided.
+- `current_gns()` (-> `float | None`): the GNS in examples, the same on every process; `None`
+  before the first measured step. Read only when the policy needs it (`"gns"`, `"doubling"`).
+- `register_checkpoint_state(name, obj)`: save `obj.state_dict()` in every checkpoint and
+  `obj.load_state_dict(...)` it on `train(resume_from_checkpoint=...)` BEFORE this mixin's
+  `train` runs (so list the measurement mixin first: `class T(GNSMixin, BatchSizeControlMixin, Trainer)`).
+  May be called during `__init__`, before or after the measurement set itself up.
+
+Not supported with batch control: DeepSpeed, iterable datasets, `train_sampling_strategy` other
+than "random"/"sequential", `auto_find_batch_size`.
 """
 
 from __future__ import annotations
@@ -41,154 +45,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import seed_worker
 
 from ..control import BatchSizeController, ScheduleFilePolicy, TokenLRScheduler
 from .batch_arguments import controller_from_arguments, lr_schedule_from_arguments
+from .example_stream import (
+    DataPosition,
+    ExampleOrder,
+    MicroBatches,
+    MicroBatchSampler,
+    StreamReader,
+    batch_rows,
+    is_hf_dataset,
+    stream_dataloader,
+    tokens_per_example,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_STATE_NAME = "batch_control"
-
-
-# ---- the global example stream -------------------------------------------------------------
-
-
-class ExampleOrder:
-    """Global stream position → dataset index: epoch e = s // N is `randperm(N)` seeded with `seed + e`.
-
-    Args:
-        num_examples (`int`): N, the dataset's length.
-        seed (`int`): data seed; every process must use the same.
-        shuffle (`bool`, *optional*, defaults to `True`): `False` gives 0, 1, ..., N-1 every epoch.
-    """
-
-    def __init__(self, num_examples: int, seed: int, shuffle: bool = True):
-        if num_examples <= 0:
-            raise ValueError("the training dataset is empty.")
-        self.num_examples, self.seed, self.shuffle = num_examples, seed, shuffle
-        self._epoch, self._perm = -1, None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            if self.shuffle:
-                generator = torch.Generator().manual_seed(self.seed + epoch)
-                self._perm = torch.randperm(self.num_examples, generator=generator)
-            else:
-                self._perm = torch.arange(self.num_examples)
-            self._epoch = epoch
-        return self._perm
-
-    def __getitem__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_examples)
-        return int(self.permutation(epoch)[offset])
-
-
-@dataclass
-class DataPosition:
-    """Where every process stands in the global stream; identical on every process, checkpointed.
-
-    Args:
-        world_size (`int`), micro_batch_size (`int`): the grid the position refers to.
-        base (`int`): stream position where this grid starts.
-        micro_batches (`int`): micro-batches each process pulled from its loader since `base`.
-        carry (`int`): rows of the last pulled micro-batch not consumed yet (granularity "example").
-    """
-
-    world_size: int
-    micro_batch_size: int
-    base: int = 0
-    micro_batches: int = 0
-    carry: int = 0
-
-    @property
-    def examples_consumed(self) -> int:
-        """Global examples consumed: the stream prefix [0, examples_consumed) has been trained on."""
-        return self.base + self.world_size * (self.micro_batches * self.micro_batch_size - self.carry)
-
-    def state_dict(self) -> dict[str, int]:
-        return {
-            "world_size": self.world_size,
-            "micro_batch_size": self.micro_batch_size,
-            "base": self.base,
-            "micro_batches": self.micro_batches,
-            "carry": self.carry,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        saved = DataPosition(**{k: int(v) for k, v in state.items()})
-        if (saved.world_size, saved.micro_batch_size) == (self.world_size, self.micro_batch_size):
-            self.base, self.micro_batches, self.carry = saved.base, saved.micro_batches, saved.carry
-        else:  # another grid: start a fresh one at the first unconsumed position (no drop, no repeat)
-            logger.warning(
-                "hf_gns: resuming with world_size × micro-batch %d × %d instead of %d × %d: the data order "
-                "is kept, but micro-batches are cut differently, so the run will not be bitwise identical",
-                self.world_size,
-                self.micro_batch_size,
-                saved.world_size,
-                saved.micro_batch_size,
-            )
-            self.base, self.micro_batches, self.carry = saved.examples_consumed, 0, 0
-
-
-class MicroBatchSampler:
-    """Infinite batch sampler of one process: micro-batch i holds positions `base + (i·b + j)·W + rank`.
-
-    Starts where `position` says when iterated (re-fetching a partly consumed micro-batch). Has no
-    `__len__`: the Trainer then relies on `max_steps`, which the mixin sets.
-    """
-
-    def __init__(self, order: ExampleOrder, position: DataPosition, rank: int):
-        self.order, self.position, self.rank = order, position, rank
-
-    def __iter__(self) -> Iterator[list[int]]:
-        position = self.position
-        base, world, size = position.base, position.world_size, position.micro_batch_size
-        first = position.micro_batches - (1 if position.carry else 0)
-        return self._micro_batches(base, world, size, first)
-
-    def _micro_batches(self, base: int, world: int, size: int, first: int) -> Iterator[list[int]]:
-        index = first
-        while True:
-            start = base + index * size * world + self.rank
-            yield [self.order[start + j * world] for j in range(size)]
-            index += 1
-
-
-class MicroBatches(list):
-    """This process's micro-batches for one optimizer step: ONE item of the Trainer's loop."""
-
-
-def batch_rows(batch: Mapping[str, Any]) -> int:
-    """Examples in a collated batch (the leading size of its first tensor)."""
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise TypeError("batch-size control needs collated batches holding tensors (a dict of tensors).")
-
-
-def slice_rows(batch: Mapping[str, Any], start: int, stop: int) -> Mapping[str, Any]:
-    """Rows [start, stop) of every per-example tensor of a collated batch; other values kept."""
-    rows = batch_rows(batch)
-    sliced = {
-        key: value[start:stop]
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
-        else value
-        for key, value in batch.items()
-    }
-    try:
-        return type(batch)(sliced)
-    except TypeError:
-        return sliced
+# The measurement interface (module docstring): members this mixin reads from the host trainer.
+MEASUREMENT_INTERFACE = ("tokens_seen", "current_gns", "register_checkpoint_state")
 
 
 # ---- checkpointed state and per-step hooks -------------------------------------------------
@@ -246,6 +128,10 @@ class BatchSizeControlMixin:
     batch_size_controller: BatchSizeController | None = None
     data_position: DataPosition | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_batch_control()
+
     # ---- setup ----
 
     @property
@@ -253,17 +139,23 @@ class BatchSizeControlMixin:
         return bool(getattr(self.args, "batch_control_enabled", False))
 
     def _setup_batch_control(self) -> None:
-        """Build the controller and register its checkpoint state; call once the host's registry exists."""
+        """Build the controller and register its checkpoint state (once; `__init__` calls it)."""
         if not self.batch_control_enabled or self.batch_size_controller is not None:
             return
+        missing = [name for name in MEASUREMENT_INTERFACE if not hasattr(type(self), name)]
+        if missing:
+            raise TypeError(
+                f"{type(self).__name__}: BatchSizeControlMixin needs a measurement providing {missing} "
+                "(see hf_gns.trainer.batching); mix hf_gns.GNSMixin in first: "
+                "class T(GNSMixin, BatchSizeControlMixin, Trainer)."
+            )
         if getattr(self, "is_deepspeed_enabled", False):
             raise ValueError("batch-size control does not support DeepSpeed (its engine owns accumulation).")
         if self.args.auto_find_batch_size:
             raise ValueError("batch-size control sets the batch itself: turn off auto_find_batch_size.")
         self.batch_size_controller = self.make_batch_size_controller()
         self.data_position = DataPosition(self.args.world_size, self._train_batch_size)
-        self._stream_iterator = None
-        self._carry_batch = None
+        self._stream_reader = StreamReader(self.data_position)
         self._tokens_at_step = (-1, 0)
         self._tokens_per_example = None
         self._owns_max_steps = False
@@ -302,8 +194,8 @@ class BatchSizeControlMixin:
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self.batch_size_controller is None:
             raise RuntimeError(
-                f"{type(self).__name__} enables batch control but never called _setup_batch_control(): "
-                "call it at the end of __init__, once register_checkpoint_state works."
+                f"{type(self).__name__} enables batch control but BatchSizeControlMixin.__init__ never ran "
+                "(an __init__ above it in the MRO did not call super().__init__)."
             )
         if self.args.max_tokens is None and self.args.max_steps <= 0:
             raise ValueError(
@@ -316,7 +208,7 @@ class BatchSizeControlMixin:
         self._owns_max_steps = args.max_steps <= 0
         if self._owns_max_steps:
             args.max_steps = self._estimate_steps(self.batch_size_controller.batch_size)
-        self._stream_iterator = None
+        self._stream_reader.reset()
         try:
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         finally:
@@ -339,34 +231,16 @@ class BatchSizeControlMixin:
                 f"batch-size control orders the data itself: train_sampling_strategy={strategy!r} is not "
                 "supported, use 'random' or 'sequential'."
             )
-        if _is_hf_dataset(dataset):
+        if is_hf_dataset(dataset):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         order = ExampleOrder(len(dataset), seed=seed, shuffle=strategy == "random")
         self._num_train_examples = len(dataset)
-        self._tokens_per_example = _tokens_per_example(dataset)
+        self._tokens_per_example = tokens_per_example(dataset)
         sampler = MicroBatchSampler(order, self.data_position, rank=self.args.process_index)
-        workers = self.args.dataloader_num_workers
-        params = dict(
-            batch_sampler=sampler,
-            collate_fn=collator,
-            num_workers=workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            worker_init_fn=partial(seed_worker, num_workers=workers, rank=self.args.process_index),
-            # Its own generator: creating an iterator then draws no number from the global RNG, which
-            # HF restores on resume just before creating it (dropout would otherwise diverge).
-            generator=torch.Generator().manual_seed(seed),
-        )
-        if workers > 0:
-            params.update(
-                persistent_workers=self.args.dataloader_persistent_workers,
-                prefetch_factor=self.args.dataloader_prefetch_factor,
-            )
-        # Not accelerator.prepare(): it would wrap the sampler in BatchSamplerShard and re-shard it.
-        # Batches stay on the host; training_step moves them (Trainer._prepare_inputs).
-        return DataLoader(dataset, **params)
+        return stream_dataloader(dataset, collator, sampler, self.args, seed)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if not self.batch_control_enabled or self.args.max_tokens is None:
@@ -393,7 +267,7 @@ class BatchSizeControlMixin:
             self.control.should_training_stop = True
             return [], None
         per_device = self._decide_batch(tokens)
-        micro_batches = self._take_examples(epoch_iterator, per_device)
+        micro_batches = self._stream_reader.take(epoch_iterator, per_device)
         # HF's own count (labels != -100, shifted; gathered across processes if configured).
         _, num_items_in_batch = super().get_batch_samples(iter(micro_batches), len(micro_batches), device)
         return [MicroBatches(micro_batches)], num_items_in_batch
@@ -470,39 +344,12 @@ class BatchSizeControlMixin:
 
     # ---- data ----
 
-    def _take_examples(self, iterator, count: int) -> list[Mapping[str, Any]]:
-        """This process's next `count` examples as micro-batches, carrying a cut micro-batch's rest."""
-        position = self.data_position
-        if iterator is not self._stream_iterator:  # a new loader iterator starts at the saved position
-            self._stream_iterator, self._carry_batch = iterator, None
-            if position.carry:
-                refetched = next(iterator)
-                rows = batch_rows(refetched)
-                self._carry_batch = slice_rows(refetched, rows - position.carry, rows)
-        taken = []
-        while count > 0:
-            if self._carry_batch is not None:
-                batch, self._carry_batch = self._carry_batch, None
-            else:
-                batch = next(iterator)
-                position.micro_batches += 1
-            rows = batch_rows(batch)
-            if rows <= count:
-                taken.append(batch)
-                count -= rows
-            else:
-                taken.append(slice_rows(batch, 0, count))
-                self._carry_batch = slice_rows(batch, count, rows)
-                count = 0
-        position.carry = batch_rows(self._carry_batch) if self._carry_batch is not None else 0
-        return taken
-
     # ---- budget and progress ----
 
     def _estimate_steps(self, batch_size: int) -> int:
         """Steps to spend `max_tokens` at `batch_size` (a progress-bar estimate, not a limit)."""
-        tokens_per_example = self._tokens_per_example or _tokens_per_example(self.train_dataset) or 1
-        return max(1, math.ceil(self.args.max_tokens / (batch_size * tokens_per_example)))
+        per_example = self._tokens_per_example or tokens_per_example(self.train_dataset) or 1
+        return max(1, math.ceil(self.args.max_tokens / (batch_size * per_example)))
 
     def _extend_step_estimate(self, state) -> None:
         # DefaultFlowCallback stops at state.max_steps; while tokens remain, keep the estimate ahead.
@@ -539,20 +386,3 @@ class BatchSizeControlMixin:
             if bar is not None and bar.total != total_steps:
                 bar.total = total_steps
                 bar.refresh()
-
-
-def _is_hf_dataset(dataset) -> bool:
-    try:
-        import datasets
-    except ImportError:
-        return False
-    return isinstance(dataset, datasets.Dataset)
-
-
-def _tokens_per_example(dataset) -> int | None:
-    """Length of the first example's `input_ids` (an estimate for progress and warmup conversion)."""
-    try:
-        ids = dataset[0]["input_ids"]
-    except (KeyError, IndexError, TypeError):
-        return None
-    return len(ids) if hasattr(ids, "__len__") else None

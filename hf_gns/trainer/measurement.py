@@ -1,0 +1,435 @@
+"""`GNSMixin`: the online gradient noise scale as a mixin for any `transformers.Trainer` subclass.
+
+`class SFTTrainerWithGNS(hf_gns.GNSMixin, trl.SFTTrainer)` measures the GNS of whatever the
+trainer trains. The mixin overrides only Trainer methods that it extends and calls `super()`
+in each (`__init__`, `train`, `training_step`, `_clip_grad_norm`, `_get_grad_norm`, `log`,
+`_save_checkpoint`), so it composes with trainers that override them too (TRL's do).
+
+Per optimizer step, at the synchronization step and BEFORE clipping (the Trainer calls
+`_clip_grad_norm` when `max_grad_norm > 0` and then `_get_grad_norm`; both are overridden so
+the read happens first, while `on_pre_optimizer_step` would only see clipped gradients),
+`_read_gns_statistics` runs, in this order (each a method, to override or extend):
+
+1. `_gns_local_statistics(model)`: this process's statistics as one flat vector
+   [B, tokens, Σ|c^local|² per group, |G_B|² share per group, (local |g_r|² for `gns_ddp`)],
+   from `hf_gns.per_example_sq_norms` and `distributed.grad_sq_norm_shares`;
+2. `distributed.all_reduce_sum`: the one collective of the step;
+3. `_gns_update_estimators(vector)`: converts to synchronized-gradient units
+   (`gns.units.to_synced_units`: DDP averaging, fp16 loss scale), updates the estimators
+   (`gns.estimator.GNSEstimator`) and the counters;
+4. `hf_gns.zero_stats`.
+
+Everything stays on the device: the host syncs only when logging, when `current_gns()` or
+`tokens_seen` is read, and for the progress bar at logging steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .. import distributed
+from ..gns.estimator import GNSEstimator, per_example_statistic
+from ..gns.groups import clean_name, membership_matrix, parameter_groups
+from ..gns.units import to_synced_units
+from ..patching import patch, per_example_sq_norms, zero_stats
+from .arguments import gns_options
+from .checkpoint import CheckpointStateRegistry
+from .counting import count_batch
+
+logger = logging.getLogger(__name__)
+
+
+class _StepCounters:
+    """Device-side counters of the run: cumulative tokens and the last step's batch, checkpointed."""
+
+    def __init__(self):
+        self.tokens_seen = torch.zeros((), dtype=torch.int64)
+        self.examples_seen = torch.zeros((), dtype=torch.int64)
+        self.last_batch = torch.zeros(2, dtype=torch.float64)  # (examples, tokens) of the last step
+
+    def to(self, device: torch.device) -> None:
+        self.tokens_seen = self.tokens_seen.to(device)
+        self.examples_seen = self.examples_seen.to(device)
+        self.last_batch = self.last_batch.to(device)
+
+    def state_dict(self) -> dict:
+        return {
+            "tokens_seen": self.tokens_seen.cpu(),
+            "examples_seen": self.examples_seen.cpu(),
+            "last_batch": self.last_batch.cpu(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.tokens_seen.device
+        self.tokens_seen = state["tokens_seen"].to(device)
+        self.examples_seen = state["examples_seen"].to(device)
+        self.last_batch = state["last_batch"].to(device)
+
+
+class GNSMixin:
+    """Trainer mixin that measures the gradient noise scale (GNS) online, for free.
+
+    Patches the model's normalization layers (or all supported layers, `gns_track="all"`) with
+    `hf_gns.patch` so that the backward pass also yields per-example gradient norms, and logs
+    through the Trainer's ordinary logging (so `trainer_state.json`, TensorBoard, W&B get it):
+    `gns` (examples), `gns_tokens`, `gns_sq_norm`, `gns_trace_cov`, `gns/<group>`,
+    `gns_skipped_steps`, `batch_size`, `batch_tokens`, `tokens_seen` and, when enabled, `gns_ddp`.
+    Logged values are the state at the logging step (the GNS is already an EMA; batch values
+    are the last optimizer step's). The estimator state, counters and every state registered
+    with `register_checkpoint_state` are saved in each checkpoint (`hf_gns_state.pt`) and
+    restored by `train(resume_from_checkpoint=...)`.
+
+    Options come from the `gns_*` fields of the trainer's arguments (`GNSTrainingArguments`, or
+    any config class made with `hf_gns.gns_config`); arguments without them get the defaults.
+    List it first: `class T(GNSMixin, SomeTrainer)`. It provides the measurement interface that
+    `BatchSizeControlMixin` reads (`tokens_seen`, `current_gns()`, `register_checkpoint_state`).
+
+    Example:
+    ```python
+    >>> class SFTTrainerWithGNS(hf_gns.GNSMixin, trl.SFTTrainer):
+    ...     pass
+    >>> trainer = SFTTrainerWithGNS(model=model, args=hf_gns.gns_config(SFTConfig)("out"), train_dataset=data)
+    >>> trainer.train()
+    >>> trainer.current_gns()  # examples
+    ```
+    """
+
+    def __init__(self, model: nn.Module | None = None, args=None, *rest, **kwargs):
+        if args is not None and getattr(args, "deepspeed", None):
+            raise ValueError(
+                "hf_gns does not support DeepSpeed: ZeRO partitions and reduces gradients inside its "
+                "engine, where the synchronized gradient norm before clipping cannot be read per parameter. "
+                "Use DDP or FSDP (args.fsdp / accelerate's FSDP plugin) instead."
+            )
+        super().__init__(model, args, *rest, **kwargs)
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "hf_gns does not support DeepSpeed (enabled by the accelerate config): use DDP or FSDP"
+            )
+        self._gns_options = gns_options(self.args)
+        self._gns_counters = _StepCounters()
+        self._gns_setup_tracking(self.model)
+        self.register_checkpoint_state("gns_estimator", self.gns_estimator)
+        self.register_checkpoint_state("gns_counters", self._gns_counters)
+        if self.gns_ddp_estimator is not None:
+            self.register_checkpoint_state("gns_ddp_estimator", self.gns_ddp_estimator)
+
+    # ---- the measurement interface (see hf_gns.trainer.batching) ----
+
+    def register_checkpoint_state(self, name: str, obj: object) -> None:
+        """Save `obj.state_dict()` in every checkpoint and `obj.load_state_dict(...)` it on resume.
+
+        Usable from any `__init__` of the MRO, before or after this mixin's own setup.
+
+        Args:
+            name (`str`): unique key in `hf_gns_state.pt`.
+            obj: an object with `state_dict()` and `load_state_dict()`; its state must be the same
+                on every process (process 0 writes it) and made of tensors, numbers, strings,
+                lists and dicts (the file is loaded with `weights_only=True`).
+        """
+        self._gns_checkpoint_states().register(name, obj)
+
+    def current_gns(self) -> float | None:
+        """GNS over all tracked parameters, in examples; `None` before the first step (one sync)."""
+        value = self.gns_estimator.gns_tensor()[0].item()
+        return None if math.isnan(value) else value
+
+    @property
+    def tokens_seen(self) -> int:
+        """Global tokens (attention-mask ones, or all positions) of every optimizer step so far (one sync)."""
+        return int(self._gns_counters.tokens_seen.item())
+
+    @property
+    def examples_seen(self) -> int:
+        """Global examples (sequences, or documents) of every optimizer step so far (one sync)."""
+        return int(self._gns_counters.examples_seen.item())
+
+    # ---- setup ----
+
+    def _gns_checkpoint_states(self) -> CheckpointStateRegistry:
+        registry = self.__dict__.get("_gns_registry")
+        if registry is None:
+            registry = self.__dict__["_gns_registry"] = CheckpointStateRegistry()
+        return registry
+
+    def _gns_patch(self, model: nn.Module) -> None:
+        kwargs = {"strict": self._gns_options.gns_patch_strict}
+        if self._gns_options.gns_track == "all":
+            if "targets" not in inspect.signature(patch).parameters:
+                raise NotImplementedError(
+                    "gns_track='all' needs hf_gns.patch(model, targets='all'), which this hf_gns lacks; "
+                    "use gns_track='norms'"
+                )
+            kwargs["targets"] = "all"
+        patch(model, **kwargs)
+
+    def _gns_setup_tracking(self, model: nn.Module) -> None:
+        self._gns_patch(model)
+        raw_names = list(per_example_sq_norms(model))
+        if not raw_names:
+            raise ValueError(
+                f"{type(self).__name__} found no tracked parameter: the model has no patched norm layer "
+                "whose weight requires grad (e.g. frozen norms under LoRA). Check print(hf_gns.patch(model)),"
+                " or use gns_track='all'."
+            )
+        groups = parameter_groups(model, raw_names, self._gns_options.gns_groups)
+        # Canonical names without wrapper tokens: the same before and after DDP/FSDP/compile wrapping.
+        self._gns_tracked_names = [clean_name(n) for n in raw_names]
+        self._gns_membership = membership_matrix(groups, raw_names)
+        self._gns_group_names = list(groups)
+        decay = self._gns_options.gns_ema_decay
+        self.gns_estimator = GNSEstimator(self._gns_group_names, ema_decay=decay)
+        want_ddp = self._gns_options.gns_log_ddp_estimate and self.args.world_size > 1
+        self.gns_ddp_estimator = GNSEstimator(["total"], ema_decay=decay) if want_ddp else None
+        self._gns_ddp_hook: distributed.LocalGradSqNormHook | None = None
+        self._gns_pending = False
+        self._gns_step_examples = 0
+        self._gns_step_tokens: torch.Tensor | int = 0
+        self._gns_device: torch.device | None = None
+        self._gns_last_statistics = None
+        self._gns_tracked_params_cache: tuple[nn.Module, list[nn.Parameter]] | None = None
+
+    def _gns_maybe_register_ddp_hook(self, model: nn.Module) -> None:
+        if self.gns_ddp_estimator is None or self._gns_ddp_hook is not None:
+            return
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "gns_log_ddp_estimate needs DistributedDataParallel (the classic estimate reads each "
+                "process's gradient before the all-reduce), but the model is wrapped as "
+                f"{type(model).__name__}; set gns_log_ddp_estimate=False"
+            )
+        tracked = set(self._gns_tracked_names)
+        params = [p for name, p in model.named_parameters() if clean_name(name) in tracked]
+        self._gns_ddp_hook = distributed.LocalGradSqNormHook(params)
+        self._gns_ddp_hook.register(model)
+
+    # ---- training loop hooks ----
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kw
+    ):
+        if self.model is not None:
+            self._gns_patch(self.model)  # a no-op if already patched; model_init may have built a new model
+            zero_stats(self.model)  # backward passes before training (or of a previous train()) don't count
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        if checkpoint is not None:
+            try:
+                missing = self._gns_checkpoint_states().load(checkpoint)
+            except FileNotFoundError as err:
+                logger.warning("%s; GNS statistics restart from scratch", err)
+            else:
+                if missing:
+                    logger.warning("%s/hf_gns_state.pt has no state for %s", checkpoint, missing)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kw,
+        )
+
+    def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if not isinstance(inputs, Mapping):
+            # A container of micro-batches (BatchSizeControlMixin's loop item): each micro-batch comes
+            # back through self.training_step as a mapping and is counted then.
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._gns_maybe_register_ddp_hook(model)
+        count = count_batch(inputs)
+        self._gns_step_examples += count.examples  # host int: shapes need no sync
+        self._gns_step_tokens = self._gns_step_tokens + count.tokens
+        self._gns_pending = True
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _clip_grad_norm(self, model):
+        self._read_gns_statistics(model)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self._read_gns_statistics(model)  # a no-op when _clip_grad_norm already read this step
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # ---- the per-step read ----
+
+    @torch.no_grad()
+    def _read_gns_statistics(self, model: nn.Module) -> None:
+        """Fold this optimizer step's statistics into the estimators (see the module docstring)."""
+        if not self._gns_pending:
+            return
+        self._gns_pending = False
+        vector = self._gns_local_statistics(model)
+        distributed.all_reduce_sum(vector)  # the one collective of the step
+        self._gns_update_estimators(vector)
+        self._gns_step_examples, self._gns_step_tokens = 0, 0
+        zero_stats(model)
+
+    def _gns_local_statistics(self, model: nn.Module) -> torch.Tensor:
+        """This process's statistics of the step, one flat fp32 vector of a size fixed for the run:
+        [examples, tokens, Σ|c_i^local|² per group, |G_B|² share per group, local |g_r|²]."""
+        norms = {clean_name(k): v for k, v in per_example_sq_norms(model).items()}
+        tracked = self._gns_tracked_parameters(model)
+        device = tracked[0].device
+        self._gns_move_to(device)
+        zero = torch.zeros((), device=device)
+        example_sums = torch.stack(
+            [norms[n].sum().to(device) if n in norms else zero for n in self._gns_tracked_names]
+        )
+        grad_shares = distributed.grad_sq_norm_shares(
+            [param.grad for param in tracked], sharded=self._gns_grads_sharded()
+        ).to(device)
+        local_ddp = self._gns_ddp_hook.take(device) if self._gns_ddp_hook is not None else zero
+        batch = torch.stack(
+            [torch.as_tensor(self._gns_step_examples, device=device).float(), zero + self._gns_step_tokens]
+        )
+        membership = self._gns_membership
+        return torch.cat([batch, membership @ example_sums, membership @ grad_shares, local_ddp[None]])
+
+    def _gns_update_estimators(self, vector: torch.Tensor) -> None:
+        """Fold the all-reduced vector of `_gns_local_statistics` into the estimators and counters."""
+        n_groups = len(self._gns_group_names)
+        examples, tokens = vector[0].double(), vector[1].double()
+        world = distributed.world_size()
+        stats = to_synced_units(
+            vector[2 : 2 + n_groups].double(),
+            vector[2 + n_groups : 2 + 2 * n_groups].double(),
+            world_size=world,
+            loss_scale=self._gns_loss_scale(),
+            local_grad_sq_norm_sum=vector[-1:].double(),
+        )
+        self.gns_estimator.update(
+            small_sq_norm=per_example_statistic(stats.example_sq_norm_sum, examples),
+            big_sq_norm=stats.batch_sq_norm,
+            big_batch=examples,
+        )
+        if self.gns_ddp_estimator is not None:
+            self.gns_ddp_estimator.update(
+                small_sq_norm=stats.local_grad_sq_norm_mean,
+                big_sq_norm=stats.batch_sq_norm[:1],
+                big_batch=examples,
+                small_batch=examples / world,
+            )
+        self._gns_last_statistics = (examples, tokens, stats)
+        counters = self._gns_counters
+        counters.last_batch = torch.stack([examples, tokens])
+        counters.tokens_seen = counters.tokens_seen + tokens.round().long()
+        counters.examples_seen = counters.examples_seen + examples.round().long()
+
+    def _gns_move_to(self, device: torch.device) -> None:
+        if self._gns_device == device:
+            return
+        self._gns_device = device
+        self._gns_membership = self._gns_membership.to(device)
+        self.gns_estimator.to(device)
+        if self.gns_ddp_estimator is not None:
+            self.gns_ddp_estimator.to(device)
+        self._gns_counters.to(device)
+
+    def _gns_loss_scale(self) -> torch.Tensor | float | None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)  # the device tensor: get_scale() would sync
+        return scale if scale is not None else scaler.get_scale()
+
+    def _gns_grads_sharded(self) -> bool:
+        # FSDP1 keeps each rank's shard of the flat gradient in the original parameters' .grad;
+        # DTensor gradients (FSDP2) are recognised from their placements instead.
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None:
+            return False
+        strategy = getattr(plugin, "sharding_strategy", None)
+        return getattr(strategy, "name", "FULL_SHARD") != "NO_SHARD"
+
+    def _gns_tracked_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The tracked parameters of the (wrapped) model, in `_gns_tracked_names` order; looked up once
+        per wrapper object rather than every step (wrapping does not change later)."""
+        cached = self._gns_tracked_params_cache
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        params = {clean_name(k): p for k, p in model.named_parameters()}
+        missing = [n for n in self._gns_tracked_names if n not in params]
+        if missing:
+            raise RuntimeError(
+                f"tracked parameters {missing[:3]} are not among the wrapped model's parameters; under FSDP1 "
+                "set use_orig_params=True (fsdp_config) so the norm weights keep their names"
+            )
+        tracked = [params[n] for n in self._gns_tracked_names]
+        self._gns_tracked_params_cache = (model, tracked)
+        return tracked
+
+    def last_step_statistics(self) -> dict[str, object]:
+        """The last optimizer step's global statistics in synchronized-gradient units (one sync).
+
+        Returns:
+            `dict`: `batch_size`, `batch_tokens`, and per group (`{group: float}`)
+            `example_sq_norm_sum` (Σ_i |c_i|²) and `batch_sq_norm` (|G_B|²); with `gns_ddp`,
+            `local_grad_sq_norm_mean` (mean over processes of |g_r|²). Empty before the first step.
+        """
+        if self._gns_last_statistics is None:
+            return {}
+        examples, tokens, stats = self._gns_last_statistics
+        result = {
+            "batch_size": int(round(examples.item())),
+            "batch_tokens": int(round(tokens.item())),
+            "example_sq_norm_sum": dict(zip(self._gns_group_names, stats.example_sq_norm_sum.tolist())),
+            "batch_sq_norm": dict(zip(self._gns_group_names, stats.batch_sq_norm.tolist())),
+        }
+        if self.gns_ddp_estimator is not None:
+            result["local_grad_sq_norm_mean"] = stats.local_grad_sq_norm_mean.item()
+        return result
+
+    # ---- logging and checkpoints ----
+
+    def gns_logs(self) -> dict[str, float]:
+        """The GNS keys as logged (one host sync); empty before the first optimizer step."""
+        est = self.gns_estimator
+        sq_norm, trace_cov = est.components()
+        counters = self._gns_counters
+        parts = [trace_cov / sq_norm, sq_norm[:1], trace_cov[:1], counters.last_batch]
+        parts.append(torch.stack([est._skipped.double(), counters.tokens_seen.double(), est._steps.double()]))
+        if self.gns_ddp_estimator is not None:
+            parts.append(self.gns_ddp_estimator.gns_tensor())
+        values = torch.cat([p.to(sq_norm.device) for p in parts]).tolist()  # the sync
+        n = len(self._gns_group_names)
+        gns, (sq, tr, examples, tokens, skipped, seen, steps) = values[:n], values[n : n + 7]
+        if steps == 0 and skipped == 0:
+            return {}
+        logs = {"gns": gns[0]}
+        logs["gns_tokens"] = gns[0] * (tokens / examples) if examples else float("nan")
+        logs.update({"gns_sq_norm": sq, "gns_trace_cov": tr})
+        logs.update({f"gns/{name}": value for name, value in zip(self._gns_group_names[1:], gns[1:])})
+        logs.update({"gns_skipped_steps": int(skipped), "batch_size": int(round(examples))})
+        logs.update({"batch_tokens": int(round(tokens)), "tokens_seen": int(seen)})
+        if self.gns_ddp_estimator is not None:
+            logs["gns_ddp"] = values[n + 7]
+        return logs
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # training logs, not eval / final summaries
+            gns_logs = self.gns_logs()
+            logs.update(gns_logs)
+            self._gns_show_on_progress_bar(gns_logs.get("gns"))
+        super().log(logs, *args, **kwargs)
+
+    def _gns_show_on_progress_bar(self, gns: float | None) -> None:
+        if gns is None:
+            return
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+            if bar is not None:
+                bar.set_postfix(gns=f"{gns:.4g}", refresh=False)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self._gns_checkpoint_states().save(os.path.join(self._get_output_dir(trial=trial), folder))
