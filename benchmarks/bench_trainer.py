@@ -427,6 +427,13 @@ def report(results: list[dict], header: str) -> None:
         print("\n".join(lines))
 
 
+def _write_results(args, env: dict, results: list[dict]) -> None:
+    with open(args.json, "w") as f:
+        json.dump(
+            {"environment": env, "steps": args.steps, "warmup": args.warmup, "results": results}, f, indent=1
+        )
+
+
 def parse_args(argv=None):
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -509,6 +516,8 @@ def main(argv=None) -> None:
             status = result.get("skipped") or result.get("error") or f"{result['step_ms']:.1f} ms/step"
             print(f"  {model:9s} {variant:18s} {status}  (process wall {result['wall_s']:.0f} s)", flush=True)
             results.append(result)
+            if args.json:  # after every variant: a run cut short keeps what it measured
+                _write_results(args, env, results)
     if args.check_graph_breaks:
         print()
         for r in results:
@@ -521,13 +530,6 @@ def main(argv=None) -> None:
             for record in ours:
                 print("  " + record.replace("\n", "\n  "))
     report(results, "GNSTrainer vs Trainer (ratio: tokens/s over the baseline variant, same model, same run)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"environment": env, "steps": args.steps, "warmup": args.warmup, "results": results},
-                f,
-                indent=1,
-            )
 
 
 if __name__ == "__main__":

@@ -144,13 +144,20 @@ class _LinearWithSqNorms(torch.autograd.Function):
                 ).to(ctx.weight_dtype)
             if weight_sq is None and (needs_sink or needs_link):
                 weight_sq = linear_weight_sq_norms_ghost(inputs, grads, **extra)
-            if ctx.has_bias and (needs_bias or needs_sink):
+            bias_per_example = None
+            if ctx.has_bias and (needs_bias or needs_sink) and example_offsets is None:
+                # one read of G for both: the per-example bias grads (B, L) in fp32, and their sum
+                bias_per_example = grads.sum(1, dtype=torch.promote_types(grads.dtype, torch.float32))
+                grad_bias = bias_per_example.sum(0).to(grads.dtype)  # the dtype the plain sum had
+            elif ctx.has_bias and (needs_bias or needs_sink):
                 grad_bias = grads.reshape(-1, grads.shape[-1]).sum(0)
             if needs_sink:
-                bias_sq = (
-                    linear_bias_sq_norms(grads, **extra) if ctx.has_bias else torch.zeros_like(weight_sq)
-                )
-                sink_grad = torch.stack([weight_sq, bias_sq], dim=1)
+                if bias_per_example is not None:
+                    sink_grad = torch.stack([weight_sq, bias_per_example.square().sum(1)], dim=1)
+                elif ctx.has_bias:
+                    sink_grad = torch.stack([weight_sq, linear_bias_sq_norms(grads, **extra)], dim=1)
+                else:  # (B, 2) with a zero bias column, one op
+                    sink_grad = F.pad(weight_sq.unsqueeze(1), (0, 1))
             if needs_link:
                 rows = tied_rows(inputs, grads, ids).float().flatten(1)  # (B, T_ids·K)
                 link_grad = torch.cat([rows, weight_sq.unsqueeze(1)], dim=1)

@@ -173,8 +173,11 @@ def linear_weight_grad_simultaneous(
     rows_per_chunk = max(1, chunk_bytes // (n_examples * in_features * inputs.element_size()))
     grad_t = grad_out.transpose(1, 2)  # (B, L, T)
     weight_grad = torch.empty(out_features, in_features, dtype=out_dtype, device=inputs.device)
-    accumulate = _accumulation_dtype(inputs.dtype)
-    sq_norms = torch.zeros(n_examples, dtype=accumulate, device=inputs.device)
+    if rows_per_chunk >= out_features:  # one chunk (most layers): no slicing, no running sum
+        per_example = torch.bmm(grad_t, inputs)  # (B, L, K): P_b
+        sq_norms = reduce(per_example.view(n_examples, -1), weight_grad.view(-1))
+        return (weight_grad.t() if transposed else weight_grad), sq_norms
+    sq_norms = torch.zeros(n_examples, dtype=_accumulation_dtype(inputs.dtype), device=inputs.device)
     for start in range(0, out_features, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         per_example = torch.bmm(grad_t[:, rows], inputs)  # (B, rows, K): P_b for these rows
