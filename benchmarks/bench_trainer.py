@@ -503,6 +503,12 @@ def main(argv=None) -> None:
 
     env = environment_info(require_device("cpu" if args.tiny else "cuda"))
     print(format_environment(env))
+    settings = {
+        k: v for k, v in os.environ.items() if k.startswith("HF_GNS_") or k.startswith("TORCHINDUCTOR_")
+    }
+    if settings:
+        env["settings"] = settings
+        print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
     print(
         f"HF Trainer loop, {'fp32 (tiny, CPU)' if args.tiny else 'bf16, adamw_torch_fused'}, "
         "max_grad_norm 1.0, "
