@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import types
-import warnings
 
 import pytest
 import torch
@@ -119,14 +118,12 @@ class _SharedNormModel(nn.Module):
         return self.norm(self.proj(self.norm(x))).square().mean()
 
 
-def test_a_norm_called_twice_in_one_forward_warns():
+def test_a_norm_called_twice_in_one_forward_is_caught_by_the_guard():
     model = _SharedNormModel()
     hf_gns.patch(model)
-    with pytest.warns(UserWarning, match="two calls within one backward"):
-        model(torch.randn(3, 4, 8)).backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once per module only
-        model(torch.randn(3, 4, 8)).backward()
+    model(torch.randn(3, 4, 8)).backward()
+    with pytest.raises(hf_gns.patching.IncompleteStatisticsError, match="'norm'.*2× the examples"):
+        hf_gns.patching.check_step_statistics(model, 3)
 
 
 def test_deepcopy_of_a_patched_model_has_its_own_stats():
@@ -204,8 +201,7 @@ def test_a_weight_used_outside_its_module_is_an_error():
 def test_a_module_called_twice_is_an_error_and_warn_mode_returns_it_for_dropping():
     model = _SharedNormModel()
     hf_gns.patch(model)
-    with pytest.warns(UserWarning, match="two calls"):
-        model(torch.randn(3, 4, 8)).backward()
+    model(torch.randn(3, 4, 8)).backward()
     with pytest.raises(hf_gns.patching.IncompleteStatisticsError, match="2× the examples"):
         hf_gns.patching.check_step_statistics(model, 3)
     with pytest.warns(UserWarning, match="dropping 2 tracked parameters"):

@@ -1,6 +1,7 @@
 """Patching any HF causal LM's norm layers onto the fused op, and the statistics it yields."""
 
 from .layers import layer_tracking_enabled, set_layer_tracking
+from .model_hook import prepare_sinks
 from .patcher import NormPatchError, patch, unpatch
 from .registry import register_norm, unregister_norm
 from .report import PatchedLayer, PatchedNorm, PatchReport, SkippedLayer, SkippedNorm
@@ -30,6 +31,7 @@ __all__ = [
     "layer_tracking_enabled",
     "patch",
     "per_example_sq_norms",
+    "prepare_sinks",
     "register_norm",
     "set_layer_tracking",
     "tracked_parameter_names",

@@ -11,22 +11,24 @@ activation checkpointing, which runs during backward, still sees it. Only 2-D in
 whose row count is a multiple of B other than B itself are regrouped; flattening is
 batch-major (`reshape(-1, D)` of (B, T, D)), so example b owns rows b·T … (b+1)·T − 1.
 
-Sinks. Every patched norm needs a (B, 2) sink leaf per forward (see `sinks.py`), and
-torch.compile cannot create leaves inside a graph. The hook makes the missing ones
-before the model's forward, in one `torch.compiler.disable`d call: under torch.compile
-the only graph break is then at the very top of the first step (and of the first step
-after B changes); Dynamo recompiles once the sinks exist and steady-state steps run as
-one graph. Norms whose input does not have B rows make their own sink on first use.
+Sinks. Every patched module needs a (B, 2) sink leaf per forward (see `sinks.py`), and
+torch.compile cannot create leaves inside a graph. `prepare_sinks(model, inputs)`, called
+before a compiled forward, readies them outside the graph: the hook, traced inside the
+compiled forward, then finds them and does nothing (no graph break, and the same guards
+at every step, so no recompilation). Without it, the hook makes the missing ones in one
+`torch.compiler.disable`d call: in eager mode that is free; under torch.compile it is one
+graph break at the very top of the first step (and of the first step after B changes) and
+a recompilation once the sinks exist. Modules whose input does not have B rows make their
+own sink on first use.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-from .sinks import new_sink_for
 
 if TYPE_CHECKING:
     from .forward import NormPatch
@@ -49,37 +51,49 @@ def bump_patch_generation() -> None:
 
 
 @torch.compiler.disable
-def _make_sinks(norms: list[tuple[nn.Module, NormPatch]], n_examples: int) -> None:
-    for module, state in norms:
-        state.sinks.spare = new_sink_for(state.sinks, n_examples, module.weight.device)
+def _make_sinks(owners: list[tuple[nn.Module, NormPatch]], n_examples: int) -> None:
+    for module, state in owners:
+        state.sinks.prepare(n_examples, module.weight.device)
 
 
 class ModelForwardHook:
-    """State of the model-level pre-hook, shared by the model's patched norms.
+    """State of the model-level pre-hook, shared by the model's patched modules.
 
     Attributes:
         batch_size (`int`, *optional*): B of the current (or last) forward.
-        norms (`list[tuple[nn.Module, NormPatch]]`): the patched norm modules of this model.
+        norms (`list[tuple[nn.Module, NormPatch]]`): the patched modules of this model (norms and,
+            with `targets="all"`, layers): the owners of sinks.
     """
 
     def __init__(self):
         self.batch_size: int | None = None
         self.norms: list[tuple[nn.Module, NormPatch]] = []
 
-    def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook (`with_kwargs=True`)."""
+    def read_batch(self, args: tuple, kwargs: dict) -> int | None:
+        """Record B from a forward's arguments; returns the number of examples (None: no tensor)."""
         candidates = [kwargs.get(key) for key in _BATCH_KWARGS] + list(args)
         batch = next((v for v in candidates if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
         if batch is None:
-            return
-        self.batch_size = n_examples = batch.shape[0]
-        if not torch.is_grad_enabled():
-            return
-        missing = [
+            return None
+        self.batch_size = batch.shape[0]
+        return self.batch_size
+
+    def missing_sinks(self, n_examples: int) -> list[tuple[nn.Module, NormPatch]]:
+        """The owners that will need a sink in this forward and have no ready spare."""
+        return [
             (module, state)
             for module, state in self.norms
             if state.tracks_gradients(module) and not state.sinks.has_spare(n_examples, module.weight.device)
         ]
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (`with_kwargs=True`). Under torch.compile it runs inside the graph: it
+        only reads the spares `prepare_sinks` readied (no graph break, the same guards every step);
+        unprepared, it makes them in one graph break at the top of the forward."""
+        n_examples = self.read_batch(args, kwargs)
+        if n_examples is None or not torch.is_grad_enabled():
+            return
+        missing = self.missing_sinks(n_examples)
         if missing:
             _make_sinks(missing, n_examples)
 
@@ -89,6 +103,41 @@ class ModelForwardHook:
         if x.dim() != 2 or n_examples is None or x.shape[0] == n_examples or x.shape[0] % n_examples:
             return x
         return x.reshape(n_examples, x.shape[0] // n_examples, x.shape[1])
+
+
+_HOOKS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hooks_of(model: nn.Module) -> list[ModelForwardHook]:
+    cached = _HOOKS_OF.get(model)
+    if cached is not None and cached[0] == patch_generation():
+        return cached[1]
+    hooks = [m.__dict__[HOOK_ATTRIBUTE][0] for m in model.modules() if HOOK_ATTRIBUTE in m.__dict__]
+    _HOOKS_OF[model] = (patch_generation(), hooks)
+    return hooks
+
+
+@torch.compiler.disable
+def prepare_sinks(model: nn.Module, inputs: dict) -> None:
+    """Ready the sinks of the next forward of `model` on `inputs`, outside any compiled graph.
+
+    Call it right before each forward of a model that runs under `torch.compile` (GNSTrainer
+    does, in `training_step`): the compiled forward then finds every sink ready, so hf_gns
+    adds no graph break and no recompilation. Without it a compiled forward makes the
+    missing sinks itself, at the cost of one graph break at its top (and a recompilation on
+    the next step). A no-op when nothing is missing; eager forwards do not need it.
+
+    Args:
+        model (`nn.Module`): the patched model, or any wrapper around it (DDP, compiled, PEFT).
+        inputs (`dict`): the keyword arguments of the forward (`input_ids` or `inputs_embeds`).
+    """
+    if not torch.is_grad_enabled():
+        return
+    for hook in _hooks_of(model):
+        n_examples = hook.read_batch((), inputs)
+        if n_examples is not None:
+            for module, state in hook.missing_sinks(n_examples):
+                state.sinks.prepare(n_examples, module.weight.device)
 
 
 def attach_model_hook(model: nn.Module) -> ModelForwardHook:

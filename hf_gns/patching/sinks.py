@@ -3,18 +3,22 @@
 `fused_norm` returns |dγ_b|², |dβ_b|² as the gradient of a (B, 2) fp32 leaf, the sink.
 Each norm module owns a `SquaredNormSinks`:
 
-- `take(x)` hands the forward a sink of the right shape. It reuses a spare one when it
-  can and only makes a new leaf otherwise.
+- `take(x)` hands the forward the `spare` sink when it has the right shape. Only when it
+  has not does it make one (from the `pool` of recycled sinks, or a new leaf).
 - A post-accumulate-grad hook on every sink moves `sink.grad` into `collected` (one (B, 2)
   tensor per backward pass, in order), clears the grad and puts the sink back as the
-  spare for the next forward.
+  spare for the next forward (or into the pool when a spare is already there).
+- `prepare(n, device)` readies a spare ahead of a forward, outside any compiled graph.
 
 Why this shape:
 - torch.compile cannot create a tensor with `requires_grad=True` inside a graph (Dynamo
   graph-breaks: "Create the tensor outside the compiled region"). Sinks are made outside
-  any graph — by the model-level pre-hook before the first forward (`model_hook.py`), and
+  any graph — by `prepare_sinks` before a compiled forward (the trainer calls it in
+  `training_step`), by the model-level pre-hook in eager mode (`model_hook.py`), and
   recycled by the grad hook during backward — and enter compiled forwards as ordinary
-  graph inputs, so there is no graph break in the norms.
+  graph inputs. Compiled code reads only `spare` (never the pool, whose length Dynamo
+  would guard on), and finds it ready at every step, so the compiled graph neither
+  breaks nor recompiles.
 - Hooks run in the autograd engine, also for compiled graphs, and collect only sinks
   that really received a gradient. That handles both kinds of activation checkpointing:
   reentrant checkpointing runs the first forward under no_grad (no sink) and the
@@ -25,8 +29,10 @@ Why this shape:
 - No host-device sync: the hook only stores a reference to the gradient tensor.
 
 A module called twice within one forward (a shared norm) yields two sinks, and their
-squared norms are not those of the summed per-example gradient (|a+b|² ≠ |a|²+|b|²). The
-hook notices two gradients for one module within one backward pass and warns once.
+squared norms are not those of the summed per-example gradient (|a+b|² ≠ |a|²+|b|²): it
+collects 2B values for B examples, which `stats.check_step_statistics` turns into an
+error naming the module. (Two gradients in one backward pass are no sign of it: two
+forwards of the model before one backward, e.g. two micro-batches in one loss, are fine.)
 """
 
 from __future__ import annotations
@@ -39,12 +45,8 @@ from ..kernels import new_sq_norm_sink
 
 # Backward passes collected without zero_stats before we suspect nobody reads the statistics.
 _UNREAD_WARNING_AT = 10_000
-
-
-def _current_backward_id() -> int:
-    """An id of the running backward pass (-1 outside backward); private torch API, so guarded."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if current is None else current()
+# Recycled sinks kept beyond the spare: as many forwards as may run before one backward.
+_POOL_SIZE = 8
 
 
 def new_sink_for(owner: SquaredNormSinks, n_examples: int, device: torch.device) -> torch.Tensor:
@@ -69,9 +71,8 @@ class SquaredNormSinks:
     def __init__(self, name: str):
         self.name = name
         self.spare: torch.Tensor | None = None  # a (B, 2) leaf with grad None, ready for the next call
+        self.pool: list[torch.Tensor] = []  # further recycled sinks (eager code only)
         self.collected: list[torch.Tensor] = []  # (B, 2) fp32 per backward pass: |dγ_b|², |dβ_b|²
-        self._last_backward_id = -1
-        self.reused_in_one_backward = False
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A sink for a forward on `x` (examples along dim 0)."""
@@ -79,11 +80,24 @@ class SquaredNormSinks:
 
     def take_for(self, n_examples: int, device: torch.device) -> torch.Tensor:
         """A (n_examples, 2) sink on `device`, for inputs whose examples are not along dim 0."""
-        sink = self.spare if self.has_spare(n_examples, device) else None
-        if sink is None:  # normally made ahead by the model hook; a graph break under compile
-            sink = _new_sink_outside_graph(self, n_examples, device)
-        self.spare = None
+        if not self.has_spare(n_examples, device):
+            if torch.compiler.is_compiling():  # not prepared: a graph break (see prepare_sinks)
+                self.spare = _new_sink_outside_graph(self, n_examples, device)
+            else:
+                self.prepare(n_examples, device)
+        sink, self.spare = self.spare, None
         return sink
+
+    def prepare(self, n_examples: int, device: torch.device) -> None:
+        """Make sure a (n_examples, 2) spare sink on `device` is ready (eager code only)."""
+        if self.has_spare(n_examples, device):
+            return
+        if self.spare is not None and len(self.pool) < _POOL_SIZE:
+            self.pool.append(self.spare)
+        match = next(
+            (i for i, s in enumerate(self.pool) if s.shape[0] == n_examples and s.device == device), None
+        )
+        self.spare = self.pool.pop(match) if match is not None else new_sink_for(self, n_examples, device)
 
     def has_spare(self, n_examples: int, device: torch.device) -> bool:
         """Whether a recycled sink of shape (n_examples, 2) on `device` is ready."""
@@ -100,25 +114,13 @@ class SquaredNormSinks:
                 "passes; they stay in memory until hf_gns.zero_stats(model), call it once per optimizer step",
                 stacklevel=2,
             )
-        self._check_single_use()
         if self.spare is None:
             self.spare = sink
-
-    def _check_single_use(self) -> None:
-        backward_id = _current_backward_id()
-        if backward_id != -1 and backward_id == self._last_backward_id and not self.reused_in_one_backward:
-            self.reused_in_one_backward = True
-            warnings.warn(
-                f"hf_gns: norm module {self.name!r} got gradients from two calls within one backward pass. "
-                "If it is applied twice in one forward (a shared norm), its per-example squared norms are "
-                "wrong (|a+b|² ≠ |a|²+|b|²) and the values of both calls appear as separate examples. "
-                "Give each call its own module, or leave this module unpatched.",
-                stacklevel=2,
-            )
-        self._last_backward_id = backward_id
+        elif len(self.pool) < _POOL_SIZE:
+            self.pool.append(sink)
 
     def clear(self) -> None:
-        """Forget the collected norms (the spare sink stays)."""
+        """Forget the collected norms (the spare and pooled sinks stay)."""
         self.collected.clear()
 
     def __deepcopy__(self, memo):
