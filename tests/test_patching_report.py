@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
 from patching_tiny_models import tiny_model
+from torch import nn
 
 import hf_gns
-from hf_gns.patching.report import PatchedNorm, PatchReport, SkippedNorm
+from hf_gns.patching.report import NOT_A_NORM, PatchedNorm, PatchReport, SkippedNorm
 
 
 def test_report_of_a_model_with_unsupported_norms():
@@ -45,3 +48,70 @@ def test_printed_table_is_aligned_and_complete():
 
 def test_empty_report_prints_its_summary():
     assert str(PatchReport()) == "hf_gns.patch: 0 norm modules patched, 0 skipped, 0 parameters tracked"
+
+
+class _Experts(nn.Module):
+    """Fused experts: one (E, D, D) tensor, used with einsum (no Linear module)."""
+
+    def __init__(self, n_experts: int, width: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(n_experts, width, width))
+
+    def forward(self, x):
+        return torch.einsum("btd,edf->btf", x, self.gate_up_proj)
+
+
+class _Holes(nn.Module):
+    """A model with every kind of parameter the all-layer patch cannot track, and some it can."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, width)
+        self.frozen = nn.Linear(width, width)
+        self.frozen.requires_grad_(False)
+        self.conv = nn.Conv1d(width, width, 1)
+        self.experts = _Experts(2, width)
+        self.scale = nn.Parameter(torch.ones(width))  # raw parameter used in forward
+        self.twin = nn.Linear(width, width, bias=False)
+        self.twin_again = nn.Linear(width, width, bias=False)
+        self.twin_again.weight = self.twin.weight  # shared by two linears: not a tie
+
+    def forward(self, x):  # (B, T, D)
+        x = self.frozen(self.proj(self.norm(x))) * self.scale
+        x = self.conv(x.transpose(1, 2)).transpose(1, 2) + self.experts(x)
+        return self.twin_again(self.twin(x))
+
+
+def test_report_lists_every_untracked_trainable_parameter_with_its_reason():
+    model = _Holes()
+    report = hf_gns.patch(model, targets="all")
+    reasons = {entry.name: entry.reason for entry in report.untracked}
+    assert set(report.tracked_parameters) == {"norm.weight", "norm.bias", "proj.weight", "proj.bias"}
+    assert set(reasons) == {"conv.weight", "conv.bias", "experts.gate_up_proj", "scale", "twin.weight"}
+    assert "Conv1d" in reasons["conv.weight"] and "not supported" in reasons["conv.bias"]
+    assert "fused MoE expert weights (2, 8, 8)" in reasons["experts.gate_up_proj"]
+    assert reasons["scale"] == "raw parameter used functionally by _Holes.forward: not tracked"
+    assert "weight shared with" in reasons["twin.weight"]  # the skipped linears' reason
+    names = dict(model.named_parameters())
+    assert all(name in names for name in [*report.tracked_parameters, *reasons])
+    assert report.trainable_elements == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report.tracked_elements == 2 * 8 + 8 * 8 + 8
+    assert f"coverage: {report.tracked_elements:,} of {report.trainable_elements:,}" in str(report)
+    assert "untracked  scale" in str(report) and "frozen.weight" not in reasons
+
+
+def test_strict_all_layers_refuses_untracked_parameters_and_leaves_the_model_alone():
+    model = _Holes()
+    with pytest.raises(hf_gns.NormPatchError, match=r"(?s)5 trainable parameters.*scale \(_Holes\): raw"):
+        hf_gns.patch(model, strict=True, targets="all")
+    assert not any(key.startswith("_hf_gns") for m in model.modules() for key in m.__dict__)
+
+
+def test_norm_mode_counts_other_parameters_without_listing_them():
+    model = _Holes()
+    report = hf_gns.patch(model, strict=True)  # strict in norm mode: about norm modules only
+    assert report.tracked_parameters == ["norm.weight", "norm.bias"]
+    assert all(entry.reason == NOT_A_NORM for entry in report.untracked)
+    assert report.coverage_holes == [] and "untracked " not in str(report)
+    assert report.coverage == pytest.approx(16 / report.trainable_elements)

@@ -16,6 +16,7 @@ import warnings
 
 from torch import nn
 
+from .coverage import fill_coverage
 from .detect import find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
 from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
 from .layers import bind_layers, plan_layers, unpatch_layers
@@ -58,10 +59,11 @@ def _foreign_forward_name(module: nn.Module) -> str | None:
     return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
 
 
-def _tracked_names(name: str, module: nn.Module) -> tuple[str, ...]:
-    prefix = f"{name}." if name else ""
-    params = (("weight", module.weight), ("bias", norm_bias(module)))
-    return tuple(prefix + attr for attr, param in params if param is not None and param.requires_grad)
+def _tracked_names(module: nn.Module, names: dict[int, str]) -> tuple[str, ...]:
+    """Names (as in `model.named_parameters()`, also for a weight shared by two modules) of the
+    module's parameters that require grad."""
+    params = (module.weight, norm_bias(module))
+    return tuple(names[id(p)] for p in params if p is not None and p.requires_grad and id(p) in names)
 
 
 def _plan(
@@ -159,6 +161,7 @@ def patch(
     check_patchable(model)
     layer_plan = plan_layers(model, linear_method) if targets == "all" else None
     shared = shared_module_names(model)
+    parameter_names = {id(param): name for name, param in model.named_parameters()}
     found: dict[type, NormSpec] = {}
     report = PatchReport()
     to_bind: list[tuple[nn.Module, NormPatch]] = []
@@ -174,7 +177,7 @@ def patch(
             has_parameters = next(module.parameters(recurse=False), None) is not None
             report.skipped.append(SkippedNorm(name, class_name, plan, has_parameters))
             continue
-        tracked = _tracked_names(name, module)
+        tracked = _tracked_names(module, parameter_names)
         source = "earlier call" if existing is not None else plan.source
         if foreign is not None:  # e.g. Liger applied after an earlier patch: take the norm back
             source = f"re-bound (its forward had been replaced by {foreign})"
@@ -194,13 +197,13 @@ def patch(
     if layer_plan is not None:
         report.layers, report.skipped_layers = layer_plan.patched, layer_plan.skipped
         report.tracked_parameters.extend(layer_plan.tracked)
-        if strict and report.uncovered_layers:
-            details = "\n".join(f"  {e.name} ({e.class_name}): {e.reason}" for e in report.uncovered_layers)
-            raise NormPatchError(
-                f"hf_gns.patch(strict=True, targets='all'): {len(report.uncovered_layers)} linear/embedding "
-                "modules with trainable parameters cannot be patched; the model was left unchanged:\n"
-                + details
-            )
+    fill_coverage(model, report, targets)
+    if layer_plan is not None and strict and report.coverage_holes:
+        details = "\n".join(f"  {e.name} ({e.class_name}): {e.reason}" for e in report.coverage_holes)
+        raise NormPatchError(
+            f"hf_gns.patch(strict=True, targets='all'): {len(report.coverage_holes)} trainable parameters "
+            f"would not be tracked; the model was left unchanged:\n{details}"
+        )
     model.__dict__[PATCHED_MARK] = True
     bump_patch_generation()
     for module, state in rebind:

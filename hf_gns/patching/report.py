@@ -85,6 +85,28 @@ class SkippedLayer:
     has_parameters: bool
 
 
+NOT_A_NORM = "not in a norm layer (targets='norms' tracks norm layers only)"
+
+
+@dataclass(frozen=True)
+class UntrackedParameter:
+    """A trainable parameter whose per-example norms the patch does not collect (see `coverage.py`).
+
+    Args:
+        name (`str`): its name in `model.named_parameters()`.
+        numel (`int`): number of elements.
+        module (`str`): the module holding it (the first, if several do).
+        class_name (`str`): that module's class.
+        reason (`str`): why it is not tracked, e.g. `"fused MoE expert weights (8, 64, 32) not supported"`.
+    """
+
+    name: str
+    numel: int
+    module: str
+    class_name: str
+    reason: str
+
+
 def _tracked_label(entry: PatchedNorm | PatchedLayer) -> str:
     """ "weight, bias", "weight" or "-": the tracked parameters of a patched module, short."""
     return ", ".join(name.rsplit(".", 1)[-1] for name in entry.tracked) or "-"
@@ -99,6 +121,12 @@ class PatchReport:
         skipped (`list[SkippedNorm]`): norm-like modules left alone, with the reason.
         tracked_parameters (`list[str]`): parameters whose per-example squared norms are
             collected (patched norms' weights and biases that require grad).
+        layers (`list[PatchedLayer]`), skipped_layers (`list[SkippedLayer]`): the same for
+            Linear / Conv1D / Embedding modules (`targets="all"`).
+        untracked (`list[UntrackedParameter]`): every parameter that requires grad and is not
+            tracked, with the reason (frozen parameters are not listed).
+        trainable_elements (`int`), tracked_elements (`int`): parameter elements that require
+            grad, and those of them tracked: the coverage line of the summary.
     """
 
     patched: list[PatchedNorm] = field(default_factory=list)
@@ -106,6 +134,9 @@ class PatchReport:
     tracked_parameters: list[str] = field(default_factory=list)
     layers: list[PatchedLayer] = field(default_factory=list)
     skipped_layers: list[SkippedLayer] = field(default_factory=list)
+    untracked: list[UntrackedParameter] = field(default_factory=list)
+    trainable_elements: int = 0
+    tracked_elements: int = 0
 
     @property
     def uncovered(self) -> list[SkippedNorm]:
@@ -116,6 +147,17 @@ class PatchReport:
     def uncovered_layers(self) -> list[SkippedLayer]:
         """Skipped Linear/Conv1D/Embedding modules with trainable parameters (`targets="all"`)."""
         return [entry for entry in self.skipped_layers if entry.has_parameters]
+
+    @property
+    def coverage_holes(self) -> list[UntrackedParameter]:
+        """Untracked parameters other than the non-norm ones of `targets="norms"`: what
+        `strict=True` refuses under `targets="all"`."""
+        return [entry for entry in self.untracked if entry.reason != NOT_A_NORM]
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the trainable parameter elements whose per-example norms are collected."""
+        return self.tracked_elements / self.trainable_elements if self.trainable_elements else 0.0
 
     def summary(self) -> str:
         earlier = sum(entry.source == "earlier call" for entry in self.patched)
@@ -128,6 +170,13 @@ class PatchReport:
             line += (
                 f"; {len(self.layers)} linear/embedding modules patched, "
                 f"{len(self.skipped_layers)} skipped ({len(self.uncovered_layers)} with trainable parameters)"
+            )
+        if self.trainable_elements:
+            untracked = sum(entry.numel for entry in self.untracked)
+            line += (
+                f"\n  coverage: {self.tracked_elements:,} of {self.trainable_elements:,} trainable parameter "
+                f"elements tracked ({self.coverage:.1%}); {len(self.untracked)} parameters "
+                f"({untracked:,} elements) untracked"
             )
         return line
 
@@ -142,6 +191,12 @@ class PatchReport:
             for e in self.layers
         ]
         rows += [("skipped", e.name or "<root>", e.class_name, "-", e.reason) for e in self.skipped_layers]
+        skipped = {e.name for e in [*self.skipped, *self.skipped_layers]}  # their rows give the reason
+        rows += [
+            ("untracked", e.name, e.class_name, "-", e.reason)
+            for e in self.coverage_holes
+            if e.module not in skipped
+        ]
         lines = [self.summary()]
         if rows:
             header = ("status", "module", "class", "tracked", "flavour [found by] / reason")
