@@ -41,6 +41,10 @@ class GNSArguments:
             world size > 1; costs one squared norm per tracked gradient in a DDP communication hook).
         gns_patch_strict (`bool`, *optional*, defaults to `False`): `strict` of `hf_gns.patch`: fail
             if a norm module with parameters cannot be patched instead of skipping it.
+        gns_restart_statistics (`bool`, *optional*, defaults to `False`): resume from a checkpoint whose
+            `hf_gns_state.pt` is missing or unreadable (refused otherwise): the GNS statistics start
+            again, the token count, data position and batch continue from `trainer_state.json`
+            (`hf_gns.trainer.resume`).
     """
 
     gns_track: str = field(
@@ -58,6 +62,10 @@ class GNSArguments:
     )
     gns_patch_strict: bool = field(
         default=False, metadata={"help": "Fail if some norm module with parameters cannot be patched."}
+    )
+    gns_restart_statistics: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint without a readable hf_gns_state.pt: fresh GNS statistics."},
     )
 
     def __post_init__(self):

@@ -38,6 +38,9 @@ class CheckpointStateRegistry:
     def names(self) -> list[str]:
         return list(self._objects)
 
+    def items(self) -> list[tuple[str, object]]:
+        return list(self._objects.items())
+
     def state_dict(self) -> dict[str, dict]:
         return {name: obj.state_dict() for name, obj in self._objects.items()}
 

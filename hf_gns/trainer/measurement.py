@@ -30,6 +30,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ from ..patching import patch, per_example_sq_norms, zero_stats
 from .arguments import gns_options
 from .checkpoint import CheckpointStateRegistry
 from .counting import count_batch
+from .resume import load_checkpoint_states, really_missing_keys
 
 logger = logging.getLogger(__name__)
 
@@ -223,14 +225,10 @@ class GNSMixin:
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
-        if checkpoint is not None:
-            try:
-                missing = self._gns_checkpoint_states().load(checkpoint)
-            except FileNotFoundError as err:
-                logger.warning("%s; GNS statistics restart from scratch", err)
-            else:
-                if missing:
-                    logger.warning("%s/hf_gns_state.pt has no state for %s", checkpoint, missing)
+        if checkpoint is not None:  # refuses a missing/unreadable state unless gns_restart_statistics
+            missing = load_checkpoint_states(self, checkpoint, self._gns_checkpoint_states().items())
+            if missing:
+                logger.warning("%s/hf_gns_state.pt has no state for %s", checkpoint, missing)
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
@@ -427,6 +425,13 @@ class GNSMixin:
             bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
             if bar is not None:
                 bar.set_postfix(gns=f"{gns:.4g}", refresh=False)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # transformers 5 saves a tied weight once (lm_head.weight = wte.weight): not a missing key.
+        missing = really_missing_keys(self.model, list(load_result.missing_keys))
+        super()._issue_warnings_after_load(
+            SimpleNamespace(missing_keys=missing, unexpected_keys=load_result.unexpected_keys)
+        )
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
