@@ -46,12 +46,12 @@ style: $(INSTALLED)
 	$(PYTHON) -m ruff check --fix $(CHECK_DIRS)
 	$(PYTHON) -m ruff format $(CHECK_DIRS)
 
-# `python -m accelerate.commands.launch` is `accelerate launch` run by $(PYTHON), so the
-# training process uses the same interpreter. No accelerate config is needed: without
-# one it starts one process on a CPU or single-GPU machine and one process per GPU on
-# a multi-GPU host (it prints the defaults it chose).
+# recipes/launch.py picks a launch that gives the processes asked for, run by $(PYTHON): the
+# recipe itself for one process (CPU or one GPU), torchrun + ACCELERATE_USE_CPU=1 (DDP over
+# gloo) for several CPU processes (accelerate launch would start one), accelerate launch for
+# GPUs (one process per GPU by default) and for any other accelerate option or --config_file.
 train: $(INSTALLED)
-	$(WITH_REPO) $(PYTHON) -m accelerate.commands.launch $(ACCELERATE_ARGS) recipes/train_gpt2.py $(TRAIN_ARGS)
+	$(WITH_REPO) $(PYTHON) recipes/launch.py $(ACCELERATE_ARGS) recipes/train_gpt2.py $(TRAIN_ARGS)
 
 clean:
 	rm -rf .make build dist *.egg-info .pytest_cache .ruff_cache

@@ -23,14 +23,18 @@ import difflib
 import json
 import math
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
@@ -40,7 +44,8 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging as transformers_logging
 
 from hf_gns.data import (
     embedded_corpus_files,
@@ -53,13 +58,32 @@ from hf_gns.data import (
     tokenize_dataset,
     train_byte_level_tokenizer,
 )
-from hf_gns.logging_outputs import TrainingCurvesCallback, plot_training_curves
+from hf_gns.logging_outputs import TokenProgressCallback, TrainingCurvesCallback, plot_training_curves
 from hf_gns.metrics import load_perplexity_metric, perplexity_compute_metrics, sequence_nll
 from hf_gns.trainer import GNSTrainer, GNSTrainingArguments
+from hf_gns.trainer.batch_arguments import controller_from_arguments
+from hf_gns.trainer.interrupt import SaveOnInterruptCallback
+from hf_gns.trainer.resume import (
+    RESTART_HINT,
+    CheckpointStateError,
+    RunArgumentsState,
+    changed_arguments,
+    derive_progress,
+    missing_states,
+    read_state_file,
+)
 
 
 class UsageError(ValueError):
     """A bad argument or unusable data: the message says what was wrong and what to do."""
+
+
+class NothingToTrain(Exception):
+    """The checkpoint to resume already reached its budget: said in one line, exit status 0."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped training after saving a checkpoint: said in one line, exit status 130."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,6 +165,17 @@ class DataArguments:
             )
 
 
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = arg(
+        False, "Start a new run in an --output_dir that holds another run's checkpoints (deletes them)."
+    )
+    resume_with_changed_arguments: bool = arg(
+        False,
+        "On resume, apply arguments that differ from the checkpoint's run (listed) instead of refusing.",
+    )
+
+
 # Recipe defaults for the training arguments; each can be overridden on the command line or in the file.
 TRAINING_DEFAULTS = dict(
     output_dir="outputs/train_gpt2",
@@ -163,7 +198,7 @@ TRAINING_DEFAULTS = dict(
     report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs a GPU (and warns without one)
 )
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, GNSTrainingArguments)
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, GNSTrainingArguments, RunArguments)
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -185,6 +220,10 @@ def parse_arguments(argv: list[str] | None = None):
         raise
     except ValueError as error:  # unknown flags, and TrainingArguments' own checks
         raise UsageError(str(error)) from error
+    except ImportError as error:  # TrainingArguments imports what --deepspeed needs
+        if "deepspeed" in str(error).lower():
+            raise UsageError(DEEPSPEED_REFUSED) from error
+        raise
 
 
 def _read_config_file(path: Path, parser: HfArgumentParser) -> dict:
@@ -211,6 +250,241 @@ def _read_config_file(path: Path, parser: HfArgumentParser) -> dict:
                  if difflib.get_close_matches(key, known) else repr(key) for key in unknown]  # fmt: skip
         raise UsageError(f"config file {str(path)!r}: unknown argument(s) {', '.join(hints)}")
     return config
+
+
+# ---------------------------------------------------------------------------------------
+# Checks: every argument, the launch, the output folder and the checkpoint are refused here,
+# in one line, before any data work (which can take minutes).
+
+DEEPSPEED_REFUSED = (
+    "--deepspeed: GNSTrainer does not support DeepSpeed (ZeRO reduces gradients inside its engine, where "
+    "the GNS statistics cannot be read); use DDP or FSDP (recipes/accelerate/*.yaml)"
+)
+# Arguments that may differ on resume: where output goes and how often, not what is trained.
+RESUME_FREE_ARGUMENTS = {"preprocessing_num_workers", "gns_restart_statistics"} | set(
+    f.name for f in fields(RunArguments)
+)
+# TrainingArguments that shape the run; the batch-control and gns_* ones are compared too.
+RESUME_COMPARED_TRAINING_ARGUMENTS = (
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "seed", "data_seed", "per_device_train_batch_size", "fp16", "bf16", "max_steps", "num_train_epochs",
+    "warmup_steps", "lr_scheduler_type", "optim",
+)  # fmt: skip
+
+
+def check_launch(training_args: GNSTrainingArguments) -> None:
+    """Refuse several processes that did not form one data-parallel group (each would train alone)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise UsageError(
+            f"launched as {launched} processes, but they formed no data-parallel group (each would train "
+            'alone and print the same lines); on CPU use `make train ACCELERATE_ARGS="--num_processes '
+            f'{launched}"` or `ACCELERATE_USE_CPU=1 python3 -m torch.distributed.run --standalone '
+            f"--nproc_per_node {launched} recipes/train_gpt2.py`"
+        )
+
+
+def check_training_arguments(training_args: GNSTrainingArguments):
+    """One-line refusals of what would fail later or do nothing; returns the batch-size controller."""
+    if training_args.deepspeed:
+        raise UsageError(DEEPSPEED_REFUSED)
+    if training_args.per_device_train_batch_size < 1:
+        raise UsageError(
+            "--per_device_train_batch_size must be at least 1, got "
+            f"{training_args.per_device_train_batch_size}"
+        )
+    if not training_args.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be positive, got {training_args.learning_rate}")
+    if training_args.fp16 and not torch.cuda.is_available():
+        raise UsageError(
+            "--fp16 needs a CUDA GPU: on a CPU it changes nothing (training stays fp32); drop the flag"
+        )
+    try:  # the controller's own checks: bounds that hold no realizable batch, a multiplier of 0, ...
+        controller = controller_from_arguments(
+            training_args, training_args.world_size, training_args.per_device_train_batch_size
+        )
+    except ValueError as error:
+        raise UsageError(_flag_names(str(error))) from error
+    # A GNS needs two examples per optimizer step (the variance of one is undefined): refused at
+    # the start rather than a run whose GNS is never measured and whose batch never moves.
+    smallest = min(controller.batch_size, controller.quantize(controller.min_batch_size))
+    if smallest < 2:
+        raise UsageError(
+            f"the global batch can be {smallest} example per optimizer step, and the GNS needs at least 2: "
+            "use --per_device_train_batch_size 2 or more, or --batch_size_start 2 --batch_size_min 2"
+        )
+    return controller
+
+
+def _flag_names(message: str) -> str:
+    """Library messages name arguments (`batch_size_max`); the command line has flags (`--batch_size_max`)."""
+    for name in ("batch_size_min", "batch_size_max", "batch_size_start", "min_batch_size", "max_batch_size"):
+        message = message.replace(f"{name}=", f"--{name.replace('min_batch_size', 'batch_size_min')}=")
+    message = message.replace("granularity='example'", "--batch_size_granularity example")
+    message = message.replace("multiplier must", "--gns_batch_multiplier must")
+    return message.replace("--max_batch_size", "--batch_size_max").rstrip(".")
+
+
+def hub_is_offline() -> bool:
+    from huggingface_hub import constants
+
+    from_env = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    return bool(constants.HF_HUB_OFFLINE) or from_env
+
+
+def check_pretrained(name: str, flag: str, load_locally) -> None:
+    """Fail fast on a missing local directory or an unreachable hub, instead of minutes of retries.
+
+    `load_locally(name)` tries the local files only (a directory, or the hub cache).
+    """
+    # A hub id is "name" or "org/name"; anything else is meant as a local path.
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError(f"{flag} {name!r}: no such directory")
+    try:
+        load_locally(name)
+        return
+    except (OSError, ValueError):
+        if os.path.isdir(name):
+            raise UsageError(
+                f"{flag} {name!r}: not a model/tokenizer directory (save_pretrained output)"
+            ) from None
+    if hub_is_offline():
+        raise UsageError(
+            f"{flag} {name!r}: not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set"
+        )
+    from huggingface_hub import constants
+
+    url = f"{constants.ENDPOINT}/api/models/{name}"
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except urllib.error.HTTPError as error:
+        raise UsageError(f"{flag} {name!r}: not found on {constants.ENDPOINT} (HTTP {error.code})") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise UsageError(
+            f"{flag} {name!r}: not a local directory and {constants.ENDPOINT} is unreachable ({reason}); "
+            "give a local directory (save_pretrained output), or set up network access"
+        ) from None
+
+
+def model_context(model_args: ModelArguments) -> int:
+    """The model's context length (positions), from the preset or the checkpoint's config."""
+    if not model_args.model_name_or_path:
+        return model_args.gpt2_shape()["n_positions"]
+    name = model_args.model_name_or_path
+    check_pretrained(
+        name, "--model_name_or_path", lambda n: AutoConfig.from_pretrained(n, local_files_only=True)
+    )
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model_name_or_path {name!r}: {str(error).splitlines()[0]}") from None
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(context) if context else 1024
+
+
+def check_block_size(block_size: int, context: int, model_args: ModelArguments) -> None:
+    if block_size > context:
+        where = (
+            "the checkpoint's" if model_args.model_name_or_path else f"--model_size {model_args.model_size}'s"
+        )
+        raise UsageError(
+            f"--block_size {block_size} exceeds {where} context length {context}: give --block_size "
+            f"{context} or less (or a larger --model_size)"
+        )
+
+
+def resolve_checkpoint(training_args: GNSTrainingArguments) -> str | None:
+    resume_from = training_args.resume_from_checkpoint
+    if resume_from in ("latest", "last", "true", "True"):
+        where = training_args.output_dir
+        resume_from = get_last_checkpoint(where) if os.path.isdir(where) else None
+        if resume_from is None:
+            raise UsageError(
+                f"--resume_from_checkpoint latest: no checkpoint-* in {training_args.output_dir!r}"
+            )
+    elif resume_from is not None and not os.path.isdir(resume_from):
+        raise UsageError(f"--resume_from_checkpoint {resume_from!r} is not a directory")
+    return resume_from
+
+
+def check_output_dir(training_args: GNSTrainingArguments, run_args: RunArguments) -> None:
+    """A new run never writes into another run's checkpoints (whose rotation would delete them)."""
+    out = training_args.output_dir
+    old = sorted(Path(out).glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if os.path.isdir(out) else []
+    old = [path for path in old if path.is_dir()]
+    if not old:
+        return
+    names = ", ".join(path.name for path in old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
+    if not run_args.overwrite_output_dir:
+        raise UsageError(
+            f"--output_dir {out!r} holds another run's checkpoints ({names}): continue it with "
+            "--resume_from_checkpoint latest, replace it with --overwrite_output_dir true (deletes them), "
+            "or choose another --output_dir"
+        )
+    if training_args.process_index == 0:
+        for path in old:
+            shutil.rmtree(path)
+        print(f"--overwrite_output_dir: deleted the previous run's {names} in {out}")
+
+
+def recipe_arguments(model_args, data_args, training_args) -> dict:
+    """The arguments that shape a run (compared on resume): model, data, batch control, GNS, optimizer."""
+    arguments = {**asdict(model_args), **asdict(data_args)}
+    for name in RESUME_COMPARED_TRAINING_ARGUMENTS:
+        arguments[name] = getattr(training_args, name)
+    for f in fields(training_args):
+        if f.name.startswith(("gns_", "batch_size_", "lr_")) or f.name in (
+            "max_tokens",
+            "doubling_threshold",
+        ):
+            arguments[f.name] = getattr(training_args, f.name)
+    return {name: value for name, value in arguments.items() if name not in RESUME_FREE_ARGUMENTS}
+
+
+def check_checkpoint(checkpoint: str, arguments: dict, training_args, run_args: RunArguments) -> None:
+    """Refuse a checkpoint that cannot continue this run: unreadable GNS state, changed flags, finished."""
+    restart = bool(getattr(training_args, "gns_restart_statistics", False))
+    required = ["gns_estimator", "gns_counters"] + (
+        ["batch_control"] if training_args.batch_control_enabled else []
+    )
+    try:
+        saved = read_state_file(checkpoint)
+        lacking = missing_states(saved, required)
+        if lacking:
+            raise CheckpointStateError(f"{checkpoint}/hf_gns_state.pt has no state for {', '.join(lacking)}")
+        tokens_seen = int(saved["gns_counters"]["tokens_seen"])
+    except CheckpointStateError as error:
+        if not restart:
+            raise UsageError(f"{error}; {RESTART_HINT}") from None
+        try:
+            progress = derive_progress(checkpoint)
+        except CheckpointStateError as derive_error:
+            raise UsageError(f"{error}, and {derive_error}") from None
+        if training_args.process_index == 0:
+            print(
+                f"{error}; --gns_restart_statistics: fresh GNS statistics, continuing from "
+                f"{progress.summary()}"
+            )
+        saved, tokens_seen = {}, progress.tokens_seen
+
+    if "recipe_arguments" in saved:
+        changes = changed_arguments(saved["recipe_arguments"], arguments)
+        if changes and not run_args.resume_with_changed_arguments:
+            raise UsageError(
+                f"{checkpoint} was trained with other arguments ({'; '.join(changes)}): resume with the same "
+                "ones, or pass --resume_with_changed_arguments true to apply these from now on"
+            )
+        if changes and training_args.process_index == 0:
+            print(f"--resume_with_changed_arguments: applying from now on: {'; '.join(changes)}")
+    max_tokens = training_args.max_tokens
+    if max_tokens is not None and tokens_seen >= max_tokens:
+        raise NothingToTrain(
+            f"{checkpoint} has finished: it trained {tokens_seen:,} tokens of --max_tokens {max_tokens:,}, "
+            "nothing to resume (to train further: a larger --max_tokens and --resume_with_changed_arguments "
+            "true)"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,12 +518,25 @@ def load_documents(data_args: DataArguments):
         raise UsageError(f"unusable data: {error}") from error
 
 
-def build_tokenizer(
+def named_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase | None:
+    """The tokenizer that --tokenizer_name (or the checkpoint) names, loaded before any data work."""
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if not name:
+        return None
+    from transformers import AutoTokenizer
+
+    check_pretrained(
+        name, "--tokenizer_name", lambda n: AutoTokenizer.from_pretrained(n, local_files_only=True)
+    )
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--tokenizer_name {name!r}: {str(error).splitlines()[0]}") from None
+
+
+def train_tokenizer(
     model_args: ModelArguments, data_args: DataArguments, documents
 ) -> PreTrainedTokenizerBase:
-    name = model_args.tokenizer_name or model_args.model_name_or_path
-    if name:
-        return load_tokenizer(name)
     try:  # deterministic: every process trains the same one
         return train_byte_level_tokenizer(
             documents["text"], model_args.vocab_size, data_args.tokenizer_train_bytes
@@ -279,18 +566,13 @@ def build_examples(documents, tokenizer, data_args: DataArguments, block_size: i
 
 
 def build_model(model_args: ModelArguments, tokenizer, block_size: int) -> torch.nn.Module:
-    if model_args.model_name_or_path:
+    if model_args.model_name_or_path:  # its context was checked against block_size (check_block_size)
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
-        context = getattr(model.config, "n_positions", None) or getattr(
-            model.config, "max_position_embeddings", None
-        )
-        if context is not None and block_size > context:
-            raise UsageError(f"--block_size {block_size} exceeds the checkpoint's context length {context}")
     else:
         shape = model_args.gpt2_shape()
         config = GPT2Config(
             vocab_size=len(tokenizer),
-            n_positions=max(shape.pop("n_positions"), block_size),
+            n_positions=shape.pop("n_positions"),
             **shape,  # n_layer, n_head, n_embd; the FFN is 4 · n_embd
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -305,75 +587,79 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int) -> torch
     return model
 
 
-def default_block_size(model_args: ModelArguments) -> int:
+def default_block_size(model_args: ModelArguments, context: int | None = None) -> int:
+    """The model's context: the preset's, or the checkpoint's (`context`, from its config)."""
     if model_args.model_name_or_path:
-        return 1024
+        return min(context or 1024, 1024)
     return MODEL_PRESETS[model_args.model_size]["n_positions"]
 
 
 # ---------------------------------------------------------------------------------------
-# Console: the progress bar (its postfix shows the GNS) and one training log in PRINT_EVERY;
-# every log still reaches trainer_state.json and training_curves.csv.
+# Console: a progress bar over the token budget (its postfix shows the GNS and the batch) and one
+# training log in PRINT_EVERY; every log still reaches trainer_state.json and training_curves.csv.
 
 PRINT_EVERY = 50
 
 
-class SparseLogProgressCallback(ProgressCallback):
-    """The Trainer's progress bar, printing the first training log and then one in `every`."""
-
-    def __init__(self, every: int = PRINT_EVERY):
-        super().__init__()
-        self.every, self.training_logs = every, 0
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
-            self.training_logs += 1
-            if (self.training_logs - 1) % self.every:
-                return
-        super().on_log(args, state, control, logs=logs, **kwargs)
+def quiet_library_output() -> None:
+    """Ours to silence: transformers' "Writing model shards" bar at every checkpoint (warnings stay)."""
+    transformers_logging.disable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments(argv)
+    model_args, data_args, training_args, run_args = parse_arguments(argv)
+    quiet_library_output()
+    # Checks first: everything refusable is refused before the data work (minutes on a large corpus).
+    check_launch(training_args)
+    controller = check_training_arguments(training_args)
     is_main = training_args.process_index == 0
+    context = model_context(model_args)
+    block_size = data_args.block_size or default_block_size(model_args, context)
+    check_block_size(block_size, context, model_args)
+    arguments = recipe_arguments(model_args, data_args, training_args)
+    resume_from = resolve_checkpoint(training_args)
+    if resume_from:
+        check_checkpoint(resume_from, arguments, training_args, run_args)
+    else:
+        check_output_dir(training_args, run_args)
+    if resume_from and (Path(resume_from) / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(resume_from)  # the run's own, whatever the flags say now
+    else:
+        tokenizer = named_tokenizer(model_args)  # None: trained on the documents below
     set_seed(training_args.seed)
-    block_size = data_args.block_size or default_block_size(model_args)
-
-    resume_from = training_args.resume_from_checkpoint
-    if resume_from in ("latest", "last", "true", "True"):
-        where = training_args.output_dir
-        resume_from = get_last_checkpoint(where) if os.path.isdir(where) else None
-        if resume_from is None:
-            raise UsageError(
-                f"--resume_from_checkpoint latest: no checkpoint-* in {training_args.output_dir!r}"
-            )
-    elif resume_from is not None and not os.path.isdir(resume_from):
-        raise UsageError(f"--resume_from_checkpoint {resume_from!r} is not a directory")
 
     # Data: every process builds the same examples (deterministic); the main process first,
     # so `datasets`' caches of local files are written once.
     with training_args.main_process_first(desc="data"):
         documents = load_documents(data_args)
-        if resume_from and (Path(resume_from) / "tokenizer.json").exists():
-            tokenizer = load_tokenizer(resume_from)  # the run's own, whatever the flags say now
-        else:
-            tokenizer = build_tokenizer(model_args, data_args, documents)
+        if tokenizer is None:
+            tokenizer = train_tokenizer(model_args, data_args, documents)
         splits = build_examples(documents, tokenizer, data_args, block_size)
+    n_train = len(splits["train"])
     if is_main:
+        budget = training_args.max_tokens
+        epochs = f"; the budget is {budget / (n_train * block_size):.2f} epochs of it" if budget else ""
         print(
             f"data: {len(documents):,} documents, {sum(map(len, documents['text'])):,} characters -> "
-            f"{len(splits['train']):,} train + {len(splits['test'])} eval examples of {block_size} tokens; "
-            f"vocab {len(tokenizer)}"
+            f"{n_train:,} train + {len(splits['test'])} eval examples of {block_size} tokens; "
+            f"vocab {len(tokenizer)}{epochs}"
         )
+        if controller.batch_size > n_train:
+            print(
+                f"warning: the global batch ({controller.batch_size} examples) is larger than the training "
+                f"data ({n_train} examples): every optimizer step sees each example about "
+                f"{controller.batch_size / n_train:.1f} times; give more data or a smaller batch"
+            )
 
     model = build_model(model_args, tokenizer, block_size)
     if is_main:
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 
     curves = TrainingCurvesCallback(plot=False)  # plotted below, after the final evaluation
+    interrupt = SaveOnInterruptCallback()
     trainer = GNSTrainer(
         model=model,
         args=training_args,
@@ -383,15 +669,28 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=default_data_collator,  # fixed-length examples: stacking is all it takes
         compute_metrics=perplexity_compute_metrics(load_perplexity_metric()),
         preprocess_logits_for_metrics=sequence_nll,  # (B, T, V) logits -> (B, 2) [nll sum, tokens]
-        callbacks=[curves],
+        callbacks=[curves, interrupt],
     )
+    trainer.register_checkpoint_state("recipe_arguments", RunArgumentsState(arguments))  # compared on resume
     if not training_args.disable_tqdm:  # with it disabled, the Trainer prints every log (PrinterCallback)
+        # Under batch control the step count depends on batches the GNS has yet to ask for: the
+        # bar counts tokens against the fixed budget instead (steps when there is no token budget).
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(SparseLogProgressCallback())
+        trainer.add_callback(TokenProgressCallback(training_args.max_tokens, every=PRINT_EVERY))
 
     start = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+    except CheckpointStateError as error:  # checked above; changed on disk since
+        raise UsageError(str(error)) from None
     train_seconds = time.perf_counter() - start
+    if interrupt.interrupted:
+        step = trainer.state.global_step
+        raise Interrupted(
+            f"interrupted at step {step}: checkpoint saved in "
+            f"{Path(training_args.output_dir) / f'{PREFIX_CHECKPOINT_DIR}-{step}'}; continue with "
+            "--resume_from_checkpoint latest"
+        )
     eval_metrics = trainer.evaluate()  # logged: eval_loss, eval_perplexity (a CSV row)
     trainer.save_model()  # model + tokenizer, plain transformers files
     trainer.save_state()  # trainer_state.json, every logged GNS value in log_history
@@ -405,9 +704,10 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         out = Path(training_args.output_dir)
         gns_text = "n/a" if gns is None else f"{gns:.1f} examples = {gns * block_size:,.0f} tokens"
+        rate_text = "n/a" if math.isnan(tokens_per_second) else f"{tokens_per_second:,.0f} tokens/s"
         print(
             f"\ntrained {trainer.state.global_step} steps, {tokens_seen:,} tokens in {train_seconds:.1f} s; "
-            f"throughput {tokens_per_second:,.0f} tokens/s (median between logs); final GNS: {gns_text}; "
+            f"throughput {rate_text} (median between logs); final GNS: {gns_text}; "
             f"eval loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f}\n"
             f"outputs in {out}/:\n"
             f"  model, tokenizer     {out}/ (config.json, model.safetensors, tokenizer.json)\n"
@@ -432,8 +732,24 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
 
-if __name__ == "__main__":
+def run() -> int:
+    """The command line: one line, not a traceback, for every way the run can stop early."""
     try:
         main()
     except UsageError as error:
-        sys.exit(f"train_gpt2.py: error: {error}")
+        print(f"train_gpt2.py: error: {error}", file=sys.stderr)
+        return 1
+    except NothingToTrain as message:
+        print(f"train_gpt2.py: {message}")
+        return 0
+    except Interrupted as message:
+        print(f"train_gpt2.py: {message}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before training, or a second Ctrl-C during it
+        print("\ntrain_gpt2.py: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
