@@ -51,7 +51,7 @@ CURVE_COLUMNS = (
     "loss",  # training loss, averaged over the steps since the previous log
     "learning_rate",
     "grad_norm",
-    "gns",  # gradient noise scale, examples
+    "gns",  # gradient noise scale, examples; negative/NaN: not measurable yet (|G|² estimate <= 0, README)
     "gns_tokens",  # the same in tokens (gns × tokens per example)
     "gns_sq_norm",  # EMA of the unbiased |G|² estimate
     "gns_trace_cov",  # EMA of the unbiased tr(Σ) estimate

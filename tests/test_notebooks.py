@@ -49,3 +49,11 @@ def test_notebook_executes_top_to_bottom(path, tmp_path, monkeypatch):
         if "image/png" in out.get("data", {})
     ]
     assert images, f"{path.name} drew no plot"
+    # what a cell shows is printed on purpose: no stray value of a last expression (quickstart's "5")
+    stray = [
+        out
+        for cell in notebook.cells
+        for out in cell.get("outputs", [])
+        if out.output_type == "execute_result"
+    ]
+    assert not stray, f"{path.name}: a cell ends in an expression whose value is shown: {stray[0]}"
