@@ -51,3 +51,20 @@ def test_sinks_are_ready_before_the_forward_when_grad_is_enabled():
     model.norm.register_forward_pre_hook(lambda module, args: seen.append(sinks.has_spare(3, args[0].device)))
     model(torch.randn(3, 2, 4))  # the model hook ran first: the norm finds its sink ready
     assert seen == [True] and sinks.spare is None  # taken by the forward
+
+
+def test_prepare_sinks_readies_every_sink_before_the_forward_through_a_wrapper():
+    model = _Model()
+    hf_gns.patch(model)
+    wrapper = nn.Sequential(model)  # e.g. DDP or a compiled module around the patched model
+    sinks = model.norm._hf_gns_norm.sinks
+    with torch.no_grad():
+        hf_gns.patching.prepare_sinks(wrapper, {"input_ids": torch.zeros(3, 2, dtype=torch.long)})
+    assert sinks.spare is None  # nothing to prepare without grad
+    hf_gns.patching.prepare_sinks(wrapper, {"input_ids": torch.zeros(3, 2, dtype=torch.long)})
+    ready = sinks.spare
+    assert ready is not None and ready.shape == (3, 2) and ready.requires_grad
+    hf_gns.patching.prepare_sinks(wrapper, {"input_ids": torch.zeros(3, 2, dtype=torch.long)})
+    assert sinks.spare is ready  # already ready: nothing new
+    wrapper(torch.randn(3, 2, 4)).backward()
+    assert sinks.collected[0].shape == (3, 2) and sinks.spare is ready  # used, then recycled
