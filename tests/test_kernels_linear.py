@@ -259,3 +259,49 @@ def test_sum_and_sq_norms_triton_op_passes_opcheck_on_the_reference_path():
     sq_norms = torch.ops.hf_gns.sum_and_sq_norms(per_example, out, False)
     torch.testing.assert_close(out, per_example.sum(0))
     torch.testing.assert_close(sq_norms, per_example.square().sum(1))
+
+
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_tied_embedding_and_head_with_documents_give_the_norm_of_each_documents_summed_contribution(method):
+    """Padding-free rows (1, N) of E documents (one empty) through a tied wte/lm_head: the tap
+    reports |E_e + G_eᵀA_e|² per document, against one-document-at-a-time autograd."""
+    vocab, width = 7, 4
+    weight = _randn(vocab, width, seed=21, dtype=torch.float32).requires_grad_()
+    ids = torch.tensor([[1, 2, 1, 0, 6, 3, 3, 3, 5, 0, 4, 4]])  # (1, N = 12)
+    offsets = torch.tensor([0, 3, 3, 8, 12])  # documents of 3, 0, 5 and 4 tokens
+    n_documents = offsets.numel() - 1
+    mix = _randn(width, width, seed=22, dtype=torch.float32)
+
+    def model(ids, weight, sinks=None, offsets=None):
+        rows = F.embedding(ids, weight)  # (1, T, D)
+        link = None
+        if sinks is not None:
+            rows, link = embedding_sq_norm_tap(
+                rows, ids, sinks[0], vocab, with_link=True, example_offsets=offsets
+            )
+        hidden = torch.tanh(rows @ mix.to(rows.dtype))  # per token: documents never mix
+        if sinks is None:
+            logits = F.linear(hidden, weight)
+        else:
+            logits = linear_with_sq_norms(
+                hidden, weight, None, sinks[1], n_documents, method=method, tied_link=(link, ids),
+                example_offsets=offsets,
+            )  # fmt: skip
+        return F.cross_entropy(logits.flatten(0, 1), ids.roll(1, dims=1).flatten(), reduction="sum")
+
+    sinks = (new_sq_norm_sink(n_documents, "cpu"), new_sq_norm_sink(n_documents, "cpu"))
+    model(ids, weight, sinks, offsets).backward()
+    targets = ids.roll(1, dims=1)
+    expected = []
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        if start == end:
+            expected.append(torch.zeros((), dtype=torch.float64))
+            continue
+        w = weight.detach().double().requires_grad_()
+        hidden = torch.tanh(F.embedding(ids[:, start:end], w) @ mix.double())
+        loss = F.cross_entropy(
+            F.linear(hidden, w).flatten(0, 1), targets[:, start:end].flatten(), reduction="sum"
+        )
+        (grad,) = torch.autograd.grad(loss, w)
+        expected.append(grad.square().sum())
+    torch.testing.assert_close(sinks[0].grad[:, 0].double(), torch.stack(expected), rtol=1e-5, atol=1e-12)

@@ -19,6 +19,8 @@ backward the head runs first and sends, as the link's gradient, the rows R_bt of
 per-example gradient at the embedding's ids (see `tied_rows`) and its own |G_bᵀ A_b|²;
 the tap then reports the norm of the summed contribution,
 |E_b + G_bᵀA_b|² = |E_b|² + 2 Σ_t ⟨g_bt, R_bt⟩ + |G_bᵀA_b|², in its sink.
+With per-document `example_offsets` the link is (1, N·D + E): the rows R_t of all N tokens
+(each from its own document's gradient, `tied_rows_documents`), then the E head norms.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ import torch.nn.functional as F
 from .linear_cost import choose_linear_method
 from .linear_reference import (
     DEFAULT_CHUNK_BYTES,
+    documents_as_batch,
     embedding_sq_norms,
+    example_of_rows,
     linear_bias_sq_norms,
     linear_weight_grad_simultaneous,
     linear_weight_sq_norms_ghost,
+    max_example_rows,
     sum_and_sq_norms_reference,
     tied_rows,
 )
@@ -158,9 +163,12 @@ class _LinearWithSqNorms(torch.autograd.Function):
                     sink_grad = torch.stack([weight_sq, linear_bias_sq_norms(grads, **extra)], dim=1)
                 else:  # (B, 2) with a zero bias column, one op
                     sink_grad = F.pad(weight_sq.unsqueeze(1), (0, 1))
-            if needs_link:
+            if needs_link and example_offsets is None:
                 rows = tied_rows(inputs, grads, ids).float().flatten(1)  # (B, T_ids·K)
                 link_grad = torch.cat([rows, weight_sq.unsqueeze(1)], dim=1)
+            elif needs_link:
+                rows = tied_rows_documents(inputs, grads, ids, example_offsets).float().reshape(1, -1)
+                link_grad = torch.cat([rows, weight_sq.float().unsqueeze(0)], dim=1)  # (1, N·K + E)
         if not needs_bias:
             grad_bias = None
         return grad_x, grad_weight, grad_bias, sink_grad, link_grad, None, None, None, None, None, None
@@ -207,14 +215,59 @@ def linear_with_sq_norms(
             raise ValueError(
                 f"example_offsets gives {example_offsets.shape[0] - 1} examples, n_examples={n_examples}"
             )
-        if tied_link is not None:
-            raise NotImplementedError("a tied LM head with per-document example_offsets is not supported yet")
     seq = x.numel() // max(1, n_examples * in_features)  # mean rows per example
     method = choose_linear_method(n_examples, seq, in_features, out_features, method)
     link, ids = tied_link if tied_link is not None else (None, None)
     return _LinearWithSqNorms.apply(
         x, weight, bias, sq_norm_sink, link, ids, example_offsets, n_examples, method, transposed, chunk_bytes
     )
+
+
+def tied_rows_documents(
+    inputs: torch.Tensor, grad_out: torch.Tensor, ids: torch.Tensor, example_offsets: torch.Tensor
+) -> torch.Tensor:
+    """`tied_rows` for E documents given as flat rows: R_t = Σ_{s in doc(t)} G[s, ids_t] A_s.
+
+    Args:
+        inputs (`torch.Tensor`): the head's input A as rows (N, K).
+        grad_out (`torch.Tensor`): its output gradient G as rows (N, V).
+        ids (`torch.Tensor`): the embedding's ids, N of them (any shape).
+        example_offsets (`torch.Tensor`): int64 (E+1,) row offsets of the documents.
+
+    Returns:
+        `torch.Tensor`: R (N, K) in the dtype of `inputs`. The documents are regrouped as a
+        zero-padded (E, T_max, ·) batch, so the cost is that of `tied_rows` at T = T_max.
+    """
+    n_rows = inputs.shape[0]
+    if n_rows == 0:
+        return inputs.new_zeros(0, inputs.shape[-1])
+    max_rows = max_example_rows(example_offsets)
+    index = example_offsets[:-1, None] + torch.arange(max_rows, device=inputs.device)  # (E, T_max) rows
+    valid = index < example_offsets[1:, None]
+    index = index.clamp(max=n_rows - 1)
+    doc_ids = ids.reshape(-1)[index]  # (E, T_max)
+    picked = grad_out[index.unsqueeze(2), doc_ids.unsqueeze(1)]  # (E, T_s, T_t): G[row(e, s), ids(e, t)]
+    picked = picked.masked_fill(~valid.unsqueeze(2), 0)  # rows beyond a document add nothing
+    padded_inputs = documents_as_batch(inputs, example_offsets, max_rows)  # (E, T_max, K), zero padded
+    padded_rows = torch.bmm(picked.transpose(1, 2), padded_inputs)  # (E, T_t, K)
+    example = example_of_rows(example_offsets, n_rows)  # (N,)
+    position = torch.arange(n_rows, device=inputs.device) - example_offsets[example]
+    return padded_rows[example, position]  # (N, K)
+
+
+def _tied_cross_terms_documents(grad_rows, grad_link, ids, example_offsets, padding_idx):
+    """Per document e: 2 Σ_{t in e} ⟨g_t, R_t⟩ + |G_eᵀA_e|², from the link's gradient (1, N·D + E)."""
+    width = grad_rows.shape[-1]
+    n_rows = grad_rows.numel() // width
+    head_rows = grad_link[0, : n_rows * width].view(n_rows, width)  # R (N, D) fp32
+    own_rows = grad_rows.reshape(n_rows, width).float()
+    if padding_idx is not None:
+        own_rows = own_rows * (ids.reshape(-1, 1) != padding_idx)
+    per_row = (own_rows * head_rows).sum(1)  # (N,)
+    example = example_of_rows(example_offsets, n_rows)
+    cross = torch.zeros(example_offsets.shape[0] - 1, dtype=per_row.dtype, device=per_row.device)
+    cross = cross.index_add_(0, example, per_row)
+    return 2 * cross + grad_link[0, n_rows * width :]
 
 
 class _EmbeddingSqNormTap(torch.autograd.Function):
@@ -224,9 +277,14 @@ class _EmbeddingSqNormTap(torch.autograd.Function):
         ctx.config = (num_embeddings, padding_idx)
         ctx.set_materialize_grads(False)
         n_examples, seq, width = rows.shape
-        # The link carries no data forward; expand keeps it free of memory.
-        link_width = seq * width + 1 if with_link else 1
-        link = torch.zeros((), dtype=torch.float32, device=rows.device).expand(n_examples, link_width)
+        # The link carries no data forward; expand keeps it free of memory. Dense: (B, T·D + 1),
+        # one row per example; documents: (1, N·D + E), the rows R of all N tokens then E norms.
+        if example_offsets is None:
+            shape = (n_examples, seq * width + 1) if with_link else (n_examples, 1)
+        else:
+            n_documents = example_offsets.shape[0] - 1
+            shape = (1, rows.numel() + n_documents) if with_link else (1, 1)
+        link = torch.zeros((), dtype=torch.float32, device=rows.device).expand(*shape)
         return rows.view_as(rows), link
 
     @staticmethod
@@ -237,7 +295,9 @@ class _EmbeddingSqNormTap(torch.autograd.Function):
         num_embeddings, padding_idx = ctx.config
         extra = {} if example_offsets is None else {"example_offsets": example_offsets}
         sq = embedding_sq_norms(ids, grad_rows, num_embeddings, padding_idx, **extra)
-        if grad_link is not None and grad_link.shape[1] > 1:
+        if grad_link is not None and grad_link.shape[1] > 1 and example_offsets is not None:
+            sq = sq + _tied_cross_terms_documents(grad_rows, grad_link, ids, example_offsets, padding_idx)
+        elif grad_link is not None and grad_link.shape[1] > 1:
             head_rows = grad_link[:, :-1].view(grad_rows.shape)  # R (B, T, D) fp32
             own_rows = grad_rows.float()
             if padding_idx is not None:
@@ -266,8 +326,6 @@ def embedding_sq_norm_tap(
         `tuple[torch.Tensor, torch.Tensor]`: `rows` (a view, same values) and the tie `link`
         (B, T·D + 1) to pass to the tied head's `linear_with_sq_norms` when `with_link`.
     """
-    if example_offsets is not None and with_link:
-        raise NotImplementedError("a tied embedding with per-document example_offsets is not supported yet")
     return _EmbeddingSqNormTap.apply(
         rows, ids, sq_norm_sink, example_offsets, num_embeddings, padding_idx, with_link
     )
