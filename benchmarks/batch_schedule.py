@@ -370,7 +370,8 @@ def run(options: argparse.Namespace) -> dict:
     settings = configure(options)
     params = n_parameters(settings["shape"], settings["vocab"])
     data_dir = Path(options.data_dir) if options.data_dir else out / "data"
-    eval_tokens = settings["eval_blocks"] * SHAPES[settings["shape"]][3]
+    # the same held-out size as validate_calibration.py, so that --data-dir can share the folder
+    eval_tokens = 128 * max(SHAPES[settings["shape"]][3], SHAPES["gpt2-124m"][3])
     meta = prepare_token_data(
         data_dir, train_tokens=int(settings["budget"] * 1.02) + 4096, eval_tokens=eval_tokens,
         vocab_size=settings["vocab"], roots=settings["roots"], max_chars=settings["max_chars"],

@@ -19,6 +19,13 @@ from ..gns.groups import GROUPINGS
 from .batch_arguments import BatchControlArguments
 
 GNS_TRACK_CHOICES = ("norms", "all")
+CONTROLLER_SIGNALS = ("calibrated", "measured")
+# One optimizer step in 10 measures every layer (`gns_calibrate_every`). Such a step costs ~6% more
+# than a norms-only one on GPT-2 124M (README, all-layers table), so calibration costs ~0.6% of
+# throughput (issue 14's bound: 3%); the ratio's noise grows as √N (`hf_gns.gns.calibration`),
+# and N=10 keeps a tenth of the every-step estimate's samples. benchmarks/validate_calibration.py
+# measures the error for N = 1, 5, 10, 25, 50.
+DEFAULT_CALIBRATE_EVERY = 10
 
 
 @dataclass
@@ -45,6 +52,16 @@ class GNSArguments:
             `hf_gns_state.pt` is missing or unreadable (refused otherwise): the GNS statistics start
             again, the token count, data position and batch continue from `trainer_state.json`
             (`hf_gns.trainer.resume`).
+        gns_calibrate_every (`int`, *optional*): with `gns_track="norms"`, one optimizer step in this
+            many (steps 0, N, 2N, ...) also measures every Linear/Conv1D/Embedding layer (the model is
+            patched with `targets="all"`, whose reductions are switched on for that step only), and
+            the ratio (all layers / norm layers, `hf_gns.gns.calibration`) scales the norm layers'
+            GNS: logged as `gns_calibrated` and `gns_calibration_ratio`. `0` turns it off. Defaults
+            to 10 with `batch_size_policy="gns"` (the norm GNS alone reads several times lower than
+            the whole model's, issue 14) and to 0 otherwise.
+        gns_controller_signal (`str`, *optional*): the GNS that batch control acts on (and that
+            `current_gns()` returns): `"calibrated"` (`gns_calibrated`; the default when calibrating)
+            or `"measured"` (`gns`, the GNS of the tracked parameters; the default otherwise).
     """
 
     gns_track: str = field(
@@ -66,6 +83,19 @@ class GNSArguments:
     gns_restart_statistics: bool = field(
         default=False,
         metadata={"help": "Resume a checkpoint without a readable hf_gns_state.pt: fresh GNS statistics."},
+    )
+    gns_calibrate_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Measure every layer on one optimizer step in N to calibrate the norm GNS (0: off; "
+            "default 10 with batch_size_policy='gns', else 0)."
+        },
+    )
+    gns_controller_signal: str | None = field(
+        default=None,
+        metadata={
+            "help": "GNS batch control acts on: 'calibrated' (default when calibrating) or 'measured'."
+        },
     )
 
     def __post_init__(self):
@@ -89,6 +119,36 @@ def check_gns_arguments(args) -> None:
     unknown = [g for g in args.gns_groups if g not in GROUPINGS]
     if unknown:
         raise ValueError(f"gns_groups has unknown entries {unknown}: choose among {list(GROUPINGS)}")
+    calibration_settings(args, getattr(args, "batch_size_policy", None))  # raises on bad options
+
+
+def calibration_settings(args, batch_size_policy: str | None) -> tuple[int, str]:
+    """`(interval, controller signal)` of the `gns_*` options `args`, defaults resolved (`GNSArguments`).
+
+    Raises:
+        `ValueError`: a negative interval, calibration with `gns_track="all"` (every step already
+            measures every layer), an unknown signal, or `"calibrated"` without calibration.
+    """
+    every = getattr(args, "gns_calibrate_every", None)
+    track = getattr(args, "gns_track", "norms")
+    if every is None:
+        every = DEFAULT_CALIBRATE_EVERY if batch_size_policy == "gns" and track == "norms" else 0
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"gns_calibrate_every must be an int >= 0 (0: off), got {every!r}")
+    if every and track != "norms":
+        raise ValueError(
+            f"gns_calibrate_every={every} calibrates the norm layers' GNS to every layer's, but gns_track="
+            f"{track!r} already measures every layer on every step: set gns_calibrate_every=0"
+        )
+    signal = getattr(args, "gns_controller_signal", None) or ("calibrated" if every else "measured")
+    if signal not in CONTROLLER_SIGNALS:
+        raise ValueError(f"gns_controller_signal must be one of {list(CONTROLLER_SIGNALS)}, got {signal!r}")
+    if signal == "calibrated" and not every:
+        raise ValueError(
+            "gns_controller_signal='calibrated' needs calibration: set gns_calibrate_every > 0 "
+            "(with gns_track='norms')"
+        )
+    return every, signal
 
 
 @dataclass

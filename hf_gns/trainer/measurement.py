@@ -19,6 +19,14 @@ the read happens first, while `on_pre_optimizer_step` would only see clipped gra
    (`gns.estimator.GNSEstimator`) and the counters;
 4. `hf_gns.zero_stats`.
 
+Calibration (`gns_calibrate_every=N`, `hf_gns.gns.calibration`): the model is patched with
+`targets="all"` but its Linear/Conv1D/Embedding reductions are switched off
+(`set_layer_tracking`) except on steps 0, N, 2N, ..., where the step's first micro-batch
+switches them on. The vector then also carries Σ|c^local|² and |G_B|² shares of the groups
+(all, norms) (zeros on the other steps: the vector's size stays fixed), and the calibration
+EMAs are updated from them. Everything else (the estimator, `gns`, the groups) stays on the
+norm layers.
+
 Everything stays on the device: the host syncs only when logging, when `current_gns()` or
 `tokens_seen` is read, and for the progress bar at logging steps.
 """
@@ -38,11 +46,12 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .. import distributed
+from ..gns.calibration import GNSCalibration
 from ..gns.estimator import GNSEstimator, per_example_statistic
 from ..gns.groups import clean_name, membership_matrix, parameter_groups
 from ..gns.units import to_synced_units
-from ..patching import patch, per_example_sq_norms, zero_stats
-from .arguments import gns_options
+from ..patching import patch, per_example_sq_norms, set_layer_tracking, zero_stats
+from .arguments import calibration_settings, gns_options
 from .checkpoint import CheckpointStateRegistry
 from .counting import count_batch
 from .resume import load_checkpoint_states, really_missing_keys
@@ -124,6 +133,8 @@ class GNSMixin:
         self.register_checkpoint_state("gns_counters", self._gns_counters)
         if self.gns_ddp_estimator is not None:
             self.register_checkpoint_state("gns_ddp_estimator", self.gns_ddp_estimator)
+        if self.gns_calibration.enabled:
+            self.register_checkpoint_state("gns_calibration", self.gns_calibration)
 
     # ---- the measurement interface (see hf_gns.trainer.batching) ----
 
@@ -141,8 +152,13 @@ class GNSMixin:
         self._gns_checkpoint_states().register(name, obj)
 
     def current_gns(self) -> float | None:
-        """GNS over all tracked parameters, in examples; `None` before the first step (one sync)."""
-        value = self.gns_estimator.gns_tensor()[0].item()
+        """The GNS that batch control acts on, in examples (one sync): that of all tracked parameters
+        (`gns`), or with calibration its calibrated value (`gns_calibrated`; `gns_controller_signal`).
+        `None` while unknown (before the first step; calibrated: before a calibration step)."""
+        gns = self.gns_estimator.gns_tensor()[0]
+        if self._gns_controller_signal == "calibrated":
+            gns = self.gns_calibration.calibrate(gns)
+        value = gns.item()
         return None if math.isnan(value) else value
 
     @property
@@ -165,7 +181,7 @@ class GNSMixin:
 
     def _gns_patch(self, model: nn.Module) -> None:
         kwargs = {"strict": self._gns_options.gns_patch_strict}
-        if self._gns_options.gns_track == "all":
+        if self._gns_options.gns_track == "all" or self._gns_calibrate_every:
             if "targets" not in inspect.signature(patch).parameters:
                 raise NotImplementedError(
                     "gns_track='all' needs hf_gns.patch(model, targets='all'), which this hf_gns lacks; "
@@ -175,8 +191,16 @@ class GNSMixin:
         patch(model, **kwargs)
 
     def _gns_setup_tracking(self, model: nn.Module) -> None:
+        every, self._gns_controller_signal = calibration_settings(
+            self._gns_options, getattr(self.args, "batch_size_policy", None)
+        )
+        self._gns_calibrate_every = every
         self._gns_patch(model)
-        raw_names = list(per_example_sq_norms(model))
+        self.gns_calibration = GNSCalibration(every, ema_decay=self._gns_options.gns_ema_decay)
+        self._gns_calibrating = False  # whether this step's layer reductions are on
+        if every:
+            self._gns_setup_calibration(model)
+        raw_names = list(per_example_sq_norms(model))  # with calibration: the norm layers only
         if not raw_names:
             raise ValueError(
                 f"{type(self).__name__} found no tracked parameter: the model has no patched norm layer "
@@ -200,6 +224,18 @@ class GNSMixin:
         self._gns_last_statistics = None
         self._gns_tracked_params_cache: tuple[nn.Module, list[nn.Parameter]] | None = None
 
+    def _gns_setup_calibration(self, model: nn.Module) -> None:
+        """Names and (all, norms) membership of every parameter measured on calibration steps."""
+        set_layer_tracking(model, True)
+        all_names = list(per_example_sq_norms(model))
+        set_layer_tracking(model, False)
+        norm_names = set(per_example_sq_norms(model))
+        self._gns_calibration_names = [clean_name(n) for n in all_names]
+        self._gns_calibration_membership = torch.stack(
+            [torch.ones(len(all_names)), torch.tensor([float(n in norm_names) for n in all_names])]
+        )  # (2, n_all): rows "all", "norms"
+        self._gns_calibration_params_cache: tuple[nn.Module, list[nn.Parameter]] | None = None
+
     def _gns_maybe_register_ddp_hook(self, model: nn.Module) -> None:
         if self.gns_ddp_estimator is None or self._gns_ddp_hook is not None:
             return
@@ -222,6 +258,9 @@ class GNSMixin:
         if self.model is not None:
             self._gns_patch(self.model)  # a no-op if already patched; model_init may have built a new model
             zero_stats(self.model)  # backward passes before training (or of a previous train()) don't count
+            if self._gns_calibrate_every:  # layer reductions off until a calibration step
+                set_layer_tracking(self.model, False)
+                self._gns_calibrating = False
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
@@ -242,6 +281,11 @@ class GNSMixin:
             # back through self.training_step as a mapping and is counted then.
             return super().training_step(model, inputs, num_items_in_batch)
         self._gns_maybe_register_ddp_hook(model)
+        if not self._gns_pending and self._gns_calibrate_every:  # the step's first micro-batch
+            calibrating = self.gns_calibration.is_calibration_step(self.state.global_step)
+            if calibrating != self._gns_calibrating:
+                set_layer_tracking(model, calibrating)
+                self._gns_calibrating = calibrating
         count = count_batch(inputs)
         self._gns_step_examples += count.examples  # host int: shapes need no sync
         self._gns_step_tokens = self._gns_step_tokens + count.tokens
@@ -289,7 +333,32 @@ class GNSMixin:
             [torch.as_tensor(self._gns_step_examples, device=device).float(), zero + self._gns_step_tokens]
         )
         membership = self._gns_membership
-        return torch.cat([batch, membership @ example_sums, membership @ grad_shares, local_ddp[None]])
+        parts = [batch, membership @ example_sums, membership @ grad_shares]
+        if self._gns_calibrate_every:
+            parts.append(self._gns_calibration_statistics(model, norms, device))
+        return torch.cat(parts + [local_ddp[None]])
+
+    def _gns_calibration_statistics(
+        self, model: nn.Module, norms: dict, device: torch.device
+    ) -> torch.Tensor:
+        """[Σ|c^local|² of (all, norms), |G_B|² share of (all, norms)] on a calibration step, else zeros."""
+        if not self._gns_calibrating:
+            return torch.zeros(4, device=device)
+        cached = self._gns_calibration_params_cache
+        if cached is None or cached[0] is not model:
+            params = {clean_name(k): p for k, p in model.named_parameters()}
+            cached = self._gns_calibration_params_cache = (
+                model,
+                [params[n] for n in self._gns_calibration_names],
+            )
+        zero = torch.zeros((), device=device)
+        names = self._gns_calibration_names
+        example_sums = torch.stack([norms[n].sum().to(device) if n in norms else zero for n in names])
+        grad_shares = distributed.grad_sq_norm_shares(
+            [param.grad for param in cached[1]], sharded=self._gns_grads_sharded()
+        ).to(device)
+        membership = self._gns_calibration_membership
+        return torch.cat([membership @ example_sums, membership @ grad_shares])
 
     def _gns_update_estimators(self, vector: torch.Tensor) -> None:
         """Fold the all-reduced vector of `_gns_local_statistics` into the estimators and counters."""
@@ -315,6 +384,18 @@ class GNSMixin:
                 big_batch=examples,
                 small_batch=examples / world,
             )
+        if self._gns_calibrating:
+            calibration = to_synced_units(
+                vector[2 + 2 * n_groups : 4 + 2 * n_groups].double(),
+                vector[4 + 2 * n_groups : 6 + 2 * n_groups].double(),
+                world_size=world,
+                loss_scale=self._gns_loss_scale(),
+            )
+            self.gns_calibration.update(
+                small_sq_norm=per_example_statistic(calibration.example_sq_norm_sum, examples),
+                big_sq_norm=calibration.batch_sq_norm,
+                big_batch=examples,
+            )
         self._gns_last_statistics = (examples, tokens, stats)
         counters = self._gns_counters
         counters.last_batch = torch.stack([examples, tokens])
@@ -327,6 +408,9 @@ class GNSMixin:
         self._gns_device = device
         self._gns_membership = self._gns_membership.to(device)
         self.gns_estimator.to(device)
+        self.gns_calibration.to(device)
+        if self._gns_calibrate_every:
+            self._gns_calibration_membership = self._gns_calibration_membership.to(device)
         if self.gns_ddp_estimator is not None:
             self.gns_ddp_estimator.to(device)
         self._gns_counters.to(device)
@@ -394,6 +478,9 @@ class GNSMixin:
         counters = self._gns_counters
         parts = [trace_cov / sq_norm, sq_norm[:1], trace_cov[:1], counters.last_batch]
         parts.append(torch.stack([est._skipped.double(), counters.tokens_seen.double(), est._steps.double()]))
+        if self.gns_calibration.enabled:
+            ratio = self.gns_calibration.ratio_tensor().to(sq_norm.device)
+            parts.append(torch.stack([ratio * trace_cov[0] / sq_norm[0], ratio]))
         if self.gns_ddp_estimator is not None:
             parts.append(self.gns_ddp_estimator.gns_tensor())
         values = torch.cat([p.to(sq_norm.device) for p in parts]).tolist()  # the sync
@@ -407,8 +494,11 @@ class GNSMixin:
         logs.update({f"gns/{name}": value for name, value in zip(self._gns_group_names[1:], gns[1:])})
         logs.update({"gns_skipped_steps": int(skipped), "batch_size": int(round(examples))})
         logs.update({"batch_tokens": int(round(tokens)), "tokens_seen": int(seen)})
+        extra = values[n + 7 :]
+        if self.gns_calibration.enabled:
+            (logs["gns_calibrated"], logs["gns_calibration_ratio"]), extra = extra[:2], extra[2:]
         if self.gns_ddp_estimator is not None:
-            logs["gns_ddp"] = values[n + 7]
+            logs["gns_ddp"] = extra[0]
         return logs
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
