@@ -218,7 +218,7 @@ def issue_targets(groups: dict[str, list[dict]], b_p: int, b_best: int) -> list[
                 ok = complete and token_ratio <= 1.1 and step_ratio <= 0.7
                 lines.append(
                     f"{_verdict(ok)}  {label} vs constant {b_best} (best): reaches its final loss with "
-                    f"{token_ratio:.2f}x its tokens (target ≤ 1.1x) and {_fewer(step_ratio)} steps "
+                    f"{_times(token_ratio)} its tokens (target ≤ 1.1x) and {_fewer(step_ratio)} steps "
                     f"(target ≥ 30% fewer); {seeds}"
                 )
     return lines
@@ -226,6 +226,10 @@ def issue_targets(groups: dict[str, list[dict]], b_p: int, b_best: int) -> list[
 
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}x" if math.isfinite(ratio) else "— (not reached)"
 
 
 def _fewer(ratio: float) -> str:

@@ -43,6 +43,7 @@ from _lm_runs import SHAPES, RunSpec, launch, n_parameters  # noqa: E402
 from _python_corpus import prepare_token_data  # noqa: E402
 
 from hf_gns.gns import GNSCalibration, GNSEstimator  # noqa: E402
+from hf_gns.trainer.arguments import DEFAULT_CALIBRATE_EVERY  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,7 +108,7 @@ def throughput_specs(
     steps = warmup + options.throughput_steps
     variants = [
         ("norms only", "norms", 0),
-        ("calibrated (default N)", "norms", None),
+        (f"calibrated (every {DEFAULT_CALIBRATE_EVERY})", "norms", DEFAULT_CALIBRATE_EVERY),
         ("all layers", "all", 0),
     ]
     specs = []
@@ -162,7 +163,7 @@ def accuracy_lines(ref_result: dict, replays: list[dict]) -> list[str]:
 
 def online_lines(online_result: dict, ref_result: dict) -> list[str]:
     lines = [
-        "online (trainer, default interval) vs the reference run's all-layer GNS at the same tokens:",
+        f"online (trainer, calibrating every {DEFAULT_CALIBRATE_EVERY}) vs the reference's all-layer GNS:",
         "| tokens (M) | gns_calibrated | all-layer gns (reference) | rel. diff | gns (norms) | ratio |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -236,7 +237,9 @@ def run(options: argparse.Namespace) -> dict:
     reference = RunSpec(
         name="all-layers", out_dir=str(out / "all"), gns_track="all", record_steps=True, **common
     )
-    online = RunSpec(name="calibrated", out_dir=str(out / "calibrated"), gns_track="norms", **common)
+    online = RunSpec(
+        name="calibrated", out_dir=str(out / "calibrated"), calibrate_every=DEFAULT_CALIBRATE_EVERY, **common
+    )
     print(f"accuracy runs: GPT-2 {shape}, batch {batch}, {budget / 1e6:.2f}M tokens; corpus {meta['corpus']}")
     t0 = time.time()
     ref_result, online_result = launch([reference, online], jobs)
