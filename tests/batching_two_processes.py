@@ -79,6 +79,7 @@ def run_gns_policy(output_dir: str) -> list[int]:
         example_dataset(NUM_EXAMPLES),
         max_tokens=8 * 60,
         batch_size_policy="gns",
+        gns_calibrate_every=0,  # the policy on the measured GNS (calibration: test_gns_calibration_trainer)
         batch_size_min=2,
         batch_size_max=12,
         batch_size_hysteresis=0.0,

@@ -175,6 +175,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     common = dict(
         max_tokens=8 * 44,
         batch_size_policy="gns",
+        gns_calibrate_every=0,  # the policy on the measured GNS (calibration: test_gns_calibration_trainer)
         batch_size_min=1,
         batch_size_max=9,
         batch_size_hysteresis=0.0,
