@@ -261,7 +261,8 @@ def train_one(spec: RunSpec) -> dict:
 def launch(specs: list[RunSpec], jobs: int, grace_s: float = 60.0) -> list[dict]:
     """Run `specs`: in this process one by one (`jobs=0`), or at most `jobs` processes at a time.
 
-    A process still running `grace_s` after its spec's deadline is killed and reported as failed.
+    Returns the results in the order of `specs`. A process still running `grace_s` after its
+    spec's deadline is killed and reported as failed.
     """
     if jobs == 0:
         return [train_one(spec) for spec in specs]
@@ -269,7 +270,8 @@ def launch(specs: list[RunSpec], jobs: int, grace_s: float = 60.0) -> list[dict]
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")  # many processes on one host: no thread oversubscription
-    pending, running, results = list(specs), [], {}
+    # smallest batches first: they take the most steps, so the slowest runs start first
+    pending, running, results = sorted(specs, key=lambda spec: spec.batch_size), [], {}
     while pending or running:
         while pending and len(running) < jobs:
             spec = pending.pop(0)

@@ -23,9 +23,13 @@ Setup (issue 14, part 2):
   batch); phase 2, the linear ramp 32 → B_p over the budget, and the `gns` policy on the
   calibrated GNS (`gns_calibrate_every` at its default), multiplier 1, from 32, capped at
   B_p (issue 14's definition).
-- All runs of a phase run concurrently as separate processes on the one GPU (`--jobs`):
-  concurrency changes wall time, not results. Every run stops at the phase's deadline
-  (`--time-limit` for the whole command) and is then marked incomplete.
+- The runs of a phase run as separate processes on the one GPU, 5 at a time (`--jobs`),
+  smallest batches (most steps) first: concurrency changes wall time, not results. Each
+  run is host-bound (a 1.9M-parameter model: ~10 ms of Python and kernel launches a
+  step), so a few share the GPU well; without MPS the GPU time-slices between processes,
+  so more at once need not be faster. Every run stops at its phase's deadline
+  (`--time-limit` for the whole command, 540 s: under the device's 10-minute limit) and is
+  then marked INCOMPLETE in the table.
 
 Reported per run: optimizer steps and tokens to reach each target eval loss (linear
 interpolation between the two evaluations around the first crossing; "—" when not
@@ -75,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gns-multiplier", type=float, default=1.0)
     parser.add_argument("--calibrate-every", type=int, default=None, help="default: the trainer's")
     parser.add_argument("--gns-cap", type=int, default=None, help="skip phase ordering: cap known")
-    parser.add_argument("--jobs", type=int, default=None, help="concurrent processes (0: in-process)")
+    parser.add_argument("--jobs", type=int, default=None, help="concurrent processes (0: in-process; GPU: 5)")
     parser.add_argument("--time-limit", type=float, default=540.0, help="seconds for the whole command")
     parser.add_argument("--data-dir", default=None, help="token data folder (default OUT/data, reused)")
     return parser.parse_args(argv)
@@ -101,7 +105,7 @@ def configure(options: argparse.Namespace) -> dict:
     return dict(
         shape="small", vocab=8192, batches=options.batches or [32, 64, 128, 256, 512], device="cuda",
         bf16=True, roots=None, max_chars=None, budget=int(options.tokens_per_param * params), n_evals=32,
-        eval_blocks=128, micro=options.micro_batch, jobs=options.jobs,
+        eval_blocks=128, micro=options.micro_batch, jobs=5 if options.jobs is None else options.jobs,
     )  # fmt: skip
 
 
@@ -240,7 +244,7 @@ def _fewer(ratio: float) -> str:
 
 
 def table(groups: dict[str, list[dict]], targets: dict[str, float]) -> str:
-    header = ["run", "seeds", "steps", "Mtok", "final loss (seeds)"]
+    header = ["run", "seeds", "steps", "Mtok", "wall s", "final loss (seeds)"]
     header += [f"steps / Mtok to {name}" for name in targets]
     rows = [header, ["---"] * len(header)]
     for label, runs in groups.items():
@@ -253,6 +257,7 @@ def table(groups: dict[str, list[dict]], targets: dict[str, float]) -> str:
             str(len(runs)),
             f"{statistics.fmean(r.get('optimizer_steps', math.nan) for r in runs):.0f}",
             f"{statistics.fmean(r.get('tokens', math.nan) for r in runs) / 1e6:.2f}",
+            f"{statistics.fmean(r.get('wall_s', math.nan) for r in runs):.0f}",
             f"{statistics.fmean(finals):.4f} ({', '.join(f'{f:.4f}' for f in finals)})",
         ]
         for target in targets.values():
