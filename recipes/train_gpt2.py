@@ -272,6 +272,15 @@ RESUME_COMPARED_TRAINING_ARGUMENTS = (
 )  # fmt: skip
 
 
+# What a resume cannot change: restored from the checkpoint's model, tokenizer, optimizer.pt and
+# scheduler.pt (whose base learning rates win over the flag), so "applying" them would be a lie.
+FIXED_ON_RESUME = {
+    "model_size", "n_layer", "n_head", "n_embd", "model_name_or_path", "tokenizer_name", "vocab_size",
+    "tokenizer_train_bytes", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "optim",
+}  # fmt: skip
+
+
 def check_launch(training_args: GNSTrainingArguments) -> None:
     """Refuse several processes that did not form one data-parallel group (each would train alone)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -471,6 +480,12 @@ def check_checkpoint(checkpoint: str, arguments: dict, training_args, run_args: 
 
     if "recipe_arguments" in saved:
         changes = changed_arguments(saved["recipe_arguments"], arguments)
+        fixed = [change for change in changes if change.split()[0][2:] in FIXED_ON_RESUME]
+        if fixed:
+            raise UsageError(
+                f"{checkpoint} cannot continue with {'; '.join(fixed)}: the checkpoint's model, tokenizer, "
+                "optimizer and LR scheduler state hold these; start a new run to change them"
+            )
         if changes and not run_args.resume_with_changed_arguments:
             raise UsageError(
                 f"{checkpoint} was trained with other arguments ({'; '.join(changes)}): resume with the same "

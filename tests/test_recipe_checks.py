@@ -200,6 +200,14 @@ def test_resuming_with_changed_arguments_lists_them_and_refuses_unless_asked(
     )
     with pytest.raises(DataWorkStarted):  # the same arguments: no question asked
         recipe.main(resume)
+    # what the checkpoint's optimizer and scheduler state would silently override is refused even so
+    message = _refused(
+        recipe,
+        tmp_path,
+        resume[2:] + ["--learning_rate", "1e-3", "--resume_with_changed_arguments", "true"],
+        "cannot continue with --learning_rate 0.003 -> 0.001",
+    )
+    assert "start a new run" in message
 
 
 def test_resuming_a_finished_run_says_it_is_finished(recipe, no_data, tmp_path):
