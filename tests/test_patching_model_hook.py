@@ -68,3 +68,19 @@ def test_prepare_sinks_readies_every_sink_before_the_forward_through_a_wrapper()
     assert sinks.spare is ready  # already ready: nothing new
     wrapper(torch.randn(3, 2, 4)).backward()
     assert sinks.collected[0].shape == (3, 2) and sinks.spare is ready  # used, then recycled
+
+
+def test_padding_free_batches_count_documents_and_ordinary_batches_do_not_look():
+    hook, model = ModelForwardHook(), nn.Identity()
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    restarting = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    assert hook.read_batch((), {"input_ids": ids, "position_ids": restarting}) == 3
+    assert hook.example_offsets.tolist() == [0, 3, 5, 8] and hook.token_shape == (1, 8)
+    assert hook.read_batch((), {"input_ids": ids, "cu_seq_lens_q": torch.tensor([0, 6, 8])}) == 2
+    assert hook.group_rows(torch.zeros(8, 4)).shape == (8, 4)  # documents: never regrouped by B
+    assert hook.read_batch((), {"input_ids": torch.zeros(3, 8, dtype=torch.long)}) == 3
+    assert hook.example_offsets is None
+    with torch.no_grad():
+        assert hook.read_batch((), {"input_ids": ids, "position_ids": restarting}) == 1
+    hook(model, (), {"input_ids": ids, "position_ids": torch.arange(8)[None]})  # one document per row
+    assert hook.example_offsets is None and hook.batch_size == 1

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .documents import example_offsets_from_batch
+
 if TYPE_CHECKING:
     from .forward import NormPatch
 
@@ -38,6 +40,10 @@ HOOK_ATTRIBUTE = "_hf_gns_model_hook"
 # functions can tell "patched, nothing found" from "never patched".
 PATCHED_MARK = "_hf_gns_patched"
 _BATCH_KWARGS = ("input_ids", "inputs_embeds")
+# Keyword arguments by which a padding-free batch marks its documents (`documents.py`).
+_DOCUMENT_KWARGS = ("cu_seq_lens_q", "position_ids")
+# Outside any compiled graph: finding documents from position_ids reads them on the host.
+_documents_of = torch.compiler.disable(example_offsets_from_batch)
 _GENERATION = [0]
 
 
@@ -63,19 +69,35 @@ class ModelForwardHook:
         batch_size (`int`, *optional*): B of the current (or last) forward.
         norms (`list[tuple[nn.Module, NormPatch]]`): the patched modules of this model (norms and,
             with `targets="all"`, layers): the owners of sinks.
+        example_offsets (`torch.Tensor`, *optional*): for a padding-free batch, its documents as
+            token offsets (int64 (E+1,), `hf_gns.patching.documents`): the examples are then
+            documents, not rows, and sinks have E rows. None for ordinary batches.
+        token_shape (`tuple[int, int]`, *optional*): (B, T) of the current forward's tokens.
     """
 
     def __init__(self):
         self.batch_size: int | None = None
         self.norms: list[tuple[nn.Module, NormPatch]] = []
+        self.example_offsets: torch.Tensor | None = None
+        self.token_shape: tuple[int, int] | None = None
 
     def read_batch(self, args: tuple, kwargs: dict) -> int | None:
-        """Record B from a forward's arguments; returns the number of examples (None: no tensor)."""
+        """Record B, (B, T) and the documents of a padding-free batch from a forward's arguments;
+        returns the number of examples: documents when the batch marks them, else rows (None: no
+        tensor argument)."""
         candidates = [kwargs.get(key) for key in _BATCH_KWARGS] + list(args)
         batch = next((v for v in candidates if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
         if batch is None:
             return None
         self.batch_size = batch.shape[0]
+        self.token_shape = tuple(batch.shape[:2]) if batch.dim() >= 2 else None
+        self.example_offsets = None
+        # Only batches that can mark documents pay for looking (a host read, a graph break under
+        # compile): ordinary Trainer batches carry neither key and stay break-free.
+        if torch.is_grad_enabled() and any(kwargs.get(key) is not None for key in _DOCUMENT_KWARGS):
+            self.example_offsets = _documents_of(kwargs)
+        if self.example_offsets is not None:
+            return self.example_offsets.shape[0] - 1  # documents (E is known on the host)
         return self.batch_size
 
     def missing_sinks(self, n_examples: int) -> list[tuple[nn.Module, NormPatch]]:
@@ -100,6 +122,8 @@ class ModelForwardHook:
     def group_rows(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as (B, rows, D) if it is a flattened (B·rows, D) input, else `x` itself."""
         n_examples = self.batch_size
+        if self.example_offsets is not None:  # documents: rows are addressed by offsets, not regrouped
+            return x
         if x.dim() != 2 or n_examples is None or x.shape[0] == n_examples or x.shape[0] % n_examples:
             return x
         return x.reshape(n_examples, x.shape[0] // n_examples, x.shape[1])
