@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
 from hf_gns.kernels.linear_reference import max_example_rows
@@ -67,3 +70,123 @@ def test_offsets_for_rows_scale_token_offsets_to_per_head_rows():
     assert offsets_for_rows(offsets, torch.zeros(1, 8, 4, 16), (1, 8)) is per_head  # made once per forward
     with pytest.raises(ValueError, match="token-major"):
         offsets_for_rows(offsets, torch.zeros(1, 4, 8, 16), (1, 8))  # heads before tokens
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def per_document_oracle(model, documents, n_predicted):
+    """|c_e|² per parameter: document e alone through the unpatched model, its summed token loss
+    divided by the pack's predicted-token count (the packed loss's mean), plain autograd."""
+    norms = {name: [] for name, p in model.named_parameters() if p.requires_grad}
+    for document in documents:
+        ids = torch.tensor([document["input_ids"]])
+        model.zero_grad()
+        logits = model(input_ids=ids).logits.double()
+        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / n_predicted
+        if ids.shape[1] > 1:  # a one-token document predicts nothing: zero contribution
+            loss.backward()
+        for name, param in model.named_parameters():
+            if name in norms:
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                norms[name].append(grad.double().square().sum())
+    return {name: torch.stack(values) for name, values in norms.items()}
+
+
+PACK = [
+    {"input_ids": [5, 6, 7, 8, 9]},
+    {"input_ids": [10]},
+    {"input_ids": [11, 12, 13]},
+    {"input_ids": [3, 4]},
+]
+
+
+@pytest.mark.parametrize(
+    "arch, targets, flash_kwargs, backend",
+    [
+        ("llama", "norms", False, "torch"),
+        ("llama", "all", False, "torch"),
+        ("llama", "all", True, "torch"),
+        ("qwen3", "norms", False, "torch"),
+        ("qwen3", "norms", False, "triton"),
+    ],
+    ids=["llama-norms", "llama-all", "llama-all-cu_seq", "qwen3-per-head-norms", "qwen3-triton"],
+)
+def test_patched_tiny_model_gives_per_document_norms_of_a_flattened_batch(
+    arch, targets, flash_kwargs, backend
+):
+    """DataCollatorWithFlattening → one (1, N) row of 4 documents: hf_gns reports 4 examples per
+    parameter, each the norm of that document's own contribution. (Eager/SDPA attention keeps
+    documents apart only with use_cache=False: transformers builds the block-diagonal mask from
+    position_ids when there is no cache.)"""
+    import hf_gns
+    from tests.conftest import triton_runs_here
+    from tests.patching_tiny_models import tiny_model
+
+    if backend == "triton" and not triton_runs_here("cpu"):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    model = tiny_model(arch)
+    reference = copy.deepcopy(model)
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(PACK)
+    n_predicted = int((batch["labels"] != -100).sum())
+    hf_gns.patch(model, targets=targets)
+    with hf_gns.kernels.use_backend(backend):
+        model(**batch, use_cache=False).loss.backward()
+    got = hf_gns.per_example_sq_norms(model)
+    exact = per_document_oracle(reference, PACK, n_predicted)
+    assert hf_gns.patching.check_step_statistics(model, len(PACK)) == []
+    if arch == "qwen3":  # q_norm sees (1, N, H, Dh): document offsets scaled to H rows a token
+        assert "model.layers.0.self_attn.q_norm.weight" in got
+    if targets == "all":
+        assert "model.embed_tokens.weight" in got and "model.layers.0.self_attn.q_proj.weight" in got
+    for name, values in got.items():
+        assert values.shape == (len(PACK),), name
+        torch.testing.assert_close(values.double(), exact[name], rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_tied_embedding_with_documents_fails_loudly():
+    import hf_gns
+    from tests.patching_tiny_models import tiny_model
+
+    model = tiny_model("gpt2")  # wte tied to lm_head
+    hf_gns.patch(model, targets="all")
+    batch = DataCollatorWithFlattening()(PACK)
+    with pytest.raises(ValueError, match="not supported for tied embeddings"):
+        model(**batch, use_cache=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_gpu_patched_tiny_llama_gives_per_document_norms(flash_kwargs):
+    """On CUDA (Triton kernels, batch tensors on the GPU): the same per-document norms as the CPU oracle."""
+    import hf_gns
+    from tests.patching_tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(PACK)
+    n_predicted = int((batch["labels"] != -100).sum())
+    model = model.cuda()
+    hf_gns.patch(model, targets="all")
+    cuda_batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    model(**cuda_batch, use_cache=False).loss.backward()
+    got = hf_gns.per_example_sq_norms(model)
+    exact = per_document_oracle(reference, PACK, n_predicted)
+    for name, values in got.items():
+        torch.testing.assert_close(values.cpu().double(), exact[name], rtol=1e-3, atol=1e-9, msg=name)
+
+
+def test_prepared_sinks_have_one_row_per_document():
+    """`prepare_sinks` (called before a compiled forward) sizes the sinks to E documents too."""
+    import hf_gns
+    from hf_gns.patching import model_hook
+    from tests.patching_tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    batch = DataCollatorWithFlattening()(PACK)
+    model_hook.prepare_sinks(model, batch)
+    hook = model.__dict__[model_hook.HOOK_ATTRIBUTE][0]
+    assert all(state.sinks.has_spare(len(PACK), torch.device("cpu")) for _, state in hook.norms)
+    model(**batch, use_cache=False).loss.backward()
+    assert all(values.shape == (len(PACK),) for values in hf_gns.per_example_sq_norms(model).values())

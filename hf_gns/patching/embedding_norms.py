@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..kernels.linear_op import embedding_sq_norm_tap
+from .documents import offsets_for_rows
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch
 
 
@@ -51,16 +52,27 @@ def patched_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.
     if shared_lookup:  # one lookup for the whole batch: give each example its own view
         ids = ids.expand(batch_size, *ids.shape[1:])
         rows = rows.expand(batch_size, *rows.shape[1:])
-    n_examples, shape = ids.shape[0], rows.shape
-    ids = ids.reshape(n_examples, -1)  # (B, T)
+    n_examples, shape, offsets = ids.shape[0], rows.shape, None
+    hook = state.model_hook
+    if hook.example_offsets is not None:  # padding-free batch: documents are the examples
+        if state.tie is not None:
+            raise ValueError(
+                f"hf_gns: {state.name!r} shares its weight with {state.tie.head_name!r}; per-document "
+                "statistics (padding-free batch) are not supported for tied embeddings yet: patch with "
+                "targets='norms', or untie the weights"
+            )
+        offsets = offsets_for_rows(hook.example_offsets, rows, hook.token_shape)
+        ids, rows, n_examples = ids.reshape(1, -1), rows.reshape(1, -1, out.shape[-1]), offsets.shape[0] - 1
+    ids = ids.reshape(ids.shape[0], -1)  # (B, T)
     sink = state.sinks.take_for(n_examples, out.device)
     tapped, link = embedding_sq_norm_tap(
-        rows.reshape(n_examples, -1, out.shape[-1]),
+        rows.reshape(ids.shape[0], -1, out.shape[-1]),
         ids,
         sink,
         self.num_embeddings,
         self.padding_idx,
         with_link=state.tie is not None,
+        example_offsets=offsets,
     )
     if state.tie is not None:
         state.tie.put(link, ids)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..kernels import fused_norm
+from .documents import offsets_for_rows
 from .model_hook import ModelForwardHook
 from .sinks import SquaredNormSinks
 from .spec import NormSpec
@@ -73,6 +74,7 @@ def run_norm(
     spec: NormSpec,
     eps_attr: str,
     sq_norm_sink: torch.Tensor | None = None,
+    example_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`module`'s forward computed by `fused_norm` according to `spec`."""
     weight = module.weight
@@ -86,13 +88,21 @@ def run_norm(
         cast_before_weight=spec.cast_before_weight,
         out_dtype=spec.result_dtype(hidden_states, weight),
         sq_norm_sink=sq_norm_sink,
+        example_offsets=example_offsets,
     )
 
 
 def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Forward of a patched norm: the fused kernel, plus a sink for per-example norms when training."""
     state: NormPatch = getattr(self, PATCH_ATTRIBUTE)
-    x = state.model_hook.group_rows(hidden_states)  # (B, ..., D): dim 0 indexes examples
+    hook = state.model_hook
+    if hook.example_offsets is not None and state.tracks_gradients(
+        self
+    ):  # padding-free: examples are documents
+        offsets = offsets_for_rows(hook.example_offsets, hidden_states, hook.token_shape)
+        sink = state.sinks.take_for(offsets.shape[0] - 1, hidden_states.device)
+        return run_norm(self, hidden_states, state.spec, state.eps_attr, sink, offsets)
+    x = hook.group_rows(hidden_states)  # (B, ..., D): dim 0 indexes examples
     sink = state.sinks.take(x) if state.tracks_gradients(self) else None
     y = run_norm(self, x, state.spec, state.eps_attr, sink)
     return y if x.dim() == hidden_states.dim() else y.reshape(hidden_states.shape)

@@ -13,6 +13,8 @@ from torch import nn
 
 from ..kernels.linear_cost import choose_linear_method, simultaneous_min_seq
 from ..kernels.linear_op import linear_forward, linear_with_sq_norms
+from ..kernels.linear_reference import max_example_rows
+from .documents import offsets_for_rows
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch, examples_in
 
 
@@ -71,9 +73,16 @@ def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor
     state: LayerPatch = getattr(self, LAYER_ATTRIBUTE)
     if not state.tracks_gradients(self):
         return linear_forward(input, self.weight, self.bias, state.transposed)
-    n_examples = examples_in(input, state.model_hook.batch_size)
+    hook, offsets = state.model_hook, None
+    if hook.example_offsets is not None:  # padding-free batch: documents are the examples
+        offsets = offsets_for_rows(hook.example_offsets, input, hook.token_shape)
+        n_examples = offsets.shape[0] - 1
+    else:
+        n_examples = examples_in(input, hook.batch_size)
     in_features, out_features = features(self)
     seq = input.numel() // max(1, n_examples * in_features)  # T: rows per example
+    if offsets is not None:  # documents are padded to the longest: that T sets both methods' cost
+        seq = max_example_rows(offsets)
     state.last_method = choose_linear_method(n_examples, seq, in_features, out_features, state.method)
     sink = state.sinks.take_for(n_examples, input.device)
     tied_link = state.tie.take(n_examples) if state.tie is not None else None
@@ -86,4 +95,5 @@ def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor
         method=state.last_method,
         transposed=state.transposed,
         tied_link=tied_link,
+        example_offsets=offsets,
     )
