@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="constant global batches")
     parser.add_argument("--tokens-per-param", type=float, default=20.0)
+    parser.add_argument("--max-tokens", type=int, default=None, help="the budget (default: tokens-per-param)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak LR at the reference batch")
     parser.add_argument("--lr-reference-batch", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=64, help="largest micro-batch (examples)")
@@ -87,6 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def configure(options: argparse.Namespace) -> dict:
     """Model, data and run settings for the GPU default or the CPU smoke run."""
+    settings = _configure(options)
+    if options.max_tokens:
+        settings["budget"] = options.max_tokens
+    return settings
+
+
+def _configure(options: argparse.Namespace) -> dict:
     import sysconfig
 
     if options.tiny:
@@ -279,11 +287,12 @@ def plot(groups: dict[str, list[dict]], targets: dict[str, float], path: Path) -
         return False
     fig, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets), 4.4), squeeze=False)
     for ax, (name, target) in zip(axes[0], targets.items()):
-        curve = []
+        curve, plotted = [], False
         for label, runs in groups.items():
-            hits = [c for c in (crossing(r["evals"], target) for r in runs) if c is not None]
+            hits = [c for c in (crossing(r["evals"], target) for r in runs) if c is not None and c[0] > 0]
             if not hits:
                 continue
+            plotted = True
             xs, ys = [h[0] for h in hits], [h[1] / 1e6 for h in hits]
             if label.startswith("constant"):
                 ax.scatter(xs, ys, color="tab:blue", s=14, alpha=0.6)
@@ -296,12 +305,15 @@ def plot(groups: dict[str, list[dict]], targets: dict[str, float], path: Path) -
             ax.plot([c[0] for c in curve], [c[1] for c in curve], color="tab:blue", label="constant batches")
             for x, y, batch in curve:
                 ax.annotate(batch, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        if plotted:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no run reached it", ha="center", transform=ax.transAxes)
         ax.set_xlabel("optimizer steps to target")
         ax.set_ylabel("tokens to target (M)")
         ax.set_title(f"eval loss {name}", fontsize=9)
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -408,7 +420,10 @@ def run(options: argparse.Namespace) -> dict:
         if phase is None:
             specs = make_specs(options, settings, data_dir, out, deadline, None)
         elif phase == "adaptive":
-            cap, _, _ = practitioner_batch([r for r in results if not r.get("failed")])
+            done = [r for r in results if not r.get("failed")]
+            if not done:
+                sys.exit("every constant-batch run failed:\n" + "\n".join(r["log_tail"] for r in results))
+            cap, _, _ = practitioner_batch(done)
             specs = make_specs(options, settings, data_dir, out, deadline, cap)
         else:
             specs = make_specs(options, settings, data_dir, out, deadline, None)
@@ -423,6 +438,8 @@ def run(options: argparse.Namespace) -> dict:
     ok = [r for r in results if not r.get("failed")]
     for failed in (r for r in results if r.get("failed")):
         print(f"FAILED {failed['spec']['name']}:\n{failed['log_tail']}")
+    if not any(r["spec"]["policy"] == "constant" for r in ok):
+        sys.exit("no constant-batch run completed: nothing to compare against (see the logs above)")
     b_p, b_best, finals = practitioner_batch([r for r in ok if r["spec"]["policy"] == "constant"])
     groups = groups_of(ok)
     targets = targets_of(finals, b_p, b_best)

@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--every", type=int, nargs="+", default=[1, 5, 10, 25, 50], help="intervals replayed")
     parser.add_argument("--batch", type=int, default=64, help="constant global batch of the accuracy runs")
     parser.add_argument("--tokens-per-param", type=float, default=20.0)
+    parser.add_argument("--max-tokens", type=int, default=None, help="the budget (default: tokens-per-param)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="gns_ema_decay (per example)")
     parser.add_argument("--throughput-shape", default=None, help="model shape of part 3 (default gpt2-124m)")
@@ -222,6 +223,8 @@ def run(options: argparse.Namespace) -> dict:
         roots, max_chars, jobs = None, None, 2
         throughput_shape = options.throughput_shape or "gpt2-124m"
         batch = options.batch
+    if options.max_tokens:
+        budget = options.max_tokens
     data_dir = Path(options.data_dir) if options.data_dir else out / "data"
     eval_tokens = 128 * max(SHAPES[shape][3], SHAPES[throughput_shape][3])
     meta = prepare_token_data(

@@ -72,12 +72,11 @@ def quiet_torch_backend():
 
 def test_batch_schedule_tiny_smoke(tmp_path, quiet_torch_backend):
     """One seed, the cap given (one phase): every run completes and the outputs are written."""
-    summary = batch_schedule.main(["--tiny", "--out", str(tmp_path), "--seeds", "0", "--gns-cap", "32"])
+    argv = ["--tiny", "--out", str(tmp_path), "--seeds", "0", "--batches", "8", "32", "--gns-cap", "32"]
+    summary = batch_schedule.main(argv + ["--max-tokens", "8000"])
     runs = summary["runs"]
-    assert [r["spec"]["name"] for r in runs] == [
-        "constant-8-seed0", "constant-16-seed0", "constant-32-seed0", "constant-64-seed0",
-        "linear-8-32-seed0", "gns-8-32-seed0",
-    ]  # fmt: skip
+    names = ["constant-8-seed0", "constant-32-seed0", "linear-8-32-seed0", "gns-8-32-seed0"]
+    assert [r["spec"]["name"] for r in runs] == names
     for run in runs:
         assert run["complete"] and not run.get("failed")
         assert run["tokens"] >= summary["settings"]["budget"]
@@ -90,9 +89,8 @@ def test_batch_schedule_tiny_smoke(tmp_path, quiet_torch_backend):
 
 
 def test_validate_calibration_tiny_smoke(tmp_path, quiet_torch_backend):
-    summary = validate_calibration.main(
-        ["--tiny", "--out", str(tmp_path), "--every", "1", "4", "--throughput-steps", "10"]
-    )
+    argv = ["--tiny", "--out", str(tmp_path), "--every", "1", "4", "--throughput-steps", "10"]
+    summary = validate_calibration.main(argv + ["--max-tokens", "12000"])
     every_step, every_4 = summary["replays"]
     # calibrating every step reproduces the all-layer GNS exactly (the replay uses the trainer's units)
     assert every_step["max"] < 1e-9
