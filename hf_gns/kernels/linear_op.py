@@ -109,9 +109,10 @@ class _LinearWithSqNorms(torch.autograd.Function):
     ):
         # Cast once, as autocast would, and keep the casts for backward (as autograd keeps
         # autocast's): the output is bit-identical, and backward casts nothing again.
+        # Under autocast the operands are now in its dtype, so its casts inside the matmul are
+        # no-ops: no autocast-disabling context needed (~10-20 µs of host time a call).
         x_c, weight_c, bias_c = _autocast_operands(x, weight, bias)
-        with torch.autocast(x.device.type, enabled=False):
-            out = linear_forward(x_c, weight_c, bias_c, transposed)
+        out = linear_forward(x_c, weight_c, bias_c, transposed)
         ctx.config = (n_examples, method, transposed, chunk_bytes)
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
@@ -120,6 +121,15 @@ class _LinearWithSqNorms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Backward normally runs with autocast off (it is thread-local); only a backward called
+        # inside an autocast region pays for the context that turns it off.
+        if torch.is_autocast_enabled(grad_out.device.type):
+            with torch.autocast(grad_out.device.type, enabled=False):
+                return _LinearWithSqNorms._backward(ctx, grad_out)
+        return _LinearWithSqNorms._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, w, ids, example_offsets = ctx.saved_tensors
         n_examples, method, transposed, chunk_bytes = ctx.config
         # per-document examples: the references take the rows flat, (N, K) and (N, L), and the
@@ -127,48 +137,47 @@ class _LinearWithSqNorms(torch.autograd.Function):
         extra = {} if example_offsets is None else {"example_offsets": example_offsets}
         needs_x, needs_weight, needs_bias, needs_sink, needs_link = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = sink_grad = link_grad = None
-        with torch.autocast(grad_out.device.type, enabled=False):
-            grad_out = grad_out.to(x.dtype)
-            if needs_x:
-                grad_x = grad_out @ (w.t() if transposed else w)  # (..., K)
-            if example_offsets is None:
-                inputs = x.reshape(n_examples, -1, x.shape[-1])  # A (B, T, K)
-                grads = grad_out.reshape(n_examples, -1, grad_out.shape[-1])  # G (B, T, L)
-            else:
-                inputs = x.reshape(-1, x.shape[-1])  # A (N, K), rows of E documents
-                grads = grad_out.reshape(-1, grad_out.shape[-1])  # G (N, L)
-            weight_sq = None
-            if needs_weight and method == "simultaneous":
-                grad_weight, weight_sq = linear_weight_grad_simultaneous(
-                    inputs, grads, ctx.weight_dtype, transposed, chunk_bytes, reduce=sum_and_sq_norms, **extra
-                )
-            elif needs_weight:
-                flat_grads, flat_inputs = grads.reshape(-1, grads.shape[-1]), inputs.reshape(-1, x.shape[-1])
-                grad_weight = (
-                    flat_inputs.t() @ flat_grads if transposed else flat_grads.t() @ flat_inputs
-                ).to(ctx.weight_dtype)
-            if weight_sq is None and (needs_sink or needs_link):
-                weight_sq = linear_weight_sq_norms_ghost(inputs, grads, **extra)
-            bias_per_example = None
-            if ctx.has_bias and (needs_bias or needs_sink) and example_offsets is None:
-                # one read of G for both: the per-example bias grads (B, L) in fp32, and their sum
-                bias_per_example = grads.sum(1, dtype=torch.promote_types(grads.dtype, torch.float32))
-                grad_bias = bias_per_example.sum(0).to(grads.dtype)  # the dtype the plain sum had
-            elif ctx.has_bias and (needs_bias or needs_sink):
-                grad_bias = grads.reshape(-1, grads.shape[-1]).sum(0)
-            if needs_sink:
-                if bias_per_example is not None:
-                    sink_grad = torch.stack([weight_sq, bias_per_example.square().sum(1)], dim=1)
-                elif ctx.has_bias:
-                    sink_grad = torch.stack([weight_sq, linear_bias_sq_norms(grads, **extra)], dim=1)
-                else:  # (B, 2) with a zero bias column, one op
-                    sink_grad = F.pad(weight_sq.unsqueeze(1), (0, 1))
-            if needs_link and example_offsets is None:
-                rows = tied_rows(inputs, grads, ids).float().flatten(1)  # (B, T_ids·K)
-                link_grad = torch.cat([rows, weight_sq.unsqueeze(1)], dim=1)
-            elif needs_link:
-                rows = tied_rows_documents(inputs, grads, ids, example_offsets).float().reshape(1, -1)
-                link_grad = torch.cat([rows, weight_sq.float().unsqueeze(0)], dim=1)  # (1, N·K + E)
+        grad_out = grad_out.to(x.dtype)
+        if needs_x:
+            grad_x = grad_out @ (w.t() if transposed else w)  # (..., K)
+        if example_offsets is None:
+            inputs = x.reshape(n_examples, -1, x.shape[-1])  # A (B, T, K)
+            grads = grad_out.reshape(n_examples, -1, grad_out.shape[-1])  # G (B, T, L)
+        else:
+            inputs = x.reshape(-1, x.shape[-1])  # A (N, K), rows of E documents
+            grads = grad_out.reshape(-1, grad_out.shape[-1])  # G (N, L)
+        weight_sq = None
+        if needs_weight and method == "simultaneous":
+            grad_weight, weight_sq = linear_weight_grad_simultaneous(
+                inputs, grads, ctx.weight_dtype, transposed, chunk_bytes, reduce=sum_and_sq_norms, **extra
+            )
+        elif needs_weight:
+            flat_grads, flat_inputs = grads.reshape(-1, grads.shape[-1]), inputs.reshape(-1, x.shape[-1])
+            grad_weight = (flat_inputs.t() @ flat_grads if transposed else flat_grads.t() @ flat_inputs).to(
+                ctx.weight_dtype
+            )
+        if weight_sq is None and (needs_sink or needs_link):
+            weight_sq = linear_weight_sq_norms_ghost(inputs, grads, **extra)
+        bias_per_example = None
+        if ctx.has_bias and (needs_bias or needs_sink) and example_offsets is None:
+            # one read of G for both: the per-example bias grads (B, L) in fp32, and their sum
+            bias_per_example = grads.sum(1, dtype=torch.promote_types(grads.dtype, torch.float32))
+            grad_bias = bias_per_example.sum(0).to(grads.dtype)  # the dtype the plain sum had
+        elif ctx.has_bias and (needs_bias or needs_sink):
+            grad_bias = grads.reshape(-1, grads.shape[-1]).sum(0)
+        if needs_sink:
+            if bias_per_example is not None:
+                sink_grad = torch.stack([weight_sq, bias_per_example.square().sum(1)], dim=1)
+            elif ctx.has_bias:
+                sink_grad = torch.stack([weight_sq, linear_bias_sq_norms(grads, **extra)], dim=1)
+            else:  # (B, 2) with a zero bias column, one op
+                sink_grad = F.pad(weight_sq.unsqueeze(1), (0, 1))
+        if needs_link and example_offsets is None:
+            rows = tied_rows(inputs, grads, ids).float().flatten(1)  # (B, T_ids·K)
+            link_grad = torch.cat([rows, weight_sq.unsqueeze(1)], dim=1)
+        elif needs_link:
+            rows = tied_rows_documents(inputs, grads, ids, example_offsets).float().reshape(1, -1)
+            link_grad = torch.cat([rows, weight_sq.float().unsqueeze(0)], dim=1)  # (1, N·K + E)
         if not needs_bias:
             grad_bias = None
         return grad_x, grad_weight, grad_bias, sink_grad, link_grad, None, None, None, None, None, None
