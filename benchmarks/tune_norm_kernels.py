@@ -4,7 +4,9 @@ Times the forward kernel and, separately, the backward pair (row kernel + partia
 reduction) as GPU time (CUDA-graph replays, so host overhead stays out), for a few tiles
 per width: forward (BLOCK_M, num_warps), backward (BLOCK_M, num_warps, waves of programs),
 each against the copy-bandwidth roofline measured in the same run (forward moves 2 tensors
-of x's size, backward 3: x and dy read, dx written). Issue 11's target is the fwd+bwd pair
+of x's size, backward 3: x and dy read, dx written; the bandwidth is `_timing.copy_bandwidth`'s,
+as in bench_norms.py). Each timing cycles through >= `--rotate-mb` MB of distinct inputs, so
+no call reads its input from L2. Issue 11's target is the fwd+bwd pair
 at >= 80% of the roofline for D >= 2048, still bitwise deterministic (the tiles change
 neither the reduction order across chunks' partials nor the use of atomics).
 
@@ -19,26 +21,40 @@ roofline fraction of the current rules against the winners.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
+import sys
 import time
 
 import torch
 import triton
 
-from hf_gns.kernels import norm_triton
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import copy_bandwidth  # noqa: E402
+
+from hf_gns.kernels import norm_triton  # noqa: E402
 
 
-def graph_ms(fn, replays: int = 30) -> float:
-    """Median GPU time of `fn` from CUDA-graph replays."""
+def graph_ms(calls, replays: int = 20) -> float:
+    """GPU time (ms) of one call, from CUDA-graph replays of `calls` run back to back.
+
+    Each call works on its own buffers, and there are enough of them that none is still in
+    L2 when its turn comes (the H200's L2 holds 50-60 MB: one (8, 2048, 2048) bf16 input
+    replayed alone would be timed from cache). Outputs are kept alive during capture so
+    that no two calls write the same memory.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
+        for call in calls[:2]:
+            call()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    kept = []
     with torch.cuda.graph(graph):
-        fn()
+        for call in calls:
+            kept.append(call())
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -47,13 +63,8 @@ def graph_ms(fn, replays: int = 30) -> float:
         end.record()
         end.synchronize()  # sync: read this replay's time
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbps(n_bytes: int = 1 << 31) -> float:
-    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * n_bytes / graph_ms(lambda: dst.copy_(src)) / 1e6
+    del kept, graph
+    return statistics.median(times) / len(calls)
 
 
 def _set_tiles(block_d: int, forward=None, backward=None) -> None:
@@ -86,34 +97,61 @@ def backward_tiles(block_d: int):
 
 
 def sweep_width(width: int, args, bandwidth: float) -> tuple[dict, dict]:
-    x = torch.randn(args.batch, args.seq, width, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn_like(x)
+    shape = (args.batch, args.seq, width)
+    set_bytes = 2 * args.batch * args.seq * width * 2  # x and dy, bf16
+    n_sets = max(2, -(-args.rotate_mb * 2**20 // set_bytes))  # >= rotate_mb of inputs in rotation
     weight = torch.randn(width, device="cuda", dtype=torch.bfloat16)
     bias = None if args.rms else torch.randn_like(weight)
+    sets = [
+        (
+            torch.randn(shape, device="cuda", dtype=torch.bfloat16),
+            torch.randn(shape, device="cuda", dtype=torch.bfloat16),
+        )
+        for _ in range(n_sets)
+    ]  # (x, dy) pairs
     block_d = triton.next_power_of_2(width)
 
-    def forward():
-        return norm_triton.norm_forward_triton(x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype)
+    def forwards():
+        return [
+            functools.partial(
+                norm_triton.norm_forward_triton, x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype
+            )
+            for x, _ in sets
+        ]
 
     _set_tiles(block_d)
-    _, mean, rstd = forward()
-
-    def backward():
-        return norm_triton.norm_backward_triton(
-            dy, x, weight, mean, rstd, bias is not None, args.rms, 0.0, False
+    stats = [
+        norm_triton.norm_forward_triton(x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype)[1:]
+        for x, _ in sets
+    ]
+    backwards = [
+        functools.partial(
+            norm_triton.norm_backward_triton,
+            dy,
+            x,
+            weight,
+            mean,
+            rstd,
+            bias is not None,
+            args.rms,
+            0.0,
+            False,
         )
+        for (x, dy), (mean, rstd) in zip(sets, stats, strict=True)
+    ]
 
-    rule_fwd, rule_bwd = graph_ms(forward), graph_ms(backward)
+    rule_fwd, rule_bwd = graph_ms(forwards()), graph_ms(backwards)
     fwd_results = []
     for tile in forward_tiles(block_d):
         _set_tiles(block_d, forward=tile)
-        fwd_results.append((graph_ms(forward), tile))
+        fwd_results.append((graph_ms(forwards()), tile))
     bwd_results = []
     for tile in backward_tiles(block_d):
         _set_tiles(block_d, backward=tile)
-        bwd_results.append((graph_ms(backward), tile))
+        bwd_results.append((graph_ms(backwards), tile))
     _set_tiles(block_d)
 
+    x = sets[0][0]
     tensor_bytes = x.numel() * x.element_size()
     roof_fwd, roof_bwd = 2 * tensor_bytes / bandwidth / 1e6, 3 * tensor_bytes / bandwidth / 1e6
     kind = "RMSNorm" if args.rms else "LayerNorm"
@@ -141,11 +179,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rms", action="store_true", help="RMSNorm instead of LayerNorm")
+    parser.add_argument("--rotate-mb", type=int, default=512, help="MB of inputs cycled through (beats L2)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this sweep needs a CUDA GPU")
     start = time.perf_counter()
-    bandwidth = copy_bandwidth_gbps()
+    bandwidth = copy_bandwidth(torch.device("cuda"), 1 << 30) / 1e9  # GB/s, as bench_norms.py measures it
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth:.0f} GB/s  triton {triton.__version__}")
     saved = dict(norm_triton.FORWARD_TILES), dict(norm_triton.BACKWARD_TILES)
     forward, backward = {}, {}
