@@ -1,5 +1,10 @@
 """GNSTrainer with calibration (`gns_calibrate_every`): vs an all-layer run, resume, switched-off steps."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from batching_setup import make_trainer
@@ -179,3 +184,16 @@ def test_calibration_options(tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             make_args(tmp_path, **bad)
+
+
+def test_two_processes_all_reduce_the_calibration(tmp_path):
+    """DDP on 2 CPU processes, accumulation 2: calibrated every step == all-layer GNS, on both ranks."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_GNS_BACKEND="torch", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [os.path.join(tests, "gns_calibration_two_processes.py"), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    result = json.loads((tmp_path / "ok.json").read_text())
+    assert len(result["calibrated"]) == 6 and all(ratio > 0 for _, _, ratio in result["calibrated"])
