@@ -755,10 +755,12 @@ def run() -> int:
         print(f"train_gpt2.py: error: {error}", file=sys.stderr)
         return 1
     except NothingToTrain as message:
-        print(f"train_gpt2.py: {message}")
+        if int(os.environ.get("RANK", "0")) == 0:  # every process stops; one says why
+            print(f"train_gpt2.py: {message}")
         return 0
     except Interrupted as message:
-        print(f"train_gpt2.py: {message}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train_gpt2.py: {message}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before training, or a second Ctrl-C during it
         print("\ntrain_gpt2.py: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
