@@ -49,6 +49,14 @@ def test_simultaneous_in_chunks_of_one_row_gives_the_same_gradient_and_norms():
     torch.testing.assert_close(chunked[1], whole[1])
     transposed, _ = linear_weight_grad_simultaneous(inputs, grad_out, torch.float64, transposed=True)
     torch.testing.assert_close(transposed, whole[0].t())
+    # 5 output rows (40-byte rows of G: not 16-byte aligned): chunks of Gᵀ are copied contiguous
+    odd = _randn(3, 6, 5, seed=5)
+    whole = linear_weight_grad_simultaneous(inputs, odd, torch.float64)
+    chunked = linear_weight_grad_simultaneous(inputs, odd, torch.float64, chunk_bytes=2 * 3 * (5 + 6) * 8)
+    torch.testing.assert_close(whole[0], odd.flatten(0, 1).t() @ inputs.flatten(0, 1))
+    torch.testing.assert_close(whole[1].double(), _loop_weight_sq_norms(inputs, odd))
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])
 
 
 def test_bias_sq_norms_sum_each_example_over_its_rows():

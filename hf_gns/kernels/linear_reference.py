@@ -168,19 +168,26 @@ def linear_weight_grad_simultaneous(
         `tuple[torch.Tensor, torch.Tensor]`: the weight gradient and the (B,) norms.
     """
     inputs, grad_out = _as_documents(example_offsets, inputs, grad_out)
-    n_examples, _, in_features = inputs.shape
+    n_examples, seq, in_features = inputs.shape
     out_features = grad_out.shape[-1]
-    rows_per_chunk = max(1, chunk_bytes // (n_examples * in_features * inputs.element_size()))
+    # cuBLAS runs its fast kernels only on 16-byte aligned leading dimensions. Where G's rows are
+    # not (an LM head over a 50257-token vocabulary: a slow sm75 path, 3 ms a chunk on the H200),
+    # each chunk of Gᵀ is copied contiguous first, (B, rows, T), and chunks are sized so that
+    # the copy and P together fit in chunk_bytes.
+    realign = grad_out.stride(1) * grad_out.element_size() % 16 != 0
+    row_bytes = n_examples * (in_features + (seq if realign else 0)) * inputs.element_size()
+    rows_per_chunk = max(1, chunk_bytes // row_bytes)
     grad_t = grad_out.transpose(1, 2)  # (B, L, T)
     weight_grad = torch.empty(out_features, in_features, dtype=out_dtype, device=inputs.device)
     if rows_per_chunk >= out_features:  # one chunk (most layers): no slicing, no running sum
-        per_example = torch.bmm(grad_t, inputs)  # (B, L, K): P_b
+        per_example = torch.bmm(grad_t.contiguous() if realign else grad_t, inputs)  # (B, L, K): P_b
         sq_norms = reduce(per_example.view(n_examples, -1), weight_grad.view(-1))
         return (weight_grad.t() if transposed else weight_grad), sq_norms
     sq_norms = torch.zeros(n_examples, dtype=_accumulation_dtype(inputs.dtype), device=inputs.device)
     for start in range(0, out_features, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
-        per_example = torch.bmm(grad_t[:, rows], inputs)  # (B, rows, K): P_b for these rows
+        chunk = grad_t[:, rows].contiguous() if realign else grad_t[:, rows]  # (B, rows, T)
+        per_example = torch.bmm(chunk, inputs)  # (B, rows, K): P_b for these rows
         sq_norms += reduce(per_example.view(n_examples, -1), weight_grad[rows].view(-1))
     return (weight_grad.t() if transposed else weight_grad), sq_norms
 
