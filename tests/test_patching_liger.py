@@ -158,3 +158,48 @@ def test_liger_gemma_casting_matches_its_math():
     h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + liger.variance_epsilon)
     expected = (h * (1.0 + liger.weight.float())).to(torch.bfloat16)
     assert torch.equal(liger(x), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"offset": 1.0, "casting_mode": "gemma", "init_fn": "zeros"}, {"casting_mode": "none"}]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_taken_over_liger_norms_compute_what_liger_computes(kwargs, dtype):
+    """hf_gns's op in a LigerRMSNorm's place against Liger's own kernel: the same output, within
+    one rounding of the output dtype ("none" casting: Liger computes in bf16, hf_gns in fp32)."""
+    torch.manual_seed(0)
+    liger = LigerRMSNorm(HIDDEN * 4, **kwargs).cuda().to(dtype)
+    torch.nn.init.normal_(liger.weight, mean=0.0 if kwargs else 1.0, std=0.1)
+    x = torch.randn(4, 64, HIDDEN * 4, device="cuda", dtype=dtype)
+    expected = liger(x.clone())
+    hf_gns.patch(liger)
+    actual = liger(x.clone())
+    assert actual.dtype == expected.dtype
+    tolerance = 2 * torch.finfo(dtype).eps * (8 if kwargs.get("casting_mode") == "none" else 1)
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.gpu
+def test_gpu_norms_under_every_liger_kernel_equal_the_micro_batch_oracle(monkeypatch):
+    """Liger's full instance patch (RoPE, SwiGLU, fused linear cross-entropy, RMSNorm) then
+    hf_gns.patch: per-example norms equal one-example-at-a-time autograd through the same model."""
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger swaps them module-wide
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    model = tiny_model("llama").cuda()
+    liger_monkey_patch._apply_liger_kernel_to_instance(model=model)
+    hf_gns.patch(model, strict=True)
+    input_ids = tiny_batch().cuda()
+    loss_of(model, input_ids).backward()
+    assert hf_gns.patching.check_step_statistics(model, BATCH) == []
+    norms = {k: v.clone() for k, v in hf_gns.per_example_sq_norms(model).items()}
+    params = dict(model.named_parameters())
+    for b in range(BATCH):
+        model.zero_grad()
+        hf_gns.zero_stats(model)
+        loss_of(model, input_ids[b : b + 1]).backward()
+        for name, values in norms.items():
+            oracle = (params[name].grad.double() / BATCH).square().sum()
+            torch.testing.assert_close(values[b].double(), oracle, rtol=1e-3, atol=1e-12, msg=name)
