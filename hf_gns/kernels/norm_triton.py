@@ -54,6 +54,11 @@ def _norm_fwd_kernel(
     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """y = x̂ ⊙ (γ + offset) + β, x̂ = (x - μ)·rstd (LayerNorm) or x·rstd (RMSNorm)."""
+    # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
+    # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
+    inv_width = tl.cast(inv_width, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    weight_offset = tl.cast(weight_offset, tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
@@ -137,6 +142,10 @@ def _norm_bwd_kernel(
     g = dy ⊙ (γ + offset);  dx = rstd·(g - x̂·mean(g ⊙ x̂) - mean(g))  (no mean(g) term
     for RMSNorm);  partial dγ_b = Σ_r dy_r ⊙ x̂_r,  partial dβ_b = Σ_r dy_r.
     """
+    # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
+    # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
+    inv_width = tl.cast(inv_width, tl.float32)
+    weight_offset = tl.cast(weight_offset, tl.float32)
     example = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -215,6 +224,10 @@ def _norm_bwd_documents_kernel(
     partial dγ_e = Σ_r dy_r ⊙ x̂_r (and dβ_e = Σ_r dy_r) over the rows they share, stored at
     slot k + e of PartialW (PartialB). The row math is `_norm_bwd_kernel`'s (kept inline
     there: the tuned dense kernel's code stays exactly as it was)."""
+    # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
+    # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
+    inv_width = tl.cast(inv_width, tl.float32)
+    weight_offset = tl.cast(weight_offset, tl.float32)
     chunk = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < width
