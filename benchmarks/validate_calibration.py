@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # hf_gns from this checkout
 
 from _lm_runs import SHAPES, RunSpec, launch, n_parameters  # noqa: E402
 from _python_corpus import prepare_token_data  # noqa: E402
