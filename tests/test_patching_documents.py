@@ -144,15 +144,23 @@ def test_patched_tiny_model_gives_per_document_norms_of_a_flattened_batch(
         torch.testing.assert_close(values.double(), exact[name], rtol=1e-4, atol=1e-9, msg=name)
 
 
-def test_tied_embedding_with_documents_fails_loudly():
+def test_tied_embedding_with_documents_reports_the_summed_contribution_per_document():
+    """GPT-2 (wte tied to lm_head, Conv1D layers, wpe looked up at the restarting position ids)."""
     import hf_gns
     from tests.patching_tiny_models import tiny_model
 
-    model = tiny_model("gpt2")  # wte tied to lm_head
-    hf_gns.patch(model, targets="all")
+    model = tiny_model("gpt2")
+    reference = copy.deepcopy(model)
     batch = DataCollatorWithFlattening()(PACK)
-    with pytest.raises(ValueError, match="not supported for tied embeddings"):
-        model(**batch, use_cache=False)
+    n_predicted = int((batch["labels"] != -100).sum())
+    hf_gns.patch(model, targets="all")
+    with hf_gns.kernels.use_backend("torch"):
+        model(**batch, use_cache=False).loss.backward()
+    got = hf_gns.per_example_sq_norms(model)
+    exact = per_document_oracle(reference, PACK, n_predicted)
+    assert "transformer.wte.weight" in got and "transformer.wpe.weight" in got
+    for name, values in got.items():
+        torch.testing.assert_close(values.double(), exact[name], rtol=1e-4, atol=1e-9, msg=name)
 
 
 @pytest.mark.gpu

@@ -55,12 +55,6 @@ def patched_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.
     n_examples, shape, offsets = ids.shape[0], rows.shape, None
     hook = state.model_hook
     if hook.example_offsets is not None:  # padding-free batch: documents are the examples
-        if state.tie is not None:
-            raise ValueError(
-                f"hf_gns: {state.name!r} shares its weight with {state.tie.head_name!r}; per-document "
-                "statistics (padding-free batch) are not supported for tied embeddings yet: patch with "
-                "targets='norms', or untie the weights"
-            )
         offsets = offsets_for_rows(hook.example_offsets, rows, hook.token_shape)
         ids, rows, n_examples = ids.reshape(1, -1), rows.reshape(1, -1, out.shape[-1]), offsets.shape[0] - 1
     ids = ids.reshape(ids.shape[0], -1)  # (B, T)

@@ -85,7 +85,8 @@ def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor
         seq = max_example_rows(offsets)
     state.last_method = choose_linear_method(n_examples, seq, in_features, out_features, state.method)
     sink = state.sinks.take_for(n_examples, input.device)
-    tied_link = state.tie.take(n_examples) if state.tie is not None else None
+    # with documents the tied embedding's lookup is one flattened (1, N) row of ids
+    tied_link = state.tie.take(1 if offsets is not None else n_examples) if state.tie is not None else None
     return linear_with_sq_norms(
         input,
         self.weight,
