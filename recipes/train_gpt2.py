@@ -197,6 +197,8 @@ TRAINING_DEFAULTS = dict(
     save_total_limit=2,
     report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs a GPU (and warns without one)
+    # Every GPT-2 parameter gets a gradient: no extra autograd traversal under DDP (and no warning).
+    ddp_find_unused_parameters=False,
 )
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, GNSTrainingArguments, RunArguments)
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
