@@ -5,9 +5,9 @@ logs (`gns`, `batch_size`, `tokens_seen`, ... see `CURVE_COLUMNS`, plus every `g
 and the loss into `<output_dir>/training_curves.csv`, one row per `Trainer.log` call, as
 training runs. At the end of training it draws `plot_training_curves` next to it:
 
-- `gns_batch_size.png`: GNS (total and per layer type) and the global batch size against tokens
-  seen, both in examples (sequences), on a log scale: the controller aims the batch at the
-  GNS, so the two belong on one axis;
+- `gns_batch_size.png`: GNS (total, calibrated when `gns_calibrate_every` is on, and per layer
+  type) and the global batch size against tokens seen, both in examples (sequences), on a log
+  scale: the controller aims the batch at the GNS, so the two belong on one axis;
 - `loss.png`: training and evaluation loss against tokens seen.
 
 `TokenProgressCallback` replaces the Trainer's step progress bar when the budget is in tokens:
@@ -55,6 +55,8 @@ CURVE_COLUMNS = (
     "gns_tokens",  # the same in tokens (gns × tokens per example)
     "gns_sq_norm",  # EMA of the unbiased |G|² estimate
     "gns_trace_cov",  # EMA of the unbiased tr(Σ) estimate
+    "gns_calibrated",  # norm-layer GNS × calibration ratio (gns_calibrate_every): what batch control follows
+    "gns_calibration_ratio",  # all-layer GNS / norm-layer GNS, from the calibration steps
     "gns_ddp",  # classic two-batch-size estimate (DDP only, when enabled)
     "gns_skipped_steps",  # steps whose gradients were not finite, cumulative
     "tokens_per_second",  # global training throughput between two training logs (this callback's own)
@@ -209,8 +211,8 @@ class TokenProgressCallback(TrainerCallback):
     def _move(self, logs: dict) -> None:
         if self.max_tokens is not None and "tokens_seen" in logs:
             self.bar.update(min(int(logs["tokens_seen"]), self.max_tokens) - self.bar.n)
-        if "gns" in logs:
-            self.postfix["gns"] = f"{logs['gns']:.4g}"
+        if "gns" in logs:  # calibrated when calibrating: the value the batch follows
+            self.postfix["gns"] = f"{logs.get('gns_calibrated', logs['gns']):.4g}"
         if "batch_size" in logs:
             self.postfix["batch"] = str(logs["batch_size"])
         self.bar.set_postfix(self.postfix, refresh=False)
@@ -299,6 +301,9 @@ def plot_training_curves(csv_path: str | os.PathLike, out_dir: str | os.PathLike
         layer_type = key[len(TYPE_GROUP_PREFIX) :]
         axes.plot(*_points(curves, x_key, key), linewidth=1, alpha=0.7, label=f"GNS, {layer_type} layers")
     axes.plot(*_points(curves, x_key, "gns"), color="black", linewidth=2, label="GNS (total)")
+    if "gns_calibrated" in curves:  # what the batch follows when calibrating (the total is the norms')
+        axes.plot(*_points(curves, x_key, "gns_calibrated"), color="tab:green", linewidth=2,
+                  label="GNS, calibrated to every layer")  # fmt: skip
     if "gns_ddp" in curves:
         axes.plot(*_points(curves, x_key, "gns_ddp"), color="gray", linestyle=":", label="GNS (classic DDP)")
     axes.plot(*_points(curves, x_key, "batch_size"), color="tab:red", linewidth=2, drawstyle="steps-post",

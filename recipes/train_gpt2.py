@@ -721,6 +721,10 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         out = Path(training_args.output_dir)
         gns_text = "n/a" if gns is None else f"{gns:.1f} examples = {gns * block_size:,.0f} tokens"
+        if gns is not None and getattr(trainer, "gns_calibration", None) is not None:
+            if trainer.gns_calibration.enabled:  # current_gns() is what the batch follows: the calibrated one
+                measured = trainer.gns_estimator.gns_tensor()[0].item()  # one sync
+                gns_text += f" (calibrated to every layer; norm layers: {measured:.1f})"
         rate_text = "n/a" if math.isnan(tokens_per_second) else f"{tokens_per_second:,.0f} tokens/s"
         print(
             f"\ntrained {trainer.state.global_step} steps, {tokens_seen:,} tokens in {train_seconds:.1f} s; "

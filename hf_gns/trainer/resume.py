@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE_FILE = "trainer_state.json"
 # The states that carry the statistics and the run's position (registered by GNSTrainer and
 # the batch-control mixin); anything else registered by users is reported by name too.
-STATISTICS_STATES = ("gns_estimator", "gns_ddp_estimator")
+STATISTICS_STATES = ("gns_estimator", "gns_ddp_estimator", "gns_calibration")
 RESTART_HINT = (
     "pass --gns_restart_statistics true (GNSTrainingArguments.gns_restart_statistics) to resume anyway "
     "with fresh GNS statistics; tokens, data position and LR continue from trainer_state.json"
