@@ -43,16 +43,17 @@ def test_patching_twice_is_a_no_op():
 
 
 def test_strict_names_every_uncovered_norm_and_leaves_the_model_alone():
-    model = tiny_model("cohere")  # use_qk_norm: per-head (2-D) CohereLayerNorm weights
+    # GroupNorm normalizes over channels-first groups: neither the fused op nor the per-example call
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GroupNorm(2, 8), nn.GroupNorm(4, 8))
     with pytest.raises(hf_gns.NormPatchError) as error:
         hf_gns.patch(model, strict=True)
     message = str(error.value)
-    for name in ("model.layers.0.self_attn.q_norm", "model.layers.1.self_attn.k_norm"):
+    for name in ("  2 (GroupNorm)", "  3 (GroupNorm)"):
         assert name in message
-    assert "2-D weight" in message and "register_norm" in message
+    assert "normalizes over other dims" in message and "register_norm" in message
     assert not any(key.startswith("_hf_gns") for m in model.modules() for key in m.__dict__)
     report = hf_gns.patch(model)  # without strict: patches what it can
-    assert len(report.patched) == 3 and len(report.uncovered) == 4
+    assert len(report.patched) == 1 and len(report.uncovered) == 2
 
 
 def test_strict_accepts_weightless_norms():

@@ -9,7 +9,7 @@ from torch import nn
 
 from hf_gns import NormSpec
 from hf_gns.patching.detect import find_eps_attr, unsupported_reason
-from hf_gns.patching.probe import fallback_candidates, probe_norm
+from hf_gns.patching.probe import FP32_WEIGHT_DTYPES, fallback_candidates, probe_norm
 
 WIDTH = 24
 
@@ -100,14 +100,21 @@ def test_probe_finds_the_flavour(module, expected):
         (StdNorm(), "probe mismatch"),
         (HardCodedEpsNorm(), "probe mismatch"),
         (TupleNorm(), "forward returns tuple"),
-        # exact in fp32, but the fused op does not round γ+1 to bf16: refused rather than changed
-        (RoundedLayerNorm1P(WIDTH), "probe mismatch"),
     ],
-    ids=["std", "hard-coded-eps", "tuple", "bf16-rounded-offset"],
+    ids=["std", "hard-coded-eps", "tuple"],
 )
 def test_probe_refuses_look_alikes(module, reason):
     result = _probe(module)
     assert result.spec is None and result.reason.startswith(reason), result.reason
+
+
+def test_probe_accepts_a_spec_for_the_weight_dtypes_where_it_matches():
+    # exact with fp32 weights, but the fused op does not round γ+1 to bf16 as the module does with
+    # bf16 weights: the spec serves fp32/fp64 weights only (the others take the per-example call)
+    result = _probe(RoundedLayerNorm1P(WIDTH))
+    assert result.spec == NormSpec(rms=False, weight_offset=1.0)
+    assert result.dtypes == FP32_WEIGHT_DTYPES
+    assert result.reason.startswith("probe mismatch") and "bfloat16 weight" in result.reason
 
 
 def test_probe_checks_registered_specs_in_bf16_too():

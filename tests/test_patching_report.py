@@ -11,17 +11,19 @@ import hf_gns
 from hf_gns.patching.report import NOT_A_NORM, PatchedNorm, PatchReport, SkippedNorm
 
 
-def test_report_of_a_model_with_unsupported_norms():
-    report = hf_gns.patch(tiny_model("cohere"))
-    assert [e.name for e in report.patched] == [
+def test_report_of_a_model_with_per_head_norms():
+    report = hf_gns.patch(tiny_model("cohere"))  # use_qk_norm: per-head (2-D) CohereLayerNorm weights
+    assert {e.class_name for e in report.patched} == {"CohereLayerNorm"} and not report.skipped
+    fused = [e for e in report.patched if e.flavour == "LayerNorm out=input"]
+    per_head = [e for e in report.patched if e.flavour == "per-example call of its own forward (vmap)"]
+    assert [e.name for e in fused] == [
         "model.layers.0.input_layernorm",
         "model.layers.1.input_layernorm",
         "model.norm",
     ]
-    assert {e.class_name for e in report.patched + report.skipped} == {"CohereLayerNorm"}
-    assert all(e.source == "registry" and e.flavour == "LayerNorm out=input" for e in report.patched)
+    assert all(e.source == "registry" for e in fused) and all(e.source == "probe" for e in per_head)
+    assert sorted(e.name.rsplit(".", 1)[-1] for e in per_head) == ["k_norm", "k_norm", "q_norm", "q_norm"]
     assert report.tracked_parameters == [f"{e.name}.weight" for e in report.patched]
-    assert report.uncovered == report.skipped and len(report.skipped) == 4
 
 
 def test_printed_table_is_aligned_and_complete():

@@ -26,7 +26,6 @@ KNOWN_UNBUILDABLE: dict[str, str] = {
     "gemma4_unified_assistant": "draft model: its forward needs the target model's shared_kv_states",
 }
 
-_GATED = "gated RMSNorm forward(x, gate) not supported (issue 13 part 3)"
 _CALLED_TWICE = "a module called twice in one forward yields two values per example (issue 13 part 1)"
 _IN_PLACE = "in-place edit of a patched layer's output (issue 13 part 2)"
 _OUTSIDE = "weight used outside its module's forward: tracked but no values (issue 13 part 1)"
@@ -34,40 +33,10 @@ _OUTSIDE = "weight used outside its module's forward: tracked but no values (iss
 # Model types whose patch is not exact (or skips norms with parameters), per mode, with the reason.
 KNOWN_NOT_EXACT: dict[str, dict[str, str]] = {
     "norms": {
-        **dict.fromkeys(
-            (
-                "bailing_hybrid",
-                "bamba",
-                "granitemoehybrid",
-                "kimi_linear",
-                "lara_mini",
-                "mamba2",
-                "nemotron_h",
-                "olmo_hybrid",
-                "qwen3_5",
-                "qwen3_5_moe",
-                "qwen3_5_moe_text",
-                "qwen3_5_text",
-                "qwen3_next",
-                "qwen4_exp",
-                "qwen4_exp_text",
-                "zamba2",
-            ),
-            _GATED,
-        ),
         "gemma3n_text": _CALLED_TWICE + ": altup.router_norm",
         "xmod": _CALLED_TWICE + ": output.LayerNorm (also applied to the adapter's output)",
-        "got_ocr2": "GotOcr2LayerNorm (channels-first, vision tower): the probe's inputs do not fit it",
-        **dict.fromkeys(
-            ("inkling_text", "inkling2_text", "inkling2_loop_text"),
-            "NormedEmbedding: norm with child modules",
-        ),
-        "nemotron": "NemotronLayerNorm1P refused: the probe sees bf16 rounding of 1+γ (issue 13 part 3)",
-        "roberta-prelayernorm": "RobertaPreLayerNormLMHead taken for a norm (class name) and skipped",
         "xlnet": "sequence-first hidden states (T, B, D): per-token values (issue 13 part 1)",
-        "xlstm": "xLSTMMultiHeadLayerNorm on 4-D input: the probe cannot run it (issue 13 part 3)",
         "zamba": "one norm weight shared by two modules (issue 13 part 1)",
-        "zaya": "ZayaQKNorm skipped as 'no learnable weight' (its parameter is temp)",
     },
     "all": {
         **dict.fromkeys(("blt", "ctrl", "git", "roc_bert"), _IN_PLACE),

@@ -1,7 +1,8 @@
 """Structural checks: which modules are norms, and which of those the fused op can replace.
 
 A module is *norm-like* when its class (or a registered base) is a registered norm, or
-its class name contains "Norm" — unless it is a mere container (children, no parameters
+its class name contains "Norm" past the model family's prefix and it is not an Embedding,
+Linear or convolution — unless it is a mere container (children, no parameters
 of its own, e.g. StableLmLayerNormPerHead, whose child nn.LayerNorms are the norms).
 Every norm-like module appears in the report, patched or skipped with a reason.
 
@@ -26,10 +27,23 @@ from .spec import EPS_ATTRIBUTES, NormSpec
 _OTHER_AXIS_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
 
 
+# Layers whose class name may say "Norm" (InklingNormedEmbedding) but that are not norms.
+_LAYER_CLASSES = (nn.Embedding, nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _name_says_norm(cls: type) -> bool:
+    """ "Norm" in the class name, past the model family's prefix (RobertaPreLayerNormLMHead is a head)."""
+    name = cls.__name__
+    family = cls.__module__.rpartition(".")[2].removeprefix("modeling_").replace("_", "").lower()
+    if family and name.lower().startswith(family):
+        name = name[len(family) :]
+    return "Norm" in name
+
+
 def is_norm_like(module: nn.Module) -> bool:
     """Whether `module` is a normalization layer that the report must account for."""
     cls = type(module)
-    if "Norm" not in cls.__name__ and not has_registered_base(cls):
+    if not has_registered_base(cls) and (isinstance(module, _LAYER_CLASSES) or not _name_says_norm(cls)):
         return False
     has_children = next(module.children(), None) is not None
     has_own_parameters = next(module.parameters(recurse=False), None) is not None
@@ -70,6 +84,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
         return "has child modules: not a plain norm layer"
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
+        if next(module.parameters(recurse=False), None) is not None:
+            names = ", ".join(name for name, _ in module.named_parameters(recurse=False))
+            return f"no `weight` (its parameters: {names}): not a plain norm layer"
         return "no learnable weight: nothing to track (left unpatched)"
     if weight.dim() != 1:
         return (
@@ -90,6 +107,24 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if find_eps_attr(module, spec) is None:
         wanted = spec.eps_attr if spec is not None and spec.eps_attr else " / ".join(EPS_ATTRIBUTES)
         return f"no ε attribute ({wanted}): cannot tell which ε it uses"
+    return None
+
+
+def call_route_reason(module: nn.Module) -> str | None:
+    """Why `module` cannot take the per-example call either (`per_example_call.py`), or `None`.
+
+    The call runs the module's own forward per example, so it takes what the fused op does not
+    (several inputs, N-D or grouped weights, other parameter names, no ε attribute); it still
+    needs the module to be a leaf with parameters of its own, normalizing each example alone.
+    """
+    if "forward" in module.__dict__:
+        return unsupported_reason(module)
+    if isinstance(module, _OTHER_AXIS_NORMS):
+        return f"{type(module).__name__} normalizes over other dims than the last one: not supported"
+    if next(module.children(), None) is not None:
+        return "has child modules: not a plain norm layer"
+    if next(module.parameters(recurse=False), None) is None:
+        return "no learnable weight: nothing to track (left unpatched)"
     return None
 
 

@@ -4,6 +4,13 @@
 `copy.deepcopy(model)` rebinds it to the copy. Everything it needs lives in one instance
 attribute, `_hf_gns_norm` (a `NormPatch`): no buffers, no parameters, nothing in the
 state_dict, and `unpatch` only has to delete two instance attributes.
+
+Two routes, chosen per module at patch time (and per weight dtype where the probe accepted
+the fused op for some dtypes only, e.g. NemotronLayerNorm1P: fp32 weights yes, bf16 no):
+- `"fused"`: `fused_norm` computes the module's math (`NormSpec`), one kernel;
+- `"call"`: the module's own forward per example with per-example parameter copies
+  (`per_example_call.py`), for what the fused op cannot express: gated and grouped
+  RMSNorms, multi-head LayerNorms, parameters named other than weight/bias.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from torch import nn
 from ..kernels import fused_norm
 from .documents import offsets_for_rows
 from .model_hook import ModelForwardHook
+from .per_example_call import per_example_call
 from .sinks import SquaredNormSinks
 from .spec import NormSpec
 
@@ -29,19 +37,27 @@ class NormPatch:
 
     Args:
         name (`str`): the module's name in the model that was patched (for messages).
-        spec (`NormSpec`): what the module computes.
-        eps_attr (`str`): the attribute holding ε, read at every call.
-        source (`str`): `"registry"` or `"probe"`: how the spec was found.
+        spec (`NormSpec`, *optional*): what the module computes, for the fused route (`None`
+            when the module only runs the per-example call).
+        eps_attr (`str`, *optional*): the attribute holding ε, read at every call (fused route).
+        source (`str`): `"registry"` or `"probe"`: how the route was found.
         model_hook (`ModelForwardHook`): the model-level hook (batch size, sink preparation).
         sinks (`SquaredNormSinks`): per-example squared norms collected in backward.
+        parameters (`tuple[str | None, str | None]`, *optional*, defaults to `("weight", "bias")`):
+            the parameter attributes behind the sink's two columns.
+        fused_dtypes (`frozenset[torch.dtype]`, *optional*): weight dtypes for which the fused op
+            was verified; other dtypes take the per-example call. `None`: all dtypes, or (with
+            `spec=None`) none.
     """
 
     name: str
-    spec: NormSpec
-    eps_attr: str
+    spec: NormSpec | None
+    eps_attr: str | None
     source: str
     model_hook: ModelForwardHook = field(default_factory=ModelForwardHook)
     sinks: SquaredNormSinks = field(default=None)
+    parameters: tuple[str | None, str | None] = ("weight", "bias")
+    fused_dtypes: frozenset | None = None
 
     def __post_init__(self):
         if self.sinks is None:
@@ -51,15 +67,43 @@ class NormPatch:
         # A copied model gets its own, empty statistics (the sinks' hooks point at this object)
         # and shares the copied model's hook.
         model_hook = copy.deepcopy(self.model_hook, memo)
-        return NormPatch(self.name, self.spec, self.eps_attr, self.source, model_hook)
+        return NormPatch(
+            self.name,
+            self.spec,
+            self.eps_attr,
+            self.source,
+            model_hook,
+            None,
+            self.parameters,
+            self.fused_dtypes,
+        )
 
-    @staticmethod
-    def tracks_gradients(module: nn.Module) -> bool:
+    def describe(self) -> str:
+        """The route for reports, e.g. `"RMSNorm γ+1 out=input"` or `"per-example call (vmap)"`."""
+        call = "per-example call of its own forward (vmap)"
+        if self.spec is None:
+            return call
+        if self.fused_dtypes is None:
+            return self.spec.describe()
+        dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.fused_dtypes))
+        return f"{self.spec.describe()} for {dtypes} weights, else {call}"
+
+    def uses_call(self, module: nn.Module) -> bool:
+        """Whether this call takes the per-example call route (by the module's weight dtype)."""
+        if self.spec is None:
+            return True
+        return self.fused_dtypes is not None and module.weight.dtype not in self.fused_dtypes
+
+    def reported_parameters(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+        """The parameter behind each column of the module's (B, 2) squared norms (None: no column)."""
+        found = (None if attr is None else getattr(module, attr, None) for attr in self.parameters)
+        return tuple(p if isinstance(p, torch.Tensor) else None for p in found)
+
+    def tracks_gradients(self, module: nn.Module) -> bool:
         """True when this call's backward will produce parameter gradients worth measuring."""
         if not torch.is_grad_enabled():
             return False
-        bias = norm_bias(module)
-        return module.weight.requires_grad or (bias is not None and bias.requires_grad)
+        return any(p is not None and p.requires_grad for p in self.reported_parameters(module))
 
 
 def norm_bias(module: nn.Module) -> torch.Tensor | None:
@@ -92,9 +136,35 @@ def run_norm(
     )
 
 
-def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Forward of a patched norm: the fused kernel, plus a sink for per-example norms when training."""
+def _call_forward(module: nn.Module, state: NormPatch, args: tuple, kwargs: dict):
+    """The per-example call route (see `per_example_call.py`); the class forward when not training."""
+    if not state.tracks_gradients(module):
+        return type(module).forward(module, *args, **kwargs)
+    if state.model_hook.example_offsets is not None:
+        raise RuntimeError(
+            f"hf_gns: norm module {state.name!r} ({type(module).__name__}) runs the per-example call, which "
+            "takes one example per row: padding-free batches (several documents per row) are not supported "
+            "for it; pad the batch, or leave this module unpatched"
+        )
+    x = args[0]
+    n_examples = state.model_hook.batch_size or x.shape[0]
+    if x.shape[0] != n_examples and not (x.dim() == 2 and x.shape[0] % n_examples == 0):
+        raise RuntimeError(
+            f"hf_gns: norm module {state.name!r} got an input of shape {tuple(x.shape)} whose dim 0 is not "
+            f"the batch of {n_examples} examples: its per-example norms cannot be computed (sequence-first "
+            "layout?); leave it unpatched"
+        )
+    device = next(p for p in state.reported_parameters(module) if p is not None).device
+    sink = state.sinks.take_for(n_examples, device)
+    return per_example_call(module, args, kwargs, state.parameters, sink, n_examples)
+
+
+def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    """Forward of a patched norm: the fused kernel, plus a sink for per-example norms when training
+    (or the per-example call, for modules and weight dtypes the fused op cannot express)."""
     state: NormPatch = getattr(self, PATCH_ATTRIBUTE)
+    if state.uses_call(self):
+        return _call_forward(self, state, (hidden_states, *args), kwargs)
     hook = state.model_hook
     if hook.example_offsets is not None and state.tracks_gradients(
         self

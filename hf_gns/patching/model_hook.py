@@ -56,10 +56,15 @@ def bump_patch_generation() -> None:
     _GENERATION[0] += 1
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where a patched module's sinks live: its parameters' device (not every norm has a `weight`)."""
+    return next(module.parameters(recurse=False)).device
+
+
 @torch.compiler.disable
 def _make_sinks(owners: list[tuple[nn.Module, NormPatch]], n_examples: int) -> None:
     for module, state in owners:
-        state.sinks.prepare(n_examples, module.weight.device)
+        state.sinks.prepare(n_examples, _device(module))
 
 
 class ModelForwardHook:
@@ -105,7 +110,7 @@ class ModelForwardHook:
         return [
             (module, state)
             for module, state in self.norms
-            if state.tracks_gradients(module) and not state.sinks.has_spare(n_examples, module.weight.device)
+            if state.tracks_gradients(module) and not state.sinks.has_spare(n_examples, _device(module))
         ]
 
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -161,7 +166,7 @@ def prepare_sinks(model: nn.Module, inputs: dict) -> None:
         n_examples = hook.read_batch((), inputs)
         if n_examples is not None:
             for module, state in hook.missing_sinks(n_examples):
-                state.sinks.prepare(n_examples, module.weight.device)
+                state.sinks.prepare(n_examples, _device(module))
 
 
 def attach_model_hook(model: nn.Module) -> ModelForwardHook:

@@ -17,11 +17,12 @@ import warnings
 from torch import nn
 
 from .coverage import fill_coverage
-from .detect import find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
-from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
+from .detect import call_route_reason, find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
+from .forward import PATCH_ATTRIBUTE, NormPatch, patched_norm_forward
 from .layers import bind_layers, plan_layers, unpatch_layers
 from .liger import instance_forward, liger_kind, liger_norm_spec
 from .model_hook import PATCHED_MARK, attach_model_hook, bump_patch_generation, detach_model_hooks
+from .per_example_call import own_parameter_names, probe_per_example_call
 from .probe import fallback_candidates, probe_norm
 from .registry import registered_spec
 from .report import PatchedNorm, PatchReport, SkippedNorm
@@ -59,27 +60,47 @@ def _foreign_forward_name(module: nn.Module) -> str | None:
     return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
 
 
-def _tracked_names(module: nn.Module, names: dict[int, str]) -> tuple[str, ...]:
+def _tracked_names(module: nn.Module, state: NormPatch, names: dict[int, str]) -> tuple[str, ...]:
     """Names (as in `model.named_parameters()`, also for a weight shared by two modules) of the
-    module's parameters that require grad."""
-    params = (module.weight, norm_bias(module))
+    module's reported parameters that require grad."""
+    params = state.reported_parameters(module)
     return tuple(names[id(p)] for p in params if p is not None and p.requires_grad and id(p) in names)
 
 
+def _call_plan(name: str, module: nn.Module, why_not_fused: str, found_call: set[type]) -> NormPatch | str:
+    """A per-example-call `NormPatch` for a module the fused op cannot express, or the reason."""
+    excluded = call_route_reason(module)
+    if excluded is not None:
+        return why_not_fused
+    parameters = own_parameter_names(module)
+    if type(module) not in found_call:  # one verified instance vouches for its class (same forward)
+        reason = probe_per_example_call(module)
+        if reason is not None:
+            return f"{why_not_fused}; per-example call: {reason}"
+        found_call.add(type(module))
+    return NormPatch(name, None, None, "probe", parameters=(*parameters, None)[:2])
+
+
 def _plan(
-    name: str, module: nn.Module, shared: dict[int, list[str]], found: dict[type, NormSpec]
+    name: str,
+    module: nn.Module,
+    shared: dict[int, list[str]],
+    found: dict[type, NormSpec],
+    found_call: set[type],
 ) -> NormPatch | str:
     """A `NormPatch` for `module`, or the reason it cannot have one.
 
     `found` maps classes to the spec the probe accepted for an earlier instance in this
     call: later instances are probed against that spec alone (cheap, still verified).
+    Modules the fused op cannot express take the per-example call when its probe accepts
+    them (`found_call`: classes accepted so far).
     """
     if id(module) in shared:
         others = ", ".join(repr(n) for n in shared[id(module)] if n != name)
         return f"shared with {others}: a norm called twice per forward has no per-example norms here"
     reason = _structural_reason(module)
     if reason is not None:
-        return reason
+        return _call_plan(name, module, reason, found_call)
     liger_spec = liger_norm_spec(module)
     if isinstance(liger_spec, str):
         return liger_spec
@@ -100,10 +121,16 @@ def _plan(
     if result.spec is None:
         if registered:
             return f"registered as {registered[1].__name__} but {result.reason}"
-        return result.reason
+        return _call_plan(name, module, result.reason, found_call)
     if registered is None:
         found.setdefault(cls, result.spec)
-    return NormPatch(name, result.spec, eps_attr, "registry" if registered else "probe")
+    source = "registry" if registered else "probe"
+    if result.dtypes is not None:  # e.g. fp32 weights only: the others need the per-example call
+        fallback = _call_plan(name, module, result.reason, found_call)
+        if isinstance(fallback, str):
+            return fallback
+        return NormPatch(name, result.spec, eps_attr, source, fused_dtypes=result.dtypes)
+    return NormPatch(name, result.spec, eps_attr, source)
 
 
 def _bind(module: nn.Module, state: NormPatch) -> None:
@@ -163,6 +190,7 @@ def patch(
     shared = shared_module_names(model)
     parameter_names = {id(param): name for name, param in model.named_parameters()}
     found: dict[type, NormSpec] = {}
+    found_call: set[type] = set()
     report = PatchReport()
     to_bind: list[tuple[nn.Module, NormPatch]] = []
     rebind: list[tuple[nn.Module, NormPatch]] = []
@@ -171,18 +199,18 @@ def patch(
             continue
         class_name = type(module).__name__
         existing = module.__dict__.get(PATCH_ATTRIBUTE)
-        plan = existing if existing is not None else _plan(name, module, shared, found)
+        plan = existing if existing is not None else _plan(name, module, shared, found, found_call)
         foreign = _foreign_forward_name(module) if existing is not None else None
         if isinstance(plan, str):
             has_parameters = next(module.parameters(recurse=False), None) is not None
             report.skipped.append(SkippedNorm(name, class_name, plan, has_parameters))
             continue
-        tracked = _tracked_names(module, parameter_names)
+        tracked = _tracked_names(module, plan, parameter_names)
         source = "earlier call" if existing is not None else plan.source
         if foreign is not None:  # e.g. Liger applied after an earlier patch: take the norm back
             source = f"re-bound (its forward had been replaced by {foreign})"
             rebind.append((module, existing))
-        report.patched.append(PatchedNorm(name, class_name, plan.spec.describe(), source, tracked))
+        report.patched.append(PatchedNorm(name, class_name, plan.describe(), source, tracked))
         report.tracked_parameters.extend(tracked)
         if existing is None:
             to_bind.append((module, plan))

@@ -56,6 +56,12 @@ class ProbeResult:
 
     spec: NormSpec | None
     reason: str = ""
+    dtypes: frozenset | None = None  # weight dtypes the spec is verified for; None: all
+
+
+# A spec that matches with fp32 weights only (NemotronLayerNorm1P rounds 1+γ to bf16 with bf16
+# weights) serves fp32/fp64 weights; the others take the per-example call (`forward.py`).
+FP32_WEIGHT_DTYPES = frozenset({torch.float32, torch.float64})
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,9 @@ def probe_norm(module: nn.Module, candidates: list[NormSpec], eps_attr: str, see
 
     Returns:
         `ProbeResult`: the accepted spec, or `None` and a reason such as
-        `"probe mismatch: max abs err 0.31 (bfloat16 input, float32 weight, 3-D)"`.
+        `"probe mismatch: max abs err 0.31 (bfloat16 input, float32 weight, 3-D)"`. A spec that
+        matches every fp32-weight configuration but not the bf16-weight ones comes with
+        `dtypes=FP32_WEIGHT_DTYPES` and the reason of the bf16 mismatch.
     """
     device = module.weight.device
     if device.type == "meta":
@@ -173,7 +181,11 @@ def probe_norm(module: nn.Module, candidates: list[NormSpec], eps_attr: str, see
         return ProbeResult(None, f"probe could not copy the module: {error}")
     remaining = list(candidates)
     ran_any = False
-    for config in _configs(device):
+    fp32_survivors: list[NormSpec] | None = None
+    # fp32-weight configs first: a spec that fails only with bf16 weights still serves fp32 weights
+    for config in sorted(_configs(device), key=lambda config: config.weight_dtype != torch.float32):
+        if config.weight_dtype != torch.float32 and fp32_survivors is None:
+            fp32_survivors = list(remaining) if ran_any else []
         probe_module = copies[config.weight_dtype]
         x = _probe_input(config, module.weight.shape[0], device, generator)
         # quiet: mixed-dtype configs make torch warn about its slow path, which is no news to the user
@@ -190,10 +202,10 @@ def probe_norm(module: nn.Module, candidates: list[NormSpec], eps_attr: str, see
         survivors = [spec for spec in remaining if outcomes[spec][1] is None]
         if not survivors:
             best = min(remaining, key=lambda spec: outcomes[spec][0])
-            why = outcomes[best][1]
-            return ProbeResult(
-                None, f"probe mismatch: {why} ({config.describe()}), closest: {best.describe()}"
-            )
+            why = f"probe mismatch: {outcomes[best][1]} ({config.describe()}), closest: {best.describe()}"
+            if fp32_survivors:
+                return ProbeResult(fp32_survivors[0], why, FP32_WEIGHT_DTYPES)
+            return ProbeResult(None, why)
         remaining = survivors
     if not ran_any:
         return ProbeResult(None, "probe failed: the original forward raised on every probe input")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .forward import PATCH_ATTRIBUTE, NormPatch, norm_bias, patched_norm_forward
+from .forward import PATCH_ATTRIBUTE, NormPatch, patched_norm_forward
 from .layer_state import LayerPatch
 from .layers import _FORWARDS as _LAYER_FORWARDS
 from .layers import layer_states
@@ -52,9 +52,7 @@ def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, NormPatch | Laye
 
 def _reported_parameters(module: nn.Module, state: NormPatch | LayerPatch) -> tuple[torch.Tensor | None, ...]:
     """The parameter behind each column of the module's (B, 2) squared norms."""
-    if isinstance(state, LayerPatch):
-        return state.reported_parameters(module)
-    return module.weight, norm_bias(module)
+    return state.reported_parameters(module)
 
 
 def _collecting(state: NormPatch | LayerPatch) -> bool:

@@ -1,0 +1,236 @@
+"""The per-example call: exact per-example norms for norm layers the fused op cannot express.
+
+Gated RMSNorms `forward(x, gate)` (gate before or after the normalization, grouped or not),
+grouped RMSNorms, multi-head LayerNorms on (B, T, H, Dh) inputs, ZAYA's QK norm with its
+per-head `temp`, Nemotron's LayerNorm1P with bf16 weights: rather than re-deriving each
+flavour's math, the module's own forward runs once per example under `torch.func.vmap`, with
+each tracked parameter p replaced by a (B, *p.shape) view of B copies of p:
+
+    y_b = forward_b(x_b; p_b = p)   ⇒   ∂L/∂p_b = c_b (example b's contribution), Σ_b c_b = ∂L/∂p
+
+`PerExampleCopies` makes the copies (an expand, no memory) and, in backward, receives the
+(B, *p.shape) per-example gradients: it returns their sum as p's gradient and |c_b|² as the
+gradient of the (B, 2) sink (column 0 for the first tracked parameter, 1 for the second), as
+the fused op does. The outputs are the module's own (same ops, batched by vmap), so the route
+is exact by construction for any forward in which examples do not interact; the probe below
+checks that on random inputs, outputs and per-example norms against one-example-at-a-time
+autograd, before a module is bound to it.
+
+Cost: the module's own (unfused) forward and a per-example reduction of the parameter
+gradient, (B, *p.shape) fp32: small next to the layers these norms sit in.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+SINK_COLUMNS = 2
+_PROBE_BATCH, _PROBE_SEQ = 3, 5  # distinct from every other probe dim, so layout mistakes show
+_PROBE_RTOL = 1e-4  # per-example squared norms vs the micro-batch oracle (fp32, measured ≤ 1e-6)
+
+
+class PerExampleCopies(torch.autograd.Function):
+    """p → (B, *p.shape) copies; backward: p.grad = Σ_b g_b and sink.grad[:, column] = |g_b|²."""
+
+    @staticmethod
+    def forward(ctx, param, sink, n_examples: int, column: int):
+        ctx.column = column
+        return param.unsqueeze(0).expand(n_examples, *param.shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # (B, *p.shape)
+        sq_norms = grad.float().flatten(1).square().sum(1)  # (B,) fp32
+        sink_grad = grad.new_zeros(grad.shape[0], SINK_COLUMNS, dtype=torch.float32)
+        sink_grad[:, ctx.column] = sq_norms
+        return grad.sum(0), sink_grad, None, None
+
+
+class _ClassForward(nn.Module):
+    """Runs the class's forward of `inner` (not the patched instance forward) for functional_call."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return type(self.inner).forward(self.inner, *args)
+
+
+def own_parameter_names(module: nn.Module) -> tuple[str, ...]:
+    """The module's own parameters, in registration order (the first two get sink columns)."""
+    return tuple(name for name, _ in module.named_parameters(recurse=False))
+
+
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """`args` and `kwargs` as positional arguments of the class forward (vmap batches positionals only)."""
+    if not kwargs:
+        return args
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    if bound.kwargs:
+        raise TypeError(
+            f"keyword-only arguments {sorted(bound.kwargs)}: not supported by the per-example call"
+        )
+    return bound.args[1:]
+
+
+def per_example_call(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    parameter_names: tuple[str | None, ...],
+    sink: torch.Tensor | None,
+    n_examples: int,
+):
+    """The module's forward on `args`, per example (dim 0 of the first argument), with per-example
+    copies of the parameters named in `parameter_names` feeding `sink` (see the module docstring).
+
+    A 2-D first argument of B·rows rows (tokens flattened batch-major) is regrouped to
+    (B, rows, D) and each example sees its (rows, D); otherwise each example sees a batch of one.
+    """
+    x = args[0]
+    regroup = x.dim() == 2 and x.shape[0] != n_examples and x.shape[0] % n_examples == 0
+    rows = x.shape[0] // n_examples if regroup else None
+
+    def batched(arg):
+        if not isinstance(arg, torch.Tensor) or arg.dim() == 0:
+            return None
+        if regroup and arg.shape[0] == x.shape[0]:
+            return arg.reshape(n_examples, rows, *arg.shape[1:])
+        if arg.shape[0] == n_examples:
+            return arg.unsqueeze(1)  # each example keeps a batch dim of one
+        return None
+
+    positional = _positional(module, args, kwargs)
+    inputs = [batched(arg) for arg in positional]
+    in_dims = tuple(None if b is None else 0 for b in inputs)
+    inputs = [arg if b is None else b for arg, b in zip(positional, inputs)]
+    copies = {}
+    for column, name in enumerate(parameter_names):
+        param = None if name is None or sink is None else getattr(module, name)
+        if param is not None and param.requires_grad:
+            copies[f"inner.{name}"] = PerExampleCopies.apply(param, sink, n_examples, column)
+    caller = _ClassForward(module)
+
+    def one_example(params, *example_args):
+        return torch.func.functional_call(caller, params, example_args)
+
+    output = torch.func.vmap(one_example, in_dims=(0, *in_dims))(copies, *inputs)
+    return tree_map(lambda t: t.flatten(0, 1) if isinstance(t, torch.Tensor) else t, output)
+
+
+# --- probe -------------------------------------------------------------------------------
+
+
+def _candidate_shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    """Input shapes to try, (B, T, ...): multi-head attributes first, then the first parameter's size."""
+    b, t = _PROBE_BATCH, _PROBE_SEQ
+    shapes = []
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        shapes.append((b, t, heads, head_dim))
+    first = next(module.parameters(recurse=False))
+    if first.dim() == 1:
+        n = first.shape[0]
+        shapes += [(b, t, n), (b, t, n, 4), (b, n, 2, 2)]  # last: channels-first (B, C, H, W)
+    else:
+        shapes.append((b, t, *first.shape))
+    return shapes
+
+
+def _extra_inputs(module: nn.Module, x: torch.Tensor, generator) -> tuple:
+    """Random x-shaped tensors for the forward's other tensor inputs (gate, key states, ...):
+    every required positional parameter, and optional ones named like a gate."""
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return ()
+    extras = []
+    for parameter in parameters:
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        if parameter.default is not parameter.empty and "gate" not in parameter.name:
+            break
+        extras.append(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+    return tuple(extras)
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(value)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _perturbed_copy(module: nn.Module, generator) -> nn.Module:
+    probe = copy.deepcopy(module).float()
+    with torch.no_grad():
+        for param in probe.parameters(recurse=False):
+            param.add_(0.5 * torch.randn(param.shape, generator=generator, device=param.device))
+    return probe
+
+
+def probe_per_example_call(module: nn.Module, seed: int = 0) -> str | None:
+    """`None` if the per-example call of `module` reproduces its forward and yields exact per-example
+    norms on random fp32 inputs, else the reason it does not."""
+    params = list(module.parameters(recurse=False))
+    if not params:
+        return "no parameters of its own: nothing to track"
+    if params[0].device.type == "meta":
+        return "weights are on the meta device: patch after the weights are materialized"
+    names = own_parameter_names(module)
+    if len(names) > SINK_COLUMNS:
+        return f"{len(names)} parameters of its own ({', '.join(names)}): at most {SINK_COLUMNS} supported"
+    generator = torch.Generator(device=params[0].device).manual_seed(seed)
+    try:
+        probe = _perturbed_copy(module, generator)
+    except Exception as error:
+        return f"probe could not copy the module: {error}"
+    forward = type(module).forward
+    for shape in _candidate_shapes(module):
+        x = torch.randn(shape, generator=generator, device=params[0].device)
+        args = (x, *_extra_inputs(module, x, generator))
+        try:
+            with torch.no_grad():
+                expected = _outputs(forward(probe, *args))
+        except Exception:
+            continue  # not this layout
+        if not expected or any(t.shape[:1] != (shape[0],) for t in expected):
+            continue
+        try:
+            return _check_call(probe, args, expected, names, generator)
+        except Exception as error:  # any failure means we cannot vouch for the module
+            return f"probe failed: {type(error).__name__}: {error}"
+    return "probe failed: the original forward raised on every probe input"
+
+
+def _check_call(probe: nn.Module, args: tuple, expected: list[torch.Tensor], names, generator) -> str | None:
+    n = args[0].shape[0]
+    sink = torch.zeros(n, SINK_COLUMNS, device=args[0].device, requires_grad=True)
+    try:
+        actual = _outputs(per_example_call(probe, args, {}, names, sink, n))
+    except Exception as error:
+        return f"the per-example call fails: {type(error).__name__}: {error}"
+    for want, got in zip(expected, actual):
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+            return "the per-example call does not reproduce the forward (do examples interact?)"
+    upstream = [torch.randn(t.shape, generator=generator, device=t.device) for t in actual]
+    differentiable = [i for i, t in enumerate(actual) if t.requires_grad]  # ZayaQKNorm: q does not use temp
+    if not differentiable:
+        return "no output depends on the parameters"
+    torch.autograd.backward([actual[i] for i in differentiable], [upstream[i] for i in differentiable])
+    params = [getattr(probe, name) for name in names]
+    for b in range(n):  # the micro-batch oracle: example b alone, plain autograd
+        probe.zero_grad(set_to_none=True)
+        outputs = _outputs(type(probe).forward(probe, *(a[b : b + 1] for a in args)))
+        pairs = [(outputs[i], upstream[i][b : b + 1]) for i in differentiable if outputs[i].requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [u for _, u in pairs])
+        for column, param in enumerate(params):
+            want = 0.0 if param.grad is None else param.grad.double().square().sum().item()
+            got = 0.0 if sink.grad is None else sink.grad[b, column].item()
+            if not math.isclose(got, want, rel_tol=_PROBE_RTOL, abs_tol=1e-12):
+                return f"per-example norms differ from the one-example oracle ({got:.6g} vs {want:.6g})"
+    return None
