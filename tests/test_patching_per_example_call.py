@@ -54,7 +54,7 @@ def _perturb(model: nn.Module) -> None:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param.dtype))
+            param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param))
 
 
 def _loss(model, input_ids):
@@ -65,7 +65,8 @@ def _check_against_oracle(model: _Model, rtol: float = 1e-4, output_tol: float =
     """Patch `model`; outputs equal, per-example norms of the norm's parameters match the oracle."""
     _perturb(model)
     reference = copy.deepcopy(model)
-    input_ids = torch.randint(0, 32, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    device = next(model.parameters()).device
+    input_ids = torch.randint(0, 32, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)).to(device)
     report = hf_gns.patch(model)
     (entry,) = report.patched
     assert not report.uncovered
@@ -186,3 +187,18 @@ def test_unpatch_restores_the_class_forward():
         not any(key.startswith("_hf_gns") for key in model.norm.__dict__)
         and "forward" not in model.norm.__dict__
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_per_example_call_and_per_dtype_route_on_cuda(dtype):
+    """On CUDA: a gated norm (per-example call) and Nemotron's LayerNorm1P (Triton fused op with
+    fp32 weights, per-example call with bf16 weights) against the micro-batch oracle."""
+    bf16 = dtype == torch.bfloat16
+    tolerances = dict(rtol=2e-2, output_tol=5e-2) if bf16 else {}
+    gated = _hf_class("qwen3_next", "Qwen3NextRMSNormGated")
+    _check_against_oracle(_Model(gated(WIDTH), (WIDTH,), n_inputs=2).to("cuda", dtype), **tolerances)
+    nemotron = _hf_class("nemotron", "NemotronLayerNorm1P")
+    model = _Model(nemotron(WIDTH), (WIDTH,)).to("cuda", dtype)
+    _check_against_oracle(model, **tolerances)
+    assert model.norm.__dict__["_hf_gns_norm"].uses_call(model.norm) == bf16
