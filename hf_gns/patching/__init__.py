@@ -4,7 +4,7 @@ from .layers import layer_tracking_enabled, set_layer_tracking
 from .model_hook import prepare_sinks
 from .patcher import NormPatchError, patch, unpatch
 from .registry import register_norm, unregister_norm
-from .report import PatchedLayer, PatchedNorm, PatchReport, SkippedLayer, SkippedNorm
+from .report import PatchedLayer, PatchedNorm, PatchReport, SkippedLayer, SkippedNorm, UntrackedParameter
 from .spec import NormSpec
 from .stats import (
     IncompleteStatistics,
@@ -26,6 +26,7 @@ __all__ = [
     "PatchedNorm",
     "SkippedLayer",
     "SkippedNorm",
+    "UntrackedParameter",
     "check_step_statistics",
     "example_sq_norm_sums",
     "layer_tracking_enabled",
