@@ -110,7 +110,8 @@ class ModelForwardHook:
         return [
             (module, state)
             for module, state in self.norms
-            if state.tracks_gradients(module) and not state.sinks.has_spare(n_examples, _device(module))
+            # the cheap check first: in steady state every owner has its spare
+            if not state.sinks.has_spare(n_examples, _device(module)) and state.tracks_gradients(module)
         ]
 
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:

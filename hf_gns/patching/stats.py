@@ -174,6 +174,38 @@ _SUM_PLANS: dict[tuple, _SumPlan] = {}
 _SUM_PLAN_CACHE_SIZE = 16
 
 
+# (model, names) → (states whose blocks are read, per name its (state index, column) sources)
+_SUM_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sum_layout(model: nn.Module, names: list[str]) -> tuple[list, tuple[tuple[tuple[int, int], ...], ...]]:
+    key = (patch_generation(), tuple(names))
+    cached = _SUM_LAYOUTS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    tracked = {entry.name: entry for entry in _tracked(model, collecting_only=False).values()}
+    unknown = [n for n in names if n not in tracked]
+    if unknown:
+        raise ValueError(f"example_sq_norm_sums: {unknown[:3]} are not tracked parameters of this model")
+    owners: dict[int, int] = {}
+    states = []
+    sources = []
+    for name in names:
+        name_sources = []
+        for _, state, column in tracked[name].sources:
+            if id(state) not in owners:
+                owners[id(state)] = len(states)
+                states.append(state)
+            name_sources.append((owners[id(state)], column))
+        sources.append(tuple(name_sources))
+    _SUM_LAYOUTS[model] = (key, states, tuple(sources))
+    return states, tuple(sources)
+
+
+def _first_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def example_sq_norm_sums(model: nn.Module, names: list[str]) -> torch.Tensor:
     """Σ over the examples collected since the last `zero_stats` of |c_b|², per parameter, fused.
 
@@ -192,28 +224,17 @@ def example_sq_norm_sums(model: nn.Module, names: list[str]) -> torch.Tensor:
         `torch.Tensor`: fp32, shape (len(names),), on the device of the collected values; 0 for
         a parameter with nothing collected (check with `check_step_statistics` first).
     """
-    tracked = {entry.name: entry for entry in _tracked(model, collecting_only=False).values()}
-    unknown = [n for n in names if n not in tracked]
-    if unknown:
-        raise ValueError(f"example_sq_norm_sums: {unknown[:3]} are not tracked parameters of this model")
-    owners: dict[int, int] = {}
+    states, sources = _sum_layout(model, names)
     blocks: list[torch.Tensor] = []
     row_counts: list[int] = []
-    sources: list[list[tuple[int, int]]] = []
-    for name in names:
-        name_sources = []
-        for _, state, column in tracked[name].sources:
-            if id(state) not in owners:
-                owners[id(state)] = len(row_counts)
-                collected = state.sinks.collected
-                blocks.extend(collected)
-                row_counts.append(sum(sq.shape[0] for sq in collected))
-            name_sources.append((owners[id(state)], column))
-        sources.append(name_sources)
-    device = blocks[0].device if blocks else tracked[names[0]].param.device if names else torch.device("cpu")
+    for state in states:
+        collected = state.sinks.collected
+        blocks.extend(collected)
+        row_counts.append(sum(sq.shape[0] for sq in collected))
+    device = blocks[0].device if blocks else _first_device(model)
     if not blocks:
         return torch.zeros(len(names), dtype=torch.float32, device=device)
-    key = (tuple(row_counts), tuple(map(tuple, sources)), str(device))
+    key = (tuple(row_counts), sources, str(device))
     plan = _SUM_PLANS.get(key)
     if plan is None:
         if len(_SUM_PLANS) >= _SUM_PLAN_CACHE_SIZE:
