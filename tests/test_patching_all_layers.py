@@ -150,17 +150,23 @@ def test_tied_embedding_reports_the_summed_contribution_once(arch):
     )
 
 
-def test_weights_shared_other_than_embedding_and_head_are_skipped_with_the_reason():
+def test_linears_sharing_a_weight_are_summed_and_other_sharing_is_skipped_with_the_reason():
     model = tiny_model("llama")
     layer = model.model.layers[0].mlp
-    layer.up_proj.weight = layer.gate_proj.weight  # two linears, one weight
+    layer.up_proj.weight = layer.gate_proj.weight  # two linears, one weight: summed per example
+    other = model.model.layers[1].mlp
+    other.register_parameter("raw", other.down_proj.weight)  # also held by a module we do not patch
     report = hf_gns.patch(model, targets="all")
+    patched = {e.name: e for e in report.layers}
+    assert patched["model.layers.0.mlp.gate_proj"].tracked == ("model.layers.0.mlp.gate_proj.weight",)
+    assert patched["model.layers.0.mlp.up_proj"].tracked == ()
+    assert "reported by 'model.layers.0.mlp.gate_proj'" in patched["model.layers.0.mlp.up_proj"].method
     skipped = {e.name: e.reason for e in report.skipped_layers}
-    for name in ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"):
-        assert "weight shared with" in skipped[name]
-    assert not any(
-        name.startswith("model.layers.0.mlp.gate_proj.weight") for name in report.tracked_parameters
-    )
+    assert "weight shared with" in skipped["model.layers.1.mlp.down_proj"]
+    input_ids = tiny_batch()
+    loss_of(model, input_ids).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    assert norms["model.layers.0.mlp.gate_proj.weight"].shape == (BATCH,)  # values: test_patching_exact.py
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")

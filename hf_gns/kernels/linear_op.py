@@ -117,7 +117,10 @@ class _LinearWithSqNorms(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(x_c, weight_c, ids, example_offsets)
-        return out
+        # Not a view (F.linear of a 3-D input is one, of addmm's result): models edit layer
+        # outputs in place (RoCBert's `embedding_in += ...`), which autograd forbids on views
+        # made inside a custom Function. detach() aliases the storage without copying.
+        return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -294,7 +297,8 @@ class _EmbeddingSqNormTap(torch.autograd.Function):
             n_documents = example_offsets.shape[0] - 1
             shape = (1, rows.numel() + n_documents) if with_link else (1, 1)
         link = torch.zeros((), dtype=torch.float32, device=rows.device).expand(*shape)
-        return rows.view_as(rows), link
+        # An alias, not a view: models edit embeddings in place (CTRL's `inputs_embeds *= ...`).
+        return rows.detach(), link
 
     @staticmethod
     def backward(ctx, grad_rows, grad_link):

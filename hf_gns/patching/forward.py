@@ -16,13 +16,16 @@ the fused op for some dtypes only, e.g. NemotronLayerNorm1P: fp32 weights yes, b
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..kernels import fused_norm
+from ..kernels import fused_norm, norm_forward_reference
 from .documents import offsets_for_rows
+from .example_grads import CallRouting, ExampleGradVectors
+from .layout import ExampleLayout, back_to_input_layout
 from .model_hook import ModelForwardHook
 from .per_example_call import per_example_call
 from .sinks import SquaredNormSinks
@@ -48,6 +51,11 @@ class NormPatch:
         fused_dtypes (`frozenset[torch.dtype]`, *optional*): weight dtypes for which the fused op
             was verified; other dtypes take the per-example call. `None`: all dtypes, or (with
             `spec=None`) none.
+        routing (`CallRouting`, *optional*): fused route only: squared-norm path or per-example
+            vectors (modules called several times per forward, parameters shared by modules).
+        reports (`bool`): whether statistics list this module's parameters (False for the
+            other holders of parameters shared by several modules: the first one reports).
+        layout (`ExampleLayout`): where its inputs' examples are (sequence-first or not).
     """
 
     name: str
@@ -58,6 +66,9 @@ class NormPatch:
     sinks: SquaredNormSinks = field(default=None)
     parameters: tuple[str | None, str | None] = ("weight", "bias")
     fused_dtypes: frozenset | None = None
+    routing: CallRouting | None = None
+    reports: bool = True
+    layout: ExampleLayout = field(default_factory=ExampleLayout)
 
     def __post_init__(self):
         if self.sinks is None:
@@ -73,9 +84,12 @@ class NormPatch:
             self.eps_attr,
             self.source,
             model_hook,
-            None,
+            copy.deepcopy(self.sinks, memo),
             self.parameters,
             self.fused_dtypes,
+            copy.deepcopy(self.routing, memo),
+            self.reports,
+            copy.deepcopy(self.layout, memo),
         )
 
     def describe(self) -> str:
@@ -94,16 +108,21 @@ class NormPatch:
             return True
         return self.fused_dtypes is not None and module.weight.dtype not in self.fused_dtypes
 
-    def reported_parameters(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    def own_parameters(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
         """The parameter behind each column of the module's (B, 2) squared norms (None: no column)."""
         found = (None if attr is None else getattr(module, attr, None) for attr in self.parameters)
         return tuple(p if isinstance(p, torch.Tensor) else None for p in found)
+
+    def reported_parameters(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+        """`own_parameters`, or none where another module sharing them reports them."""
+        own = self.own_parameters(module)
+        return own if self.reports else (None,) * len(own)
 
     def tracks_gradients(self, module: nn.Module) -> bool:
         """True when this call's backward will produce parameter gradients worth measuring."""
         if not torch.is_grad_enabled():
             return False
-        return any(p is not None and p.requires_grad for p in self.reported_parameters(module))
+        return any(p is not None and p.requires_grad for p in self.own_parameters(module))
 
 
 def norm_bias(module: nn.Module) -> torch.Tensor | None:
@@ -136,6 +155,39 @@ def run_norm(
     )
 
 
+def norm_routing(
+    name: str, module: nn.Module, sinks: SquaredNormSinks, mode: str, vectors=None
+) -> CallRouting:
+    """The call routing of a norm module (see `CallRouting`)."""
+    bias = norm_bias(module)
+    widths = (module.weight.numel(), 0 if bias is None else bias.numel())
+    return CallRouting(name, sinks, widths, mode, vectors)
+
+
+def run_norm_with_example_grads(
+    module: nn.Module, x: torch.Tensor, spec: NormSpec, eps_attr: str, leaf: torch.Tensor
+) -> torch.Tensor:
+    """`module`'s forward in plain torch, with γ (and β) offset per example by a row of the
+    zero leaf (B, D + D_β): the leaf's gradient is then the per-example vectors dγ_b = Σ_r dy_r ⊙ x̂_r
+    (and dβ_b = Σ_r dy_r), which autograd adds up over every call that shares the leaf."""
+    weight, bias = module.weight, norm_bias(module)
+    width = weight.numel()
+    per_example = (x.shape[0],) + (1,) * (x.dim() - 2) + (width,)  # broadcasts over the rows of each example
+    weight_b = weight + leaf[:, :width].view(per_example)
+    bias_b = None if bias is None else bias + leaf[:, width:].view(per_example)
+    y, _, _ = norm_forward_reference(
+        x,
+        weight_b,
+        bias_b,
+        spec.resolve_eps(getattr(module, eps_attr), x),
+        spec.rms,
+        spec.weight_offset,
+        spec.cast_before_weight,
+        out_dtype=spec.result_dtype(x, weight),
+    )
+    return y
+
+
 def _call_forward(module: nn.Module, state: NormPatch, args: tuple, kwargs: dict):
     """The per-example call route (see `per_example_call.py`); the class forward when not training."""
     if not state.tracks_gradients(module):
@@ -166,13 +218,70 @@ def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **
     if state.uses_call(self):
         return _call_forward(self, state, (hidden_states, *args), kwargs)
     hook = state.model_hook
-    if hook.example_offsets is not None and state.tracks_gradients(
-        self
-    ):  # padding-free: examples are documents
+    tracks = state.tracks_gradients(self)
+    vectors: ExampleGradVectors | None = None
+    if tracks and state.routing is not None and hidden_states.dim() >= 2:
+        vectors = state.routing.vectors_for_call(hook)
+    if hook.example_offsets is not None and tracks:  # padding-free: examples are documents
+        if vectors is not None:
+            raise RuntimeError(
+                f"hf_gns: {state.name!r} is called several times per forward (or shares its parameters): "
+                "per-example gradient vectors of padding-free (document) batches are not supported"
+            )
         offsets = offsets_for_rows(hook.example_offsets, hidden_states, hook.token_shape)
         sink = state.sinks.take_for(offsets.shape[0] - 1, hidden_states.device)
         return run_norm(self, hidden_states, state.spec, state.eps_attr, sink, offsets)
     x = hook.group_rows(hidden_states)  # (B, ..., D): dim 0 indexes examples
-    sink = state.sinks.take(x) if state.tracks_gradients(self) else None
-    y = run_norm(self, x, state.spec, state.eps_attr, sink)
-    return y if x.dim() == hidden_states.dim() else y.reshape(hidden_states.shape)
+    x, transposed = state.layout.examples_first(x, hook.batch_size)  # (T, B, D) → (B, T, D)
+    if not tracks:
+        y = run_norm(self, x, state.spec, state.eps_attr)
+    elif vectors is None:
+        y = run_norm(self, x, state.spec, state.eps_attr, state.sinks.take(x))
+    else:
+        leaf = vectors.leaf_for(hook, x.shape[0], x.device)
+        y = run_norm_with_example_grads(self, x, state.spec, state.eps_attr, leaf)
+    y = back_to_input_layout(y, transposed)
+    return y if y.dim() == hidden_states.dim() else y.reshape(hidden_states.shape)
+
+
+def route_norms(
+    planned: list[tuple[nn.Module, NormPatch]], shared_modules: dict[int, list[str]]
+) -> list[tuple[nn.Module, NormPatch, str]]:
+    """Set the call routing of each planned norm; returns the ones that cannot be patched, with why.
+
+    A weight held by several norm modules (Zamba's shared transformer block: one set of
+    parameters, one module object per layer) gets one vector group: every call of every
+    holder adds to it, the first holder reports it under its `named_parameters()` name, the
+    others report nothing. A module reachable under several names (called from several
+    parents) takes the vector path from the start. The rest count their calls (`CallRouting`).
+    """
+    by_weight: dict[int, list[tuple[nn.Module, NormPatch]]] = defaultdict(list)
+    for module, state in planned:
+        if state.spec is None or state.fused_dtypes is not None:
+            continue  # the per-example call route (`per_example_call.py`): no routing
+        by_weight[id(module.weight)].append((module, state))
+    refused = []
+    for members in by_weight.values():
+        first_module, first = members[0]
+        if len(members) == 1:
+            mode = "shared" if id(first_module) in shared_modules else "single"
+            first.routing = norm_routing(first.name, first_module, first.sinks, mode)
+            if mode == "shared":
+                callers = ", ".join(repr(name) for name in shared_modules[id(first_module)])
+                first.routing.note = f", called from {callers}: calls summed per example"
+            continue
+        if len({id(norm_bias(module)) for module, _ in members}) > 1:
+            holders = ", ".join(repr(state.name) for _, state in members)
+            refused += [
+                (m, s, f"weight shared by {holders} but not its bias: not supported") for m, s in members
+            ]
+            continue
+        vectors = norm_routing(first.name, first_module, first.sinks, "shared").vectors
+        vectors.members = tuple(state.name for _, state in members)
+        for module, state in members:
+            state.routing = norm_routing(state.name, module, state.sinks, "shared", vectors)
+            state.reports = state is first
+            others = ", ".join(repr(s.name) for _, s in members if s is not state)
+            reported = "summed per example" if state.reports else f"reported by {first.name!r}"
+            state.routing.note = f", parameters shared with {others}: {reported}"
+    return refused

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .example_grads import CallRouting
+from .layout import ExampleLayout
 from .model_hook import ModelForwardHook
 from .sinks import SquaredNormSinks
 
@@ -86,6 +88,9 @@ class LayerPatch:
         last_method (`str`, *optional*): the method the last forward chose.
         enabled (`bool`): whether the per-example reduction runs (`set_layer_tracking`); when
             off, the forward is the module's plain computation and nothing is collected.
+        routing (`CallRouting`, *optional*): squared-norm path, or per-example gradient vectors
+            for layers called several times per forward or sharing their weight (set by `bind_layers`).
+        layout (`ExampleLayout`): where its inputs' examples are (sequence-first or not).
     """
 
     name: str
@@ -97,6 +102,8 @@ class LayerPatch:
     sinks: SquaredNormSinks = field(default=None)
     last_method: str | None = None
     enabled: bool = True
+    routing: CallRouting | None = None
+    layout: ExampleLayout = field(default_factory=ExampleLayout)
 
     def __post_init__(self):
         if self.sinks is None:

@@ -20,11 +20,13 @@ import types
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..kernels.linear_cost import LINEAR_METHODS
 from .detect import shared_module_names
 from .embedding_norms import describe_embedding, embedding_unsupported_reason, patched_embedding_forward
+from .example_grads import CallRouting
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch, TiedLink
 from .linear_norms import (
     describe_linear,
@@ -114,11 +116,15 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
         member_names = {name for name, _ in members}
         holders = set(owners[id(members[0][1].weight)])
         tie = _is_tie(members) and holders == member_names
+        if len(members) > 1 and not tie and holders <= member_names and _can_share(members):
+            _plan_shared(plan, names, members, linear_method)
+            continue
         if len(members) > 1 and not tie or not holders <= member_names:
             for name, module in members:
                 others = ", ".join(repr(n) for n in sorted(holders - {name}))
                 reason = (
-                    f"weight shared with {others}: only an embedding tied to one linear head is supported"
+                    f"weight shared with {others}: supported are linears sharing weight and bias, and an "
+                    "embedding tied to one linear head"
                 )
                 plan.skipped.append(SkippedLayer(name, type(module).__name__, reason, True))
             continue
@@ -160,9 +166,56 @@ def _plan_one(
     plan.to_bind.append((module, state))
 
 
+def _can_share(members: list[tuple[str, nn.Module]]) -> bool:
+    """Linears (or Conv1Ds) of one layout holding one weight and one bias: summed per example."""
+    first = members[0][1]
+    return all(
+        is_linear_like(module)
+        and is_transposed(module) == is_transposed(first)
+        and getattr(module, "bias", None) is getattr(first, "bias", None)
+        for _, module in members
+    )
+
+
+def _widths(module: nn.Module) -> tuple[int, int]:
+    bias = getattr(module, "bias", None)
+    return module.weight.numel(), bias.numel() if isinstance(bias, torch.Tensor) else 0
+
+
+def _plan_shared(
+    plan: LayerPlan, names: dict[int, str], members: list[tuple[str, nn.Module]], method: str
+) -> None:
+    """Linears sharing one weight (Zamba's shared block, one module object per layer): one vector
+    group, summed over every call of every holder, reported by the first holder."""
+    holders = [name for name, _ in members]
+    first_name = holders[0]
+    for name, module in members:
+        reports = name == first_name
+        reported = ("weight", "bias") if reports else (None, None)
+        state = LayerPatch(name, reported, method, is_transposed(module))
+        if reports:
+            state.routing = CallRouting(name, state.sinks, _widths(module), "shared")
+            state.routing.vectors.members = tuple(holders)
+            vectors = state.routing.vectors
+        else:
+            state.routing = CallRouting(name, state.sinks, _widths(module), "shared", vectors)
+        others = ", ".join(repr(n) for n in holders if n != name)
+        note = "summed per example" if reports else f"reported by {first_name!r}"
+        described = f"{describe_linear(module, 'vectors')}, weight shared with {others}: {note}"
+        tracked = tuple(
+            names[id(p)] for p in state.reported_parameters(module) if p is not None and p.requires_grad
+        )
+        plan.patched.append(PatchedLayer(name, type(module).__name__, described, "targets=all", tracked))
+        plan.tracked.extend(tracked)
+        plan.to_bind.append((module, state))
+
+
 def bind_layers(plan: LayerPlan, model_hook: ModelForwardHook) -> None:
     """Rebind the planned modules' forwards; their sinks are prepared by `model_hook`."""
     for module, state in plan.to_bind:
+        if state.routing is None:
+            state.routing = CallRouting(state.name, state.sinks, _widths(module), "single")
+        model_hook.counts_forwards |= state.routing.mode == "shared"
         state.model_hook = model_hook
         model_hook.norms.append((module, state))
         setattr(module, LAYER_ATTRIBUTE, state)

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from ..kernels.linear_cost import choose_linear_method, simultaneous_min_seq
-from ..kernels.linear_op import linear_forward, linear_with_sq_norms
+from ..kernels.linear_op import _autocast_operands, linear_forward, linear_with_sq_norms
 from ..kernels.linear_reference import max_example_rows
 from .documents import offsets_for_rows
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch, examples_in
+from .layout import back_to_input_layout
 
 
 def conv1d_class() -> type | None:
@@ -68,17 +69,84 @@ def describe_linear(module: nn.Module, method: str) -> str:
     return f"{shape} auto: ghost for T<{crossover}, simultaneous for T≥{crossover}"
 
 
+class _LinearWithExampleGrads(torch.autograd.Function):
+    """y = x Wᵀ + b (or x W + b) whose backward sends example b's gradient VECTORS
+    [vec(G_bᵀ A_b), Σ_t g_bt] to row b of the leaf's gradient (fp32), for layers whose
+    weight gets gradients from several calls per forward (`example_grads.py`); dW and db are
+    the sums of those rows, so the weight gradient is that of the module (in fp32 arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, leaf, n_examples, transposed):
+        x_c, weight_c, bias_c = _autocast_operands(x, weight, bias)  # as autocast would cast them
+        with torch.autocast(x.device.type, enabled=False):
+            out = linear_forward(x_c, weight_c, bias_c, transposed)
+        ctx.save_for_backward(x_c, weight_c)
+        ctx.config = (n_examples, transposed, weight.dtype, None if bias is None else bias.dtype)
+        return out.detach()  # not a view: models may edit it in place (see `linear_op.py`)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        n_examples, transposed, weight_dtype, bias_dtype = ctx.config
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_x = grad_out.to(x.dtype) @ (weight.t() if transposed else weight)
+            inputs = x.reshape(n_examples, -1, x.shape[-1]).float()  # A (B, T, K)
+            grads = grad_out.reshape(n_examples, -1, grad_out.shape[-1]).float()  # G (B, T, L)
+            if transposed:  # per-example dW_b: (B, K, L) or (B, L, K)
+                weight_rows = torch.einsum("btk,btl->bkl", inputs, grads)
+            else:
+                weight_rows = torch.einsum("btl,btk->blk", grads, inputs)
+            rows = [weight_rows.flatten(1)]
+            grad_bias = None
+            if bias_dtype is not None:
+                bias_rows = grads.sum(1)  # (B, L)
+                rows.append(bias_rows)
+                grad_bias = bias_rows.sum(0).to(bias_dtype)
+        grad_weight = weight_rows.sum(0).to(weight_dtype)
+        return grad_x, grad_weight, grad_bias, torch.cat(rows, dim=1), None, None
+
+
+def linear_with_example_grads(x, weight, bias, leaf, n_examples: int, transposed: bool) -> torch.Tensor:
+    """The layer's output; backward adds example b's [dW_b, db_b] (flattened, fp32) to `leaf.grad[b]`."""
+    return _LinearWithExampleGrads.apply(x, weight, bias, leaf, n_examples, transposed)
+
+
 def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """Forward of a patched Linear/Conv1D: the module's computation, plus a sink when training."""
+    """Forward of a patched Linear/Conv1D: the module's computation, plus a sink when training
+    (per-example gradient vectors for layers called several times per forward or sharing weights)."""
     state: LayerPatch = getattr(self, LAYER_ATTRIBUTE)
     if not state.tracks_gradients(self):
         return linear_forward(input, self.weight, self.bias, state.transposed)
-    hook, offsets = state.model_hook, None
+    hook = state.model_hook
+    vectors = state.routing.vectors_for_call(hook) if state.routing is not None else None
     if hook.example_offsets is not None:  # padding-free batch: documents are the examples
-        offsets = offsets_for_rows(hook.example_offsets, input, hook.token_shape)
-        n_examples = offsets.shape[0] - 1
-    else:
-        n_examples = examples_in(input, hook.batch_size)
+        if vectors is not None:
+            raise RuntimeError(
+                f"hf_gns: {state.name!r} is called several times per forward (or shares its weight): "
+                "per-example gradient vectors of padding-free (document) batches are not supported"
+            )
+        return _linear_with_sink(
+            self, state, input, offsets_for_rows(hook.example_offsets, input, hook.token_shape)
+        )
+    x, seq_first = state.layout.examples_first(input, hook.batch_size)  # (T, B, K) → (B, T, K)
+    if vectors is not None:
+        if state.tie is not None:
+            raise RuntimeError(
+                f"hf_gns: {state.name!r} (weight tied to {state.tie.embedding_name!r}) is called several "
+                "times per forward: not supported; patch with targets='norms'"
+            )
+        n_examples = examples_in(x, hook.batch_size)
+        leaf = vectors.leaf_for(hook, n_examples, x.device)
+        out = linear_with_example_grads(x, self.weight, self.bias, leaf, n_examples, state.transposed)
+        return back_to_input_layout(out, seq_first)
+    return back_to_input_layout(_linear_with_sink(self, state, x, None), seq_first)
+
+
+def _linear_with_sink(
+    self: nn.Module, state: LayerPatch, input: torch.Tensor, offsets: torch.Tensor | None
+) -> torch.Tensor:
+    """The squared-norm path: `linear_with_sq_norms` with a (B, 2) (or (E, 2) for documents) sink."""
+    n_examples = examples_in(input, state.model_hook.batch_size) if offsets is None else offsets.shape[0] - 1
     in_features, out_features = features(self)
     seq = input.numel() // max(1, n_examples * in_features)  # T: rows per example
     if offsets is not None:  # documents are padded to the longest: that T sets both methods' cost

@@ -67,6 +67,11 @@ def _make_sinks(owners: list[tuple[nn.Module, NormPatch]], n_examples: int) -> N
         state.sinks.prepare(n_examples, _device(module))
 
 
+@torch.compiler.disable
+def _next_forward(hook: ModelForwardHook) -> None:
+    hook.forward_index += 1
+
+
 class ModelForwardHook:
     """State of the model-level pre-hook, shared by the model's patched modules.
 
@@ -78,6 +83,10 @@ class ModelForwardHook:
             token offsets (int64 (E+1,), `hf_gns.patching.documents`): the examples are then
             documents, not rows, and sinks have E rows. None for ordinary batches.
         token_shape (`tuple[int, int]`, *optional*): (B, T) of the current forward's tokens.
+        forward_index (`int`): counts forwards, so that modules can tell calls of one forward
+            from the next (`example_grads.py`); advanced in eager mode, and under torch.compile
+            (a graph break, outside the graph) only once `counts_forwards` is set by a module
+            that needs per-forward gradient vectors.
     """
 
     def __init__(self):
@@ -85,6 +94,8 @@ class ModelForwardHook:
         self.norms: list[tuple[nn.Module, NormPatch]] = []
         self.example_offsets: torch.Tensor | None = None
         self.token_shape: tuple[int, int] | None = None
+        self.forward_index = 0
+        self.counts_forwards = False
 
     def read_batch(self, args: tuple, kwargs: dict) -> int | None:
         """Record B, (B, T) and the documents of a padding-free batch from a forward's arguments;
@@ -121,6 +132,8 @@ class ModelForwardHook:
         n_examples = self.read_batch(args, kwargs)
         if n_examples is None or not torch.is_grad_enabled():
             return
+        if self.counts_forwards or not torch.compiler.is_compiling():
+            _next_forward(self)
         missing = self.missing_sinks(n_examples)
         if missing:
             _make_sinks(missing, n_examples)

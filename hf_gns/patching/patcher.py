@@ -18,7 +18,7 @@ from torch import nn
 
 from .coverage import fill_coverage
 from .detect import call_route_reason, find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
-from .forward import PATCH_ATTRIBUTE, NormPatch, patched_norm_forward
+from .forward import PATCH_ATTRIBUTE, NormPatch, patched_norm_forward, route_norms
 from .layers import bind_layers, plan_layers, unpatch_layers
 from .liger import instance_forward, liger_kind, liger_norm_spec
 from .model_hook import PATCHED_MARK, attach_model_hook, bump_patch_generation, detach_model_hooks
@@ -95,9 +95,6 @@ def _plan(
     Modules the fused op cannot express take the per-example call when its probe accepts
     them (`found_call`: classes accepted so far).
     """
-    if id(module) in shared:
-        others = ", ".join(repr(n) for n in shared[id(module)] if n != name)
-        return f"shared with {others}: a norm called twice per forward has no per-example norms here"
     reason = _structural_reason(module)
     if reason is not None:
         return _call_plan(name, module, reason, found_call)
@@ -192,28 +189,35 @@ def patch(
     found: dict[type, NormSpec] = {}
     found_call: set[type] = set()
     report = PatchReport()
-    to_bind: list[tuple[nn.Module, NormPatch]] = []
+    planned: list[tuple[nn.Module, NormPatch, bool]] = []  # (module, state, patched by an earlier call)
     rebind: list[tuple[nn.Module, NormPatch]] = []
     for name, module in model.named_modules():
         if not is_norm_like(module):
             continue
-        class_name = type(module).__name__
         existing = module.__dict__.get(PATCH_ATTRIBUTE)
         plan = existing if existing is not None else _plan(name, module, shared, found, found_call)
         foreign = _foreign_forward_name(module) if existing is not None else None
         if isinstance(plan, str):
             has_parameters = next(module.parameters(recurse=False), None) is not None
-            report.skipped.append(SkippedNorm(name, class_name, plan, has_parameters))
+            report.skipped.append(SkippedNorm(name, type(module).__name__, plan, has_parameters))
             continue
-        tracked = _tracked_names(module, plan, parameter_names)
-        source = "earlier call" if existing is not None else plan.source
         if foreign is not None:  # e.g. Liger applied after an earlier patch: take the norm back
-            source = f"re-bound (its forward had been replaced by {foreign})"
             rebind.append((module, existing))
-        report.patched.append(PatchedNorm(name, class_name, plan.describe(), source, tracked))
+        planned.append((module, plan, existing is not None))
+    to_bind = [(module, state) for module, state, earlier in planned if not earlier]
+    for module, state, reason in route_norms(to_bind, shared):
+        planned = [entry for entry in planned if entry[0] is not module]
+        report.skipped.append(SkippedNorm(state.name, type(module).__name__, reason, True))
+    rebound = {id(module) for module, _ in rebind}
+    for module, plan, earlier in planned:
+        tracked = _tracked_names(module, plan, parameter_names)
+        source = "earlier call" if earlier else plan.source
+        if id(module) in rebound:
+            source = f"re-bound (its forward had been replaced by {_foreign_forward_name(module)})"
+        flavour = plan.describe() + (plan.routing.note if plan.routing is not None else "")
+        report.patched.append(PatchedNorm(plan.name, type(module).__name__, flavour, source, tracked))
         report.tracked_parameters.extend(tracked)
-        if existing is None:
-            to_bind.append((module, plan))
+    to_bind = [(module, state) for module, state, earlier in planned if not earlier]
     if strict and report.uncovered:
         details = "\n".join(f"  {e.name} ({e.class_name}): {e.reason}" for e in report.uncovered)
         raise NormPatchError(
@@ -250,6 +254,7 @@ def patch(
         for module, state in to_bind:
             state.model_hook = model_hook
             model_hook.norms.append((module, state))
+            model_hook.counts_forwards |= state.routing is not None and state.routing.mode == "shared"
             _bind(module, state)
         if layer_plan is not None:
             bind_layers(layer_plan, model_hook)
