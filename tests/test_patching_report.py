@@ -77,7 +77,7 @@ class _Holes(nn.Module):
         self.scale = nn.Parameter(torch.ones(width))  # raw parameter used in forward
         self.twin = nn.Linear(width, width, bias=False)
         self.twin_again = nn.Linear(width, width, bias=False)
-        self.twin_again.weight = self.twin.weight  # shared by two linears: not a tie
+        self.twin_again.weight = self.twin.weight  # shared by two linears: summed per example
 
     def forward(self, x):  # (B, T, D)
         x = self.frozen(self.proj(self.norm(x))) * self.scale
@@ -89,23 +89,23 @@ def test_report_lists_every_untracked_trainable_parameter_with_its_reason():
     model = _Holes()
     report = hf_gns.patch(model, targets="all")
     reasons = {entry.name: entry.reason for entry in report.untracked}
-    assert set(report.tracked_parameters) == {"norm.weight", "norm.bias", "proj.weight", "proj.bias"}
-    assert set(reasons) == {"conv.weight", "conv.bias", "experts.gate_up_proj", "scale", "twin.weight"}
+    tracked = {"norm.weight", "norm.bias", "proj.weight", "proj.bias", "twin.weight"}  # twins: summed
+    assert set(report.tracked_parameters) == tracked
+    assert set(reasons) == {"conv.weight", "conv.bias", "experts.gate_up_proj", "scale"}
     assert "Conv1d" in reasons["conv.weight"] and "not supported" in reasons["conv.bias"]
     assert "fused MoE expert weights (2, 8, 8)" in reasons["experts.gate_up_proj"]
     assert reasons["scale"] == "raw parameter used functionally by _Holes.forward: not tracked"
-    assert "weight shared with" in reasons["twin.weight"]  # the skipped linears' reason
     names = dict(model.named_parameters())
     assert all(name in names for name in [*report.tracked_parameters, *reasons])
     assert report.trainable_elements == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert report.tracked_elements == 2 * 8 + 8 * 8 + 8
+    assert report.tracked_elements == 2 * 8 + 8 * 8 + 8 + 8 * 8  # norm, proj, twin
     assert f"coverage: {report.tracked_elements:,} of {report.trainable_elements:,}" in str(report)
     assert "untracked  scale" in str(report) and "frozen.weight" not in reasons
 
 
 def test_strict_all_layers_refuses_untracked_parameters_and_leaves_the_model_alone():
     model = _Holes()
-    with pytest.raises(hf_gns.NormPatchError, match=r"(?s)5 trainable parameters.*scale \(_Holes\): raw"):
+    with pytest.raises(hf_gns.NormPatchError, match=r"(?s)4 trainable parameters.*scale \(_Holes\): raw"):
         hf_gns.patch(model, strict=True, targets="all")
     assert not any(key.startswith("_hf_gns") for m in model.modules() for key in m.__dict__)
 
