@@ -106,6 +106,7 @@ def test_each_layer_uses_the_method_the_cost_model_chooses(seq):
     input_ids = tiny_batch(seq=seq)
     model = tiny_model("llama")
     hf_gns.patch(model, targets="all")
+    loss_of(model, input_ids).backward()  # the first forward discovers call counts (vector path)
     loss_of(model, input_ids).backward()
     chosen = set()
     for name, module in model.named_modules():
@@ -123,6 +124,8 @@ def test_forced_methods_agree_with_the_oracle(method):
     input_ids = _batch_with_padding()
     model = tiny_model("gpt2")
     hf_gns.patch(model, targets="all", linear_method=method)
+    loss_of(model, input_ids).backward()  # the first forward discovers call counts (vector path)
+    hf_gns.zero_stats(model)
     loss_of(model, input_ids).backward()
     states = [m.__dict__[LAYER_ATTRIBUTE] for m in model.modules() if LAYER_ATTRIBUTE in m.__dict__]
     assert {s.last_method for s in states if s.method != "rows"} == {method}

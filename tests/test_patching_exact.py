@@ -118,17 +118,13 @@ def _step(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("targets", ["norms", "all"])
-def test_a_norm_called_twice_per_forward_gives_one_value_per_example_from_the_second_step(targets):
-    """XMOD's `output.LayerNorm` runs twice per layer: |a_b + b_b|². The step that finds the second
-    call has 2B values for it, which the guard flags; from the next step on, exact."""
+def test_a_norm_called_twice_per_forward_gives_one_value_per_example_from_the_first_step(targets):
+    """XMOD's `output.LayerNorm` runs twice per layer: |a_b + b_b|². A module's first forward runs
+    on the vector path and counts its calls, so the first step is exact too."""
     model = _tiny("xmod")
     oracle = _oracle(model, _batch())
     hf_gns.patch(model, targets=targets)
-    with pytest.warns(UserWarning, match="called more than once per forward"):
-        _step(model, _batch())
-    with pytest.raises(IncompleteStatisticsError, match="output.LayerNorm.weight"):
-        check_step_statistics(model, BATCH)
-    for _ in range(2):
+    for _ in range(2):  # the discovering step, then the steady one
         norms = _step(model, _batch())
         assert check_step_statistics(model, BATCH) == []
         _assert_exact(norms, oracle)
@@ -203,20 +199,53 @@ def test_parameters_shared_by_modules_are_summed_and_reported_once_by_their_name
     assert "model.layers.2.shared_transf.self_attn.q_proj.weight" in norms
 
 
-def test_linears_called_in_a_loop_are_flagged_on_the_first_step_and_exact_after():
-    """Dory runs its layers several times per forward. A Linear's first forward takes the squared-norm
-    path (per-example vectors of every Linear would cost B × the model), so the step that finds
-    the second call has 2B values, which the guard flags; from the next step on, exact."""
+def test_linears_called_in_a_loop_are_exact_from_the_first_step():
+    """Dory runs its layers several times per forward."""
     model = _tiny("dory")
     oracle = _oracle(model, _batch())
     hf_gns.patch(model, targets="all")
+    for _ in range(2):
+        norms = _step(model, _batch())
+        assert check_step_statistics(model, BATCH) == []
+        _assert_exact(norms, oracle)
+    assert "model.layers.1.mlp.down_proj.weight" in norms
+
+
+class _SecondCallLater(nn.Module):
+    """Calls its Linear once per forward, then twice once `twice` is set (a data-dependent path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.twice = False
+
+    def forward(self, x):
+        y = self.proj(x)
+        return (self.proj(y) if self.twice else y).square().sum()
+
+
+def test_a_second_call_found_after_the_first_forward_is_flagged_then_summed():
+    torch.manual_seed(0)
+    model = _SecondCallLater()
+    reference = copy.deepcopy(model).double()
+    hf_gns.patch(model, targets="all")
+    x = torch.randn(3, 5, 4)
+    model(x).backward()  # one call: discovered single
+    model.twice = reference.twice = True
+    hf_gns.zero_stats(model)
     with pytest.warns(UserWarning, match="called more than once per forward"):
-        _step(model, _batch())
-    with pytest.raises(IncompleteStatisticsError, match="mlp.down_proj.weight"):
-        check_step_statistics(model, BATCH)
-    norms = _step(model, _batch())
-    assert check_step_statistics(model, BATCH) == []
-    _assert_exact(norms, oracle)
+        model(x).backward()
+    with pytest.raises(IncompleteStatisticsError, match="proj.weight"):  # 2B values: never used as data
+        check_step_statistics(model, 3)
+    hf_gns.zero_stats(model)
+    model(x).backward()
+    assert check_step_statistics(model, 3) == []
+    norms = hf_gns.per_example_sq_norms(model)
+    for b in range(3):
+        reference.zero_grad()
+        reference(x[b : b + 1].double()).backward()
+        for name, param in reference.named_parameters():
+            torch.testing.assert_close(norms[name][b].double(), param.grad.square().sum(), rtol=1e-5, atol=0)
 
 
 def test_over_the_vector_budget_the_error_names_the_module(monkeypatch):

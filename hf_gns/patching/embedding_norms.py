@@ -96,10 +96,13 @@ def patched_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.
                 f"hf_gns: {state.name!r} is called several times per forward: per-example gradient vectors "
                 "of padding-free (document) batches are not supported"
             )
-        if ids.shape[0] == 1 and batch_size is not None and batch_size > 1:
+        shared_lookup = ids.shape[0] == 1 and batch_size is not None and batch_size > 1
+        if shared_lookup:  # one lookup for the whole batch: each example gets its rows
             ids = ids.expand(batch_size, *ids.shape[1:])
         rows = _lookup_with_example_grads(self, state, ids.reshape(ids.shape[0], -1), vectors)
         rows = rows.view(*ids.shape, rows.shape[-1])
+        if shared_lookup:
+            return rows
         return back_to_input_layout(rows, seq_first).view(*input.shape, rows.shape[-1])
     out = nn.Embedding.forward(self, ids)
     rows = out.view(*ids.shape, out.shape[-1])  # (B, ..., D)

@@ -6,8 +6,8 @@ layers), or a Linear called twice in one forward: example b's contribution is th
 a_b + b_b of the calls', and |a_b + b_b|² cannot be made from |a_b|² and |b_b|². Vectors
 can be added, squared norms cannot. So these parameters take another path:
 
-- one *vector leaf* per forward and parameter group, a (B, N) fp32 tensor of zeros
-  (N = weight numel + bias numel), shared by every call of that forward;
+- one *vector leaf* per forward and parameter group, a (B, N) fp32 zero leaf (N = weight
+  numel + bias numel; expanded, no memory), shared by every call of that forward;
 - each call's op sends example b's gradient VECTOR of the parameters to row b of the
   leaf's gradient; autograd adds the calls up (one leaf, several uses: the engine sums
   them before accumulating), so `leaf.grad` is the per-example gradient of the step's
@@ -64,15 +64,23 @@ class ExampleGradVectors:
         self._key: tuple[int, int] | None = None  # (forward index, B) of `_leaf`
         self._leaf: torch.Tensor | None = None
         self._entry: tuple[weakref.ref, torch.Tensor] | None = None  # (leaf, its entry in collected)
+        # Keep `leaf.grad` after collecting (modules known to be called several times, whose leaf can
+        # get gradients in several backward passes under reentrant checkpointing); a discovering
+        # module's leaf drops it at once, so that a first step's vectors do not pile up.
+        self.keep_grads = False
 
     @property
     def width(self) -> int:
         return self.widths[0] + self.widths[1]
 
+    def fits(self, n_examples: int) -> bool:
+        """Whether B·N fp32 fit the budget."""
+        return n_examples * self.width * 4 <= VECTOR_BUDGET_BYTES
+
     def check_budget(self, n_examples: int) -> None:
         """Raise a `RuntimeError` naming the module when B·N fp32 exceed the budget."""
         needed = n_examples * self.width * 4
-        if needed > VECTOR_BUDGET_BYTES:
+        if not self.fits(n_examples):
             members = ", ".join(repr(m) for m in self.members)
             raise RuntimeError(
                 f"hf_gns: {members} contribute to one parameter several times per forward (a module "
@@ -103,6 +111,8 @@ class ExampleGradVectors:
         sq_norms = torch.stack(
             [grad[:, :weight_width].square().sum(1), grad[:, weight_width:].square().sum(1)], dim=1
         )
+        if not self.keep_grads:
+            leaf.grad = None
         collected = self.sinks.collected
         if self._entry is not None and self._entry[0]() is leaf:  # a later partial backward of the same leaf
             index = next((i for i, entry in enumerate(collected) if entry is self._entry[1]), None)
@@ -115,12 +125,16 @@ class ExampleGradVectors:
 
     def __deepcopy__(self, memo):
         # The hooks of our leaves point at this object; a copy starts empty, with the copied sinks.
-        return ExampleGradVectors(self.name, copy.deepcopy(self.sinks, memo), self.widths, self.members)
+        vectors = ExampleGradVectors(self.name, copy.deepcopy(self.sinks, memo), self.widths, self.members)
+        vectors.keep_grads = self.keep_grads
+        return vectors
 
 
 @torch.compiler.disable
 def _new_leaf(owner: ExampleGradVectors, n_examples: int, device: torch.device) -> torch.Tensor:
-    leaf = torch.zeros(n_examples, owner.width, dtype=torch.float32, device=device, requires_grad=True)
+    # Its values are never read (the ops only send gradients to it): a stride-0 zero costs no memory.
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    leaf = zero.expand(n_examples, owner.width).detach().requires_grad_()
     leaf.register_post_accumulate_grad_hook(owner._collect)
     return leaf
 
@@ -137,34 +151,40 @@ class CallCounter:
     def __init__(self):
         self._key: tuple[int, int] | None = None
         self.calls_in_forward = 0
+        self.forwards = 0  # forwards in which the module was called
 
     def note(self, forward_index: int) -> int:
         """Record a call; returns how many calls this forward has seen, this one included."""
         key = (forward_index, current_backward_id())
         if key != self._key:
             self._key, self.calls_in_forward = key, 0
+            self.forwards += 1
         self.calls_in_forward += 1
         return self.calls_in_forward
 
 
 # How a module's calls are routed (`CallRouting.mode`):
-# - "single": one call per forward so far: per-example squared norms straight from the op;
-# - "multi": found called several times per forward (by counting): vectors from then on;
+# - "discover": the module's first forward (eager): vectors, exact whatever the number of calls;
+# - "single": one call per forward: per-example squared norms straight from the op;
+# - "multi": found called several times per forward: vectors from then on;
 # - "shared": parameters shared with other modules, or one module under several names: vectors.
-ROUTING_MODES = ("single", "multi", "shared")
+ROUTING_MODES = ("discover", "single", "multi", "shared")
 
 
 class CallRouting:
     """Decides per call whether a module's parameters take the vector path.
 
-    A module starts on the squared-norm path and counts its calls per forward (eager mode).
-    Vectors for every module's first forward would find a second call before it matters, but
-    cost B × the model's parameters for the Linears, and an autograd-saved fp32 norm per
-    norm layer: too much memory for the first step of a large model. So the forward in which
-    a second call is found has more values than examples for that module, the step's guard
-    (`check_step_statistics`) flags it, and the calls are summed exactly from the next
-    forward on. Under non-reentrant activation checkpointing, the recomputation during
-    backward replays the original forward's choices (the same ops must run again).
+    A module's first forward (eager mode) runs on the vector path and counts its calls, so
+    that it is exact whatever the count; from the next forward on, a module called once takes
+    the squared-norm path. Vectors cost B·N fp32 per module (norms: B·2D; their op saves no
+    more than the fused one, see `forward.py`). Linears and embeddings whose vectors exceed
+    `VECTOR_BUDGET_BYTES` skip discovery and count on the squared-norm path: if such a module
+    turns out to be called twice, `check_budget` raises naming it. A module found called twice
+    after discovery (a data-dependent path) makes its step have more values than examples,
+    which `check_step_statistics` flags; from the next forward on its calls are summed.
+    Under non-reentrant activation checkpointing the recomputation during backward replays the
+    original forward's choices (the same ops must run again). Under torch.compile nothing is
+    counted: "discover" behaves as "single".
 
     Args:
         name (`str`): module name.
@@ -174,7 +194,7 @@ class CallRouting:
         vectors (`ExampleGradVectors`, *optional*): a group shared with other modules ("shared").
     """
 
-    def __init__(self, name, sinks, widths, mode="single", vectors=None):
+    def __init__(self, name, sinks, widths, mode="discover", vectors=None):
         if mode not in ROUTING_MODES:
             raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
         self.name = name
@@ -186,13 +206,15 @@ class CallRouting:
         self.vectors = vectors
         if vectors is None and mode != "single":
             self.vectors = ExampleGradVectors(name, sinks, widths)
+        if self.vectors is not None:
+            self.vectors.keep_grads = mode == "shared"
         self._original: tuple[int, list] = (-1, [])  # (forward index, choice of each call outside backward)
         self._replayed = 0
 
     def vectors_for_call(self, model_hook) -> ExampleGradVectors | None:
         """The vector group this call must use, or None for the squared-norm path."""
         if torch.compiler.is_compiling():
-            return None if self.mode == "single" else self.vectors
+            return None if self.mode in ("single", "discover") else self.vectors
         forward_index = model_hook.forward_index
         in_backward = current_backward_id() != -1
         if in_backward and self._original[0] == forward_index:  # non-reentrant checkpoint recomputation
@@ -200,7 +222,7 @@ class CallRouting:
             choice = choices[self._replayed % len(choices)]
             self._replayed += 1
             return choice
-        if self.mode == "single":
+        if self.mode in ("single", "discover"):
             self._count(model_hook)
         choice = None if self.mode == "single" else self.vectors
         if not in_backward:
@@ -210,10 +232,21 @@ class CallRouting:
         return choice
 
     def _count(self, model_hook) -> None:
-        if self.counter.note(model_hook.forward_index) != 2:
+        calls = self.counter.note(model_hook.forward_index)
+        if self.mode == "discover":
+            if self.counter.forwards > 1 and calls == 1:  # the first forward had one call
+                self.mode, self.vectors = "single", None
+            elif calls == 1 and not self.vectors.fits(model_hook.batch_size or 1):
+                self.mode, self.vectors = "single", None  # too big to discover with vectors: count
+            elif calls == 2:
+                self.mode, self.vectors.keep_grads = "multi", True
+                model_hook.counts_forwards = True
+            return
+        if calls != 2:
             return
         vectors = ExampleGradVectors(self.name, self.sinks, self.widths)
         vectors.check_budget(model_hook.batch_size or 1)
+        vectors.keep_grads = True
         self.mode, self.vectors = "multi", vectors
         model_hook.counts_forwards = True
         warnings.warn(
@@ -226,6 +259,7 @@ class CallRouting:
 
     def __deepcopy__(self, memo):
         routing = CallRouting(self.name, copy.deepcopy(self.sinks, memo), self.widths, "single")
+        routing.counter = copy.deepcopy(self.counter, memo)
         routing.mode, routing.note = self.mode, self.note
         routing.vectors = None if self.vectors is None else copy.deepcopy(self.vectors, memo)
         return routing

@@ -164,28 +164,43 @@ def norm_routing(
     return CallRouting(name, sinks, widths, mode, vectors)
 
 
+class _NormExampleGradTap(torch.autograd.Function):
+    """Identity on a norm's output whose backward sends example b's gradient vectors
+    [dγ_b, dβ_b] = [Σ_r dy_r ⊙ x̂_r, Σ_r dy_r] to row b of the leaf's gradient (fp32), x̂
+    recomputed from the input that the fused op saves anyway (no extra memory kept). Autograd
+    adds the rows of every call sharing the leaf (`example_grads.py`); dγ and dβ themselves
+    come from the fused op as usual."""
+
+    @staticmethod
+    def forward(ctx, y, x, leaf, eps, rms, cast_before_weight, has_bias):
+        ctx.save_for_backward(x)
+        ctx.config = (eps, rms, cast_before_weight, has_bias)
+        return y.detach()  # an alias, not a view: models may edit it in place
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        eps, rms, cast_before_weight, has_bias = ctx.config
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xhat, _, _ = norm_forward_reference(
+            x, None, None, eps, rms, 0.0, cast_before_weight, out_dtype=compute
+        )
+        n_examples, width = x.shape[0], x.shape[-1]
+        xhat = xhat.reshape(n_examples, -1, width)  # (B, R, D)
+        grads = dy.reshape(n_examples, -1, width).to(compute)  # (B, R, D)
+        rows = [(grads * xhat).sum(1)] + ([grads.sum(1)] if has_bias else [])  # dγ_b (, dβ_b): (B, D)
+        return dy, None, torch.cat(rows, dim=1).float(), None, None, None, None
+
+
 def run_norm_with_example_grads(
     module: nn.Module, x: torch.Tensor, spec: NormSpec, eps_attr: str, leaf: torch.Tensor
 ) -> torch.Tensor:
-    """`module`'s forward in plain torch, with γ (and β) offset per example by a row of the
-    zero leaf (B, D + D_β): the leaf's gradient is then the per-example vectors dγ_b = Σ_r dy_r ⊙ x̂_r
-    (and dβ_b = Σ_r dy_r), which autograd adds up over every call that shares the leaf."""
-    weight, bias = module.weight, norm_bias(module)
-    width = weight.numel()
-    per_example = (x.shape[0],) + (1,) * (x.dim() - 2) + (width,)  # broadcasts over the rows of each example
-    weight_b = weight + leaf[:, :width].view(per_example)
-    bias_b = None if bias is None else bias + leaf[:, width:].view(per_example)
-    y, _, _ = norm_forward_reference(
-        x,
-        weight_b,
-        bias_b,
-        spec.resolve_eps(getattr(module, eps_attr), x),
-        spec.rms,
-        spec.weight_offset,
-        spec.cast_before_weight,
-        out_dtype=spec.result_dtype(x, weight),
-    )
-    return y
+    """`module`'s forward by the fused op (no sink), followed by the tap that sends the per-example
+    gradient vectors of γ (and β) to `leaf`'s gradient (B, D + D_β)."""
+    eps = spec.resolve_eps(getattr(module, eps_attr), x)
+    y = run_norm(module, x, spec, eps_attr)
+    has_bias = norm_bias(module) is not None
+    return _NormExampleGradTap.apply(y, x, leaf, eps, spec.rms, spec.cast_before_weight, has_bias)
 
 
 def _call_forward(module: nn.Module, state: NormPatch, args: tuple, kwargs: dict):
@@ -264,7 +279,7 @@ def route_norms(
     for members in by_weight.values():
         first_module, first = members[0]
         if len(members) == 1:
-            mode = "shared" if id(first_module) in shared_modules else "single"
+            mode = "shared" if id(first_module) in shared_modules else "discover"
             first.routing = norm_routing(first.name, first_module, first.sinks, mode)
             if mode == "shared":
                 callers = ", ".join(repr(name) for name in shared_modules[id(first_module)])

@@ -214,7 +214,8 @@ def bind_layers(plan: LayerPlan, model_hook: ModelForwardHook) -> None:
     """Rebind the planned modules' forwards; their sinks are prepared by `model_hook`."""
     for module, state in plan.to_bind:
         if state.routing is None:
-            state.routing = CallRouting(state.name, state.sinks, _widths(module), "single")
+            mode = "single" if state.tie is not None else "discover"  # a tie's link needs the sink path
+            state.routing = CallRouting(state.name, state.sinks, _widths(module), mode)
         model_hook.counts_forwards |= state.routing.mode == "shared"
         state.model_hook = model_hook
         model_hook.norms.append((module, state))
