@@ -43,6 +43,8 @@ class _Model(nn.Module):
 def test_sinks_are_ready_before_the_forward_when_grad_is_enabled():
     model = _Model()
     hf_gns.patch(model)
+    routing = model.norm._hf_gns_norm.routing
+    routing.mode, routing.vectors = "single", None  # as after its first forward (one call: the sink path)
     sinks = model.norm._hf_gns_norm.sinks
     with torch.no_grad():
         model(torch.randn(3, 2, 4))

@@ -90,12 +90,14 @@ def patched_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.
     if seq_first:
         ids = ids.transpose(0, 1)
     vectors = state.routing.vectors_for_call(state.model_hook) if state.routing is not None else None
-    if vectors is not None:
-        if state.model_hook.example_offsets is not None:
+    if vectors is not None and state.model_hook.example_offsets is not None:
+        if state.routing.mode != "discover":
             raise RuntimeError(
                 f"hf_gns: {state.name!r} is called several times per forward: per-example gradient vectors "
                 "of padding-free (document) batches are not supported"
             )
+        vectors = None  # discovering on a document batch: the squared-norm path
+    if vectors is not None:
         shared_lookup = ids.shape[0] == 1 and batch_size is not None and batch_size > 1
         if shared_lookup:  # one lookup for the whole batch: each example gets its rows
             ids = ids.expand(batch_size, *ids.shape[1:])

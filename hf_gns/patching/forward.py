@@ -238,7 +238,7 @@ def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **
     if tracks and state.routing is not None and hidden_states.dim() >= 2:
         vectors = state.routing.vectors_for_call(hook)
     if hook.example_offsets is not None and tracks:  # padding-free: examples are documents
-        if vectors is not None:
+        if vectors is not None and state.routing.mode != "discover":
             raise RuntimeError(
                 f"hf_gns: {state.name!r} is called several times per forward (or shares its parameters): "
                 "per-example gradient vectors of padding-free (document) batches are not supported"

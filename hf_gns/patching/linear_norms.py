@@ -120,7 +120,7 @@ def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor
     hook = state.model_hook
     vectors = state.routing.vectors_for_call(hook) if state.routing is not None else None
     if hook.example_offsets is not None:  # padding-free batch: documents are the examples
-        if vectors is not None:
+        if vectors is not None and state.routing.mode != "discover":
             raise RuntimeError(
                 f"hf_gns: {state.name!r} is called several times per forward (or shares its weight): "
                 "per-example gradient vectors of padding-free (document) batches are not supported"
