@@ -70,3 +70,16 @@ def make_args(output_dir, **overrides) -> hf_gns.GNSTrainingArguments:
     )
     kwargs.update(overrides)
     return hf_gns.GNSTrainingArguments(**kwargs)
+
+
+def tiny_llama(vocab_size: int = VOCAB, seed: int = 0):
+    """A 2-layer Llama (RMSNorm, SwiGLU, RoPE), for Liger and PEFT."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)

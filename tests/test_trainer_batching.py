@@ -23,7 +23,7 @@ from batching_setup import (
 )
 
 from hf_gns.control import d2z
-from hf_gns.trainer.example_stream import DataPosition, ExampleOrder, MicroBatchSampler
+from hf_gns.trainer.example_stream import DataPosition, ExampleOrder, MicroBatchSampler, StreamReader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,6 +66,17 @@ def test_a_position_saved_under_another_grid_resumes_at_the_first_unconsumed_exa
     other.load_state_dict(saved.state_dict())
     assert same == saved  # exact: the cut micro-batch is re-fetched
     assert (other.base, other.micro_batches, other.carry, other.examples_consumed) == (28, 0, 0, 28)
+
+
+def test_the_stream_refuses_a_collator_that_flattens_examples_into_fewer_rows():
+    """A padding-free collator puts a micro-batch's examples in one row: counting rows would be wrong."""
+    flattened = {
+        "input_ids": torch.arange(10)[None],
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]]),
+    }
+    reader = StreamReader(DataPosition(world_size=1, micro_batch_size=3))
+    with pytest.raises(ValueError, match="one row per example"):
+        reader.take(iter([flattened]), 3)
 
 
 # ---- in the trainer -------------------------------------------------------------------------

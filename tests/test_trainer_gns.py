@@ -209,15 +209,15 @@ def test_non_finite_statistics_are_skipped(tmp_path, monkeypatch):
 
     reads = []
 
-    def overflowing(model):
+    def overflowing(model, names):
         reads.append(1)
-        norms = hf_gns.per_example_sq_norms(model)
-        return {k: v * float("inf") for k, v in norms.items()} if len(reads) == 2 else norms
+        sums = hf_gns.patching.example_sq_norm_sums(model, names)
+        return sums * float("inf") if len(reads) == 2 else sums
 
     trainer = hf_gns.GNSTrainer(
         model=tiny_gpt2(), args=make_args(tmp_path, max_steps=3, logging_steps=1), train_dataset=FixedTokens()
     )
-    monkeypatch.setattr(trainer_module, "per_example_sq_norms", overflowing)
+    monkeypatch.setattr(trainer_module, "example_sq_norm_sums", overflowing)
     trainer.train()
     logs = gns_logs(trainer)
     assert [entry["gns_skipped_steps"] for entry in logs] == [0, 1, 1]

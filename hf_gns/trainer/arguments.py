@@ -19,6 +19,7 @@ from ..gns.groups import GROUPINGS
 from .batch_arguments import BatchControlArguments
 
 GNS_TRACK_CHOICES = ("norms", "all")
+GNS_INCOMPLETE_CHOICES = ("error", "warn")
 CONTROLLER_SIGNALS = ("calibrated", "measured")
 # One optimizer step in 10 measures every layer (`gns_calibrate_every`). Such a step costs ~6% more
 # than a norms-only one on GPT-2 124M (README, all-layers table), so calibration costs ~0.6% of
@@ -62,6 +63,13 @@ class GNSArguments:
         gns_controller_signal (`str`, *optional*): the GNS that batch control acts on (and that
             `current_gns()` returns): `"calibrated"` (`gns_calibrated`; the default when calibrating)
             or `"measured"` (`gns`, the GNS of the tracked parameters; the default otherwise).
+        gns_incomplete (`str`, *optional*, defaults to `"error"`): what to do at an optimizer step where a
+            tracked parameter got a gradient but not exactly one per-example value per example (its
+            module's forward was replaced after patching, its weight was used outside its module, ...):
+            `"error"` raises `hf_gns.patching.IncompleteStatisticsError` naming the module and the likely
+            cause; `"warn"` drops the parameter from the estimate for the rest of the run (a warning once,
+            the count in the logged `gns_dropped_parameters`) and skips that step. Either way no GNS is
+            ever computed from incomplete statistics. (Calibration steps' extra layers always raise.)
     """
 
     gns_track: str = field(
@@ -97,6 +105,10 @@ class GNSArguments:
             "help": "GNS batch control acts on: 'calibrated' (default when calibrating) or 'measured'."
         },
     )
+    gns_incomplete: str = field(
+        default="error",
+        metadata={"help": "A tracked parameter without one value per example: 'error' or 'warn' (drop it)."},
+    )
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -119,6 +131,10 @@ def check_gns_arguments(args) -> None:
     unknown = [g for g in args.gns_groups if g not in GROUPINGS]
     if unknown:
         raise ValueError(f"gns_groups has unknown entries {unknown}: choose among {list(GROUPINGS)}")
+    if args.gns_incomplete not in GNS_INCOMPLETE_CHOICES:
+        raise ValueError(
+            f"gns_incomplete must be one of {list(GNS_INCOMPLETE_CHOICES)}, got {args.gns_incomplete!r}"
+        )
     calibration_settings(args, getattr(args, "batch_size_policy", None))  # raises on bad options
 
 

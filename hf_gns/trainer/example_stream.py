@@ -157,6 +157,17 @@ def slice_rows(batch: Mapping[str, Any], start: int, stop: int) -> Mapping[str, 
         return sliced
 
 
+def _check_rows_are_examples(batch: Mapping[str, Any], micro_batch_size: int) -> None:
+    """The stream counts and cuts micro-batches by rows: each row must be one dataset example."""
+    rows = batch_rows(batch)
+    if rows != micro_batch_size:
+        raise ValueError(
+            f"batch-size control: the collator turned {micro_batch_size} examples into {rows} rows (e.g. a "
+            "padding-free collator flattening them into one row); the example stream needs one row per "
+            "example. Turn off packing/padding_free, or batch-size control (batch_size_policy, max_tokens)."
+        )
+
+
 class StreamReader:
     """Takes any number of this process's next examples from a `MicroBatchSampler` loader.
 
@@ -190,6 +201,7 @@ class StreamReader:
             else:
                 batch = next(iterator)
                 position.micro_batches += 1
+                _check_rows_are_examples(batch, position.micro_batch_size)
             rows = batch_rows(batch)
             if rows <= count:
                 taken.append(batch)

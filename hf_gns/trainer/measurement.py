@@ -5,19 +5,33 @@ trainer trains. The mixin overrides only Trainer methods that it extends and cal
 in each (`__init__`, `train`, `training_step`, `_clip_grad_norm`, `_get_grad_norm`, `log`,
 `_save_checkpoint`), so it composes with trainers that override them too (TRL's do).
 
+What is measured: the parameters that train. `hf_gns.patch` tracks the norm layers
+(`gns_track="norms"`), or also every Linear/Conv1D/Embedding (`"all"`), in both cases only
+modules whose parameters require grad. A PEFT model (LoRA, ...) is measured as with `"all"`:
+its trainable parameters are the adapters (and the norms when they train).
+
 Per optimizer step, at the synchronization step and BEFORE clipping (the Trainer calls
 `_clip_grad_norm` when `max_grad_norm > 0` and then `_get_grad_norm`; both are overridden so
 the read happens first, while `on_pre_optimizer_step` would only see clipped gradients),
 `_read_gns_statistics` runs, in this order (each a method, to override or extend):
 
-1. `_gns_local_statistics(model)`: this process's statistics as one flat vector
-   [B, tokens, Σ|c^local|² per group, |G_B|² share per group, (local |g_r|² for `gns_ddp`)],
-   from `hf_gns.per_example_sq_norms` and `distributed.grad_sq_norm_shares`;
-2. `distributed.all_reduce_sum`: the one collective of the step;
-3. `_gns_update_estimators(vector)`: converts to synchronized-gradient units
-   (`gns.units.to_synced_units`: DDP averaging, fp16 loss scale), updates the estimators
-   (`gns.estimator.GNSEstimator`) and the counters;
-4. `hf_gns.zero_stats`.
+1. `_gns_check_statistics(model)`: the guard (`hf_gns.patching.check_step_statistics`): every
+   tracked parameter that got a gradient has one per-example value per example of this
+   process's step; `gns_incomplete="error"` raises naming the module, `"warn"` flags it;
+2. `_gns_local_statistics(model, incomplete)`: this process's statistics as one flat vector
+   [B, tokens, Σ|c^local|² per group, |G_B|² share per group, (calibration: 4 values),
+   local |g_r|² (`gns_ddp`), incomplete flag per tracked parameter], from
+   `hf_gns.patching.example_sq_norm_sums` and `distributed.grad_sq_norm_shares` (fused reads);
+3. `distributed.all_reduce_sum`: the one collective of the step;
+4. `_gns_update_estimators(vector)`: drops the parameters that any process flagged (for the
+   rest of the run; that step is skipped: no GNS from incomplete statistics), converts to
+   synchronized-gradient units (`gns.units.to_synced_units`: DDP averaging, fp16 loss scale),
+   updates the estimators (`gns.estimator.GNSEstimator`, the calibration) and the counters;
+5. `hf_gns.zero_stats`.
+
+The model is (re)patched at the start of the training loop (`_inner_training_loop`), after the
+Trainer applied Liger (`use_liger_kernel`, inside `Trainer.train` in transformers 5.17/5.24),
+which rebinds norm forwards: `hf_gns.patch` takes them over again.
 
 Calibration (`gns_calibrate_every=N`, `hf_gns.gns.calibration`): the model is patched with
 `targets="all"` but its Linear/Conv1D/Embedding reductions are switched off
@@ -33,7 +47,6 @@ Everything stays on the device: the host syncs only when logging, when `current_
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -42,6 +55,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -50,7 +64,15 @@ from ..gns.calibration import GNSCalibration
 from ..gns.estimator import GNSEstimator, per_example_statistic
 from ..gns.groups import clean_name, membership_matrix, parameter_groups
 from ..gns.units import to_synced_units
-from ..patching import patch, per_example_sq_norms, set_layer_tracking, zero_stats
+from ..patching import (
+    check_step_statistics,
+    example_sq_norm_sums,
+    patch,
+    per_example_sq_norms,
+    prepare_sinks,
+    set_layer_tracking,
+    zero_stats,
+)
 from .arguments import calibration_settings, gns_options
 from .checkpoint import CheckpointStateRegistry
 from .counting import count_batch
@@ -114,14 +136,19 @@ class GNSMixin:
     ```
     """
 
-    def __init__(self, model: nn.Module | None = None, args=None, *rest, **kwargs):
-        if args is not None and getattr(args, "deepspeed", None):
+    def __init__(self, *args, **kwargs):
+        # Arguments passed through untouched: trainers order them differently (DPOTrainer's second
+        # positional argument is ref_model).
+        training_args = kwargs.get("args")
+        if training_args is None:
+            training_args = next((a for a in args if isinstance(a, TrainingArguments)), None)
+        if getattr(training_args, "deepspeed", None):
             raise ValueError(
                 "hf_gns does not support DeepSpeed: ZeRO partitions and reduces gradients inside its "
                 "engine, where the synchronized gradient norm before clipping cannot be read per parameter. "
                 "Use DDP or FSDP (args.fsdp / accelerate's FSDP plugin) instead."
             )
-        super().__init__(model, args, *rest, **kwargs)
+        super().__init__(*args, **kwargs)
         if getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(
                 "hf_gns does not support DeepSpeed (enabled by the accelerate config): use DDP or FSDP"
@@ -180,17 +207,15 @@ class GNSMixin:
         return registry
 
     def _gns_patch(self, model: nn.Module) -> None:
-        kwargs = {"strict": self._gns_options.gns_patch_strict}
-        if self._gns_options.gns_track == "all" or self._gns_calibrate_every:
-            if "targets" not in inspect.signature(patch).parameters:
-                raise NotImplementedError(
-                    "gns_track='all' needs hf_gns.patch(model, targets='all'), which this hf_gns lacks; "
-                    "use gns_track='norms'"
-                )
-            kwargs["targets"] = "all"
-        patch(model, **kwargs)
+        all_layers = self._gns_options.gns_track == "all" or self._gns_calibrate_every
+        patch(model, strict=self._gns_options.gns_patch_strict, targets="all" if all_layers else "norms")
 
     def _gns_setup_tracking(self, model: nn.Module) -> None:
+        if _is_peft_model(model) and self._gns_options.gns_track == "norms":
+            # Under PEFT the adapters train, and they are Linear layers: patch them (and the norms
+            # when they train; patch() only tracks parameters that require grad).
+            logger.info("hf_gns: PEFT model: measuring the GNS of its trainable parameters (targets='all')")
+            self._gns_options.gns_track = "all"
         every, self._gns_controller_signal = calibration_settings(
             self._gns_options, getattr(self.args, "batch_size_policy", None)
         )
@@ -203,9 +228,9 @@ class GNSMixin:
         raw_names = list(per_example_sq_norms(model))  # with calibration: the norm layers only
         if not raw_names:
             raise ValueError(
-                f"{type(self).__name__} found no tracked parameter: the model has no patched norm layer "
-                "whose weight requires grad (e.g. frozen norms under LoRA). Check print(hf_gns.patch(model)),"
-                " or use gns_track='all'."
+                f"{type(self).__name__} found no tracked parameter: no patched module has a parameter that "
+                f"requires grad (gns_track={self._gns_options.gns_track!r}; frozen norms: use "
+                "gns_track='all'). Check print(hf_gns.patch(model))."
             )
         groups = parameter_groups(model, raw_names, self._gns_options.gns_groups)
         # Canonical names without wrapper tokens: the same before and after DDP/FSDP/compile wrapping.
@@ -222,7 +247,11 @@ class GNSMixin:
         self._gns_step_tokens: torch.Tensor | int = 0
         self._gns_device: torch.device | None = None
         self._gns_last_statistics = None
-        self._gns_tracked_params_cache: tuple[nn.Module, list[nn.Parameter]] | None = None
+        # (wrapped model, its names of the tracked parameters, the parameters), looked up once per wrapper
+        self._gns_tracked_cache: tuple[nn.Module, list[str], list[nn.Parameter]] | None = None
+        # 1.0 for a tracked parameter dropped from the estimate (gns_incomplete="warn"), on the device
+        self._gns_dropped = torch.zeros(len(raw_names))
+        self._gns_dropped_here: set[str] = set()  # dropped after this process's guard flagged them
 
     def _gns_setup_calibration(self, model: nn.Module) -> None:
         """Names and (all, norms) membership of every parameter measured on calibration steps."""
@@ -234,7 +263,7 @@ class GNSMixin:
         self._gns_calibration_membership = torch.stack(
             [torch.ones(len(all_names)), torch.tensor([float(n in norm_names) for n in all_names])]
         )  # (2, n_all): rows "all", "norms"
-        self._gns_calibration_params_cache: tuple[nn.Module, list[nn.Parameter]] | None = None
+        self._gns_calibration_cache: tuple[nn.Module, list[str], list[nn.Parameter]] | None = None
 
     def _gns_maybe_register_ddp_hook(self, model: nn.Module) -> None:
         if self.gns_ddp_estimator is None or self._gns_ddp_hook is not None:
@@ -255,12 +284,6 @@ class GNSMixin:
     def train(
         self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kw
     ):
-        if self.model is not None:
-            self._gns_patch(self.model)  # a no-op if already patched; model_init may have built a new model
-            zero_stats(self.model)  # backward passes before training (or of a previous train()) don't count
-            if self._gns_calibrate_every:  # layer reductions off until a calibration step
-                set_layer_tracking(self.model, False)
-                self._gns_calibrating = False
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
@@ -274,6 +297,16 @@ class GNSMixin:
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kw,
         )
+
+    def _inner_training_loop(self, *args, **kwargs):
+        # Here, not in train(): Trainer.train has by now built the model (model_init) and applied
+        # Liger, which rebinds norm forwards; patch() takes over what is not ours (else a no-op).
+        self._gns_patch(self.model)
+        zero_stats(self.model)  # backward passes before training (or of a previous train()) don't count
+        if self._gns_calibrate_every:  # layer reductions off until a calibration step
+            set_layer_tracking(self.model, False)
+            self._gns_calibrating = False
+        return super()._inner_training_loop(*args, **kwargs)
 
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
         if not isinstance(inputs, Mapping):
@@ -290,6 +323,7 @@ class GNSMixin:
         self._gns_step_examples += count.examples  # host int: shapes need no sync
         self._gns_step_tokens = self._gns_step_tokens + count.tokens
         self._gns_pending = True
+        prepare_sinks(model, inputs)  # outside any compiled graph (a no-op when eager sinks exist)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _clip_grad_norm(self, model):
@@ -308,23 +342,43 @@ class GNSMixin:
         if not self._gns_pending:
             return
         self._gns_pending = False
-        vector = self._gns_local_statistics(model)
+        incomplete = self._gns_check_statistics(model)
+        vector = self._gns_local_statistics(model, incomplete)
         distributed.all_reduce_sum(vector)  # the one collective of the step
         self._gns_update_estimators(vector)
         self._gns_step_examples, self._gns_step_tokens = 0, 0
         zero_stats(model)
 
-    def _gns_local_statistics(self, model: nn.Module) -> torch.Tensor:
+    def _gns_check_statistics(self, model: nn.Module) -> list[int]:
+        """The guard: indices (into the tracked parameters) of those without exactly one per-example
+        value per example of this process's step. Host-side shapes only (no sync). On calibration
+        steps the extra layers are checked too, and an incomplete one always raises (the calibration
+        has no per-parameter drop)."""
+        names, params = self._gns_tracked_parameters(model)
+        n_examples = self._gns_step_examples
+        checked = [p for n, p in zip(names, params) if clean_name(n) not in self._gns_dropped_here]
+        incomplete = check_step_statistics(
+            model, n_examples, parameters=checked, on_incomplete=self._gns_options.gns_incomplete
+        )
+        if self._gns_calibrating:
+            tracked = {id(p) for p in params}
+            extra = [p for p in self._gns_calibration_parameters(model)[1] if id(p) not in tracked]
+            check_step_statistics(model, n_examples, parameters=extra, on_incomplete="error")
+        flagged = {clean_name(item.parameter) for item in incomplete}
+        for item in incomplete:  # logged once: a dropped parameter is not checked again
+            logger.warning("hf_gns: dropped from the GNS for the rest of the run: %s", item)
+        self._gns_dropped_here |= flagged
+        return [i for i, n in enumerate(self._gns_tracked_names) if n in flagged]
+
+    def _gns_local_statistics(self, model: nn.Module, incomplete: list[int]) -> torch.Tensor:
         """This process's statistics of the step, one flat fp32 vector of a size fixed for the run:
-        [examples, tokens, Σ|c_i^local|² per group, |G_B|² share per group, local |g_r|²]."""
-        norms = {clean_name(k): v for k, v in per_example_sq_norms(model).items()}
-        tracked = self._gns_tracked_parameters(model)
+        [examples, tokens, Σ|c_i^local|² per group, |G_B|² share per group, (calibration: 4 values),
+        local |g_r|², flag per tracked parameter (1 when this process's guard found it incomplete)]."""
+        names, tracked = self._gns_tracked_parameters(model)
         device = tracked[0].device
         self._gns_move_to(device)
         zero = torch.zeros((), device=device)
-        example_sums = torch.stack(
-            [norms[n].sum().to(device) if n in norms else zero for n in self._gns_tracked_names]
-        )
+        example_sums = example_sq_norm_sums(model, names).to(device)  # Σ_i |c_i|² per parameter
         grad_shares = distributed.grad_sq_norm_shares(
             [param.grad for param in tracked], sharded=self._gns_grads_sharded()
         ).to(device)
@@ -332,45 +386,53 @@ class GNSMixin:
         batch = torch.stack(
             [torch.as_tensor(self._gns_step_examples, device=device).float(), zero + self._gns_step_tokens]
         )
-        membership = self._gns_membership
-        parts = [batch, membership @ example_sums, membership @ grad_shares]
+        flags = torch.zeros(len(names), device=device)
+        if incomplete:  # rare: one small host-to-device copy
+            flags[torch.tensor(incomplete)] = 1.0
+        kept = self._gns_membership * (1.0 - self._gns_dropped)  # (groups, parameters)
+        parts = [batch, kept @ example_sums, kept @ grad_shares]
         if self._gns_calibrate_every:
-            parts.append(self._gns_calibration_statistics(model, norms, device))
-        return torch.cat(parts + [local_ddp[None]])
+            parts.append(self._gns_calibration_statistics(model, device))
+        return torch.cat(parts + [local_ddp[None], flags])
 
-    def _gns_calibration_statistics(
-        self, model: nn.Module, norms: dict, device: torch.device
-    ) -> torch.Tensor:
+    def _gns_calibration_parameters(self, model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+        """Every parameter measured on calibration steps, with its name in the (wrapped) `model`."""
+        cached = self._gns_calibration_cache
+        if cached is None or cached[0] is not model:
+            params = {clean_name(k): (k, p) for k, p in model.named_parameters()}
+            pairs = [params[n] for n in self._gns_calibration_names]
+            cached = self._gns_calibration_cache = (model, [k for k, _ in pairs], [p for _, p in pairs])
+        return cached[1], cached[2]
+
+    def _gns_calibration_statistics(self, model: nn.Module, device: torch.device) -> torch.Tensor:
         """[Σ|c^local|² of (all, norms), |G_B|² share of (all, norms)] on a calibration step, else zeros."""
         if not self._gns_calibrating:
             return torch.zeros(4, device=device)
-        cached = self._gns_calibration_params_cache
-        if cached is None or cached[0] is not model:
-            params = {clean_name(k): p for k, p in model.named_parameters()}
-            cached = self._gns_calibration_params_cache = (
-                model,
-                [params[n] for n in self._gns_calibration_names],
-            )
-        zero = torch.zeros((), device=device)
-        names = self._gns_calibration_names
-        example_sums = torch.stack([norms[n].sum().to(device) if n in norms else zero for n in names])
+        names, params = self._gns_calibration_parameters(model)
+        example_sums = example_sq_norm_sums(model, names).to(device)
         grad_shares = distributed.grad_sq_norm_shares(
-            [param.grad for param in cached[1]], sharded=self._gns_grads_sharded()
+            [param.grad for param in params], sharded=self._gns_grads_sharded()
         ).to(device)
         membership = self._gns_calibration_membership
         return torch.cat([membership @ example_sums, membership @ grad_shares])
 
     def _gns_update_estimators(self, vector: torch.Tensor) -> None:
         """Fold the all-reduced vector of `_gns_local_statistics` into the estimators and counters."""
-        n_groups = len(self._gns_group_names)
+        n_groups, n_params = len(self._gns_group_names), len(self._gns_tracked_names)
+        ddp_at = 2 + 2 * n_groups + (4 if self._gns_calibrate_every else 0)
         examples, tokens = vector[0].double(), vector[1].double()
+        flagged = (vector[-n_params:] > 0).to(self._gns_dropped.dtype)
+        # A step where some process flagged a parameter still counted is not used (NaN: skipped).
+        incomplete_step = (flagged * (1.0 - self._gns_dropped)).sum() > 0
+        self._gns_dropped = torch.maximum(self._gns_dropped, flagged)
         world = distributed.world_size()
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=vector.device)
         stats = to_synced_units(
-            vector[2 : 2 + n_groups].double(),
+            torch.where(incomplete_step, nan, vector[2 : 2 + n_groups].double()),
             vector[2 + n_groups : 2 + 2 * n_groups].double(),
             world_size=world,
             loss_scale=self._gns_loss_scale(),
-            local_grad_sq_norm_sum=vector[-1:].double(),
+            local_grad_sq_norm_sum=vector[ddp_at : ddp_at + 1].double(),
         )
         self.gns_estimator.update(
             small_sq_norm=per_example_statistic(stats.example_sq_norm_sum, examples),
@@ -378,8 +440,10 @@ class GNSMixin:
             big_batch=examples,
         )
         if self.gns_ddp_estimator is not None:
+            # The DDP hook sums every tracked gradient: once a parameter is dropped the two sides differ.
+            any_dropped = self._gns_dropped.sum() > 0
             self.gns_ddp_estimator.update(
-                small_sq_norm=stats.local_grad_sq_norm_mean,
+                small_sq_norm=torch.where(any_dropped, nan, stats.local_grad_sq_norm_mean),
                 big_sq_norm=stats.batch_sq_norm[:1],
                 big_batch=examples,
                 small_batch=examples / world,
@@ -407,6 +471,7 @@ class GNSMixin:
             return
         self._gns_device = device
         self._gns_membership = self._gns_membership.to(device)
+        self._gns_dropped = self._gns_dropped.to(device)
         self.gns_estimator.to(device)
         self.gns_calibration.to(device)
         if self._gns_calibrate_every:
@@ -431,22 +496,23 @@ class GNSMixin:
         strategy = getattr(plugin, "sharding_strategy", None)
         return getattr(strategy, "name", "FULL_SHARD") != "NO_SHARD"
 
-    def _gns_tracked_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """The tracked parameters of the (wrapped) model, in `_gns_tracked_names` order; looked up once
-        per wrapper object rather than every step (wrapping does not change later)."""
-        cached = self._gns_tracked_params_cache
+    def _gns_tracked_parameters(self, model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+        """The tracked parameters of the (wrapped) model in `_gns_tracked_names` order, with their names
+        in that model; looked up once per wrapper object (wrapping does not change later)."""
+        cached = self._gns_tracked_cache
         if cached is not None and cached[0] is model:
-            return cached[1]
-        params = {clean_name(k): p for k, p in model.named_parameters()}
+            return cached[1], cached[2]
+        params = {clean_name(k): (k, p) for k, p in model.named_parameters()}
         missing = [n for n in self._gns_tracked_names if n not in params]
         if missing:
             raise RuntimeError(
                 f"tracked parameters {missing[:3]} are not among the wrapped model's parameters; under FSDP1 "
                 "set use_orig_params=True (fsdp_config) so the norm weights keep their names"
             )
-        tracked = [params[n] for n in self._gns_tracked_names]
-        self._gns_tracked_params_cache = (model, tracked)
-        return tracked
+        names = [params[n][0] for n in self._gns_tracked_names]
+        tracked = [params[n][1] for n in self._gns_tracked_names]
+        self._gns_tracked_cache = (model, names, tracked)
+        return names, tracked
 
     def last_step_statistics(self) -> dict[str, object]:
         """The last optimizer step's global statistics in synchronized-gradient units (one sync).
@@ -477,7 +543,10 @@ class GNSMixin:
         sq_norm, trace_cov = est.components()
         counters = self._gns_counters
         parts = [trace_cov / sq_norm, sq_norm[:1], trace_cov[:1], counters.last_batch]
-        parts.append(torch.stack([est._skipped.double(), counters.tokens_seen.double(), est._steps.double()]))
+        dropped = self._gns_dropped.to(sq_norm.device).double().sum()
+        parts.append(
+            torch.stack([est._skipped.double(), counters.tokens_seen.double(), est._steps.double(), dropped])
+        )
         if self.gns_calibration.enabled:
             ratio = self.gns_calibration.ratio_tensor().to(sq_norm.device)
             parts.append(torch.stack([ratio * trace_cov[0] / sq_norm[0], ratio]))
@@ -485,7 +554,7 @@ class GNSMixin:
             parts.append(self.gns_ddp_estimator.gns_tensor())
         values = torch.cat([p.to(sq_norm.device) for p in parts]).tolist()  # the sync
         n = len(self._gns_group_names)
-        gns, (sq, tr, examples, tokens, skipped, seen, steps) = values[:n], values[n : n + 7]
+        gns, (sq, tr, examples, tokens, skipped, seen, steps, dropped) = values[:n], values[n : n + 8]
         if steps == 0 and skipped == 0:
             return {}
         logs = {"gns": gns[0]}
@@ -494,7 +563,9 @@ class GNSMixin:
         logs.update({f"gns/{name}": value for name, value in zip(self._gns_group_names[1:], gns[1:])})
         logs.update({"gns_skipped_steps": int(skipped), "batch_size": int(round(examples))})
         logs.update({"batch_tokens": int(round(tokens)), "tokens_seen": int(seen)})
-        extra = values[n + 7 :]
+        if self._gns_options.gns_incomplete == "warn":
+            logs["gns_dropped_parameters"] = int(dropped)
+        extra = values[n + 8 :]
         if self.gns_calibration.enabled:
             (logs["gns_calibrated"], logs["gns_calibration_ratio"]), extra = extra[:2], extra[2:]
         if self.gns_ddp_estimator is not None:
@@ -528,3 +599,8 @@ class GNSMixin:
         if self.args.should_save:
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             self._gns_checkpoint_states().save(os.path.join(self._get_output_dir(trial=trial), folder))
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    """A PEFT model (LoRA, ...): told by what it has, without importing peft."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
