@@ -63,7 +63,22 @@ def test_warn_drops_the_parameters_and_skips_that_step(tmp_path):
     assert stats["example_sq_norm_sum"]["total"] == pytest.approx(sum(others), rel=1e-6)
 
 
-def test_liger_applied_by_the_trainer_gives_the_same_gns(tmp_path):
+@pytest.fixture
+def restore_llama_module():
+    """Liger also swaps classes in `transformers.models.llama.modeling_llama` (process-wide): undo it,
+    or every later Llama of this process would be built with Liger's RMSNorm."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    yield
+    for name, value in list(vars(modeling_llama).items()):
+        if name not in saved:
+            delattr(modeling_llama, name)
+        elif saved[name] is not value:
+            setattr(modeling_llama, name, saved[name])
+
+
+def test_liger_applied_by_the_trainer_gives_the_same_gns(tmp_path, restore_llama_module):
     pytest.importorskip("liger_kernel")
     # Liger's norms only: its other kernels have nothing to do with the norms' statistics
     config = dict(rms_norm=True, rope=False, swiglu=False, cross_entropy=False)
