@@ -161,6 +161,8 @@ def _compiled_steps(model, input_ids, patched: bool, steps=3):
     call = torch.compile(model)
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
+        if patched:  # as GNSTrainer does before each forward: sinks made outside the graph
+            hf_gns.patching.prepare_sinks(call, {"input_ids": input_ids})
         call(input_ids=input_ids, labels=input_ids).loss.backward()
         if patched:
             hf_gns.zero_stats(model)

@@ -174,7 +174,9 @@ def linear_weight_grad_simultaneous(
     # not (an LM head over a 50257-token vocabulary: a slow sm75 path, 3 ms a chunk on the H200),
     # each chunk of Gᵀ is copied contiguous first, (B, rows, T), and chunks are sized so that
     # the copy and P together fit in chunk_bytes.
-    realign = grad_out.stride(1) * grad_out.element_size() % 16 != 0
+    # (Eager only: under torch.compile the stride test breaks Dynamo's trace of this backward, and
+    # Inductor picks its own layouts.)
+    realign = not torch.compiler.is_compiling() and grad_out.stride(1) * grad_out.element_size() % 16 != 0
     row_bytes = n_examples * (in_features + (seq if realign else 0)) * inputs.element_size()
     rows_per_chunk = max(1, chunk_bytes // row_bytes)
     grad_t = grad_out.transpose(1, 2)  # (B, L, T)
