@@ -85,36 +85,14 @@ def _forward_impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, 
 
 
 def _backward_impl(
-    dy,
-    x,
-    weight,
-    mean,
-    rstd,
-    has_bias,
-    rms,
-    weight_offset,
-    cast_before_weight,
-    param_grads,
+    dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads,
     example_offsets=None,
-):
+):  # fmt: skip
+    impl = norm_backward_triton if _uses_triton(x) else norm_backward_reference
     # example_offsets goes to the implementations only when given: None keeps dim 0 as the examples
     extra = {} if example_offsets is None else {"example_offsets": example_offsets}
-    if _uses_triton(x):
-        args = (dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
-        return norm_backward_triton(*args, **extra)
-    return norm_backward_reference(
-        dy,
-        x,
-        weight,
-        mean,
-        rstd,
-        has_bias,
-        rms,
-        weight_offset,
-        cast_before_weight,
-        param_grads=param_grads,
-        **extra,
-    )
+    args = (dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight)
+    return impl(*args, param_grads=param_grads, **extra)
 
 
 def _n_examples(x: torch.Tensor, example_offsets: torch.Tensor | None) -> int:
