@@ -11,16 +11,18 @@ code. On the CPU development machine (Python 3.11, torch + transformers + datase
 Rules (deterministic for a given machine):
 - roots: `sysconfig` stdlib / purelib / platlib and `site.getsitepackages()`, real paths;
 - `__pycache__` left out; a file reached twice (symlinks, nested roots) read once;
-- byte-identical files (vendored copies) kept once; files over 1 MB left out (generated
-  tables, not code anyone writes);
-- documents in a fixed pseudo-random order (files sorted by path, then permuted with
-  `seed`): a package's files are not contiguous, so the data distribution does not drift
-  along the run; the first files of that order (about `eval_chars`) are held out for eval.
+- files in a fixed pseudo-random order (sorted by path, then permuted with `seed`): a
+  package's files are not contiguous, so the data distribution does not drift along the run;
+- byte-identical files (vendored copies) kept once, the first in that order; files over 1 MB
+  left out (generated tables, not code anyone writes);
+- the first documents of that order (about 4 characters per held-out token) are held out
+  for eval, the next 4 MB train the tokenizer and start the training tokens.
 
-`prepare_token_data` tokenizes with the byte-level BPE of `hf_gns.data` (trained on the
-first 4 MB of the training documents) only as many documents as the budget needs, joins
-them with `<|endoftext|>`, and writes `train.npy` / `eval.npy` (uint16 token ids) and
-`meta.json` (counts) into a folder that later calls reuse.
+`prepare_token_data` reads the files lazily, only as many as the budget needs (the GPU image
+holds far more than a budget uses; reading all of it costs minutes on a cold disk), tokenizes
+them with the byte-level BPE of `hf_gns.data`, joins them with `<|endoftext|>`, and writes
+`train.npy` / `eval.npy` (uint16 token ids) and `meta.json` (counts: files and bytes found,
+documents and characters read) into a folder that later calls reuse.
 """
 
 from __future__ import annotations
@@ -32,12 +34,21 @@ import random
 import site
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 MAX_FILE_BYTES = 1_000_000
+TOKENIZER_TRAIN_BYTES = 4_000_000
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def installed_python_roots() -> list[str]:
@@ -58,11 +69,12 @@ def installed_python_files(roots: list[str] | None = None) -> list[Path]:
     return [Path(p) for p in sorted(found)]
 
 
-def read_distinct_documents(files: list[Path]) -> tuple[list[str], dict[str, int]]:
-    """The files' texts, byte-identical copies and files over `MAX_FILE_BYTES` left out; and counts."""
+def distinct_documents(files: list[Path], counts: dict[str, int]) -> Iterator[str]:
+    """The files' texts in the order given, lazily; byte-identical copies, files over
+    `MAX_FILE_BYTES` and blank files left out. Updates `counts` as it reads."""
     hashes: set[bytes] = set()
-    texts: list[str] = []
-    counts = {"files_found": len(files), "duplicates": 0, "too_large": 0, "unreadable": 0}
+    for key in ("documents", "characters", "duplicates", "too_large", "unreadable"):
+        counts.setdefault(key, 0)
     for path in files:
         try:
             raw = path.read_bytes()
@@ -79,10 +91,27 @@ def read_distinct_documents(files: list[Path]) -> tuple[list[str], dict[str, int
             continue
         text = raw.decode("utf-8", errors="replace")
         if text.strip():
-            texts.append(text)
-    counts["documents"] = len(texts)
-    counts["characters"] = sum(len(t) for t in texts)
-    return texts, counts
+            counts["documents"] += 1
+            counts["characters"] += len(text)
+            yield text
+
+
+def read_distinct_documents(files: list[Path]) -> tuple[list[str], dict[str, int]]:
+    """Every distinct document of `files` (see `distinct_documents`) and the counts."""
+    counts = {"files_found": len(files)}
+    return list(distinct_documents(files, counts)), counts
+
+
+def _take_chars(documents: Iterator[str], n_chars: float) -> list[str]:
+    """The next documents of `documents` until they hold at least `n_chars` characters (or it ends)."""
+    taken, total = [], 0
+    while total < n_chars:
+        text = next(documents, None)
+        if text is None:
+            break
+        taken.append(text)
+        total += len(text)
+    return taken
 
 
 def _encode(tokenizer, texts: list[str], eos: int) -> np.ndarray:
@@ -103,6 +132,7 @@ def prepare_token_data(
     roots: list[str] | None = None,
     max_chars: int | None = None,
     seed: int = 0,
+    allow_fewer: bool = False,
 ) -> dict:
     """Tokenize the installed Python sources into `folder` (reused when its `meta.json` matches).
 
@@ -113,12 +143,17 @@ def prepare_token_data(
         roots (`list[str]`, *optional*): folders to read instead of the installed ones (tests).
         max_chars (`int`, *optional*): read only this many characters of documents (a small corpus).
         seed (`int`, *optional*, defaults to 0): document order.
+        allow_fewer (`bool`, *optional*, defaults to `False`): when the corpus holds fewer training
+            tokens than asked, write what it holds (`meta["train_tokens_written"]`, `meta["short"]`)
+            instead of raising: the caller shrinks its budget (a GPU image with fewer packages
+            installed than expected must not waste the call).
 
     Returns:
         `dict`: the meta data (counts, paths, tokenizer), also written to `folder/meta.json`.
 
     Raises:
-        `ValueError`: the corpus holds fewer tokens than asked (it would repeat).
+        `ValueError`: the corpus holds fewer tokens than asked (it would repeat), unless
+            `allow_fewer` (held-out tokens are always required).
     """
     from hf_gns.data import train_byte_level_tokenizer
 
@@ -137,36 +172,33 @@ def prepare_token_data(
         if meta.get("request") == request:
             return meta
     start = time.perf_counter()
-    texts, counts = read_distinct_documents(installed_python_files(roots))
-    random.Random(seed).shuffle(texts)
+    # Files in a fixed pseudo-random order, read lazily: only as many as the budget needs (reading
+    # every installed package, half a GB of source on a large image, would take minutes).
+    files = installed_python_files(roots)
+    random.Random(seed).shuffle(files)
+    counts = {"files_found": len(files), "bytes_found": sum(_size(path) for path in files)}
+    documents = distinct_documents(files, counts)
     if max_chars is not None:
-        kept, total = [], 0
-        for text in texts:
-            if total >= max_chars:
-                break
-            kept.append(text)
-            total += len(text)
-        texts = kept
-    read_s = time.perf_counter() - start
-    # Held out: the first documents of the shuffled order, about 4 characters a token.
-    n_eval, chars = 0, 0
-    while n_eval < len(texts) - 1 and chars < 4 * eval_tokens:
-        chars += len(texts[n_eval])
-        n_eval += 1
-    eval_texts, train_texts = texts[:n_eval], texts[n_eval:]
-    tokenizer = train_byte_level_tokenizer(train_texts, vocab_size=vocab_size)
+        documents = iter(_take_chars(documents, max_chars))
+    # Held out: the first documents of that order, about 4 characters a token.
+    eval_texts = _take_chars(documents, 4 * eval_tokens)
+    first_train = _take_chars(documents, TOKENIZER_TRAIN_BYTES)  # the tokenizer learns on these
+    tokenizer = train_byte_level_tokenizer(
+        first_train, vocab_size=vocab_size, max_train_bytes=TOKENIZER_TRAIN_BYTES
+    )
     eos = tokenizer.eos_token_id
     eval_ids = _encode(tokenizer, eval_texts, eos)
-    parts, n_train = [], 0
-    used_docs, used_chars, chunk = 0, 0, 2000
-    while n_train < train_tokens and used_docs < len(train_texts):
-        batch = train_texts[used_docs : used_docs + chunk]
+    parts, n_train, used_docs, used_chars = [], 0, 0, 0
+    batch, chunk_chars = first_train, 8_000_000
+    while batch and n_train < train_tokens:
         parts.append(_encode(tokenizer, batch, eos))
         n_train += len(parts[-1])
         used_docs += len(batch)
         used_chars += sum(len(t) for t in batch)
+        batch = _take_chars(documents, min(chunk_chars, 4.5 * (train_tokens - n_train)))
     train_ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    if len(train_ids) < train_tokens or len(eval_ids) < eval_tokens:
+    short = len(train_ids) < train_tokens
+    if (short and not allow_fewer) or len(eval_ids) < eval_tokens:
         raise ValueError(
             f"the installed Python sources hold {len(train_ids):,} training tokens (and {len(eval_ids):,} "
             f"held out), fewer than the {train_tokens:,} (and {eval_tokens:,}) asked: the corpus would "
@@ -180,17 +212,28 @@ def prepare_token_data(
     meta = {
         "request": request,
         "corpus": counts,
-        "eval_documents": n_eval,
+        "eval_documents": len(eval_texts),
         "train_documents_used": used_docs,
         "train_characters_used": used_chars,
         "train_tokens_written": len(train_ids),
+        "short": short,
         "chars_per_token": used_chars / max(1, len(train_ids)),
         "vocab_size": len(tokenizer),
         "seconds": round(time.perf_counter() - start, 1),
-        "read_seconds": round(read_s, 1),
     }
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def fitted_budget(meta: dict, budget: int, margin: float = 1.02, slack: int = 4096) -> int:
+    """`budget`, or the largest one the written training tokens hold when the corpus was short.
+
+    The callers ask `prepare_token_data` for `budget × margin + slack` tokens (room for the last
+    batch); this inverts that for the tokens actually written.
+    """
+    if not meta.get("short"):
+        return budget
+    return min(budget, int((meta["train_tokens_written"] - slack) / margin))
 
 
 class TokenBlocks(torch.utils.data.Dataset):

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # hf_gns from this checkout
 
 from _lm_runs import SHAPES, RunSpec, launch, n_parameters  # noqa: E402
-from _python_corpus import prepare_token_data  # noqa: E402
+from _python_corpus import fitted_budget, prepare_token_data  # noqa: E402
 
 TINY_ROOT_PACKAGES = ("asyncio", "email", "json", "xml", "logging", "concurrent")
 
@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=None, help="concurrent processes (0: in-process; GPU: 5)")
     parser.add_argument("--time-limit", type=float, default=540.0, help="seconds for the whole command")
     parser.add_argument("--data-dir", default=None, help="token data folder (default OUT/data, reused)")
+    parser.add_argument(
+        "--from-json", default=None, help="no runs: redo the table, verdicts and plot of a results.json"
+    )
     return parser.parse_args(argv)
 
 
@@ -373,6 +376,9 @@ def environment() -> dict:
 
 def main(argv=None) -> dict:
     options = parse_args(argv)
+    if options.from_json:
+        summary = json.loads(Path(options.from_json).read_text())
+        return report(summary, Path(options.out))
     if options.tiny:
         import torch
 
@@ -397,10 +403,18 @@ def run(options: argparse.Namespace) -> dict:
     meta = prepare_token_data(
         data_dir, train_tokens=int(settings["budget"] * 1.02) + 4096, eval_tokens=eval_tokens,
         vocab_size=settings["vocab"], roots=settings["roots"], max_chars=settings["max_chars"],
+        allow_fewer=True,
     )  # fmt: skip
-    corpus, budget = meta["corpus"], settings["budget"]
+    corpus, budget = meta["corpus"], fitted_budget(meta, settings["budget"])
+    if budget < settings["budget"]:
+        print(
+            f"WARNING: the installed Python sources hold only {meta['train_tokens_written']:,} training "
+            f"tokens: budget cut from {settings['budget']:,} to {budget:,} tokens (no token repeats)"
+        )
+        settings["budget"] = budget
     print(
-        f"corpus: {corpus['documents']:,} distinct .py files, {corpus['characters'] / 1e6:.1f}M characters "
+        f"corpus: {corpus['files_found']:,} .py files installed ({corpus['bytes_found'] / 1e6:.0f} MB), of "
+        f"which {corpus['documents']:,} distinct files read, {corpus['characters'] / 1e6:.1f}M characters "
         f"({corpus['duplicates']:,} duplicates and {corpus['too_large']} files > 1 MB left out); "
         f"{meta['train_tokens_written'] / 1e6:.1f}M training tokens from "
         f"{meta['train_characters_used'] / 1e6:.1f}M characters ({meta['chars_per_token']:.2f} chars/token), "
@@ -417,7 +431,7 @@ def run(options: argparse.Namespace) -> dict:
     phases = [None, "adaptive"] if cap is None else ["all"]
     for phase in phases:
         remaining = limit_end - time.time()
-        deadline = time.time() + (0.55 * remaining if phase is None else remaining)
+        deadline = time.time() + (0.6 * remaining if phase is None else remaining)
         if phase is None:
             specs = make_specs(options, settings, data_dir, out, deadline, None)
         elif phase == "adaptive":
@@ -436,6 +450,22 @@ def run(options: argparse.Namespace) -> dict:
         )
         results += launch(specs, jobs)
         print(f"  done in {time.time() - t0:.0f}s")
+    summary = {
+        "environment": environment(), "corpus": meta,
+        "settings": {k: v for k, v in settings.items() if k != "roots"}, "parameters": params,
+        "runs": results,
+    }  # fmt: skip
+    summary = report(summary, out)
+    summary["wall_s"] = time.time() - start
+    (out / "results.json").write_text(json.dumps(summary))
+    print(f"total wall time {summary['wall_s']:.0f}s")
+    return summary
+
+
+def report(summary: dict, out: Path) -> dict:
+    """Table, verdicts and plot of `summary["runs"]` (printed and written to `out`); the summary
+    with the analysis added. Also the offline path (`--from-json`)."""
+    results = summary["runs"]
     ok = [r for r in results if not r.get("failed")]
     for failed in (r for r in results if r.get("failed")):
         print(f"FAILED {failed['spec']['name']}:\n{failed['log_tail']}")
@@ -457,20 +487,12 @@ def run(options: argparse.Namespace) -> dict:
             keys = ("gns", "gns_calibrated", "gns_calibration_ratio")
             gns = [{k: r.get("final_gns", {}).get(k) for k in keys} for r in runs]
             print(f"{label}: last batch changes [step, tokens, batch] {changes}; final {gns}")
+    out.mkdir(parents=True, exist_ok=True)
     plotted = plot(groups, targets, out / "batch_schedule.png")
     (out / "table.md").write_text(text + "\n\n" + "\n".join(verdicts) + "\n")
-    summary = {
-        "environment": environment(), "corpus": meta,
-        "settings": {k: v for k, v in settings.items() if k != "roots"},
-        "parameters": params, "practitioner_batch": b_p, "best_batch": b_best, "mean_final_losses": finals,
-        "targets": targets, "verdicts": verdicts, "wall_s": time.time() - start, "runs": results,
-    }  # fmt: skip
-    (out / "results.json").write_text(json.dumps(summary))
-    print(
-        f"\nwrote {out / 'table.md'}, {out / 'results.json'}"
-        + (f", {out / 'batch_schedule.png'}" if plotted else "")
-    )
-    print(f"total wall time {time.time() - start:.0f}s")
+    print(f"\nwrote {out / 'table.md'}" + (f", {out / 'batch_schedule.png'}" if plotted else ""))
+    summary.update(practitioner_batch=b_p, best_batch=b_best, mean_final_losses=finals)
+    summary.update(targets=targets, verdicts=verdicts)
     return summary
 
 

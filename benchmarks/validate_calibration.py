@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # hf_gns from this checkout
 
 from _lm_runs import SHAPES, RunSpec, launch, n_parameters  # noqa: E402
-from _python_corpus import prepare_token_data  # noqa: E402
+from _python_corpus import fitted_budget, prepare_token_data  # noqa: E402
 
 from hf_gns.gns import GNSCalibration, GNSEstimator  # noqa: E402
 from hf_gns.trainer.arguments import DEFAULT_CALIBRATE_EVERY  # noqa: E402
@@ -230,8 +230,12 @@ def run(options: argparse.Namespace) -> dict:
     eval_tokens = 128 * max(SHAPES[shape][3], SHAPES[throughput_shape][3])
     meta = prepare_token_data(
         data_dir, train_tokens=int(budget * 1.02) + 4096, eval_tokens=eval_tokens, vocab_size=vocab,
-        roots=roots, max_chars=max_chars,
+        roots=roots, max_chars=max_chars, allow_fewer=True,
     )  # fmt: skip
+    if fitted_budget(meta, budget) < budget:
+        fitted = fitted_budget(meta, budget)
+        print(f"WARNING: the corpus is short: budget cut from {budget:,} to {fitted:,} tokens (no repeats)")
+        budget = fitted
     common = dict(
         data_dir=str(data_dir), shape=shape, policy="constant", seed=0, batch_size=batch,
         micro_batch=min(batch, 64), max_tokens=budget, learning_rate=options.lr, lr_reference_batch=batch,
