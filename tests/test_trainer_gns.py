@@ -196,13 +196,6 @@ def test_plain_training_arguments_and_bad_options(tmp_path):
     assert make_args(tmp_path, gns_groups="type,layer").gns_groups == ["type", "layer"]
 
 
-def test_deepspeed_is_refused(tmp_path):
-    args = make_args(tmp_path)
-    args.deepspeed = {"zero_optimization": {"stage": 2}}
-    with pytest.raises(ValueError, match="DeepSpeed"):
-        hf_gns.GNSTrainer(model=tiny_gpt2(), args=args, train_dataset=FixedTokens())
-
-
 def test_non_finite_statistics_are_skipped(tmp_path, monkeypatch):
     """A step whose statistics overflow (as fp16 steps that GradScaler skips do) leaves the GNS as it was."""
     import hf_gns.trainer.measurement as trainer_module

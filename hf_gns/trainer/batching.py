@@ -36,8 +36,9 @@ provides it, anything else with these three members works too, nothing checks ty
   `train` runs (so list the measurement mixin first: `class T(GNSMixin, BatchSizeControlMixin, Trainer)`).
   May be called during `__init__`, before or after the measurement set itself up.
 
-Not supported with batch control: DeepSpeed, iterable datasets, `train_sampling_strategy` other
-than "random"/"sequential", `auto_find_batch_size`.
+Under DeepSpeed (ZeRO 1-3) the engine is told the accumulation boundary per micro-batch
+(`hf_gns.trainer.deepspeed.accumulation_boundary`). Not supported with batch control: iterable
+datasets, `train_sampling_strategy` other than "random"/"sequential", `auto_find_batch_size`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..control import BatchSizeController, ScheduleFilePolicy, TokenLRScheduler
 from .batch_arguments import controller_from_arguments, lr_schedule_from_arguments
+from .deepspeed import accumulation_boundary
 from .example_stream import (
     DataPosition,
     ExampleOrder,
@@ -149,8 +151,6 @@ class BatchSizeControlMixin:
                 "(see hf_gns.trainer.batching); mix hf_gns.GNSMixin in first: "
                 "class T(GNSMixin, BatchSizeControlMixin, Trainer)."
             )
-        if getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError("batch-size control does not support DeepSpeed (its engine owns accumulation).")
         if self.args.auto_find_batch_size:
             raise ValueError("batch-size control sets the batch itself: turn off auto_find_batch_size.")
         self.batch_size_controller = self.make_batch_size_controller()
@@ -284,7 +284,11 @@ class BatchSizeControlMixin:
                 # weights n_rows / total, i.e. 1/n when all n micro-batches are full.
                 self.current_gradient_accumulation_steps = total / n_rows
                 last = i == len(inputs) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                if getattr(self, "is_deepspeed_enabled", False):  # the engine steps after the last only
+                    context = accumulation_boundary(self.accelerator, last)
+                else:
+                    context = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                with context:
                     # Through self: a host trainer's own training_step sees each micro-batch.
                     losses.append(self.training_step(model, batch, num_items_in_batch))
         finally:

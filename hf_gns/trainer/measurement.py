@@ -55,7 +55,6 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -76,6 +75,7 @@ from ..patching import (
 from .arguments import calibration_settings, gns_options
 from .checkpoint import CheckpointStateRegistry
 from .counting import count_batch
+from .deepspeed import ZeroGradSums
 from .resume import load_checkpoint_states, really_missing_keys
 
 logger = logging.getLogger(__name__)
@@ -139,23 +139,12 @@ class GNSMixin:
     def __init__(self, *args, **kwargs):
         # Arguments passed through untouched: trainers order them differently (DPOTrainer's second
         # positional argument is ref_model).
-        training_args = kwargs.get("args")
-        if training_args is None:
-            training_args = next((a for a in args if isinstance(a, TrainingArguments)), None)
-        if getattr(training_args, "deepspeed", None):
-            raise ValueError(
-                "hf_gns does not support DeepSpeed: ZeRO partitions and reduces gradients inside its "
-                "engine, where the synchronized gradient norm before clipping cannot be read per parameter. "
-                "Use DDP or FSDP (args.fsdp / accelerate's FSDP plugin) instead."
-            )
         super().__init__(*args, **kwargs)
-        if getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError(
-                "hf_gns does not support DeepSpeed (enabled by the accelerate config): use DDP or FSDP"
-            )
         self._gns_options = gns_options(self.args)
         self._gns_counters = _StepCounters()
         self._gns_setup_tracking(self.model)
+        # DeepSpeed: |G_B|² from gradient sums carried in the all-reduce (hf_gns/trainer/deepspeed.py)
+        self._gns_zero = ZeroGradSums(self) if getattr(self, "is_deepspeed_enabled", False) else None
         self.register_checkpoint_state("gns_estimator", self.gns_estimator)
         self.register_checkpoint_state("gns_counters", self._gns_counters)
         if self.gns_ddp_estimator is not None:
@@ -232,7 +221,10 @@ class GNSMixin:
                 f"requires grad (gns_track={self._gns_options.gns_track!r}; frozen norms: use "
                 "gns_track='all'). Check print(hf_gns.patch(model))."
             )
-        groups = parameter_groups(model, raw_names, self._gns_options.gns_groups)
+        groupings = self._gns_options.gns_groups
+        if getattr(self, "is_deepspeed_enabled", False) and self._gns_options.gns_track == "all":
+            groupings = []  # the total only: DeepSpeed's global norm (hf_gns/trainer/deepspeed.py)
+        groups = parameter_groups(model, raw_names, groupings)
         # Canonical names without wrapper tokens: the same before and after DDP/FSDP/compile wrapping.
         self._gns_tracked_names = [clean_name(n) for n in raw_names]
         self._gns_membership = membership_matrix(groups, raw_names)
@@ -319,6 +311,8 @@ class GNSMixin:
             if calibrating != self._gns_calibrating:
                 set_layer_tracking(model, calibrating)
                 self._gns_calibrating = calibrating
+        if not self._gns_pending and self._gns_zero is not None:
+            self._gns_zero.begin_step(model)
         count = count_batch(inputs)
         self._gns_step_examples += count.examples  # host int: shapes need no sync
         self._gns_step_tokens = self._gns_step_tokens + count.tokens
@@ -344,7 +338,10 @@ class GNSMixin:
         self._gns_pending = False
         incomplete = self._gns_check_statistics(model)
         vector = self._gns_local_statistics(model, incomplete)
-        distributed.all_reduce_sum(vector)  # the one collective of the step
+        if self._gns_zero is not None:  # DeepSpeed: the same collective also carries gradient sums
+            vector = self._gns_zero.all_reduce(vector, model)
+        else:
+            distributed.all_reduce_sum(vector)  # the one collective of the step
         self._gns_update_estimators(vector)
         self._gns_step_examples, self._gns_step_tokens = 0, 0
         zero_stats(model)
@@ -379,9 +376,7 @@ class GNSMixin:
         self._gns_move_to(device)
         zero = torch.zeros((), device=device)
         example_sums = example_sq_norm_sums(model, names).to(device)  # Σ_i |c_i|² per parameter
-        grad_shares = distributed.grad_sq_norm_shares(
-            [param.grad for param in tracked], sharded=self._gns_grads_sharded()
-        ).to(device)
+        grad_shares = self._gns_grad_sq_norm_shares(tracked, device)
         local_ddp = self._gns_ddp_hook.take(device) if self._gns_ddp_hook is not None else zero
         batch = torch.stack(
             [torch.as_tensor(self._gns_step_examples, device=device).float(), zero + self._gns_step_tokens]
@@ -394,6 +389,14 @@ class GNSMixin:
         if self._gns_calibrate_every:
             parts.append(self._gns_calibration_statistics(model, device))
         return torch.cat(parts + [local_ddp[None], flags])
+
+    def _gns_grad_sq_norm_shares(self, params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+        """This process's share of |G_B|² per parameter, from the synchronized `param.grad`; zeros under
+        DeepSpeed, whose |G_B|² the all-reduce fills in (`ZeroGradSums.all_reduce`)."""
+        if self._gns_zero is not None:
+            return torch.zeros(len(params), device=device)
+        grads = [param.grad for param in params]
+        return distributed.grad_sq_norm_shares(grads, sharded=self._gns_grads_sharded()).to(device)
 
     def _gns_calibration_parameters(self, model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
         """Every parameter measured on calibration steps, with its name in the (wrapped) `model`."""
@@ -410,9 +413,7 @@ class GNSMixin:
             return torch.zeros(4, device=device)
         names, params = self._gns_calibration_parameters(model)
         example_sums = example_sq_norm_sums(model, names).to(device)
-        grad_shares = distributed.grad_sq_norm_shares(
-            [param.grad for param in params], sharded=self._gns_grads_sharded()
-        ).to(device)
+        grad_shares = self._gns_grad_sq_norm_shares(params, device)
         membership = self._gns_calibration_membership
         return torch.cat([membership @ example_sums, membership @ grad_shares])
 
@@ -481,6 +482,8 @@ class GNSMixin:
         self._gns_counters.to(device)
 
     def _gns_loss_scale(self) -> torch.Tensor | float | None:
+        if self._gns_zero is not None:
+            return self._gns_zero.loss_scale
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
             return None

@@ -1,0 +1,36 @@
+"""DeepSpeed under Accelerate on a CPU with several processes (test harness only).
+
+accelerate 1.15 cannot describe this setup by itself: with `ACCELERATE_USE_CPU=1` it never
+enables DeepSpeed, and without it `PartialState` finds no device backend, so it reports ONE
+process while DeepSpeed's own `init_distributed` (gloo, `DS_ACCELERATOR=cpu`) joins all of them:
+every process then reads the same batches. `cpu_deepspeed_state()` makes Accelerate pick gloo
+(its multi-CPU backend) before the Trainer builds its state; `DistributedType` still becomes
+DEEPSPEED. On GPUs none of this is needed (`accelerate launch --config_file ...deepspeed_zero2.yaml`).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def cpu_deepspeed_state() -> None:
+    """Call before the first `TrainingArguments(deepspeed=...)`, under torch.distributed.run."""
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        return "gloo", DistributedType.MULTI_CPU
+
+    state.PartialState._prepare_backend = prepare_backend
+
+
+def zero_config(stage: int) -> dict:
+    """A ZeRO config whose sizes the Trainer fills in ("auto")."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage},
+    }

@@ -1,0 +1,88 @@
+"""Two-process GNSTrainer runs, DeepSpeed ZeRO (stage in argv) or DDP, recording per-step statistics.
+
+Run by `tests/test_trainer_deepspeed.py`: `DS_ACCELERATOR=cpu python -m torch.distributed.run
+--nproc_per_node 2 tests/deepspeed_two_processes.py STAGE OUT.json`
+(STAGE 0: DDP on gloo, with ACCELERATE_USE_CPU=1), also on GPUs (without DS_ACCELERATOR).
+Every case trains a frozen tiny GPT-2 (learning rate 0, so that both engines see the same
+model at every step) on the same data in the same order, and records the global statistics of
+each optimizer step (`GNSTrainer.last_step_statistics`) and the logged GNS. The test compares
+DeepSpeed's records with DDP's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+from deepspeed_cpu import cpu_deepspeed_state, zero_config
+from gns_fixtures import FixedTokens, InOrderGNSTrainer, make_args, tiny_gpt2
+
+import hf_gns
+
+STEPS = 4
+CASES = {
+    "accumulation": dict(gradient_accumulation_steps=2),
+    "calibration": dict(gradient_accumulation_steps=2, gns_calibrate_every=2),
+    "all_layers": dict(gradient_accumulation_steps=1, gns_track="all"),
+    "batch_control": dict(
+        gradient_accumulation_steps=1, batch_size_policy="linear", batch_size_start=4, batch_size_end=16,
+        max_tokens=12 * 40, max_steps=-1, gns_calibrate_every=0,
+    ),
+}  # fmt: skip
+
+
+class RecordingTrainer(InOrderGNSTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_statistics: list[dict] = []
+
+    def _read_gns_statistics(self, model):
+        pending = self._gns_pending
+        super()._read_gns_statistics(model)
+        if pending:
+            self.step_statistics.append(self.last_step_statistics())
+
+
+def run_case(stage: int, name: str, output_dir: str) -> dict:
+    overrides = dict(
+        per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1, max_grad_norm=1.0, gns_ema_decay=0.99
+    )
+    overrides.update(CASES[name])
+    if stage:
+        overrides.update(use_cpu=False, deepspeed=zero_config(stage))
+    args = make_args(output_dir, **overrides)
+    trainer = RecordingTrainer(model=tiny_gpt2(), args=args, train_dataset=FixedTokens())
+    assert dist.get_world_size() == 2 and args.world_size == 2, "run under torchrun --nproc_per_node 2"
+    assert trainer.is_deepspeed_enabled == bool(stage)
+    trainer.train()
+    if stage:
+        assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
+        assert trainer.model_wrapped.zero_optimization_stage() == stage
+    logs = [entry for entry in trainer.state.log_history if "gns" in entry]
+    keys = ("gns", "gns_sq_norm", "gns_trace_cov", "batch_size", "gns_calibrated", "gns_calibration_ratio")
+    return {
+        "statistics": trainer.step_statistics,
+        "logs": [{k: entry[k] for k in keys if k in entry} for entry in logs],
+        "calibration": trainer.gns_calibration.state_dict() if trainer.gns_calibration.enabled else None,
+    }
+
+
+def main():
+    stage, out = int(sys.argv[1]), sys.argv[2]
+    if stage:
+        cpu_deepspeed_state()
+    hf_gns.set_backend("torch")
+    results = {}
+    for name in CASES:
+        with tempfile.TemporaryDirectory() as output_dir:
+            results[name] = run_case(stage, name, output_dir)
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(results, f, default=lambda t: t.tolist() if isinstance(t, torch.Tensor) else str(t))
+
+
+if __name__ == "__main__":
+    main()

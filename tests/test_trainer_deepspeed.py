@@ -1,0 +1,72 @@
+"""DeepSpeed ZeRO-2/3 under Accelerate gives DDP's GNS statistics on the same data (relative 1e-5).
+
+`deepspeed_two_processes.py` runs the same cases under DDP (gloo) and under DeepSpeed ZeRO
+(CPU accelerator, gloo), two processes each: gradient accumulation, calibration steps,
+`gns_track="all"` (the engine's global norm) and batch control (the accumulated micro-batches
+change from step to step). Every step's Σ_i |c_i|² and |G_B|² per group and every logged GNS
+must agree. Needs the `deepspeed` extra (`pip install -e ".[deepspeed]"`); skipped without it.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def run_two_processes(stage: int, out: str) -> dict:
+    env = dict(os.environ, HF_GNS_BACKEND="torch", OMP_NUM_THREADS="1")
+    if stage:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.pop("ACCELERATE_USE_CPU", None)
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [os.path.join(TESTS, "deepspeed_two_processes.py"), str(stage), out]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return run_two_processes(0, str(tmp_path_factory.mktemp("ddp") / "ddp.json"))
+
+
+def assert_close_rel(actual, expected, what, rel=1e-5):
+    assert actual == pytest.approx(expected, rel=rel, abs=0), (what, actual, expected)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_gives_the_ddp_statistics(ddp, stage, tmp_path):
+    zero = run_two_processes(stage, str(tmp_path / "zero.json"))
+    assert zero.keys() == ddp.keys()
+    for case, expected in ddp.items():
+        got = zero[case]
+        assert len(got["statistics"]) == len(expected["statistics"]) > 0, case
+        for step, (a, b) in enumerate(zip(got["statistics"], expected["statistics"])):
+            assert a["batch_size"] == b["batch_size"], (case, step)
+            for key in ("example_sq_norm_sum", "batch_sq_norm"):
+                if case == "all_layers":  # under DeepSpeed: the total only (the engine's global norm)
+                    assert list(a[key]) == ["total"]
+                for group, value in a[key].items():
+                    assert_close_rel(value, b[key][group], (case, step, key, group))
+        assert len(got["logs"]) == len(expected["logs"]), case
+        for a, b in zip(got["logs"], expected["logs"]):
+            for key, value in b.items():
+                if isinstance(value, float) and math.isnan(value):
+                    assert math.isnan(a[key]), (case, key)
+                else:
+                    assert_close_rel(a[key], value, (case, key))
+    sizes = [s["batch_size"] for s in zero["batch_control"]["statistics"]]
+    assert sizes[0] < sizes[-1], sizes  # the number of accumulated micro-batches changed
+    assert math.isfinite(zero["calibration"]["logs"][-1]["gns_calibrated"])
