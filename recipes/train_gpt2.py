@@ -23,6 +23,7 @@ import difflib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -61,6 +62,7 @@ from hf_gns.data import (
 from hf_gns.logging_outputs import TokenProgressCallback, TrainingCurvesCallback, plot_training_curves
 from hf_gns.metrics import load_perplexity_metric, perplexity_compute_metrics, sequence_nll
 from hf_gns.trainer import GNSTrainer, GNSTrainingArguments
+from hf_gns.trainer.arguments import check_examples_per_step
 from hf_gns.trainer.batch_arguments import controller_from_arguments
 from hf_gns.trainer.interrupt import SaveOnInterruptCallback
 from hf_gns.trainer.resume import (
@@ -220,8 +222,8 @@ def parse_arguments(argv: list[str] | None = None):
         return parser.parse_args_into_dataclasses(args=argv)
     except UsageError:
         raise
-    except ValueError as error:  # unknown flags, and TrainingArguments' own checks
-        raise UsageError(str(error)) from error
+    except ValueError as error:  # unknown flags, and TrainingArguments' own checks (hf_gns's among them)
+        raise UsageError(_flag_names(str(error))) from error
     except ImportError as error:  # TrainingArguments imports what --deepspeed needs
         if "deepspeed" in str(error).lower():
             raise UsageError(DEEPSPEED_REFUSED) from error
@@ -318,19 +320,25 @@ def check_training_arguments(training_args: GNSTrainingArguments):
         raise UsageError(_flag_names(str(error))) from error
     # A GNS needs two examples per optimizer step (the variance of one is undefined): refused at
     # the start rather than a run whose GNS is never measured and whose batch never moves.
-    smallest = min(controller.batch_size, controller.quantize(controller.min_batch_size))
-    if smallest < 2:
-        raise UsageError(
-            f"the global batch can be {smallest} example per optimizer step, and the GNS needs at least 2: "
-            "use --per_device_train_batch_size 2 or more, or --batch_size_start 2 --batch_size_min 2"
-        )
+    # (GNSTrainingArguments refuses it when parsed; again here for arguments changed since.)
+    try:
+        check_examples_per_step(training_args)
+    except ValueError as error:
+        raise UsageError(_flag_names(str(error))) from error
     return controller
+
+
+_LIBRARY_ARGUMENTS = (
+    "batch_size_min", "batch_size_max", "batch_size_start", "min_batch_size", "max_batch_size",
+    "per_device_train_batch_size", "gradient_accumulation_steps",
+)  # fmt: skip
 
 
 def _flag_names(message: str) -> str:
     """Library messages name arguments (`batch_size_max`); the command line has flags (`--batch_size_max`)."""
-    for name in ("batch_size_min", "batch_size_max", "batch_size_start", "min_batch_size", "max_batch_size"):
-        message = message.replace(f"{name}=", f"--{name.replace('min_batch_size', 'batch_size_min')}=")
+    for name in _LIBRARY_ARGUMENTS:
+        flag = f"--{name.replace('min_batch_size', 'batch_size_min')}"
+        message = re.sub(rf"(?<![-\w]){name}(?=[= ]|$)", flag, message)
     message = message.replace("granularity='example'", "--batch_size_granularity example")
     message = message.replace("multiplier must", "--gns_batch_multiplier must")
     return message.replace("--max_batch_size", "--batch_size_max").rstrip(".")

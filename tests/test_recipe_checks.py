@@ -69,17 +69,24 @@ def _refused(recipe, tmp_path, argv, message):
         (["--block_size", "100000"], "--block_size 100000 exceeds --model_size tiny's context length 64"),
         (["--deepspeed", "ds_config.json"], "--deepspeed: GNSTrainer does not support DeepSpeed"),
         # item 2: one example per optimizer step can never give a GNS
-        (["--per_device_train_batch_size", "1"], "global batch can be 1 example .* the GNS needs at least 2"),
-        (["--per_device_train_batch_size", "1", "--batch_size_start", "2"], "can be 1 example"),  # min: 1
+        (["--per_device_train_batch_size", "1", "--batch_size_min", "1"],
+         "global batch can be 1 example .* the GNS needs at least 2 .*--batch_size_min=1 allows it"),
+        (["--per_device_train_batch_size", "1", "--batch_size_max", "1"], "--batch_size_max=1: set it to 2"),
     ],
 )  # fmt: skip
 def test_bad_arguments_are_refused_before_any_data_work(recipe, no_data, tmp_path, argv, message):
     _refused(recipe, tmp_path, argv, message)
 
 
-def test_a_global_batch_of_two_is_accepted(recipe, no_data, tmp_path):
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--per_device_train_batch_size", "1"],  # batch control starts (and stays) at 2 examples
+        ["--per_device_train_batch_size", "1", "--batch_size_start", "2", "--batch_size_min", "2"],
+    ],
+)
+def test_a_global_batch_of_two_is_accepted(recipe, no_data, tmp_path, argv):
     # item 2, the other side: batch control starting and staying at >= 2 examples passes the checks
-    argv = ["--per_device_train_batch_size", "1", "--batch_size_start", "2", "--batch_size_min", "2"]
     with pytest.raises(DataWorkStarted):
         recipe.main(["--output_dir", str(tmp_path / "run")] + argv)
 

@@ -82,7 +82,7 @@ def test_the_stream_refuses_a_collator_that_flattens_examples_into_fewer_rows():
 # ---- in the trainer -------------------------------------------------------------------------
 
 # Global batches per step of a (tokens -> batch) schedule: SEQ_LEN = 8 tokens per example.
-SCHEDULE = [(0, 3), (8 * 6, 7), (8 * 20, 1), (8 * 22, 5), (8 * 40, 2)]
+SCHEDULE = [(0, 3), (8 * 6, 7), (8 * 20, 2), (8 * 22, 5), (8 * 36, 2)]  # >= 2: batch control's lower bound
 
 
 def schedule_file(tmp_path):
@@ -187,7 +187,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
         max_tokens=8 * 44,
         batch_size_policy="gns",
         gns_calibrate_every=0,  # the policy on the measured GNS (calibration: test_gns_calibration_trainer)
-        batch_size_min=1,
+        batch_size_min=2,  # a GNS needs 2 examples a step (check_examples_per_step)
         batch_size_max=9,
         batch_size_hysteresis=0.0,
         batch_size_min_interval_steps=2,

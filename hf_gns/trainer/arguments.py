@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from transformers import TrainingArguments
 
 from ..gns.groups import GROUPINGS
-from .batch_arguments import BatchControlArguments
+from .batch_arguments import MIN_EXAMPLES_PER_STEP, BatchControlArguments, smallest_global_batch
 
 GNS_TRACK_CHOICES = ("norms", "all")
 GNS_INCOMPLETE_CHOICES = ("error", "warn")
@@ -167,11 +167,56 @@ def calibration_settings(args, batch_size_policy: str | None) -> tuple[int, str]
     return every, signal
 
 
+def check_examples_per_step(args, world_size: int | None = None) -> None:
+    """Raise `ValueError` (one line, naming the options) when an optimizer step can hold fewer than 2
+    examples, so that the GNS could never be measured (`MIN_EXAMPLES_PER_STEP`).
+
+    The smallest global batch is `per_device_train_batch_size × gradient_accumulation_steps ×
+    world_size`, or with batch control the smallest the controller may choose (its first batch and
+    its lower bound, `smallest_global_batch`; unset, they default to 2 or more). An example is a row
+    of the batch here: a row that packs several documents (padding-free) or a DPO pair holds more, so
+    TRL configs (`gns_config`) are not checked; `GNSTrainingArguments` and `GNSTrainer` are.
+
+    Args:
+        args (`TrainingArguments`): with or without the batch-control fields.
+        world_size (`int`, *optional*): data-parallel processes; defaults to `args.world_size`.
+    """
+    micro_batch = args.per_device_train_batch_size
+    if micro_batch < 1:
+        raise ValueError(f"per_device_train_batch_size must be at least 1, got {micro_batch}")
+    world = args.world_size if world_size is None else world_size
+    controlled = getattr(args, "batch_control_enabled", False)
+    if controlled and args.batch_size_max is not None and args.batch_size_max < MIN_EXAMPLES_PER_STEP:
+        smallest, how = args.batch_size_max, f"batch_size_max={args.batch_size_max}: set it to 2 or more"
+    else:
+        smallest = smallest_global_batch(args, world, micro_batch)
+        if controlled:
+            how = f"batch_size_min={args.batch_size_min} allows it: set batch_size_min=2 or more (unset: 2)"
+        else:
+            how = (
+                f"per_device_train_batch_size={micro_batch} x gradient_accumulation_steps="
+                f"{args.gradient_accumulation_steps} x {world} process{'es' if world > 1 else ''}: use "
+                "per_device_train_batch_size=2 or gradient_accumulation_steps=2"
+            )
+    if smallest < MIN_EXAMPLES_PER_STEP:
+        raise ValueError(
+            f"the global batch can be {smallest} example per optimizer step, and the GNS needs at least "
+            f"{MIN_EXAMPLES_PER_STEP} (the variance of one example is undefined): {how}"
+        )
+
+
 @dataclass
 class GNSTrainingArguments(GNSArguments, BatchControlArguments, TrainingArguments):
     """`transformers.TrainingArguments` plus the GNS options (`GNSArguments`) and the batch-size
     controller and token-schedule options (`BatchControlArguments`, `hf_gns.trainer.batch_arguments`:
-    `max_tokens`, `batch_size_policy`, `lr_schedule`, ...)."""
+    `max_tokens`, `batch_size_policy`, `lr_schedule`, ...).
+
+    Refuses, when built, a global batch that can be smaller than 2 examples (`check_examples_per_step`).
+    """
+
+    def __post_init__(self):
+        super().__post_init__()  # TrainingArguments' own: the world size is known after it
+        check_examples_per_step(self)
 
 
 @functools.cache

@@ -61,10 +61,12 @@ class BatchControlArguments:
         max_tokens (`int`, *optional*): training budget in global tokens; training stops at the first
             optimizer step that reaches it. Token LR schedules decay over it.
         batch_size_start (`int`, *optional*): global batch of the first step; defaults to
-            `world_size × per_device_train_batch_size`.
+            `world_size × per_device_train_batch_size`; rounded to a realizable batch within the bounds.
         batch_size_end (`int`, *optional*): `"linear"`: the global batch reached after the ramp.
         batch_size_ramp_tokens (`int`, *optional*): `"linear"`: tokens of the ramp; defaults to `max_tokens`.
-        batch_size_min (`int`, *optional*), batch_size_max (`int`, *optional*): bounds of the global batch.
+        batch_size_min (`int`, *optional*), batch_size_max (`int`, *optional*): bounds of the global batch;
+            the lower one defaults to 2 examples (a GNS needs two), rounded up to a realizable batch.
+            A lower bound that lets the batch be 1 example is refused (`check_examples_per_step`).
         batch_size_granularity (`str`, *optional*, defaults to `"micro_batch"`): `"micro_batch"`: global
             batches are multiples of `world_size × per_device_train_batch_size`; `"example"`: of
             `world_size` (a step's last micro-batch may be partial, the rest carried to the next step).
@@ -178,10 +180,27 @@ def check_batch_control_arguments(args) -> None:
         )
 
 
-def controller_from_arguments(args, world_size: int, micro_batch_size: int) -> BatchSizeController:
-    """The `BatchSizeController` that `args` describe, for `world_size` processes of `micro_batch_size`."""
-    policy_name = args.batch_size_policy or "constant"
+# The variance of one example's gradient is undefined: a GNS needs two examples per optimizer step,
+# so batch control's lower bound defaults to 2 (rounded up to a realizable batch), not to 1.
+MIN_EXAMPLES_PER_STEP = 2
+
+
+def _start_and_min(args, world_size: int, micro_batch_size: int) -> tuple[int, int]:
+    """(first global batch, lower bound) of batch control, defaults resolved (before rounding)."""
     start = args.batch_size_start or world_size * micro_batch_size
+    unit = world_size * micro_batch_size if args.batch_size_granularity == "micro_batch" else world_size
+    minimum = max(MIN_EXAMPLES_PER_STEP, unit) if args.batch_size_min is None else args.batch_size_min
+    return start, minimum
+
+
+def controller_from_arguments(args, world_size: int, micro_batch_size: int) -> BatchSizeController:
+    """The `BatchSizeController` that `args` describe, for `world_size` processes of `micro_batch_size`.
+
+    Unset bounds: `batch_size_min` is 2 examples (a GNS needs two), rounded up to a realizable batch,
+    and the first batch (`batch_size_start`, default `world_size × micro_batch_size`) is raised to it.
+    """
+    policy_name = args.batch_size_policy or "constant"
+    start, minimum = _start_and_min(args, world_size, micro_batch_size)
     policies = {
         "constant": lambda: ConstantPolicy(start),
         "linear": lambda: LinearRampPolicy(
@@ -201,13 +220,36 @@ def controller_from_arguments(args, world_size: int, micro_batch_size: int) -> B
         world_size=world_size,
         micro_batch_size=micro_batch_size,
         granularity=args.batch_size_granularity,
-        min_batch_size=args.batch_size_min,
+        min_batch_size=minimum,
         max_batch_size=args.batch_size_max,
         hysteresis=args.batch_size_hysteresis,
         min_interval_tokens=args.batch_size_min_interval_tokens,
         min_interval_steps=args.batch_size_min_interval_steps,
         monotonic=args.batch_size_monotonic,
     )
+
+
+def smallest_global_batch(args, world_size: int, micro_batch_size: int) -> int:
+    """The smallest global batch (examples) an optimizer step can have under `args`.
+
+    Without batch control: `micro_batch_size × gradient_accumulation_steps × world_size`. With it: the
+    smaller of the controller's first batch and its lower bound (what a reactive policy may go down to).
+    Raises the controller's `ValueError` on bounds that hold no realizable batch.
+    """
+    if not getattr(args, "batch_control_enabled", False):
+        return micro_batch_size * getattr(args, "gradient_accumulation_steps", 1) * world_size
+    # The bounds and rounding of `controller_from_arguments`, without building (or reading) the policy.
+    start, minimum = _start_and_min(args, world_size, micro_batch_size)
+    controller = BatchSizeController(
+        ConstantPolicy(1),
+        initial_batch_size=start,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size,
+        granularity=args.batch_size_granularity,
+        min_batch_size=minimum,
+        max_batch_size=args.batch_size_max,
+    )
+    return min(controller.batch_size, controller.quantize(controller.min_batch_size))
 
 
 def lr_schedule_from_arguments(

@@ -177,7 +177,7 @@ class BatchSizeControlMixin:
             world_size=controller.world_size,
             micro_batch_size=controller.micro_batch_size,
             granularity=controller.granularity,
-            min_batch_size=self.args.batch_size_min,
+            min_batch_size=controller.min_batch_size,  # its default: 2 examples (a GNS needs two)
             max_batch_size=self.args.batch_size_max,
             hysteresis=controller.hysteresis,
             min_interval_tokens=controller.min_interval_tokens,

@@ -9,8 +9,9 @@ position among them) before `BatchSizeControlMixin.train` reads them, and so tha
 
 from __future__ import annotations
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
+from .arguments import check_examples_per_step
 from .batching import BatchSizeControlMixin
 from .measurement import GNSMixin
 
@@ -32,4 +33,13 @@ class GNSTrainer(GNSMixin, BatchSizeControlMixin, Trainer):
     >>> trainer.train()
     >>> trainer.current_gns()  # examples
     ```
+
+    Raises:
+        `ValueError`: before anything else, when an optimizer step can hold fewer than 2 examples
+            (`check_examples_per_step`): the GNS could never be measured.
     """
+
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        if isinstance(args, TrainingArguments):  # None: the Trainer's default, 8 examples a step
+            check_examples_per_step(args)
+        super().__init__(model, args, *rest, **kwargs)
