@@ -250,6 +250,20 @@ def test_patching_a_model_with_nothing_to_patch_warns_and_stats_say_so():
         hf_gns.per_example_sq_norms(model)
 
 
+def test_before_any_backward_every_tracked_parameter_has_an_empty_tensor():
+    # issue 16 item 7: documented (README "Using it", the docstring): (0,) means no value yet, not a norm of 0
+    model = tiny_model("gpt2")
+    report = hf_gns.patch(model)
+    for norms in (hf_gns.per_example_sq_norms(model), None):
+        if norms is None:  # again after a step and zero_stats
+            loss_of(model, tiny_batch(seed=1)).backward()
+            assert all(v.shape == (BATCH,) for v in hf_gns.per_example_sq_norms(model).values())
+            hf_gns.zero_stats(model)
+            norms = hf_gns.per_example_sq_norms(model)
+        assert list(norms) == report.tracked_parameters
+        assert all(v.shape == (0,) and v.dtype == torch.float32 for v in norms.values())
+
+
 def test_tracked_parameter_names_are_known_before_any_backward():
     model = tiny_model("gpt2")
     report = hf_gns.patch(model)
