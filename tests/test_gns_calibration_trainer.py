@@ -191,14 +191,24 @@ def test_calibration_options(tmp_path):
             make_args(tmp_path, **bad)
 
 
-def test_two_processes_all_reduce_the_calibration(tmp_path):
-    """DDP on 2 CPU processes, accumulation 2: calibrated every step == all-layer GNS, on both ranks."""
+def _run_two_processes(script, *script_args):
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_GNS_BACKEND="torch", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [os.path.join(tests, "gns_calibration_two_processes.py"), str(tmp_path)]
+    command += [os.path.join(tests, script), *script_args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def test_two_processes_all_reduce_the_calibration(tmp_path):
+    """DDP on 2 CPU processes, accumulation 2: calibrated every step == all-layer GNS, on both ranks."""
+    _run_two_processes("gns_calibration_two_processes.py", str(tmp_path))
     result = json.loads((tmp_path / "ok.json").read_text())
     assert len(result["calibrated"]) == 6 and all(ratio > 0 for _, _, ratio in result["calibrated"])
+
+
+def test_fsdp2_calibration_steps_give_the_unsharded_statistics():
+    """FSDP2 on 2 CPU processes: layer reductions on, off, on; the (all, norms) statistics of each
+    step equal one unsharded process's (asserted in the script)."""
+    _run_two_processes("gns_calibration_fsdp2_two_processes.py")
