@@ -289,7 +289,8 @@ def plot(groups: dict[str, list[dict]], targets: dict[str, float], path: Path) -
     except ImportError:
         print("matplotlib is not installed: no plot")
         return False
-    fig, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(5.2 * (len(targets) + 1), 4.4), squeeze=False)
+    _plot_batches(axes[0][-1], groups)
     for ax, (name, target) in zip(axes[0], targets.items()):
         curve, plotted = [], False
         for label, runs in groups.items():
@@ -322,6 +323,29 @@ def plot(groups: dict[str, list[dict]], targets: dict[str, float], path: Path) -
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _plot_batches(ax, groups: dict[str, list[dict]]) -> None:
+    """The adaptive runs' global batch and the GNS they saw (calibrated when calibrating) vs tokens."""
+    for label, runs in groups.items():
+        if label.startswith("constant"):
+            continue
+        color = "tab:red" if label.startswith("gns") else "tab:green"  # as in the other panels
+        for index, run in enumerate(runs):
+            points = [e for e in run["evals"] if e.get("batch_size")]
+            tokens = [e["tokens"] / 1e6 for e in points]
+            ax.step(tokens, [e["batch_size"] for e in points], where="post", color=color, alpha=0.8,
+                    label=f"{label}: batch" if index == 0 else None)  # fmt: skip
+            gns = [(e["tokens"] / 1e6, e.get("gns_calibrated") or e.get("gns")) for e in points]
+            gns = [(t, g) for t, g in gns if g and g > 0 and label.startswith("gns")]
+            if gns:
+                ax.plot(*zip(*gns), color=color, linestyle=":", alpha=0.8,
+                        label=f"{label}: GNS it follows" if index == 0 else None)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("global batch / GNS (examples)")
+    ax.set_title("adaptive runs: batch and GNS (evaluation points)", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
