@@ -72,7 +72,8 @@ class _Holes(nn.Module):
         self.proj = nn.Linear(width, width)
         self.frozen = nn.Linear(width, width)
         self.frozen.requires_grad_(False)
-        self.conv = nn.Conv1d(width, width, 1)
+        self.conv = nn.Conv1d(width, width, 1)  # tracked
+        self.conv2d = nn.Conv2d(width, width, 1)  # not supported
         self.experts = _Experts(2, width)
         self.scale = nn.Parameter(torch.ones(width))  # raw parameter used in forward
         self.twin = nn.Linear(width, width, bias=False)
@@ -82,6 +83,7 @@ class _Holes(nn.Module):
     def forward(self, x):  # (B, T, D)
         x = self.frozen(self.proj(self.norm(x))) * self.scale
         x = self.conv(x.transpose(1, 2)).transpose(1, 2) + self.experts(x)
+        x = x + self.conv2d(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
         return self.twin_again(self.twin(x))
 
 
@@ -89,16 +91,24 @@ def test_report_lists_every_untracked_trainable_parameter_with_its_reason():
     model = _Holes()
     report = hf_gns.patch(model, targets="all")
     reasons = {entry.name: entry.reason for entry in report.untracked}
-    tracked = {"norm.weight", "norm.bias", "proj.weight", "proj.bias", "twin.weight"}  # twins: summed
-    assert set(report.tracked_parameters) == tracked
-    assert set(reasons) == {"conv.weight", "conv.bias", "experts.gate_up_proj", "scale"}
-    assert "Conv1d" in reasons["conv.weight"] and "not supported" in reasons["conv.bias"]
+    tracked = {
+        "norm.weight",
+        "norm.bias",
+        "proj.weight",
+        "proj.bias",
+        "twin.weight",
+        "conv.weight",
+        "conv.bias",
+    }
+    assert set(report.tracked_parameters) == tracked  # twins: summed
+    assert set(reasons) == {"conv2d.weight", "conv2d.bias", "experts.gate_up_proj", "scale"}
+    assert "Conv2d" in reasons["conv2d.weight"] and "not supported" in reasons["conv2d.bias"]
     assert "fused MoE expert weights (2, 8, 8)" in reasons["experts.gate_up_proj"]
     assert reasons["scale"] == "raw parameter used functionally by _Holes.forward: not tracked"
     names = dict(model.named_parameters())
     assert all(name in names for name in [*report.tracked_parameters, *reasons])
     assert report.trainable_elements == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert report.tracked_elements == 2 * 8 + 8 * 8 + 8 + 8 * 8  # norm, proj, twin
+    assert report.tracked_elements == 2 * 8 + 8 * 8 + 8 + 8 * 8 + 8 * 8 + 8  # norm, proj, twin, conv
     assert f"coverage: {report.tracked_elements:,} of {report.trainable_elements:,}" in str(report)
     assert "untracked  scale" in str(report) and "frozen.weight" not in reasons
 

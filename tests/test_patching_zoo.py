@@ -26,20 +26,10 @@ KNOWN_UNBUILDABLE: dict[str, str] = {
     "gemma4_unified_assistant": "draft model: its forward needs the target model's shared_kv_states",
 }
 
-_OUTSIDE = (
-    "weight used outside its module's forward: tracked but no values, which check_step_statistics "
-    "flags (issue 13 part 4)"
-)
-
 # Model types whose patch is not exact (or skips norms with parameters), per mode, with the reason.
 KNOWN_NOT_EXACT: dict[str, dict[str, str]] = {
     "norms": {},
-    "all": {
-        **dict.fromkeys(("falcon_mamba", "jamba", "mamba"), _OUTSIDE + ": dt_proj.weight @ ..."),
-        "longcat_flash": _OUTSIDE + ": F.linear(x, router.classifier.weight)",
-        "prophetnet": _OUTSIDE + ": ngram_embeddings.weight",
-        "gemma3n_text": _OUTSIDE + ": altup.correction_coefs.weight",
-    },
+    "all": {},
 }
 
 

@@ -37,10 +37,13 @@ def _owner_modules(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
-def _structural_reason(module: nn.Module, attr: str, param) -> str:
+def structural_reason(module: nn.Module, attr: str, param) -> str:
     cls = type(module).__name__
     if isinstance(module, nn.modules.conv._ConvNd):
         return f"{cls} (nn.{cls}) not supported"
+    if attr.endswith("_bias") and hasattr(module, "has_bias") and "expert" in cls.lower():
+        shape = tuple(param.shape)
+        return f"expert bias {shape}: added outside the per-example op (two sink columns per module)"
     if param.dim() >= 3 and ("expert" in cls.lower() or "expert" in attr.lower()):
         return f"fused MoE expert weights {tuple(param.shape)} not supported"
     return f"raw parameter used functionally by {cls}.forward: not tracked"
@@ -67,7 +70,7 @@ def untracked_parameters(model: nn.Module, report: PatchReport, targets: str) ->
         elif len(holders) > 1:
             reason = "shared weight: also held by " + ", ".join(repr(n) for n, _ in holders[1:])
         else:
-            reason = _structural_reason(module, attr, param)
+            reason = structural_reason(module, attr, param)
         untracked.append(UntrackedParameter(name, param.numel(), module_name, type(module).__name__, reason))
     return untracked
 

@@ -69,6 +69,7 @@ class NormPatch:
     routing: CallRouting | None = None
     reports: bool = True
     layout: ExampleLayout = field(default_factory=ExampleLayout)
+    dropped_columns: frozenset = frozenset()  # parameters found used outside the module (`outside_use.py`)
 
     def __post_init__(self):
         if self.sinks is None:
@@ -116,7 +117,9 @@ class NormPatch:
     def reported_parameters(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
         """`own_parameters`, or none where another module sharing them reports them."""
         own = self.own_parameters(module)
-        return own if self.reports else (None,) * len(own)
+        if not self.reports:
+            return (None,) * len(own)
+        return tuple(None if column in self.dropped_columns else p for column, p in enumerate(own))
 
     def tracks_gradients(self, module: nn.Module) -> bool:
         """True when this call's backward will produce parameter gradients worth measuring."""

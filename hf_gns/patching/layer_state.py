@@ -91,6 +91,8 @@ class LayerPatch:
         routing (`CallRouting`, *optional*): squared-norm path, or per-example gradient vectors
             for layers called several times per forward or sharing their weight (set by `bind_layers`).
         layout (`ExampleLayout`): where its inputs' examples are (sequence-first or not).
+        dropped_columns (`frozenset[int]`): sink columns no longer reported (their parameter is
+            used outside this module's forward, `outside_use.py`).
     """
 
     name: str
@@ -104,14 +106,19 @@ class LayerPatch:
     enabled: bool = True
     routing: CallRouting | None = None
     layout: ExampleLayout = field(default_factory=ExampleLayout)
+    dropped_columns: frozenset = frozenset()
 
     def __post_init__(self):
         if self.sinks is None:
             self.sinks = SquaredNormSinks(self.name)
 
     def reported_parameters(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
-        """The parameter behind each sink column (None where nothing is reported)."""
-        return tuple(None if attr is None else getattr(module, attr, None) for attr in self.reported)
+        """The parameter behind each sink column (None where nothing is reported, or where the
+        parameter was found used outside this module, `outside_use.py`)."""
+        return tuple(
+            None if attr is None or column in self.dropped_columns else getattr(module, attr, None)
+            for column, attr in enumerate(self.reported)
+        )
 
     def tracks_gradients(self, module: nn.Module) -> bool:
         """True when this call's backward will produce parameter gradients worth measuring
@@ -120,3 +127,14 @@ class LayerPatch:
             return False
         bias = getattr(module, "bias", None)
         return module.weight.requires_grad or (isinstance(bias, torch.Tensor) and bias.requires_grad)
+
+
+class ParameterPatch(LayerPatch):
+    """A `LayerPatch` whose sink columns are named parameters of the module (`reported`), for
+    modules without a Linear's `weight`/`bias` pair: fused experts (`experts.py`) and modules
+    using their parameters functionally (`own_parameters.py`)."""
+
+    def tracks_gradients(self, module: nn.Module) -> bool:
+        if not (self.enabled and torch.is_grad_enabled()):
+            return False
+        return any(p is not None and p.requires_grad for p in self.reported_parameters(module))

@@ -24,9 +24,18 @@ import torch
 from torch import nn
 
 from ..kernels.linear_cost import LINEAR_METHODS
-from .detect import shared_module_names
+from .conv import conv_unsupported_reason, describe_conv, patched_conv_forward
+from .detect import is_norm_like, shared_module_names
 from .embedding_norms import describe_embedding, embedding_unsupported_reason, patched_embedding_forward
 from .example_grads import CallRouting
+from .experts import (
+    ExpertsPatch,
+    describe_experts,
+    experts_unsupported_reason,
+    is_experts_like,
+    patched_experts_forward,
+    probe_experts,
+)
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch, TiedLink
 from .linear_norms import (
     describe_linear,
@@ -36,9 +45,29 @@ from .linear_norms import (
     patched_linear_forward,
 )
 from .model_hook import ModelForwardHook
+from .own_parameters import (
+    describe_own_parameters,
+    own_parameters_candidate,
+    patched_own_parameters_forward,
+    plan_own_parameters,
+)
 from .report import PatchedLayer, SkippedLayer
 
-_FORWARDS = (patched_linear_forward, patched_embedding_forward)
+_FORWARDS = (
+    patched_linear_forward,
+    patched_embedding_forward,
+    patched_experts_forward,
+    patched_own_parameters_forward,
+    patched_conv_forward,
+)
+
+
+# state.method → forward of the kinds bound without call routing
+_UNROUTED_FORWARDS = {
+    "experts": patched_experts_forward,
+    "call": patched_own_parameters_forward,
+    "conv": patched_conv_forward,
+}
 
 
 @dataclass
@@ -55,7 +84,16 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-def _own_reason(module: nn.Module) -> str | None:
+def _own_reason(module: nn.Module, probed: dict[type, str | None] | None = None) -> str | None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return conv_unsupported_reason(module)
+    if is_experts_like(module):
+        reason = experts_unsupported_reason(module)
+        if reason is None and probed is not None:
+            if type(module) not in probed:  # one verified instance vouches for its class (same forward)
+                probed[type(module)] = probe_experts(module)
+            reason = probed[type(module)]
+        return reason
     if isinstance(module, nn.Embedding):
         return embedding_unsupported_reason(module)
     return linear_unsupported_reason(module)
@@ -83,27 +121,41 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
     shared = shared_module_names(model)
     owners = _owners_by_weight(model)
     candidates: list[tuple[str, nn.Module]] = []
+    probed: dict[type, str | None] = {}
+    probed_calls: dict[type, str | None] = {}
     for name, module in model.named_modules():
-        if not (isinstance(module, nn.Embedding) or is_linear_like(module)):
+        experts = is_experts_like(module)
+        conv = isinstance(module, nn.modules.conv._ConvNd)
+        if not (experts or conv or isinstance(module, nn.Embedding) or is_linear_like(module)):
+            if _takes_per_example_call(module):
+                _plan_call(plan, names, owners, shared, name, module, probed_calls)
             continue
         existing = module.__dict__.get(LAYER_ATTRIBUTE)
         if existing is not None:
             reported = existing.reported_parameters(module)
             tracked = tuple(names[id(p)] for p in reported if p is not None and p.requires_grad)
-            described = (
-                describe_embedding(module)
-                if isinstance(module, nn.Embedding)
-                else describe_linear(module, existing.method)
-            )
+            if experts:
+                described = describe_experts(module)
+            elif conv:
+                described = describe_conv(module)
+            elif isinstance(module, nn.Embedding):
+                described = describe_embedding(module)
+            else:
+                described = describe_linear(module, existing.method)
             plan.patched.append(PatchedLayer(name, type(module).__name__, described, "earlier call", tracked))
             plan.tracked.extend(tracked)
             continue
-        reason = _own_reason(module)
+        reason = _own_reason(module, probed)
         if reason is None and id(module) in shared:
             others = ", ".join(repr(n) for n in shared[id(module)] if n != name)
             reason = f"the same module is also registered as {others}"
         if reason is None and not _trainable(module):
             reason = "frozen (requires_grad=False): nothing to track"
+        if reason is None and (experts or conv):
+            plan_kind = _plan_experts if experts else _plan_conv
+            reason = plan_kind(plan, names, owners, name, module, linear_method)
+            if reason is None:
+                continue
         if reason is not None:
             plan.skipped.append(SkippedLayer(name, type(module).__name__, reason, _trainable(module)))
             continue
@@ -166,6 +218,96 @@ def _plan_one(
     plan.to_bind.append((module, state))
 
 
+def _takes_per_example_call(module: nn.Module) -> bool:
+    """A module of no other kind holding trainable parameters of its own (`own_parameters.py`)."""
+    if is_norm_like(module) or isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    return own_parameters_candidate(module)
+
+
+def _plan_call(
+    plan: LayerPlan,
+    names: dict[int, str],
+    owners: dict[int, list[str]],
+    shared: dict[int, list[str]],
+    name: str,
+    module: nn.Module,
+    probed: dict[type, str | None],
+) -> None:
+    """Plan a module that uses its own parameters functionally, or record why it is not tracked."""
+    existing = module.__dict__.get(LAYER_ATTRIBUTE)
+    if existing is not None:
+        tracked = tuple(names[id(p)] for p in existing.reported_parameters(module) if p is not None)
+        described = describe_own_parameters(module)
+        plan.patched.append(PatchedLayer(name, type(module).__name__, described, "earlier call", tracked))
+        plan.tracked.extend(tracked)
+        return
+    own = list(module.parameters(recurse=False))
+    held_elsewhere = [h for p in own for h in owners[id(p)] if h != name]
+    if id(module) in shared or held_elsewhere:
+        return  # the report's coverage names the sharing
+    state = plan_own_parameters(name, module, probed)
+    if state is None:
+        return
+    if isinstance(state, str):
+        plan.skipped.append(SkippedLayer(name, type(module).__name__, state, True))
+        return
+    reported = [p for p in state.reported_parameters(module) if p is not None]
+    tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
+    described = describe_own_parameters(module)
+    plan.patched.append(PatchedLayer(name, type(module).__name__, described, "targets=all", tracked))
+    plan.tracked.extend(tracked)
+    plan.to_bind.append((module, state))
+
+
+def _plan_experts(
+    plan: LayerPlan,
+    names: dict[int, str],
+    owners: dict[int, list[str]],
+    name: str,
+    module: nn.Module,
+    method: str,
+) -> str | None:
+    """Plan a fused-experts module (`experts.py`), or the reason it cannot be."""
+    state = ExpertsPatch(name, ("gate_up_proj" if module.has_gate else "up_proj", "down_proj"), method)
+    reported = [p for p in state.reported_parameters(module) if p is not None]
+    for param in reported:
+        others = [holder for holder in owners[id(param)] if holder != name]
+        if others:
+            return f"{names.get(id(param), '?')} is also held by {', '.join(map(repr, others))}"
+    tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
+    plan.patched.append(
+        PatchedLayer(name, type(module).__name__, describe_experts(module), "targets=all", tracked)
+    )
+    plan.tracked.extend(tracked)
+    plan.to_bind.append((module, state))
+    return None
+
+
+def _plan_conv(
+    plan: LayerPlan,
+    names: dict[int, str],
+    owners: dict[int, list[str]],
+    name: str,
+    module: nn.Module,
+    method: str,
+) -> str | None:
+    """Plan an nn.Conv1d (`conv.py`), or the reason it cannot be."""
+    state = LayerPatch(name, ("weight", "bias"), "conv")
+    reported = [p for p in state.reported_parameters(module) if p is not None]
+    for param in reported:
+        others = [holder for holder in owners[id(param)] if holder != name]
+        if others:
+            return f"{names.get(id(param), '?')} is also held by {', '.join(map(repr, others))}"
+    tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
+    plan.patched.append(
+        PatchedLayer(name, type(module).__name__, describe_conv(module), "targets=all", tracked)
+    )
+    plan.tracked.extend(tracked)
+    plan.to_bind.append((module, state))
+    return None
+
+
 def _can_share(members: list[tuple[str, nn.Module]]) -> bool:
     """Linears (or Conv1Ds) of one layout holding one weight and one bias: summed per example."""
     first = members[0][1]
@@ -213,6 +355,13 @@ def _plan_shared(
 def bind_layers(plan: LayerPlan, model_hook: ModelForwardHook) -> None:
     """Rebind the planned modules' forwards; their sinks are prepared by `model_hook`."""
     for module, state in plan.to_bind:
+        forward = _UNROUTED_FORWARDS.get(state.method if not isinstance(state, ExpertsPatch) else "experts")
+        if forward is not None:  # kinds without call routing: one call a forward (more: the guard flags it)
+            state.model_hook = model_hook
+            model_hook.norms.append((module, state))
+            setattr(module, LAYER_ATTRIBUTE, state)
+            module.forward = types.MethodType(forward, module)
+            continue
         if state.routing is None:
             mode = "single" if state.tie is not None else "discover"  # a tie's link needs the sink path
             state.routing = CallRouting(state.name, state.sinks, _widths(module), mode)

@@ -19,9 +19,10 @@ from torch import nn
 from .coverage import fill_coverage
 from .detect import call_route_reason, find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
 from .forward import PATCH_ATTRIBUTE, NormPatch, patched_norm_forward, route_norms
-from .layers import bind_layers, plan_layers, unpatch_layers
+from .layers import bind_layers, layer_states, plan_layers, unpatch_layers
 from .liger import instance_forward, liger_kind, liger_norm_spec
 from .model_hook import PATCHED_MARK, attach_model_hook, bump_patch_generation, detach_model_hooks
+from .outside_use import OutsideUseFinder, detach_outside_use_finder
 from .per_example_call import own_parameter_names, probe_per_example_call
 from .probe import fallback_candidates, probe_norm
 from .registry import registered_spec
@@ -258,6 +259,10 @@ def patch(
             _bind(module, state)
         if layer_plan is not None:
             bind_layers(layer_plan, model_hook)
+    if layer_plan is not None:  # weights the model also uses outside their module: the first forward tells
+        detach_outside_use_finder(model)
+        states = [(m, m.__dict__[PATCH_ATTRIBUTE]) for m in model.modules() if PATCH_ATTRIBUTE in m.__dict__]
+        OutsideUseFinder(model, states + layer_states(model), report, strict).attach(model)
     return report
 
 
@@ -281,6 +286,7 @@ def unpatch(model: nn.Module) -> int:
         delattr(module, PATCH_ATTRIBUTE)
         restored += 1
     restored += unpatch_layers(model)
+    detach_outside_use_finder(model)
     detach_model_hooks(model)
     bump_patch_generation()
     return restored

@@ -140,6 +140,9 @@ def _candidate_shapes(module: nn.Module) -> list[tuple[int, ...]]:
         shapes += [(b, t, n), (b, t, n, 4), (b, n, 2, 2)]  # last: channels-first (B, C, H, W)
     else:
         shapes.append((b, t, *first.shape))
+        if first.dim() == 2:  # a raw weight used as F.linear(x, w) (router) or x @ w: input features;
+            # flattened (B·T, D) rows too (routers flatten their input: one example per row)
+            shapes += [(b, t, first.shape[-1]), (b, t, first.shape[0]), (b * t, first.shape[-1])]
     return shapes
 
 

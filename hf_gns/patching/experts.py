@@ -1,0 +1,196 @@
+"""Fused mixture-of-experts weights under `patch(targets="all")`: per-example norms of 3-D expert tensors.
+
+transformers 5.x stores a MoE layer's experts as 3-D parameters of one module, decorated
+by `transformers.integrations.moe.use_experts_implementation`: `gate_up_proj` (E, 2I, D)
+(or `up_proj` without a gate) and `down_proj` (E, D, I), transposed as (E, D, 2I) /
+(E, I, D) when `is_transposed`, optional biases (E, ·), a gate `_apply_gate` (concatenated
+or interleaved halves, GPT-OSS's clamp), an optional `post_expert_norm`. The module is
+called as `experts(hidden_states (N, D), top_k_index (N, k), top_k_weights (N, k))` on the
+batch's N = B·T tokens, flattened batch-major.
+
+Example b's gradient of expert e's slice is the sum over b's tokens routed to e; slices of
+different experts are disjoint blocks of the parameter, so
+
+    |c_b(gate_up_proj)|² = Σ_e |Σ_{t∈b, t→e} dY_t A_tᵀ|²
+
+The bound forward computes the experts as the backends do (rows grouped by expert, token
+order kept inside a group, so each example's rows are contiguous) and runs each expert's
+two projections through `linear_with_sq_norms` with the examples' row offsets in that
+group (the per-document path of `linear_op.py`; an example with no token there has an
+empty segment). Every call of one forward feeds ONE sink leaf, so autograd sums the
+per-expert squared norms into it: column 0 is the up (gate_up) weight, column 1 the down
+weight (sent through a column-swapped view of the sink). Expert biases (GPT-OSS) are
+added outside the op and are listed as untracked (two sink columns).
+
+Which modules: those with the decorator's attributes whose forward, on random routed
+tokens, equals this computation (`probe_experts`: one instance vouches for its class).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.linear_op import linear_forward, linear_with_sq_norms
+from ..kernels.linear_reference import example_of_rows
+from .layer_state import LAYER_ATTRIBUTE, LayerPatch, ParameterPatch
+
+_PROBE_TOKENS, _PROBE_TOP_K = 6, 2
+_PROBE_RTOL, _PROBE_ATOL = 1e-4, 1e-5
+
+
+def _up_name(module: nn.Module) -> str:
+    return "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+
+
+def experts_unsupported_reason(module: nn.Module) -> str | None:
+    """Why `module` is not a fused-experts module this file can run, or None."""
+    needed = ("has_gate", "has_bias", "is_transposed", "num_experts", "_apply_gate")
+    if not all(hasattr(module, attr) for attr in needed):
+        return "not a transformers experts module (use_experts_implementation)"
+    for attr in (_up_name(module), "down_proj"):
+        param = getattr(module, attr, None)
+        if not isinstance(param, torch.Tensor) or param.dim() != 3:
+            return f"no 3-D {attr!r} parameter"
+        if not param.is_floating_point():
+            return f"{attr} of dtype {param.dtype} (quantized?): not supported"
+        if param.device.type == "meta":
+            return "weights are on the meta device: patch after the weights are materialized"
+    if getattr(module, "_is_expert_parallel", False):
+        return "expert parallel: not supported"
+    return None
+
+
+def is_experts_like(module: nn.Module) -> bool:
+    """A module holding 3-D expert weights as transformers' experts modules do."""
+    return hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter)
+
+
+def describe_experts(module: nn.Module) -> str:
+    up = getattr(module, _up_name(module))
+    return f"{module.num_experts} experts {tuple(up.shape[1:])}, per-example sums over routed tokens"
+
+
+class ExpertsPatch(ParameterPatch):
+    """State of a patched experts module: sink columns (up weight, down weight)."""
+
+
+def run_experts(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    sink: torch.Tensor | None = None,
+    token_example: torch.Tensor | None = None,
+    n_examples: int = 1,
+    method: str = "auto",
+) -> torch.Tensor:
+    """The experts' output (N, D); with `sink`, per-example squared norms of the up and down weights
+    go to `sink.grad[:, 0]` and `[:, 1]` (examples given per token by `token_example`, (N,) int64)."""
+    n_tokens, top_k = top_k_index.shape[0], top_k_index.shape[-1]
+    x = hidden_states.reshape(n_tokens, -1)
+    up_weight, down_weight = getattr(module, _up_name(module)), module.down_proj
+    up_bias = getattr(module, f"{_up_name(module)}_bias", None) if module.has_bias else None
+    down_bias = getattr(module, "down_proj_bias", None) if module.has_bias else None
+    transposed = bool(module.is_transposed)
+    expert_ids = top_k_index.reshape(-1)  # (S,), S = N·k pairs, token-major
+    order = torch.sort(expert_ids, stable=True).indices  # grouped by expert, token order inside
+    counts = torch.bincount(expert_ids, minlength=module.num_experts)[: module.num_experts].tolist()  # sync
+    swapped = None if sink is None else sink.flip(1)  # the down projection reports into column 1
+    outputs, rows_done, start = [], [], 0
+    for expert, count in enumerate(counts):
+        rows = order[start : start + count]
+        start += count
+        if count == 0:
+            continue
+        tokens = rows // top_k
+        inputs = x[tokens]
+        offsets = None
+        if sink is not None:  # rows of each example are contiguous: their offsets in this group
+            examples = torch.arange(n_examples + 1, device=x.device)
+            offsets = torch.searchsorted(token_example[tokens], examples)
+        up = _project(inputs, up_weight[expert], sink, n_examples, method, transposed, offsets)
+        if up_bias is not None:
+            up = up + up_bias[expert]
+        hidden = module._apply_gate(up) if module.has_gate else module.act_fn(up)
+        down = _project(hidden, down_weight[expert], swapped, n_examples, method, transposed, offsets)
+        if down_bias is not None:
+            down = down + down_bias[expert]
+        outputs.append(down)
+        rows_done.append(rows)
+    pairs = top_k_index.numel()
+    out = x.new_zeros(pairs, x.shape[-1], dtype=outputs[0].dtype if outputs else x.dtype)
+    if outputs:  # rows routed to no real expert (sentinels) stay zero
+        out = out.index_copy(0, torch.cat(rows_done), torch.cat(outputs))
+    if getattr(module, "has_post_expert_norm", False):
+        out = module.post_expert_norm(out)  # token-major rows, as the backends give it
+    out = out * top_k_weights.reshape(-1, 1).to(out.dtype)
+    return out.view(n_tokens, top_k, -1).sum(1).to(hidden_states.dtype).view(hidden_states.shape)
+
+
+def _project(inputs, weight, sink, n_examples, method, transposed, offsets):
+    if sink is None:
+        return linear_forward(inputs, weight, None, transposed)
+    return linear_with_sq_norms(
+        inputs, weight, None, sink, n_examples, method=method, transposed=transposed, example_offsets=offsets
+    )
+
+
+def _token_examples(state: LayerPatch, n_tokens: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(example of each of the N tokens, (N,) int64; number of examples) of the current forward."""
+    hook = state.model_hook
+    if hook.example_offsets is not None:  # padding-free batch: documents over the B·T tokens
+        offsets = hook.example_offsets
+        if hook.token_shape is None or hook.token_shape[0] * hook.token_shape[1] != n_tokens:
+            raise RuntimeError(
+                f"hf_gns: experts {state.name!r} got {n_tokens} tokens, not the batch's {hook.token_shape}"
+            )
+        return example_of_rows(offsets, n_tokens).to(device), offsets.shape[0] - 1
+    n_examples = hook.batch_size or 1
+    if n_tokens % n_examples:
+        raise RuntimeError(
+            f"hf_gns: experts {state.name!r} got {n_tokens} tokens, not a multiple of the batch of "
+            f"{n_examples} examples: per-example norms need the tokens flattened batch-major"
+        )
+    return torch.arange(n_tokens, device=device) // (n_tokens // n_examples), n_examples
+
+
+def patched_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    """Forward of a patched experts module: the experts' computation, plus a sink when training."""
+    state: ExpertsPatch = getattr(self, LAYER_ATTRIBUTE)
+    if args or kwargs or not state.tracks_gradients(self):
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+    token_example, n_examples = _token_examples(state, top_k_index.shape[0], hidden_states.device)
+    sink = state.sinks.take_for(n_examples, hidden_states.device)
+    return run_experts(
+        self, hidden_states, top_k_index, top_k_weights, sink, token_example, n_examples, state.method
+    )
+
+
+def probe_experts(module: nn.Module, seed: int = 0) -> str | None:
+    """None if `run_experts` reproduces `module`'s own forward on random routed tokens, else why not."""
+    up = getattr(module, _up_name(module))
+    down = module.down_proj
+    hidden = down.shape[2] if module.is_transposed else down.shape[1]
+    n_experts = module.num_experts
+    top_k = min(_PROBE_TOP_K, n_experts)
+    generator = torch.Generator(device=up.device).manual_seed(seed)
+    x = torch.randn(_PROBE_TOKENS, hidden, generator=generator, device=up.device).to(up.dtype)
+    scores = torch.rand(_PROBE_TOKENS, n_experts, generator=generator, device=up.device)
+    top_k_index = scores.topk(top_k, dim=-1).indices
+    top_k_weights = torch.rand(_PROBE_TOKENS, top_k, generator=generator, device=up.device).to(up.dtype)
+    try:
+        with torch.no_grad():
+            expected = type(module).forward(module, x, top_k_index, top_k_weights)
+            actual = run_experts(module, x, top_k_index, top_k_weights)
+    except Exception as error:
+        return f"probe failed: {type(error).__name__}: {error}"
+    if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
+        return "probe: its forward does not return one (N, D) tensor"
+    scale = max(expected.abs().max().item(), 1.0)
+    rtol = _PROBE_RTOL if up.dtype in (torch.float32, torch.float64) else 2e-2  # low precision: rounding
+    if not torch.allclose(
+        actual.float(), expected.float(), rtol=rtol, atol=rtol * _PROBE_ATOL / _PROBE_RTOL * scale
+    ):
+        return "probe: its forward differs from the generic experts computation (custom routing or gate?)"
+    return None

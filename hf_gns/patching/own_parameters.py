@@ -1,0 +1,86 @@
+"""Modules that use their own parameters functionally, under `patch(targets="all")`.
+
+MoE routers hold a raw (E, D) `weight` and call `F.linear(x, self.weight)` (Mixtral,
+Qwen-MoE, OLMoE, GPT-OSS, ...), some with a bias or a per-expert score correction; other
+small modules do `x * self.scale` or `x @ self.proj`. None of them is a Linear to rebind,
+but each maps tokens to outputs without mixing examples, so the per-example call of
+`per_example_call.py` (the module's own forward under `torch.func.vmap`, with per-example
+copies of its parameters) gives exact per-example norms, and its probe checks that against
+one-example-at-a-time autograd before a module is bound.
+
+Which modules: not a norm, Linear, Conv1D, Embedding, convolution or experts module (those
+have their own kinds), with one or two trainable parameters of their own, and no submodule
+holding parameters (a submodule would run its own patched forward inside vmap). Mamba
+mixers (`A_log`, `D` next to their Linears) are therefore not covered: the report lists them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layer_state import LAYER_ATTRIBUTE, ParameterPatch
+from .per_example_call import SINK_COLUMNS, own_parameter_names, per_example_call, probe_per_example_call
+
+
+class OwnParametersPatch(ParameterPatch):
+    """State of a module run through the per-example call: `reported` names its parameters."""
+
+
+def own_parameters_candidate(module: nn.Module) -> bool:
+    """Whether `module` holds trainable parameters of its own (worth a plan or a skip reason)."""
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _structural(module: nn.Module) -> str:
+    """What the coverage calls these parameters (`coverage.py`), as the start of a skip reason."""
+    from .coverage import structural_reason
+
+    attr, param = next(iter(module.named_parameters(recurse=False)))
+    return structural_reason(module, attr, param).removesuffix(": not tracked").removesuffix(" not supported")
+
+
+def plan_own_parameters(
+    name: str, module: nn.Module, probed: dict[type, str | None]
+) -> OwnParametersPatch | str | None:
+    """The state for `module`, or the reason it cannot be tracked; None when it is no candidate at all
+    (submodules with parameters: the report's coverage gives the reason)."""
+    if any(next(child.parameters(), None) is not None for child in module.children()):
+        return None
+    names = own_parameter_names(module)
+    if len(names) > SINK_COLUMNS:
+        listed = ", ".join(names)
+        return f"{_structural(module)}: {len(names)} parameters of its own ({listed}), at most {SINK_COLUMNS}"
+    if type(module) not in probed:  # one verified instance vouches for its class (same forward)
+        probed[type(module)] = probe_per_example_call(module)
+    if probed[type(module)] is not None:
+        return f"{_structural(module)}: per-example call {probed[type(module)]}"
+    return OwnParametersPatch(name, (*names, None)[:SINK_COLUMNS], "call")
+
+
+def describe_own_parameters(module: nn.Module) -> str:
+    names = ", ".join(own_parameter_names(module))
+    return f"{names}: the module's own forward per example (vmap)"
+
+
+def patched_own_parameters_forward(self: nn.Module, *args, **kwargs):
+    """Forward of a module run through the per-example call (the class forward when not training)."""
+    state: OwnParametersPatch = getattr(self, LAYER_ATTRIBUTE)
+    if not state.tracks_gradients(self) or not args:
+        return type(self).forward(self, *args, **kwargs)
+    hook = state.model_hook
+    if hook.example_offsets is not None:
+        raise RuntimeError(
+            f"hf_gns: {state.name!r} ({type(self).__name__}) runs the per-example call, which takes one "
+            "example per row: padding-free batches (several documents per row) are not supported for it; "
+            "pad the batch, or patch with targets='norms'"
+        )
+    x = args[0]
+    n_examples = hook.batch_size or x.shape[0]
+    if x.shape[0] != n_examples and not (x.dim() == 2 and x.shape[0] % n_examples == 0):
+        raise RuntimeError(
+            f"hf_gns: {state.name!r} ({type(self).__name__}) got an input of shape {tuple(x.shape)} whose "
+            f"dim 0 is not the batch of {n_examples} examples: its per-example norms cannot be computed"
+        )
+    device = next(p for p in state.reported_parameters(self) if p is not None).device
+    sink = state.sinks.take_for(n_examples, device)
+    return per_example_call(self, args, kwargs, state.reported, sink, n_examples)

@@ -1,0 +1,95 @@
+"""Fused MoE experts and routers under `patch(targets="all")` against the micro-batch oracle (fp64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_gns
+
+transformers = pytest.importorskip("transformers")
+
+B, T = 3, 7
+
+
+def _mixtral(**overrides):
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+        **overrides,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"  # torch's grouped_mm has no fp64
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config).double().train()
+
+
+def _loss(model, ids):
+    logits = model(input_ids=ids, use_cache=False).logits
+    per_token = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), ids.roll(-1, 1).flatten(), reduction="none"
+    )
+    return per_token.view(ids.shape[0], -1).mean(1).sum()
+
+
+def _oracle(model, ids):
+    grads = {}
+    for b in range(ids.shape[0]):
+        model.zero_grad(set_to_none=True)
+        _loss(model, ids[b : b + 1]).backward()
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                grads.setdefault(name, []).append(param.grad.square().sum())
+    model.zero_grad(set_to_none=True)
+    return {name: torch.stack(values) for name, values in grads.items()}
+
+
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_experts_and_router_norms_equal_the_micro_batch_oracle(method):
+    model = _mixtral()
+    ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
+    expected = _oracle(model, ids)
+    report = hf_gns.patch(model, targets="all", linear_method=method)
+    kinds = {entry.name: entry.method for entry in report.layers}
+    assert "experts" in kinds["model.layers.0.mlp.experts"] and "vmap" in kinds["model.layers.0.mlp.gate"]
+    assert report.tracked_elements == report.trainable_elements  # every parameter, experts and routers too
+    _loss(model, ids).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        torch.testing.assert_close(norms[name].double(), expected[name], rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        norms["model.layers.0.mlp.gate.weight"].double(), expected["model.layers.0.mlp.gate.weight"]
+    )
+    assert set(norms) == set(expected)
+    for name, values in norms.items():
+        torch.testing.assert_close(values.double(), expected[name], rtol=1e-6, atol=1e-12)
+
+
+def test_experts_unpatch_restores_the_forward_bit_for_bit():
+    """Training forward: the experts and the router take their patched paths."""
+    model = _mixtral()
+    ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+    hf_gns.patch(model, targets="all")
+    patched = model(input_ids=ids, use_cache=False).logits.detach()
+    hf_gns.unpatch(model)
+    assert not any(key.startswith("_hf_gns") for m in model.modules() for key in m.__dict__)
+    with torch.no_grad():
+        after = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(patched, before, rtol=1e-5, atol=1e-7)  # the fused norms keep rstd in fp32
+    assert torch.equal(after, before)
+
+
+def test_expert_biases_are_listed_untracked_with_their_reason():
+    config = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=4, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=32, layer_types=["full_attention"],
+    )  # fmt: skip
+    model = transformers.GptOssForCausalLM(config)
+    report = hf_gns.patch(model, targets="all")
+    reasons = {entry.name: entry.reason for entry in report.untracked}
+    biases = {"model.layers.0.mlp.experts.gate_up_proj_bias", "model.layers.0.mlp.experts.down_proj_bias"}
+    assert biases <= set(reasons) and all("bias" in reasons[name] for name in biases)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in report.tracked_parameters
