@@ -627,8 +627,13 @@ PRINT_EVERY = 50
 
 
 def quiet_library_output() -> None:
-    """Ours to silence: transformers' "Writing model shards" bar at every checkpoint (warnings stay)."""
+    """Ours to silence: transformers' "Writing model shards" bar at every checkpoint (warnings stay),
+    and, where DeepSpeed is installed but there is no CUDA device, its "Setting accelerator to CPU. If
+    you have GPU or other accelerator, we were unable to detect it." (accelerate imports DeepSpeed in
+    every Trainer; `DS_ACCELERATOR=cpu` is what it detects anyway, said in advance)."""
     transformers_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 # ---------------------------------------------------------------------------------------

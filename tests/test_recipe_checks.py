@@ -282,3 +282,29 @@ def test_make_trains_launcher_picks_a_working_launch(tmp_path):
         command[3:5] == ["--config_file", "recipes/accelerate/ddp.yaml"]
         and "--mixed_precision" not in command
     )
+
+
+def test_make_installs_pip_output_counts_the_ignored_location_warnings_in_one_line():
+    # Item 12: a first `make train` printed ~100 "WARNING: Location 'file:///...' is ignored" lines of
+    # pip (a local index of the machine's pip configuration that lacks packages) before anything else.
+    ignored = "WARNING: Location 'file:///opt/pypi/{}/' is ignored: it is neither a file nor a directory."
+    pip_lines = [
+        "Requirement already satisfied: torch",
+        ignored.format("jinja2"),
+        "Collecting jinja2",
+        ignored.format("sympy"),
+        "WARNING: There was an error checking the latest version of pip.",
+        "ERROR: No matching distribution found for nothing",
+    ]
+    script = 'source <(sed -n "/^pip_output()/,/^}/p" tools/install.sh); pip_output'
+    run = subprocess.run(
+        ["bash", "-c", script], input="\n".join(pip_lines) + "\n", capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "Collecting jinja2",
+        "WARNING: There was an error checking the latest version of pip.",  # other warnings and errors stay
+        "ERROR: No matching distribution found for nothing",
+        '[install] (2 pip warnings "Location file://... is ignored" hidden: an index directory of pip\'s '
+        "configuration lacks those packages)",
+    ]

@@ -279,6 +279,26 @@ def test_a_batch_larger_than_the_data_warns(recipe, tmp_path, capsys):
     assert "epochs of it" in printed
 
 
+def test_only_the_recipes_own_lines_precede_training(tmp_path):
+    # Item 12: environment and launch noise before the progress bar. What remains is ours: the data
+    # and model lines (and datasets' tokenization bar). DeepSpeed, where installed, used to add
+    # "Setting accelerator to CPU ..." on every CPU run (accelerate imports it in every Trainer).
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("DS_ACCELERATOR", None)
+    argv = [sys.executable, str(RECIPE), "--output_dir", str(tmp_path / "run"), "--max_tokens", "128"]
+    argv += ["--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1"] + TINY
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "Setting accelerator" not in run.stdout + run.stderr
+    before = (run.stdout.split("{'loss'")[0] + run.stderr.split("{'loss'")[0]).replace("\r", "\n")
+    foreign = [
+        line
+        for line in before.splitlines()
+        if line.strip() and not line.startswith(("Map", "data:", "model:"))
+    ]
+    assert not foreign, foreign
+
+
 def test_ctrl_c_saves_a_checkpoint_at_the_next_step_and_exits_with_one_line(tmp_path):
     # Item 11: it used to print ~150 lines of tracebacks and save nothing.
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

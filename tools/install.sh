@@ -22,6 +22,18 @@ PIP=("$PYTHON" -m pip)
 
 say() { printf '[install] %s\n' "$*"; }
 
+# pip's output without the lines that say nothing on a re-run ("Requirement already satisfied")
+# and without pip's "WARNING: Location 'file:///...' is ignored: it is neither a file nor a
+# directory": a local index of pip's own configuration (e.g. an extra-index-url) that does not hold
+# some package, ~100 lines on a first install. They are counted in one line; every other line
+# (real warnings and errors included) passes, and pip's exit status is kept (pipefail).
+pip_output() {
+    awk '/^Requirement already satisfied/ { next }
+         /^WARNING: Location .* is ignored: it is neither a file nor a directory\.?$/ { hidden++; next }
+         { print; fflush() }
+         END { if (hidden) printf "[install] (%d pip warnings \"Location file://... is ignored\" hidden: an index directory of pip'"'"'s configuration lacks those packages)\n", hidden }'
+}
+
 torch_version() {
     "$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null
 }
@@ -48,7 +60,7 @@ install_cpu_torch() {
             # Installing the file itself (not a requirement) means pip cannot pick a
             # CUDA build of the same version from the registry. A wheel for another
             # Python/platform is refused by pip and we try the next one.
-            if "${PIP[@]}" install "$whl"; then
+            if "${PIP[@]}" install "$whl" 2>&1 | pip_output; then
                 return 0
             fi
         done
@@ -69,7 +81,7 @@ if version="$(torch_version)"; then
     say "torch $version already installed: keeping it"
 elif has_cuda_gpu; then
     say "CUDA GPU found: installing torch (CUDA build) from the registry"
-    "${PIP[@]}" install torch
+    "${PIP[@]}" install torch 2>&1 | pip_output
 else
     install_cpu_torch
 fi
@@ -81,7 +93,6 @@ trap 'rm -f "$constraints"' EXIT
 # The distribution's own version ("2.13.0+cpu") so that the pin matches the local label.
 "$PYTHON" -c 'from importlib.metadata import version; print("torch==" + version("torch"))' >"$constraints"
 say "installing hf_gns[$EXTRAS] (editable) with constraint: $(cat "$constraints")"
-# "Requirement already satisfied" lines are dropped: on a re-run they are all there is.
-"${PIP[@]}" install -c "$constraints" -e "$ROOT[$EXTRAS]" 2>&1 | sed '/^Requirement already satisfied/d'
+"${PIP[@]}" install -c "$constraints" -e "$ROOT[$EXTRAS]" 2>&1 | pip_output
 
 say "done: torch $version, $("$PYTHON" -c 'import hf_gns, os; print("hf_gns from", os.path.dirname(hf_gns.__file__))' 2>/dev/null || echo 'hf_gns not importable yet (no hf_gns/ package?)')"
