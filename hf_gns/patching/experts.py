@@ -28,6 +28,8 @@ tokens, equals this computation (`probe_experts`: one instance vouches for its c
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -43,11 +45,23 @@ def _up_name(module: nn.Module) -> str:
     return "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
 
 
+def is_dense(module: nn.Module) -> bool:
+    """Expert-major dense experts (Llama 4): `forward(hidden_states)` on (E·N, D), every expert
+    seeing all N tokens (pre-scaled by the router), gate_up (E, D, 2I) and down (E, I, D) by bmm."""
+    if hasattr(module, "has_gate") or not hasattr(module, "act_fn"):
+        return False
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 2
+
+
 def experts_unsupported_reason(module: nn.Module) -> str | None:
     """Why `module` is not a fused-experts module this file can run, or None."""
     needed = ("has_gate", "has_bias", "is_transposed", "num_experts", "_apply_gate")
-    if not all(hasattr(module, attr) for attr in needed):
-        return "not a transformers experts module (use_experts_implementation)"
+    if not all(hasattr(module, attr) for attr in needed) and not is_dense(module):
+        return "not a transformers experts module (use_experts_implementation, or dense expert-major bmm)"
     for attr in (_up_name(module), "down_proj"):
         param = getattr(module, attr, None)
         if not isinstance(param, torch.Tensor) or param.dim() != 3:
@@ -58,6 +72,8 @@ def experts_unsupported_reason(module: nn.Module) -> str | None:
             return "weights are on the meta device: patch after the weights are materialized"
     if getattr(module, "_is_expert_parallel", False):
         return "expert parallel: not supported"
+    if is_dense(module) and getattr(module, "gate_up_proj", None) is None:
+        return "dense experts without a 3-D 'gate_up_proj'"
     return None
 
 
@@ -73,6 +89,8 @@ def describe_experts(module: nn.Module) -> str:
 
 class ExpertsPatch(ParameterPatch):
     """State of a patched experts module: sink columns (up weight, down weight)."""
+
+    method_dense: bool = False  # expert-major dense experts (`is_dense`)
 
 
 def run_experts(
@@ -128,6 +146,29 @@ def run_experts(
     return out.view(n_tokens, top_k, -1).sum(1).to(hidden_states.dtype).view(hidden_states.shape)
 
 
+def run_dense_experts(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    sink: torch.Tensor | None = None,
+    n_examples: int = 1,
+    method: str = "auto",
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense expert-major experts (`is_dense`): (E·N, D) → (E·N, D). Expert e's N rows are the batch's
+    tokens batch-major, so each expert's projections take the B examples (or `offsets`) directly."""
+    up_weight, down_weight = module.gate_up_proj, module.down_proj  # (E, D, 2I), (E, I, D)
+    n_experts, hidden = up_weight.shape[0], up_weight.shape[1]
+    x = hidden_states.reshape(n_experts, -1, hidden)
+    swapped = None if sink is None else sink.flip(1)
+    outputs = []
+    for expert in range(n_experts):
+        up = _project(x[expert], up_weight[expert], sink, n_examples, method, True, offsets)
+        gate, up = up.chunk(2, dim=-1)
+        hidden_rows = up * module.act_fn(gate)
+        outputs.append(_project(hidden_rows, down_weight[expert], swapped, n_examples, method, True, offsets))
+    return torch.cat(outputs).view(-1, down_weight.shape[-1])
+
+
 def _project(inputs, weight, sink, n_examples, method, transposed, offsets):
     if sink is None:
         return linear_forward(inputs, weight, None, transposed)
@@ -155,11 +196,14 @@ def _token_examples(state: LayerPatch, n_tokens: int, device: torch.device) -> t
     return torch.arange(n_tokens, device=device) // (n_tokens // n_examples), n_examples
 
 
-def patched_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+def patched_experts_forward(self: nn.Module, hidden_states, *args, **kwargs):
     """Forward of a patched experts module: the experts' computation, plus a sink when training."""
     state: ExpertsPatch = getattr(self, LAYER_ATTRIBUTE)
-    if args or kwargs or not state.tracks_gradients(self):
-        return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+    if state.method_dense:
+        return _dense_forward(self, state, hidden_states, *args, **kwargs)
+    if len(args) != 2 or kwargs or not state.tracks_gradients(self):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    top_k_index, top_k_weights = args
     token_example, n_examples = _token_examples(state, top_k_index.shape[0], hidden_states.device)
     sink = state.sinks.take_for(n_examples, hidden_states.device)
     return run_experts(
@@ -167,8 +211,29 @@ def patched_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_w
     )
 
 
+def _dense_forward(self, state, hidden_states, *args, **kwargs):
+    if args or kwargs or not state.tracks_gradients(self):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    hook = state.model_hook
+    n_tokens = hidden_states.shape[0] // self.gate_up_proj.shape[0]
+    offsets = None
+    if hook.example_offsets is not None:
+        offsets, n_examples = hook.example_offsets, hook.example_offsets.shape[0] - 1
+    else:
+        n_examples = hook.batch_size or 1
+        if n_tokens % n_examples:
+            raise RuntimeError(
+                f"hf_gns: experts {state.name!r} got {n_tokens} tokens per expert, not a multiple of the "
+                f"batch of {n_examples} examples"
+            )
+    sink = state.sinks.take_for(n_examples, hidden_states.device)
+    return run_dense_experts(self, hidden_states, sink, n_examples, state.method, offsets)
+
+
 def probe_experts(module: nn.Module, seed: int = 0) -> str | None:
     """None if `run_experts` reproduces `module`'s own forward on random routed tokens, else why not."""
+    if is_dense(module):
+        return _probe_dense(module, seed)
     up = getattr(module, _up_name(module))
     down = module.down_proj
     hidden = down.shape[2] if module.is_transposed else down.shape[1]
@@ -185,10 +250,27 @@ def probe_experts(module: nn.Module, seed: int = 0) -> str | None:
             actual = run_experts(module, x, top_k_index, top_k_weights)
     except Exception as error:
         return f"probe failed: {type(error).__name__}: {error}"
+    return _compare(expected, actual, up.dtype)
+
+
+def _probe_dense(module: nn.Module, seed: int) -> str | None:
+    up = module.gate_up_proj
+    generator = torch.Generator(device=up.device).manual_seed(seed)
+    x = torch.randn(up.shape[0] * _PROBE_TOKENS, up.shape[1], generator=generator, device=up.device)
+    try:
+        with torch.no_grad():
+            expected = type(module).forward(module, x.to(up.dtype))
+            actual = run_dense_experts(module, x.to(up.dtype))
+    except Exception as error:
+        return f"probe failed: {type(error).__name__}: {error}"
+    return _compare(expected, actual, up.dtype)
+
+
+def _compare(expected, actual: torch.Tensor, dtype: torch.dtype) -> str | None:
     if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
-        return "probe: its forward does not return one (N, D) tensor"
+        return "probe: its forward does not return one tensor of the expected shape"
     scale = max(expected.abs().max().item(), 1.0)
-    rtol = _PROBE_RTOL if up.dtype in (torch.float32, torch.float64) else 2e-2  # low precision: rounding
+    rtol = _PROBE_RTOL if dtype in (torch.float32, torch.float64) else 2e-2  # low precision: rounding
     if not torch.allclose(
         actual.float(), expected.float(), rtol=rtol, atol=rtol * _PROBE_ATOL / _PROBE_RTOL * scale
     ):

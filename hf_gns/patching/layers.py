@@ -32,6 +32,7 @@ from .experts import (
     ExpertsPatch,
     describe_experts,
     experts_unsupported_reason,
+    is_dense,
     is_experts_like,
     patched_experts_forward,
     probe_experts,
@@ -146,6 +147,10 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
             plan.tracked.extend(tracked)
             continue
         reason = _own_reason(module, probed)
+        if reason is not None and reason.startswith("forward overridden") and is_linear_like(module):
+            # a Linear subclass with its own forward (Llama-4's router): the per-example call, if probed right
+            _plan_call(plan, names, owners, shared, name, module, probed_calls, why_not=reason)
+            continue
         if reason is None and id(module) in shared:
             others = ", ".join(repr(n) for n in shared[id(module)] if n != name)
             reason = f"the same module is also registered as {others}"
@@ -233,8 +238,10 @@ def _plan_call(
     name: str,
     module: nn.Module,
     probed: dict[type, str | None],
+    why_not: str | None = None,
 ) -> None:
-    """Plan a module that uses its own parameters functionally, or record why it is not tracked."""
+    """Plan a module that uses its own parameters functionally, or record why it is not tracked
+    (`why_not`: the reason its own kind gave, for the report when the per-example call fails too)."""
     existing = module.__dict__.get(LAYER_ATTRIBUTE)
     if existing is not None:
         tracked = tuple(names[id(p)] for p in existing.reported_parameters(module) if p is not None)
@@ -245,12 +252,15 @@ def _plan_call(
     own = list(module.parameters(recurse=False))
     held_elsewhere = [h for p in own for h in owners[id(p)] if h != name]
     if id(module) in shared or held_elsewhere:
-        return  # the report's coverage names the sharing
+        if why_not is not None:
+            plan.skipped.append(SkippedLayer(name, type(module).__name__, why_not, _trainable(module)))
+        return  # else the report's coverage names the sharing
     state = plan_own_parameters(name, module, probed)
-    if state is None:
-        return
-    if isinstance(state, str):
-        plan.skipped.append(SkippedLayer(name, type(module).__name__, state, True))
+    if state is None or isinstance(state, str):
+        if why_not is not None:
+            state = why_not if state is None else f"{why_not}; {state.split(': ', 1)[-1]}"
+        if state is not None:
+            plan.skipped.append(SkippedLayer(name, type(module).__name__, state, _trainable(module)))
         return
     reported = [p for p in state.reported_parameters(module) if p is not None]
     tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
@@ -269,7 +279,11 @@ def _plan_experts(
     method: str,
 ) -> str | None:
     """Plan a fused-experts module (`experts.py`), or the reason it cannot be."""
-    state = ExpertsPatch(name, ("gate_up_proj" if module.has_gate else "up_proj", "down_proj"), method)
+    dense = is_dense(module)
+    state = ExpertsPatch(
+        name, ("gate_up_proj" if dense or module.has_gate else "up_proj", "down_proj"), method
+    )
+    state.method_dense = dense
     reported = [p for p in state.reported_parameters(module) if p is not None]
     for param in reported:
         others = [holder for holder in owners[id(param)] if holder != name]
