@@ -65,31 +65,40 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data-dir", default=None, help="token data folder (e.g. batch_schedule.py's OUT/data)"
     )
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds for the whole command")
+    parser.add_argument(
+        "--replay-from",
+        default=None,
+        help="no runs: part 1 only, replayed from an all-layer run's result.json (OUT/all/result.json)",
+    )
     return parser.parse_args(argv)
 
 
-def replay(steps: list[dict], every: int, decay: float, budget: int) -> dict:
-    """Replay calibration every `every` steps on recorded statistics; errors after 10% of `budget`."""
+def replay(steps: list[dict], every: int, decay: float, budget: int, dense: bool = True) -> dict:
+    """Replay calibration every `every` steps on recorded statistics as GNSTrainer schedules it (the
+    dense start of one EMA window first, unless `dense` is False); errors after 10% of `budget`."""
     reference = GNSEstimator(["all"], decay)
     norms = GNSEstimator(["norms"], decay)
-    calibration = GNSCalibration(every, decay)
-    errors, ratios = [], []
+    calibration = GNSCalibration(every, decay, dense_examples=None if dense else 0)
+    errors, ratios, trace = [], [], []
     for index, step in enumerate(steps):
         batch = step["batch_size"]
+        calibration.observe_batch(batch)
         small = [batch * step["example_sq_norm_sum"][g] for g in ("total", "type/norm")]
         big = [step["batch_sq_norm"][g] for g in ("total", "type/norm")]
         reference.update([small[0]], [big[0]], big_batch=batch)
         norms.update([small[1]], [big[1]], big_batch=batch)
         if calibration.is_calibration_step(index):
-            calibration.update(small, big, big_batch=batch)
+            calibration.update(small, big, big_batch=batch, step=index)
+        truth = reference.gns_tensor()[0].item()
+        calibrated = calibration.calibrate(norms.gns_tensor()[0]).item()
+        trace.append((step["tokens"], truth, calibrated))
         if step["tokens"] >= 0.1 * budget:
-            truth = reference.gns_tensor()[0].item()
-            calibrated = calibration.calibrate(norms.gns_tensor()[0]).item()
             errors.append(abs(calibrated / truth - 1) if truth > 0 else math.inf)
             ratios.append(norms.gns_tensor()[0].item() / truth)
     finite = [e if math.isfinite(e) else math.inf for e in errors]
     return {
         "every": every,
+        "dense_steps": calibration.dense_steps if dense else 0,
         "calibration_steps": calibration.steps,
         "steps_scored": len(errors),
         "median": statistics.median(finite) if finite else math.nan,
@@ -98,6 +107,7 @@ def replay(steps: list[dict], every: int, decay: float, budget: int) -> dict:
         "within_10pct": sum(e <= 0.10 for e in finite) / max(1, len(finite)),
         "norms_over_all": [ratios[0], ratios[len(ratios) // 2], ratios[-1]] if ratios else [],
         "reference_final_gns": reference.gns_tensor()[0].item(),
+        "trace": trace,
     }
 
 
@@ -122,7 +132,9 @@ def throughput_specs(
                 seed=0, batch_size=batch, micro_batch=batch, max_tokens=steps * batch * block,
                 learning_rate=options.lr, lr_reference_batch=batch, gns_track=track,
                 calibrate_every=every, n_evals=1, eval_blocks=4, device=device, bf16=bf16, deadline=deadline,
-                timing_from_step=warmup, extra_args={"gns_ema_decay": options.ema_decay},
+                timing_from_step=warmup,
+                # the steady state: the dense start (all layers) is costed from the "all layers" row
+                extra_args={"gns_ema_decay": options.ema_decay, "gns_calibrate_dense_examples": 0},
             )
         )  # fmt: skip
     return [label for label, _, _ in variants], specs
@@ -130,6 +142,8 @@ def throughput_specs(
 
 def main(argv=None) -> dict:
     options = parse_args(argv)
+    if options.replay_from:
+        return replay_only(options)
     if options.tiny:
         import torch
 
@@ -144,23 +158,61 @@ def main(argv=None) -> dict:
 
 def accuracy_lines(ref_result: dict, replays: list[dict]) -> list[str]:
     logged = ref_result["final_gns"].get("gns")
+    complete = ref_result.get("complete", True)
     lines = [
         f"reference run: {len(ref_result['steps'])} steps, {ref_result['tokens'] / 1e6:.2f}M tokens"
-        f"{'' if ref_result['complete'] else ' (INCOMPLETE: deadline)'}; all-layer GNS at the end "
+        f"{'' if complete else ' (INCOMPLETE: deadline)'}; all-layer GNS at the end "
         f"{replays[0]['reference_final_gns']:.4g} replayed vs {logged:.4g} logged by the trainer",
         "",
-        "| every N | calibration steps | steps scored | median err | p90 err | max err | within 10% "
-        "| norms/all at 10% / 55% / 100% | target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| every N | dense start (steps) | calibration steps | steps scored | median err | p90 err | max err "
+        "| within 10% | norms/all at 10% / 55% / 100% | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in replays:
         ratios = " / ".join(f"{x:.3f}" for x in r["norms_over_all"])
         lines.append(
-            f"| {r['every']} | {r['calibration_steps']} | {r['steps_scored']} | {100 * r['median']:.1f}% "
-            f"| {100 * r['p90']:.1f}% | {100 * r['max']:.1f}% | {100 * r['within_10pct']:.0f}% | {ratios} "
-            f"| {'PASS' if r['max'] <= 0.10 else 'MISS'} |"
+            f"| {r['every']} | {r['dense_steps'] or 'none'} | {r['calibration_steps']} | {r['steps_scored']} "
+            f"| {100 * r['median']:.1f}% | {100 * r['p90']:.1f}% | {100 * r['max']:.1f}% "
+            f"| {100 * r['within_10pct']:.0f}% | {ratios} | {'PASS' if r['max'] <= 0.10 else 'MISS'} |"
         )
     return lines
+
+
+def replays_of(steps: list[dict], everies: list[int], decay: float, budget: int) -> list[dict]:
+    """The trainer's schedule (dense start, then every N) for each N, then sparse-only for comparison."""
+    dense = [replay(steps, every, decay, budget, dense=True) for every in everies]
+    return dense + [replay(steps, every, decay, budget, dense=False) for every in everies if every > 1]
+
+
+def plot_replays(replays: list[dict], every: int, path: Path) -> bool:
+    """Calibrated GNS (every N, with and without the dense start) and the all-layer GNS vs tokens."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    chosen = [r for r in replays if r["every"] == every]
+    if not chosen:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    tokens = [t / 1e6 for t, _, _ in chosen[0]["trace"]]
+    truth = [value for _, value, _ in chosen[0]["trace"]]
+    ax.plot(tokens, truth, color="black", label="all layers, every step")
+    for r in chosen:
+        label = f"norms × r, calibrating every {every}" + (
+            f" after a dense start ({r['dense_steps']} steps)" if r["dense_steps"] else " from step 0"
+        )
+        ax.plot(tokens, [c for _, _, c in r["trace"]], label=label, alpha=0.85)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("GNS (examples)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def online_lines(online_result: dict, ref_result: dict) -> list[str]:
@@ -179,7 +231,9 @@ def online_lines(online_result: dict, ref_result: dict) -> list[str]:
     return lines
 
 
-def throughput_lines(labels: list[str], timings: list[dict], shape: str) -> list[str]:
+def throughput_lines(
+    labels: list[str], timings: list[dict], shape: str, examples: int, ema_decay: float
+) -> list[str]:
     block = SHAPES[shape][3]
     lines = [
         f"throughput, GPT-2 {shape} shape, batch {timings[0]['spec']['batch_size']} × {block}:",
@@ -197,8 +251,17 @@ def throughput_lines(labels: list[str], timings: list[dict], shape: str) -> list
         lines.append(f"| {label} | {rates[-1]:,.0f} | {rates[-1] / rates[0]:.3f}x |")
     if len(rates) == 3 and all(math.isfinite(r) for r in rates):
         cost = 1 - rates[1] / rates[0]
-        verdict = "PASS" if cost <= 0.03 else "MISS"
-        lines.append(f"{verdict}  calibration costs {100 * cost:.1f}% of norms-only throughput (target ≤ 3%)")
+        all_cost = 1 - rates[2] / rates[0]
+        # over a run of `examples`: the dense start (one EMA window) at the all-layer cost, then steady
+        dense = min(1.0, round(1 / (1 - ema_decay)) / examples)
+        run_cost = dense * all_cost + (1 - dense) * cost
+        verdict = "PASS" if run_cost <= 0.03 else "MISS"
+        lines.append(
+            f"{verdict}  calibration costs {100 * cost:.1f}% of norms-only throughput after its dense start; "
+            f"over a run of {examples:,} examples (the validation budget), with the dense start "
+            f"({100 * dense:.0f}% of it) at the all-layer cost ({100 * all_cost:.1f}%): "
+            f"{100 * run_cost:.1f}% (target ≤ 3%)"
+        )
     return lines
 
 
@@ -257,26 +320,45 @@ def run(options: argparse.Namespace) -> dict:
         if result.get("failed"):
             lines.append(f"FAILED {result['spec']['name']}:\n{result['log_tail']}")
     if not ref_result.get("failed"):
-        replays = [replay(ref_result["steps"], every, options.ema_decay, budget) for every in options.every]
+        replays = replays_of(ref_result["steps"], options.every, options.ema_decay, budget)
         lines += accuracy_lines(ref_result, replays) + [""]
+        plot_replays(replays, DEFAULT_CALIBRATE_EVERY, out / "calibration_replay.png")
     if not (ref_result.get("failed") or online_result.get("failed")):
         lines += online_lines(online_result, ref_result) + [""]
     labels, specs = throughput_specs(
         options, data_dir, out, throughput_shape, device, bf16, start + options.time_limit - 15
     )
     timings = launch(specs, 1 if jobs else 0)  # one process at a time: no contention
-    lines += throughput_lines(labels, timings, throughput_shape)
+    lines += throughput_lines(
+        labels, timings, throughput_shape, budget // SHAPES[shape][3], options.ema_decay
+    )
     text = "\n".join(lines)
     print(text)
     (out / "validation.md").write_text(text + "\n")
     ref_result.pop("steps", None)  # large; the replays summarize them
     summary = {
-        "replays": replays, "reference": ref_result, "online": online_result, "throughput": timings,
+        "replays": [{k: v for k, v in r.items() if k != "trace"} for r in replays], "reference": ref_result,
+        "online": online_result, "throughput": timings,
         "corpus": meta, "wall_s": time.time() - start,
     }  # fmt: skip
     (out / "validation.json").write_text(json.dumps(summary))
     print(f"wrote {out / 'validation.md'}; total wall time {time.time() - start:.0f}s")
     return summary
+
+
+def replay_only(options: argparse.Namespace) -> dict:
+    """Part 1 (accuracy) offline, from a recorded all-layer run; writes validation_replay.md and the PNG."""
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ref_result = json.loads(Path(options.replay_from).read_text())
+    budget = ref_result["spec"]["max_tokens"]
+    decay = ref_result["spec"]["extra_args"].get("gns_ema_decay", options.ema_decay)
+    replays = replays_of(ref_result["steps"], options.every, decay, budget)
+    text = "\n".join(accuracy_lines(ref_result, replays))
+    print(text)
+    (out / "validation_replay.md").write_text(text + "\n")
+    plot_replays(replays, DEFAULT_CALIBRATE_EVERY, out / "calibration_replay.png")
+    return {"replays": [{k: v for k, v in r.items() if k != "trace"} for r in replays]}
 
 
 def _g(x) -> str:

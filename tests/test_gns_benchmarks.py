@@ -91,10 +91,12 @@ def test_batch_schedule_tiny_smoke(tmp_path, quiet_torch_backend):
 def test_validate_calibration_tiny_smoke(tmp_path, quiet_torch_backend):
     argv = ["--tiny", "--out", str(tmp_path), "--every", "1", "4", "--throughput-steps", "10"]
     summary = validate_calibration.main(argv + ["--max-tokens", "12000"])
-    every_step, every_4 = summary["replays"]
+    every_step, every_4, sparse_4 = summary["replays"]  # the trainer's schedule, then without dense start
     # calibrating every step reproduces the all-layer GNS exactly (the replay uses the trainer's units)
     assert every_step["max"] < 1e-9
-    assert every_4["calibration_steps"] == math.ceil(summary["reference"]["optimizer_steps"] / 4)
+    steps = summary["reference"]["optimizer_steps"]
+    assert every_4["dense_steps"] > steps and every_4["calibration_steps"] == steps  # a tiny run: all dense
+    assert sparse_4["dense_steps"] == 0 and sparse_4["calibration_steps"] == math.ceil(steps / 4)
     online = summary["online"]["evals"][-1]
     assert online["gns_calibrated"] == pytest.approx(online["gns"] * online["gns_calibration_ratio"])
     assert all(run["timing"]["steps"] == 10 for run in summary["throughput"])

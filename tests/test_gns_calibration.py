@@ -49,6 +49,34 @@ def test_schedule_and_bad_interval():
             GNSCalibration(every=bad)
 
 
+def test_dense_start_schedule_and_weights():
+    """Every step calibrates until `dense_examples` (the first step's batch sets how many steps);
+    each calibration step weighs its B times the steps up to the next one."""
+    assert GNSCalibration(every=5, ema_decay=0.999).dense_examples == 1000  # one EMA window
+    calibration = GNSCalibration(every=5, ema_decay=0.99, dense_examples=24)
+    assert calibration.dense_steps is None and calibration.is_calibration_step(0)
+    calibration.observe_batch(8)
+    calibration.observe_batch(64)  # only the first step's batch counts
+    assert calibration.dense_steps == 3
+    schedule = [s for s in range(16) if calibration.is_calibration_step(s)]
+    assert schedule == [0, 1, 2, 5, 10, 15]
+    assert [calibration.steps_represented(s) for s in schedule] == [1, 1, 3, 5, 5, 5]
+    reference = GNSEstimator(["all", "norms"], ema_decay=0.99)
+    gen = torch.Generator().manual_seed(0)
+    for step in schedule:
+        small = torch.rand(2, generator=gen, dtype=torch.float64) * 10 + 20
+        big = torch.rand(2, generator=gen, dtype=torch.float64) + 2
+        calibration.update(small, big, big_batch=8, step=step)
+        weight = torch.tensor(8.0 * calibration.steps_represented(step), dtype=torch.float64)
+        reference.update(small, big, big_batch=8, ema_weight=weight)
+    assert torch.equal(calibration.estimator.gns_tensor(), reference.gns_tensor())
+    off = GNSCalibration(every=5, dense_examples=0)
+    off.observe_batch(8)
+    assert [s for s in range(11) if off.is_calibration_step(s)] == [0, 5, 10]
+    with pytest.raises(ValueError, match="dense_examples"):
+        GNSCalibration(every=5, dense_examples=-1)
+
+
 def test_ratio_is_unknown_before_any_step_and_when_a_component_is_not_positive():
     calibration = GNSCalibration(every=3)
     assert math.isnan(calibration.ratio_tensor().item())

@@ -54,6 +54,7 @@ def test_calibrated_gns_matches_an_all_layer_run(tmp_path, every, learning_rate,
     """
     run = dict(max_steps=48, logging_steps=8, learning_rate=learning_rate, optim="adamw_torch")
     run.update(max_grad_norm=1.0, gns_ema_decay=0.995 if every == 1 else 0.999, gns_groups=[])
+    run.update(gns_calibrate_dense_examples=0)  # the sparse schedule from step 0
     run.update(dataset=FixedTokens(256))
     every_layer = _train(tmp_path / "all", gns_track="all", **run)
     calibrated = _train(tmp_path / "calibrated", gns_calibrate_every=every, **run)
@@ -74,14 +75,13 @@ def test_calibrated_gns_matches_an_all_layer_run(tmp_path, every, learning_rate,
 
 
 def test_resume_continues_the_calibration_exactly(tmp_path):
+    """Batches of 8 and a dense start of 32 examples: steps 0-3 calibrate, then 6 and 9 (every 3)."""
     args = dict(max_steps=12, logging_steps=1, save_strategy="steps", save_steps=5, gns_ema_decay=0.99)
-    args.update(gns_calibrate_every=3)
+    args.update(gns_calibrate_every=3, gns_calibrate_dense_examples=32)
     full = _train(tmp_path / "full", **args)
     checkpoint = tmp_path / "full" / "checkpoint-5"
-    assert (
-        int(torch.load(checkpoint / STATE_FILE, weights_only=True)["gns_calibration"]["estimator"]["steps"])
-        == 2
-    )
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)["gns_calibration"]
+    assert int(state["estimator"]["steps"]) == 4 and state["dense_steps"] == 4
 
     resumed = hf_gns.GNSTrainer(
         model=tiny_gpt2(), args=make_args(tmp_path / "resumed", **args), train_dataset=FixedTokens()
@@ -89,13 +89,14 @@ def test_resume_continues_the_calibration_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     full_logs, resumed_logs = _logs(full), _logs(resumed)
     assert [s for s in resumed_logs if s > 5] == list(range(6, 13))
-    for step in range(6, 13):  # steps 6 and 9 calibrate after the resume, 0 and 3 came from the checkpoint
+    for step in range(6, 13):  # steps 6 and 9 calibrate after the resume, 0-3 came from the checkpoint
         for key in ("gns", "gns_calibrated", "gns_calibration_ratio"):
             assert resumed_logs[step][key] == pytest.approx(full_logs[step][key], rel=1e-12, abs=0), (
                 step,
                 key,
             )
-    assert resumed.gns_calibration.steps == full.gns_calibration.steps == 4
+    assert resumed.gns_calibration.steps == full.gns_calibration.steps == 6
+    assert resumed.gns_calibration.dense_steps == 4
 
 
 def test_layer_reductions_run_only_on_calibration_steps(tmp_path, monkeypatch):
@@ -125,7 +126,7 @@ def test_layer_reductions_run_only_on_calibration_steps(tmp_path, monkeypatch):
 
     trainer = CountPerStep(
         model=tiny_gpt2(),
-        args=make_args(tmp_path, max_steps=10, gns_calibrate_every=4),
+        args=make_args(tmp_path, max_steps=10, gns_calibrate_every=4, gns_calibrate_dense_examples=0),
         train_dataset=FixedTokens(),
     )
     trainer.train()

@@ -60,6 +60,10 @@ class GNSArguments:
             GNS: logged as `gns_calibrated` and `gns_calibration_ratio`. `0` turns it off. Defaults
             to 10 with `batch_size_policy="gns"` (the norm GNS alone reads several times lower than
             the whole model's, issue 14) and to 0 otherwise.
+        gns_calibrate_dense_examples (`int`, *optional*): when calibrating, every step measures every
+            layer until about this many examples (then one step in `gns_calibrate_every`): early
+            steps move the ratio fast and a sparse sample of them is far off (`hf_gns.gns.calibration`).
+            Defaults to one EMA window, `1 / (1 - gns_ema_decay)` examples; `0`: sparse from the start.
         gns_controller_signal (`str`, *optional*): the GNS that batch control acts on (and that
             `current_gns()` returns): `"calibrated"` (`gns_calibrated`; the default when calibrating)
             or `"measured"` (`gns`, the GNS of the tracked parameters; the default otherwise).
@@ -97,6 +101,13 @@ class GNSArguments:
         metadata={
             "help": "Measure every layer on one optimizer step in N to calibrate the norm GNS (0: off; "
             "default 10 with batch_size_policy='gns', else 0)."
+        },
+    )
+    gns_calibrate_dense_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Calibrate on every step for the first ~N examples (default: one EMA window, "
+            "1/(1-gns_ema_decay); 0: off)."
         },
     )
     gns_controller_signal: str | None = field(

@@ -210,7 +210,11 @@ class GNSMixin:
         )
         self._gns_calibrate_every = every
         self._gns_patch(model)
-        self.gns_calibration = GNSCalibration(every, ema_decay=self._gns_options.gns_ema_decay)
+        self.gns_calibration = GNSCalibration(
+            every,
+            ema_decay=self._gns_options.gns_ema_decay,
+            dense_examples=self._gns_options.gns_calibrate_dense_examples,
+        )
         self._gns_calibrating = False  # whether this step's layer reductions are on
         if every:
             self._gns_setup_calibration(model)
@@ -342,6 +346,8 @@ class GNSMixin:
             vector = self._gns_zero.all_reduce(vector, model)
         else:
             distributed.all_reduce_sum(vector)  # the one collective of the step
+        if self._gns_calibrate_every:  # host ints: the first step's batch sets the dense start's length
+            self.gns_calibration.observe_batch(self._gns_step_examples * distributed.world_size())
         self._gns_update_estimators(vector)
         self._gns_step_examples, self._gns_step_tokens = 0, 0
         zero_stats(model)
@@ -460,6 +466,7 @@ class GNSMixin:
                 small_sq_norm=per_example_statistic(calibration.example_sq_norm_sum, examples),
                 big_sq_norm=calibration.batch_sq_norm,
                 big_batch=examples,
+                step=self.state.global_step,
             )
         self._gns_last_statistics = (examples, tokens, stats)
         counters = self._gns_counters
