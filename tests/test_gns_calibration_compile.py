@@ -31,11 +31,12 @@ def _one_thread_fresh_dynamo():
 
 
 def test_gns_trainer_compiled_calibrates_as_eager(tmp_path):
-    """GNSTrainer with `torch_compile=True` (aot_eager) and calibration every 4 steps: the same
+    """GNSTrainer with `torch_compile=True` (aot_eager), calibrating on steps 0, 1 and 4: the same
     losses, GNS and calibrated GNS as the eager trainer, two graphs and no graph break."""
     hf_logging.set_verbosity_error()
     run = dict(max_steps=8, logging_steps=8, learning_rate=1e-2, optim="adamw_torch", max_grad_norm=1.0)
     run.update(gns_ema_decay=0.999, gns_groups=[], gns_calibrate_every=4)
+    run.update(gns_calibrate_dense_examples=16)  # batches of 8: steps 0, 1 (dense), then 4
     results = []
     with hf_gns.use_backend("torch"):
         for compiled in (False, True):
@@ -48,7 +49,7 @@ def test_gns_trainer_compiled_calibrates_as_eager(tmp_path):
             logs = [entry for entry in trainer.state.log_history if "gns" in entry][-1]
             results.append((logs, trainer.gns_calibration.steps))
     (eager, eager_steps), (compiled, compiled_steps) = results
-    assert eager_steps == compiled_steps == 2
+    assert eager_steps == compiled_steps == 3
     for key in ("loss", "gns", "gns_calibrated", "gns_calibration_ratio"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key
     assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 2
