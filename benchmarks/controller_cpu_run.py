@@ -1,11 +1,12 @@
 """A real CPU run of the GNS batch-size policy: the global batch follows the measured GNS.
 
-    python benchmarks/controller_cpu_run.py                     # 468 steps, 13-17 min on 2 busy CPU cores
+    python benchmarks/controller_cpu_run.py                     # ~1.5M tokens; minutes on 2 idle CPU cores
     python benchmarks/controller_cpu_run.py --max_tokens 2000000 --gns_batch_multiplier 0.5
 
 A tiny GPT-2 trains on the embedded standard-library corpus (`hf_gns.data`) with
 `GNSTrainer`, batch_size_policy="gns": before each optimizer step the global batch becomes
-multiplier × GNS (examples), rounded to a multiple of the per-device micro-batch, within
+multiplier × GNS (examples; the calibrated GNS, `gns_calibrated`, by default), rounded to a
+multiple of the per-device micro-batch, within
 [min, max], with hysteresis and a minimum interval. The budget is in tokens and the LR
 decays linearly to zero over it (D2Z). Prints one row per logging step: step, tokens seen,
 the GNS (examples, EMA over the norm layers' per-example gradients), the batch used by the
@@ -94,16 +95,18 @@ def main() -> None:
     trainer.train()
     elapsed = time.perf_counter() - start
 
-    print("\n| step | tokens seen | gns (examples) | batch size (examples) | learning rate | loss |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    # `gns`: the norm layers' GNS; `gns_calibrated`: scaled to every layer's by the calibration steps
+    # (gns_calibrate_every, 10 by default under the gns policy): the value the controller acts on.
+    print("\n| step | tokens seen | gns (examples) | gns_calibrated | batch (examples) | lr | loss |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for h in trainer.state.log_history:
         if "loss" in h:
-            gns = f"{h['gns']:.1f}" if "gns" in h else "-"
+            gns, calibrated = (f"{h[k]:.1f}" if k in h else "-" for k in ("gns", "gns_calibrated"))
             step, tokens, batch, lr, loss = (
                 h[k] for k in ("step", "tokens_seen", "batch_size", "learning_rate", "loss")
             )
-            print(f"| {step} | {tokens:,} | {gns} | {batch} | {lr:.2e} | {loss:.3f} |")
-    print("\nbatch changes (before step, tokens seen, GNS read, old -> new):")
+            print(f"| {step} | {tokens:,} | {gns} | {calibrated} | {batch} | {lr:.2e} | {loss:.3f} |")
+    print("\nbatch changes (before step, tokens seen, GNS the controller read, old -> new):")
     for change in trainer.batch_size_controller.changes:
         gns = f"{change.gns:.1f}" if change.gns is not None else "-"
         print(
