@@ -87,6 +87,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--from-json", default=None, help="no runs: redo the table, verdicts and plot of a results.json"
     )
+    parser.add_argument(
+        "--phase",
+        choices=["all", "constant", "adaptive"],
+        default="all",
+        help="constant: the constant sweep only; adaptive: the linear and gns runs, capped at B_p of the "
+        "constant runs in --merge (the benchmark split over two device calls)",
+    )
+    parser.add_argument(
+        "--merge", nargs="+", default=None, help="results.json files of earlier calls to include"
+    )
     return parser.parse_args(argv)
 
 
@@ -171,6 +181,14 @@ def practitioner_batch(constant_results: list[dict]) -> tuple[int, int, dict[int
     best = min(usable, key=usable.get)
     within = [b for b, v in usable.items() if v <= usable[best] * 1.01]
     return max(within), best, finals
+
+
+def complete_constant_runs(results: list[dict]) -> list[dict]:
+    """The constant runs of the batches whose every run finished its budget (a run cut by a deadline
+    has a higher loss for want of tokens, not because of its batch)."""
+    constant = [r for r in results if r["spec"]["policy"] == "constant" and not r.get("failed")]
+    cut = {r["spec"]["batch_size"] for r in constant if not r.get("complete", True)}
+    return [r for r in constant if r["spec"]["batch_size"] not in cut]
 
 
 def to_target(runs: list[dict], target: float) -> dict:
@@ -345,7 +363,8 @@ def _plot_batches(ax, groups: dict[str, list[dict]]) -> None:
     ax.set_xlabel("tokens (M)")
     ax.set_ylabel("global batch / GNS (examples)")
     ax.set_title("adaptive runs: batch and GNS (evaluation points)", fontsize=9)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
@@ -450,30 +469,38 @@ def run(options: argparse.Namespace) -> dict:
         f"D2Z; seeds {options.seeds}; {environment()}"
     )
     limit_end = start + options.time_limit - 20  # room for the report
+    prior: list[dict] = []
+    for path in options.merge or []:  # runs of earlier calls (--phase constant), e.g. on another machine
+        prior += json.loads(Path(path).read_text())["runs"]
     results: list[dict] = []
     cap = options.gns_cap
-    phases = [None, "adaptive"] if cap is None else ["all"]
+    if cap is not None:
+        phases = ["capped"]  # the cap is known: every run at once
+    else:
+        phases = {"all": ["constant", "adaptive"], "constant": ["constant"], "adaptive": ["adaptive"]}
+        phases = phases[options.phase]
     for phase in phases:
         remaining = limit_end - time.time()
-        deadline = time.time() + (0.6 * remaining if phase is None else remaining)
-        if phase is None:
+        share = 0.6 if phase == "constant" and len(phases) > 1 else 1.0
+        deadline = time.time() + share * remaining
+        if phase == "constant":
             specs = make_specs(options, settings, data_dir, out, deadline, None)
         elif phase == "adaptive":
-            done = [r for r in results if not r.get("failed")]
-            if not done:
-                sys.exit("every constant-batch run failed:\n" + "\n".join(r["log_tail"] for r in results))
-            cap, _, _ = practitioner_batch(done)
+            constants = complete_constant_runs(prior + results)
+            if not constants:
+                sys.exit("no complete constant-batch run to choose the cap from (run --phase constant first)")
+            cap, _, _ = practitioner_batch(constants)
             specs = make_specs(options, settings, data_dir, out, deadline, cap)
         else:
             specs = make_specs(options, settings, data_dir, out, deadline, None)
             specs += make_specs(options, settings, data_dir, out, deadline, cap)
         jobs = len(specs) if settings["jobs"] is None else settings["jobs"]
         t0 = time.time()
-        print(
-            f"running {len(specs)} runs ({'in-process' if jobs == 0 else f'{jobs} concurrent processes'}) ..."
-        )
+        how = "in-process" if jobs == 0 else f"{jobs} concurrent processes"
+        print(f"{phase} phase, {len(specs)} runs ({how}), until {deadline - start:.0f} s ...")
         results += launch(specs, jobs)
         print(f"  done in {time.time() - t0:.0f}s")
+    results = prior + results
     summary = {
         "environment": environment(), "corpus": meta,
         "settings": {k: v for k, v in settings.items() if k != "roots"}, "parameters": params,
@@ -495,7 +522,14 @@ def report(summary: dict, out: Path) -> dict:
         print(f"FAILED {failed['spec']['name']}:\n{failed['log_tail']}")
     if not any(r["spec"]["policy"] == "constant" for r in ok):
         sys.exit("no constant-batch run completed: nothing to compare against (see the logs above)")
-    b_p, b_best, finals = practitioner_batch([r for r in ok if r["spec"]["policy"] == "constant"])
+    constants = complete_constant_runs(ok)
+    if not constants:
+        sys.exit("no constant-batch run completed its budget: no B_p, no targets (see INCOMPLETE above)")
+    left_out = sorted({r["spec"]["batch_size"] for r in ok if r["spec"]["policy"] == "constant"} - {
+        r["spec"]["batch_size"] for r in constants})  # fmt: skip
+    if left_out:
+        print(f"WARNING: constant batches {left_out} have INCOMPLETE runs: left out of B_p and the targets")
+    b_p, b_best, finals = practitioner_batch(constants)
     groups = groups_of(ok)
     targets = targets_of(finals, b_p, b_best)
     text = table(groups, targets)

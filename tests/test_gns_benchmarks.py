@@ -63,6 +63,16 @@ def test_practitioner_batch_and_the_issue_targets():
     assert table.count("\n") == 5 and "constant 40" in table
 
 
+def test_runs_cut_by_the_deadline_do_not_choose_the_cap():
+    """A constant batch with an INCOMPLETE run is left out of B_p (device call 3 picked B_p from
+    runs that had one step: their loss was the initial loss)."""
+    complete = [_run("constant", 10, 0, [5.0, 3.0, 2.0]), _run("constant", 20, 0, [5.0, 3.1, 2.01])]
+    cut = _run("constant", 40, 0, [5.0, 4.0]) | {"complete": False}
+    kept = batch_schedule.complete_constant_runs(complete + [cut, _run("gns", 10, 0, [5.0, 2.0], end=20)])
+    assert kept == complete
+    assert batch_schedule.practitioner_batch(kept)[:2] == (20, 10)
+
+
 @pytest.fixture
 def quiet_torch_backend():
     hf_logging.set_verbosity_error()
