@@ -71,13 +71,18 @@ def untracked_parameters(model: nn.Module, report: PatchReport, targets: str) ->
             reason = "shared weight: also held by " + ", ".join(repr(n) for n, _ in holders[1:])
         else:
             reason = structural_reason(module, attr, param)
-        untracked.append(UntrackedParameter(name, param.numel(), module_name, type(module).__name__, reason))
+        untracked.append(UntrackedParameter(name, _numel(param), module_name, type(module).__name__, reason))
     return untracked
 
 
 def fill_coverage(model: nn.Module, report: PatchReport, targets: str) -> None:
     """Set `report.untracked` and the element counts behind its coverage line."""
     report.untracked = untracked_parameters(model, report, targets)
-    sizes = {name: param.numel() for name, param in model.named_parameters() if param.requires_grad}
+    sizes = {name: _numel(param) for name, param in model.named_parameters() if param.requires_grad}
     report.trainable_elements = sum(sizes.values())
     report.tracked_elements = sum(sizes.get(name, 0) for name in set(report.tracked_parameters))
+
+
+def _numel(param) -> int:
+    # A ZeRO-3 partitioned parameter holds an empty placeholder; its full size is `ds_numel`.
+    return getattr(param, "ds_numel", None) or param.numel()

@@ -16,6 +16,7 @@ import warnings
 
 from torch import nn
 
+from . import zero3
 from .coverage import fill_coverage
 from .detect import call_route_reason, find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
 from .forward import PATCH_ATTRIBUTE, NormPatch, patched_norm_forward, route_norms
@@ -183,6 +184,10 @@ def patch(
             f"hf_gns.patch: targets must be one of {PATCH_TARGETS}, got {targets!r}: 'norms' tracks the "
             "normalization layers, 'all' also every Linear, Conv1D and Embedding"
         )
+    partitioned = zero3.patch_parameters(model, targets)
+    if partitioned:  # ZeRO-3: the probe needs the values (hf_gns/patching/zero3.py)
+        with zero3.gathered(partitioned):
+            return patch(model, strict=strict, targets=targets, linear_method=linear_method)
     check_patchable(model)
     layer_plan = plan_layers(model, linear_method) if targets == "all" else None
     shared = shared_module_names(model)
