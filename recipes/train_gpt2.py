@@ -226,7 +226,7 @@ def parse_arguments(argv: list[str] | None = None):
         raise UsageError(_flag_names(str(error))) from error
     except ImportError as error:  # TrainingArguments imports what --deepspeed needs
         if "deepspeed" in str(error).lower():
-            raise UsageError(DEEPSPEED_REFUSED) from error
+            raise UsageError(DEEPSPEED_MISSING) from error
         raise
 
 
@@ -260,9 +260,8 @@ def _read_config_file(path: Path, parser: HfArgumentParser) -> dict:
 # Checks: every argument, the launch, the output folder and the checkpoint are refused here,
 # in one line, before any data work (which can take minutes).
 
-DEEPSPEED_REFUSED = (
-    "--deepspeed: GNSTrainer does not support DeepSpeed (ZeRO reduces gradients inside its engine, where "
-    "the GNS statistics cannot be read); use DDP or FSDP (recipes/accelerate/*.yaml)"
+DEEPSPEED_MISSING = (
+    "--deepspeed needs DeepSpeed: pip install -e '.[deepspeed]' (or use DDP/FSDP: recipes/accelerate/*.yaml)"
 )
 # Arguments that may differ on resume: where output goes and how often, not what is trained.
 RESUME_FREE_ARGUMENTS = {"preprocessing_num_workers", "gns_restart_statistics"} | set(
@@ -299,8 +298,6 @@ def check_launch(training_args: GNSTrainingArguments) -> None:
 
 def check_training_arguments(training_args: GNSTrainingArguments):
     """One-line refusals of what would fail later or do nothing; returns the batch-size controller."""
-    if training_args.deepspeed:
-        raise UsageError(DEEPSPEED_REFUSED)
     if training_args.per_device_train_batch_size < 1:
         raise UsageError(
             "--per_device_train_batch_size must be at least 1, got "

@@ -28,9 +28,12 @@ def cpu_deepspeed_state() -> None:
 
 def zero_config(stage: int) -> dict:
     """A ZeRO config whose sizes the Trainer fills in ("auto")."""
+    zero = {"stage": stage}
+    if stage == 3:  # save_model writes the gathered weights
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
     }

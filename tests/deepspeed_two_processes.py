@@ -12,6 +12,7 @@ DeepSpeed's records with DDP's.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 
@@ -54,20 +55,71 @@ def run_case(stage: int, name: str, output_dir: str) -> dict:
     if stage:
         overrides.update(use_cpu=False, deepspeed=zero_config(stage))
     args = make_args(output_dir, **overrides)
-    trainer = RecordingTrainer(model=tiny_gpt2(), args=args, train_dataset=FixedTokens())
+    # ZeRO-3: one case patches a model built partitioned (zero.Init, as from_pretrained does under a
+    # stage-3 config), so that patch() must gather the parameters it probes.
+    partitioned = stage == 3 and name == "accumulation"
+    model = partitioned_tiny_gpt2() if partitioned else tiny_gpt2()
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=FixedTokens())
     assert dist.get_world_size() == 2 and args.world_size == 2, "run under torchrun --nproc_per_node 2"
     assert trainer.is_deepspeed_enabled == bool(stage)
     trainer.train()
     if stage:
         assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
         assert trainer.model_wrapped.zero_optimization_stage() == stage
+    saved = unpatched = None
+    if stage == 3 and name == "accumulation":
+        trainer.save_model(output_dir)  # gathered 16-bit weights (stage3_gather_16bit_weights_on_model_save)
+        saved = saved_model_matches(output_dir) if dist.get_rank() == 0 else None  # rank 0 wrote its folder
+        unpatched = unpatch_restores(trainer)
     logs = [entry for entry in trainer.state.log_history if "gns" in entry]
     keys = ("gns", "gns_sq_norm", "gns_trace_cov", "batch_size", "gns_calibrated", "gns_calibration_ratio")
     return {
         "statistics": trainer.step_statistics,
         "logs": [{k: entry[k] for k in keys if k in entry} for entry in logs],
         "calibration": trainer.gns_calibration.state_dict() if trainer.gns_calibration.enabled else None,
+        "saved_model_matches": saved,
+        "unpatch_restores": unpatched,
     }
+
+
+def partitioned_tiny_gpt2():
+    """`tiny_gpt2()` built under `deepspeed.zero.Init` (ZeRO-3 partitions), with the same values."""
+    import deepspeed
+
+    reference = tiny_gpt2().state_dict()
+    with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 4}):
+        model = type(tiny_gpt2())(tiny_gpt2().config)
+    assert model.transformer.ln_f.weight.numel() == 0  # partitioned
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        if dist.get_rank() == 0:
+            model.load_state_dict(reference, strict=False)  # the tied lm_head is wte
+    return model
+
+
+def unpatch_restores(trainer) -> bool:
+    """`hf_gns.unpatch` on the ZeRO-3 model: no instance forward left, and the engine's forward (which
+    gathers the partitions) gives the logits of the patched model and of the plain tiny GPT-2."""
+    engine, model = trainer.model_wrapped, trainer.model
+    engine.eval()
+    tokens = FixedTokens()[0]["input_ids"][None]
+    with torch.no_grad():
+        patched = engine(input_ids=tokens).logits
+        restored = hf_gns.unpatch(model)
+        plain = engine(input_ids=tokens).logits
+        reference = tiny_gpt2().eval()(input_ids=tokens).logits
+    no_trace = not any("forward" in module.__dict__ for module in model.modules())
+    close = torch.allclose(plain, patched, atol=1e-5) and torch.allclose(plain, reference, atol=1e-5)
+    return restored > 0 and no_trace and close
+
+
+def saved_model_matches(output_dir: str) -> bool:
+    """The saved weights are those of the unpatched model: its keys (the tied head saved once) and its
+    initial values (learning rate 0). Read from the file: from_pretrained would build under zero.Init."""
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(output_dir, "model.safetensors"))
+    reference = {k: v for k, v in tiny_gpt2().state_dict().items() if k != "lm_head.weight"}
+    return saved.keys() == reference.keys() and all(torch.equal(saved[k], v) for k, v in reference.items())
 
 
 def main():
@@ -76,7 +128,8 @@ def main():
         cpu_deepspeed_state()
     hf_gns.set_backend("torch")
     results = {}
-    for name in CASES:
+    only = os.environ.get("HF_GNS_DEEPSPEED_CASES")  # debugging: a comma-separated subset
+    for name in only.split(",") if only else CASES:
         with tempfile.TemporaryDirectory() as output_dir:
             results[name] = run_case(stage, name, output_dir)
     if dist.get_rank() == 0:

@@ -4,7 +4,9 @@
 (CPU accelerator, gloo), two processes each: gradient accumulation, calibration steps,
 `gns_track="all"` (the engine's global norm) and batch control (the accumulated micro-batches
 change from step to step). Every step's Σ_i |c_i|² and |G_B|² per group and every logged GNS
-must agree. Needs the `deepspeed` extra (`pip install -e ".[deepspeed]"`); skipped without it.
+must agree. Under ZeRO-3 one case patches a model built partitioned (`zero.Init`): `save_model`
+writes the unpatched model's keys and values, and `unpatch` restores the plain forward.
+Needs the `deepspeed` extra (`pip install -e ".[deepspeed]"`); skipped without it.
 """
 
 import json
@@ -67,6 +69,9 @@ def test_zero_gives_the_ddp_statistics(ddp, stage, tmp_path):
                     assert math.isnan(a[key]), (case, key)
                 else:
                     assert_close_rel(a[key], value, (case, key))
+    if stage == 3:  # patched while partitioned; the saved files are the unpatched model's
+        assert zero["accumulation"]["saved_model_matches"] is True
+        assert zero["accumulation"]["unpatch_restores"] is True
     sizes = [s["batch_size"] for s in zero["batch_control"]["statistics"]]
     assert sizes[0] < sizes[-1], sizes  # the number of accumulated micro-batches changed
     assert math.isfinite(zero["calibration"]["logs"][-1]["gns_calibrated"])
