@@ -2,7 +2,7 @@
 
 Run by `tests/test_trainer_deepspeed.py`: `DS_ACCELERATOR=cpu python -m torch.distributed.run
 --nproc_per_node 2 tests/deepspeed_two_processes.py STAGE OUT.json`
-(STAGE 0: DDP on gloo, with ACCELERATE_USE_CPU=1), also on GPUs (without DS_ACCELERATOR).
+(STAGE 0: DDP on gloo, with ACCELERATE_USE_CPU=1); on GPUs, one process per GPU (1 or more).
 Every case trains a frozen tiny GPT-2 (learning rate 0, so that both engines see the same
 model at every step) on the same data in the same order, and records the global statistics of
 each optimizer step (`GNSTrainer.last_step_statistics`) and the logged GNS. The test compares
@@ -52,6 +52,7 @@ def run_case(stage: int, name: str, output_dir: str) -> dict:
         per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1, max_grad_norm=1.0, gns_ema_decay=0.99
     )
     overrides.update(CASES[name])
+    overrides["use_cpu"] = not torch.cuda.is_available()
     if stage:
         overrides.update(use_cpu=False, deepspeed=zero_config(stage))
     args = make_args(output_dir, **overrides)
@@ -60,7 +61,8 @@ def run_case(stage: int, name: str, output_dir: str) -> dict:
     partitioned = stage == 3 and name == "accumulation"
     model = partitioned_tiny_gpt2() if partitioned else tiny_gpt2()
     trainer = RecordingTrainer(model=model, args=args, train_dataset=FixedTokens())
-    assert dist.get_world_size() == 2 and args.world_size == 2, "run under torchrun --nproc_per_node 2"
+    world = int(os.environ["WORLD_SIZE"])
+    assert dist.get_world_size() == world == args.world_size, "run under torch.distributed.run"
     assert trainer.is_deepspeed_enabled == bool(stage)
     trainer.train()
     if stage:
@@ -101,12 +103,12 @@ def unpatch_restores(trainer) -> bool:
     gathers the partitions) gives the logits of the patched model and of the plain tiny GPT-2."""
     engine, model = trainer.model_wrapped, trainer.model
     engine.eval()
-    tokens = FixedTokens()[0]["input_ids"][None]
+    tokens = FixedTokens()[0]["input_ids"][None].to(trainer.args.device)
     with torch.no_grad():
         patched = engine(input_ids=tokens).logits
         restored = hf_gns.unpatch(model)
         plain = engine(input_ids=tokens).logits
-        reference = tiny_gpt2().eval()(input_ids=tokens).logits
+        reference = tiny_gpt2().to(tokens.device).eval()(input_ids=tokens).logits
     no_trace = not any("forward" in module.__dict__ for module in model.modules())
     close = torch.allclose(plain, patched, atol=1e-5) and torch.allclose(plain, reference, atol=1e-5)
     return restored > 0 and no_trace and close
@@ -124,7 +126,7 @@ def saved_model_matches(output_dir: str) -> bool:
 
 def main():
     stage, out = int(sys.argv[1]), sys.argv[2]
-    if stage:
+    if stage and not torch.cuda.is_available():
         cpu_deepspeed_state()
     hf_gns.set_backend("torch")
     results = {}

@@ -23,15 +23,15 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
-def run_two_processes(stage: int, out: str) -> dict:
+def run_two_processes(stage: int, out: str, processes: int = 2, gpu: bool = False) -> dict:
     env = dict(os.environ, HF_GNS_BACKEND="torch", OMP_NUM_THREADS="1")
-    if stage:
-        env["DS_ACCELERATOR"] = "cpu"
-        env.pop("ACCELERATE_USE_CPU", None)
-    else:
-        env["ACCELERATE_USE_CPU"] = "1"
+    env.pop("ACCELERATE_USE_CPU", None)
+    if not gpu and stage:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo)
+    elif not gpu:
+        env["ACCELERATE_USE_CPU"] = "1"  # DDP on gloo
     env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command += [os.path.join(TESTS, "deepspeed_two_processes.py"), str(stage), out]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -48,9 +48,7 @@ def assert_close_rel(actual, expected, what, rel=1e-5):
     assert actual == pytest.approx(expected, rel=rel, abs=0), (what, actual, expected)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_gives_the_ddp_statistics(ddp, stage, tmp_path):
-    zero = run_two_processes(stage, str(tmp_path / "zero.json"))
+def assert_same_statistics(zero: dict, ddp: dict, stage: int) -> None:
     assert zero.keys() == ddp.keys()
     for case, expected in ddp.items():
         got = zero[case]
@@ -75,3 +73,22 @@ def test_zero_gives_the_ddp_statistics(ddp, stage, tmp_path):
     sizes = [s["batch_size"] for s in zero["batch_control"]["statistics"]]
     assert sizes[0] < sizes[-1], sizes  # the number of accumulated micro-batches changed
     assert math.isfinite(zero["calibration"]["logs"][-1]["gns_calibrated"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_gives_the_ddp_statistics(ddp, stage, tmp_path):
+    assert_same_statistics(run_two_processes(stage, str(tmp_path / "zero.json")), ddp, stage)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_gives_the_ddp_statistics_on_gpus(stage, tmp_path):
+    """The same in fp32 on CUDA (NCCL), one process per GPU up to 2 (one GPU: the plain Trainer)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    processes = min(2, torch.cuda.device_count())
+    ddp = run_two_processes(0, str(tmp_path / "ddp.json"), processes, gpu=True)
+    zero = run_two_processes(stage, str(tmp_path / "zero.json"), processes, gpu=True)
+    assert_same_statistics(zero, ddp, stage)
