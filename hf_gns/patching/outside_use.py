@@ -21,6 +21,7 @@ taken only later is not seen (the guard still flags a parameter left with no val
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -151,6 +152,8 @@ class OutsideUseFinder:
         holders = self.holders[id(param)]
         if any(module is running for running in self.stack for module in holders):
             return
+        if _called_by_deepspeed():  # ZeRO-3 gathers and releases parameters in its own module hooks
+            return
         user = self.stack[-1] if self.stack else None
         name = self.module_names.get(id(user), "?") if user is not None else "?"
         where = "the patched model" if name == "" else repr(name)
@@ -199,6 +202,18 @@ class OutsideUseFinder:
             UntrackedParameter(name, param.numel(), module_name, type(holder).__name__, reason)
         )
         report.tracked_elements -= param.numel()
+
+
+def _called_by_deepspeed() -> bool:
+    """Whether the torch call being inspected comes straight from DeepSpeed's code (its first caller
+    outside torch and this module), not from the model's."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module == __name__ or module == "torch" or module.startswith(("torch.", "contextlib"))):
+            return module == "deepspeed" or module.startswith("deepspeed.")
+        frame = frame.f_back
+    return False
 
 
 def detach_outside_use_finder(model: nn.Module) -> None:
