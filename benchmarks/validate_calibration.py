@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds for the whole command")
     parser.add_argument(
+        "--throughput-only", action="store_true", help="part 3 only (its data prepares in seconds)"
+    )
+    parser.add_argument(
         "--replay-from",
         default=None,
         help="no runs: part 1 only, replayed from an all-layer run's result.json (OUT/all/result.json)",
@@ -291,11 +294,15 @@ def run(options: argparse.Namespace) -> dict:
         budget = options.max_tokens
     data_dir = Path(options.data_dir) if options.data_dir else out / "data"
     eval_tokens = 128 * max(SHAPES[shape][3], SHAPES[throughput_shape][3])
+    # --throughput-only: only the throughput runs' tokens (seconds to prepare, not minutes)
+    throughput_tokens = (10 + options.throughput_steps) * 16 * SHAPES[throughput_shape][3]
     meta = prepare_token_data(
-        data_dir, train_tokens=int(budget * 1.02) + 4096, eval_tokens=eval_tokens, vocab_size=vocab,
-        roots=roots, max_chars=max_chars, allow_fewer=True,
+        data_dir, train_tokens=int((throughput_tokens if options.throughput_only else budget) * 1.02) + 4096,
+        eval_tokens=eval_tokens, vocab_size=vocab, roots=roots, max_chars=max_chars, allow_fewer=True,
     )  # fmt: skip
-    if fitted_budget(meta, budget) < budget:
+    if options.throughput_only:
+        pass
+    elif fitted_budget(meta, budget) < budget:
         fitted = fitted_budget(meta, budget)
         print(f"WARNING: the corpus is short: budget cut from {budget:,} to {fitted:,} tokens (no repeats)")
         budget = fitted
@@ -311,13 +318,16 @@ def run(options: argparse.Namespace) -> dict:
     online = RunSpec(
         name="calibrated", out_dir=str(out / "calibrated"), calibrate_every=DEFAULT_CALIBRATE_EVERY, **common
     )
-    print(f"accuracy runs: GPT-2 {shape}, batch {batch}, {budget / 1e6:.2f}M tokens; corpus {meta['corpus']}")
-    t0 = time.time()
-    ref_result, online_result = launch([reference, online], jobs)
-    print(f"  done in {time.time() - t0:.0f}s")
     lines, replays = [], []
+    if options.throughput_only:
+        ref_result = online_result = {"failed": True, "log_tail": "not run (--throughput-only)", "spec": {}}
+    else:
+        print(f"accuracy runs: GPT-2 {shape}, batch {batch}, {budget / 1e6:.2f}M tokens; {meta['corpus']}")
+        t0 = time.time()
+        ref_result, online_result = launch([reference, online], jobs)
+        print(f"  done in {time.time() - t0:.0f}s")
     for result in (ref_result, online_result):
-        if result.get("failed"):
+        if result.get("failed") and not options.throughput_only:
             lines.append(f"FAILED {result['spec']['name']}:\n{result['log_tail']}")
     if not ref_result.get("failed"):
         replays = replays_of(ref_result["steps"], options.every, options.ema_decay, budget)
