@@ -64,7 +64,9 @@ def _sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
     except (AttributeError, RuntimeError, TypeError):  # fp64 gradients, or torch without dtype=
         return torch.stack([_sq_norm(t).to(device) for t in tensors])
-    return torch.stack([n.to(device) for n in norms]).square()
+    if all(n.device == device for n in norms):
+        return torch.stack(norms).square()
+    return torch.stack([n.to(device) for n in norms]).square()  # gradients on several devices
 
 
 def grad_sq_norm_shares(grads: Iterable[torch.Tensor | None], sharded: bool) -> torch.Tensor:

@@ -21,7 +21,8 @@ GNS is the ratio of the two averages, B_simple = EMA(tr Σ) / EMA(|G|²), in exa
 Never the EMA of per-step ratios: that is biased and has heavy tails.
 
 Steps whose statistics are not all finite are skipped (`torch.where`, no host sync) and
-counted. Nothing here calls `.item()` except the explicit readers (`values`, `gns`).
+counted. The state is one float64 tensor, and a step is one `fold_step` of ~25 small launches.
+Nothing here calls `.item()` except the explicit readers (`values`, `gns`).
 """
 
 from __future__ import annotations
@@ -77,24 +78,46 @@ class GNSEstimator:
             raise ValueError(f"group_names must be non-empty and unique, got {list(group_names)}")
         self.group_names = list(group_names)
         self.ema_decay = ema_decay
+        # The whole state in one float64 tensor, so that a step updates it in a few launches
+        # (`fold_step`): [EMA |G|² (n), EMA tr(Σ) (n), weight, steps, skipped, examples]. The EMAs are
+        # unnormalized, the weight is their common normalizer (the EMA of 1); float64 because with
+        # decays close to 1 the increments (1 - decay**B) are small and fp32 would lose them. The
+        # counts are exact in float64 up to 2**53.
+        self._state = torch.zeros(2 * len(self.group_names) + 4, dtype=torch.float64, device=device)
+
+    # views of the state, by name
+    @property
+    def _sq_norm(self) -> torch.Tensor:
+        return self._state[: len(self.group_names)]
+
+    @property
+    def _trace_cov(self) -> torch.Tensor:
         n = len(self.group_names)
-        # Unnormalized EMAs and their common normalizer (the EMA of 1), in float64: with decays
-        # close to 1 the increments (1 - decay**B) are small and fp32 would lose them.
-        self._sq_norm = torch.zeros(n, dtype=torch.float64, device=device)
-        self._trace_cov = torch.zeros(n, dtype=torch.float64, device=device)
-        self._weight = torch.zeros((), dtype=torch.float64, device=device)
-        self._steps = torch.zeros((), dtype=torch.int64, device=device)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-        self._examples = torch.zeros((), dtype=torch.float64, device=device)
+        return self._state[n : 2 * n]
+
+    @property
+    def _weight(self) -> torch.Tensor:
+        return self._state[-4]
+
+    @property
+    def _steps(self) -> torch.Tensor:
+        return self._state[-3]
+
+    @property
+    def _skipped(self) -> torch.Tensor:
+        return self._state[-2]
+
+    @property
+    def _examples(self) -> torch.Tensor:
+        return self._state[-1]
 
     @property
     def device(self) -> torch.device:
-        return self._weight.device
+        return self._state.device
 
     def to(self, device: torch.device | str) -> GNSEstimator:
         """Move the state to `device` (in place); returns `self`."""
-        for name in ("_sq_norm", "_trace_cov", "_weight", "_steps", "_skipped", "_examples"):
-            setattr(self, name, getattr(self, name).to(device))
+        self._state = self._state.to(device)
         return self
 
     def update(
@@ -105,7 +128,7 @@ class GNSEstimator:
         small_batch: Number = 1,
         ema_weight: Number | None = None,
     ) -> None:
-        """Fold one optimizer step into the averages.
+        """Fold one optimizer step into the averages (device launches only, no sync).
 
         Args:
             small_sq_norm (`torch.Tensor` of shape `(n_groups,)`): mean squared norm of the
@@ -119,27 +142,19 @@ class GNSEstimator:
                 `calibration.py`) stands for the examples of all k.
         """
         n = len(self.group_names)
-        small = torch.as_tensor(small_sq_norm, device=self.device).to(torch.float64).reshape(-1)
-        big = torch.as_tensor(big_sq_norm, device=self.device).to(torch.float64).reshape(-1)
+        small = _float64(small_sq_norm, self.device).reshape(-1)
+        big = _float64(big_sq_norm, self.device).reshape(-1)
         if small.numel() != n or big.numel() != n:
             raise ValueError(
                 f"expected one value per group ({n}: {self.group_names}), "
                 f"got {small.numel()} and {big.numel()}"
             )
-        b_big = torch.as_tensor(big_batch, device=self.device).to(torch.float64)
-        b_small = torch.as_tensor(small_batch, device=self.device).to(torch.float64)
-        sq_norm = (b_big * big - b_small * small) / (b_big - b_small)
-        trace_cov = (small - big) / (1.0 / b_small - 1.0 / b_big)
-        # b_big <= b_small (one example) carries no noise information: count it as skipped too.
-        ok = torch.isfinite(sq_norm).all() & torch.isfinite(trace_cov).all() & (b_big > b_small)
-        weight = b_big if ema_weight is None else torch.as_tensor(ema_weight, device=self.device).double()
-        keep = torch.where(ok, torch.exp(weight * math.log(self.ema_decay)), 1.0)  # decay ** B
-        self._sq_norm = torch.where(ok, keep * self._sq_norm + (1 - keep) * sq_norm, self._sq_norm)
-        self._trace_cov = torch.where(ok, keep * self._trace_cov + (1 - keep) * trace_cov, self._trace_cov)
-        self._weight = keep * self._weight + (1 - keep)
-        self._steps += ok.to(torch.int64)
-        self._skipped += (~ok).to(torch.int64)
-        self._examples += torch.where(ok, b_big, 0.0)
+        b_big, b_small = (
+            _number_or_float64(big_batch, self.device),
+            _number_or_float64(small_batch, self.device),
+        )
+        weight = b_big if ema_weight is None else _number_or_float64(ema_weight, self.device)
+        self._state = fold_step(self._state, small, big, b_big, b_small, weight, math.log(self.ema_decay))
 
     # ---- readers (these sync with the device) ----
 
@@ -182,12 +197,12 @@ class GNSEstimator:
         return {
             "group_names": list(self.group_names),
             "ema_decay": self.ema_decay,
-            "sq_norm": self._sq_norm.cpu(),
-            "trace_cov": self._trace_cov.cpu(),
-            "weight": self._weight.cpu(),
-            "steps": self._steps.cpu(),
-            "skipped": self._skipped.cpu(),
-            "examples": self._examples.cpu(),
+            "sq_norm": self._sq_norm.cpu().clone(),
+            "trace_cov": self._trace_cov.cpu().clone(),
+            "weight": self._weight.cpu().clone(),
+            "steps": self._steps.cpu().to(torch.int64),
+            "skipped": self._skipped.cpu().to(torch.int64),
+            "examples": self._examples.cpu().clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -199,10 +214,69 @@ class GNSEstimator:
                 "gns_track and gns_groups as the run that wrote the checkpoint."
             )
         self.ema_decay = float(state["ema_decay"])
-        device = self.device
-        self._sq_norm = state["sq_norm"].to(device, torch.float64)
-        self._trace_cov = state["trace_cov"].to(device, torch.float64)
-        self._weight = state["weight"].to(device, torch.float64)
-        self._steps = state["steps"].to(device, torch.int64)
-        self._skipped = state["skipped"].to(device, torch.int64)
-        self._examples = state["examples"].to(device, torch.float64)
+        scalars = [state[key].reshape(1) for key in ("weight", "steps", "skipped", "examples")]
+        parts = [state["sq_norm"].reshape(-1), state["trace_cov"].reshape(-1), *scalars]
+        self._state = torch.cat([part.to(torch.float64) for part in parts]).to(self.device)
+
+
+def fold_step(
+    state: torch.Tensor,
+    small: torch.Tensor,
+    big: torch.Tensor,
+    b_big: Number,
+    b_small: Number,
+    weight: Number,
+    log_decay: float,
+) -> torch.Tensor:
+    """One step of `GNSEstimator.update` on its stacked state, pure: returns the new state.
+
+    `state` is [EMA |G|² (n), EMA tr(Σ) (n), weight, steps, skipped, examples] (float64); `small`,
+    `big` are (n,) float64; the batch sizes and the EMA weight are numbers or 0-d float64 tensors.
+    The unbiased estimates (DESIGN.md section 2), with c = B_big·B_small / (B_big − B_small):
+
+        tr(Σ) = (small − big) · c,    |G|² = big − tr(Σ) / B_big
+
+    (the same as (B_big·big − B_small·small) / (B_big − B_small)). A step whose estimates are not
+    all finite, or with B_big <= B_small, leaves the averages alone (decay 1) and counts as skipped;
+    all of it as one multiply-add over the state: no branch on device values, no sync.
+    """
+    n = small.numel()
+    device = state.device
+    diff = b_big - b_small
+    if isinstance(diff, torch.Tensor) or diff != 0:
+        scale = b_big * b_small / diff
+    else:  # Python numbers, B_big == B_small: skipped below, like the tensors' inf/NaN
+        scale = math.inf
+    trace_cov = (small - big) * scale
+    estimates = torch.cat([big - trace_cov / b_big, trace_cov])  # (2n,): |G|², tr(Σ)
+    ok = estimates.isfinite().all()
+    if isinstance(diff, torch.Tensor):
+        ok = ok & (diff > 0)
+    elif diff <= 0:  # B_big <= B_small: no noise information
+        ok = torch.zeros_like(ok)
+    if isinstance(weight, torch.Tensor):
+        step_keep = torch.exp(weight * log_decay)  # decay ** B
+    else:  # a fill, not a host-to-device copy
+        step_keep = torch.full((), math.exp(weight * log_decay), dtype=torch.float64, device=device)
+    keep = torch.where(ok, step_keep, 1.0)
+    gain = 1.0 - keep
+    counted = ok.to(torch.float64)
+    decay = torch.cat([keep.expand(2 * n + 1), torch.ones(3, dtype=torch.float64, device=device)])
+    # the estimates of a skipped step (maybe NaN) are zeroed, so that keep = 1 leaves the averages exact
+    increment = torch.cat(
+        [torch.where(ok, estimates, 0.0) * gain, torch.stack([gain, counted, 1.0 - counted, counted * b_big])]
+    )
+    return torch.addcmul(increment, decay, state)
+
+
+def _float64(value, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64)
+    return torch.as_tensor(value, dtype=torch.float64).to(device, non_blocking=True)
+
+
+def _number_or_float64(value: Number, device: torch.device) -> Number:
+    """A Python number stays one (a scalar argument of the ops, no copy); a tensor becomes 0-d float64."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64).reshape(())
+    return float(value)

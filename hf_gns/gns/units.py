@@ -77,9 +77,12 @@ def to_synced_units(
     per_process = 1.0 / world_size**2 if grad_average else 1.0
     # A local gradient g_r enters the average as g_r / W; in its own right it is the gradient
     # of that process's batch, so |g_r|² is averaged over processes without the 1/W².
-    unscale = 1.0 if loss_scale is None else 1.0 / (torch.as_tensor(loss_scale, dtype=torch.float64) ** 2)
-    if isinstance(unscale, torch.Tensor):
-        unscale = unscale.to(batch_sq_norm.device)
+    if loss_scale is None:
+        unscale = 1.0
+    elif isinstance(loss_scale, torch.Tensor):
+        unscale = (1.0 / loss_scale.to(torch.float64) ** 2).to(batch_sq_norm.device)
+    else:  # a Python number stays one: a host tensor copied to the device would sync
+        unscale = 1.0 / float(loss_scale) ** 2
     local_mean = None
     if local_grad_sq_norm_sum is not None:
         local_mean = local_grad_sq_norm_sum * unscale / world_size

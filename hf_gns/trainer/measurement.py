@@ -10,17 +10,19 @@ What is measured: the parameters that train. `hf_gns.patch` tracks the norm laye
 modules whose parameters require grad. A PEFT model (LoRA, ...) is measured as with `"all"`:
 its trainable parameters are the adapters (and the norms when they train).
 
-Per optimizer step, at the synchronization step and BEFORE clipping (the Trainer calls
-`_clip_grad_norm` when `max_grad_norm > 0` and then `_get_grad_norm`; both are overridden so
-the read happens first, while `on_pre_optimizer_step` would only see clipped gradients),
-`_read_gns_statistics` runs, in this order (each a method, to override or extend):
+Per optimizer step, once the step's last backward is queued and BEFORE clipping (at the end of
+`training_step` on the micro-batch where `accelerator.sync_gradients` is set, so that its host work
+overlaps the device's backward instead of following the Trainer's per-micro-batch sync; under
+DeepSpeed in `_clip_grad_norm` / `_get_grad_norm`, which are also the fallback; never in
+`on_pre_optimizer_step`, which only sees clipped gradients), `_read_gns_statistics` runs, in
+this order (each a method, to override or extend):
 
 1. `_gns_check_statistics(model)`: the guard (`hf_gns.patching.check_step_statistics`): every
    tracked parameter that got a gradient has one per-example value per example of this
    process's step; `gns_incomplete="error"` raises naming the module, `"warn"` flags it;
 2. `_gns_local_statistics(model, incomplete)`: this process's statistics as one flat vector
    [B, tokens, Σ|c^local|² per group, |G_B|² share per group, (calibration: 4 values),
-   local |g_r|² (`gns_ddp`), incomplete flag per tracked parameter], from
+   local |g_r|² (`gns_ddp`), incomplete flag per tracked parameter (`gns_incomplete="warn"` only)], from
    `hf_gns.patching.example_sq_norm_sums` and `distributed.grad_sq_norm_shares` (fused reads);
 3. `distributed.all_reduce_sum`: the one collective of the step;
 4. `_gns_update_estimators(vector)`: drops the parameters that any process flagged (for the
@@ -42,7 +44,9 @@ EMAs are updated from them. Everything else (the estimator, `gns`, the groups) s
 norm layers.
 
 Everything stays on the device: the host syncs only when logging, when `current_gns()` or
-`tokens_seen` is read, and for the progress bar at logging steps.
+`tokens_seen` is read, and for the progress bar at logging steps. The per-step read is about
+forty small launches and ~0.2 ms of host time for GPT-2's 25 norms
+(`benchmarks/bench_trainer_host.py` counts it).
 """
 
 from __future__ import annotations
@@ -82,30 +86,54 @@ logger = logging.getLogger(__name__)
 
 
 class _StepCounters:
-    """Device-side counters of the run: cumulative tokens and the last step's batch, checkpointed."""
+    """Device-side counters of the run: cumulative (examples, tokens) and the last step's, checkpointed."""
 
     def __init__(self):
-        self.tokens_seen = torch.zeros((), dtype=torch.int64)
-        self.examples_seen = torch.zeros((), dtype=torch.int64)
+        self.seen = torch.zeros(2, dtype=torch.int64)  # (examples, tokens) of every step so far
         self.last_batch = torch.zeros(2, dtype=torch.float64)  # (examples, tokens) of the last step
 
+    @property
+    def examples_seen(self) -> torch.Tensor:
+        return self.seen[0]
+
+    @examples_seen.setter
+    def examples_seen(self, value: torch.Tensor | int) -> None:
+        self._set(0, value)
+
+    @property
+    def tokens_seen(self) -> torch.Tensor:
+        return self.seen[1]
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: torch.Tensor | int) -> None:
+        self._set(1, value)
+
+    def _set(self, index: int, value: torch.Tensor | int) -> None:
+        seen = self.seen.clone()
+        seen[index] = torch.as_tensor(value, dtype=torch.int64)
+        self.seen = seen
+
+    def add_step(self, batch: torch.Tensor) -> None:
+        """Count a step of `batch` = (examples, tokens), float64 on the counters' device (3 launches)."""
+        self.last_batch = batch
+        self.seen = self.seen + batch.round().to(torch.int64)
+
     def to(self, device: torch.device) -> None:
-        self.tokens_seen = self.tokens_seen.to(device)
-        self.examples_seen = self.examples_seen.to(device)
+        self.seen = self.seen.to(device)
         self.last_batch = self.last_batch.to(device)
 
     def state_dict(self) -> dict:
         return {
-            "tokens_seen": self.tokens_seen.cpu(),
-            "examples_seen": self.examples_seen.cpu(),
-            "last_batch": self.last_batch.cpu(),
+            "tokens_seen": self.tokens_seen.cpu().clone(),
+            "examples_seen": self.examples_seen.cpu().clone(),
+            "last_batch": self.last_batch.cpu().clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.tokens_seen.device
-        self.tokens_seen = state["tokens_seen"].to(device)
-        self.examples_seen = state["examples_seen"].to(device)
-        self.last_batch = state["last_batch"].to(device)
+        device = self.seen.device
+        seen = torch.stack([state["examples_seen"], state["tokens_seen"]]).to(torch.int64).reshape(2)
+        self.seen = seen.to(device)
+        self.last_batch = state["last_batch"].to(device=device, dtype=torch.float64)
 
 
 class GNSMixin:
@@ -245,6 +273,10 @@ class GNSMixin:
         self._gns_last_statistics = None
         # (wrapped model, its names of the tracked parameters, the parameters), looked up once per wrapper
         self._gns_tracked_cache: tuple[nn.Module, list[str], list[nn.Parameter]] | None = None
+        # (wrapped model, number of dropped parameters, the parameters the guard checks)
+        self._gns_checked: tuple[nn.Module, int, list[nn.Parameter]] | None = None
+        self._gns_compiled_cache: tuple[nn.Module, bool] | None = None  # (wrapped model, compiled?)
+        self._gns_in_container = False  # inside BatchSizeControlMixin's micro-batches of one step
         # 1.0 for a tracked parameter dropped from the estimate (gns_incomplete="warn"), on the device
         self._gns_dropped = torch.zeros(len(raw_names))
         self._gns_dropped_here: set[str] = set()  # dropped after this process's guard flagged them
@@ -307,8 +339,15 @@ class GNSMixin:
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
         if not isinstance(inputs, Mapping):
             # A container of micro-batches (BatchSizeControlMixin's loop item): each micro-batch comes
-            # back through self.training_step as a mapping and is counted then.
-            return super().training_step(model, inputs, num_items_in_batch)
+            # back through self.training_step as a mapping and is counted then; the step's statistics
+            # are read once the last one's backward is queued.
+            self._gns_in_container = True
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._gns_in_container = False
+            self._gns_read_after_backward(model)
+            return loss
         self._gns_maybe_register_ddp_hook(model)
         if not self._gns_pending and self._gns_calibrate_every:  # the step's first micro-batch
             calibrating = self.gns_calibration.is_calibration_step(self.state.global_step)
@@ -321,22 +360,49 @@ class GNSMixin:
         self._gns_step_examples += count.examples  # host int: shapes need no sync
         self._gns_step_tokens = self._gns_step_tokens + count.tokens
         self._gns_pending = True
-        prepare_sinks(model, inputs)  # outside any compiled graph (a no-op when eager sinks exist)
-        return super().training_step(model, inputs, num_items_in_batch)
+        if self._gns_is_compiled(model):
+            prepare_sinks(model, inputs)  # outside the compiled graph (eager: the model's pre-hook does it)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._gns_in_container and self.accelerator.sync_gradients:
+            self._gns_read_after_backward(model)
+        return loss
+
+    def _gns_read_after_backward(self, model: nn.Module) -> None:
+        """Read the step's statistics right after its last backward is queued, inside `training_step`.
+
+        The Trainer syncs with the device after `training_step` (`logging_nan_inf_filter` reads the
+        loss), so what it does next (clipping, the optimizer) starts on an idle device: the read
+        queued here runs behind the backward instead, and its host time overlaps the device's. The
+        gradients are complete in stream order (DDP and FSDP finish their reductions within the
+        backward) and not yet clipped. Under DeepSpeed the engine steps inside the backward: the read
+        stays in `_clip_grad_norm` / `_get_grad_norm`, which are no-ops once the step was read."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            self._read_gns_statistics(model)
+
+    def _gns_is_compiled(self, model: nn.Module) -> bool:
+        """Whether `model` (or a module it wraps) runs under torch.compile, where `prepare_sinks` must
+        ready the sinks outside the graph. Looked up once per wrapper object."""
+        cached = self._gns_compiled_cache
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        compiled = bool(getattr(self.args, "torch_compile", False)) or _is_compiled(model)
+        self._gns_compiled_cache = (model, compiled)
+        return compiled
 
     def _clip_grad_norm(self, model):
-        self._read_gns_statistics(model)
+        self._read_gns_statistics(model)  # a no-op when training_step read this step
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        self._read_gns_statistics(model)  # a no-op when _clip_grad_norm already read this step
+        self._read_gns_statistics(model)  # a no-op when already read this step
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     # ---- the per-step read ----
 
     @torch.no_grad()
     def _read_gns_statistics(self, model: nn.Module) -> None:
-        """Fold this optimizer step's statistics into the estimators (see the module docstring)."""
+        """Fold this optimizer step's statistics into the estimators (see the module docstring).
+        Host work and device launches only: no host-device sync."""
         if not self._gns_pending:
             return
         self._gns_pending = False
@@ -359,14 +425,19 @@ class GNSMixin:
         has no per-parameter drop)."""
         names, params = self._gns_tracked_parameters(model)
         n_examples = self._gns_step_examples
-        checked = [p for n, p in zip(names, params) if clean_name(n) not in self._gns_dropped_here]
+        checked = self._gns_checked
+        if checked is None or checked[0] is not model or checked[1] != len(self._gns_dropped_here):
+            kept = [p for n, p in zip(names, params) if clean_name(n) not in self._gns_dropped_here]
+            checked = self._gns_checked = (model, len(self._gns_dropped_here), kept)
         incomplete = check_step_statistics(
-            model, n_examples, parameters=checked, on_incomplete=self._gns_options.gns_incomplete
+            model, n_examples, parameters=checked[2], on_incomplete=self._gns_options.gns_incomplete
         )
         if self._gns_calibrating:
             tracked = {id(p) for p in params}
             extra = [p for p in self._gns_calibration_parameters(model)[1] if id(p) not in tracked]
             check_step_statistics(model, n_examples, parameters=extra, on_incomplete="error")
+        if not incomplete:
+            return []
         flagged = {clean_name(item.parameter) for item in incomplete}
         for item in incomplete:  # logged once: a dropped parameter is not checked again
             logger.warning("hf_gns: dropped from the GNS for the rest of the run: %s", item)
@@ -376,25 +447,43 @@ class GNSMixin:
     def _gns_local_statistics(self, model: nn.Module, incomplete: list[int]) -> torch.Tensor:
         """This process's statistics of the step, one flat fp32 vector of a size fixed for the run:
         [examples, tokens, Σ|c_i^local|² per group, |G_B|² share per group, (calibration: 4 values),
-        local |g_r|², flag per tracked parameter (1 when this process's guard found it incomplete)]."""
+        local |g_r|², (`gns_incomplete="warn"`: a flag per tracked parameter, 1 when this process's
+        guard found it incomplete)]. A dozen launches and no sync: the host's numbers (examples,
+        tokens without attention mask, flags) reach the device in one non-blocking copy."""
         names, tracked = self._gns_tracked_parameters(model)
         device = tracked[0].device
         self._gns_move_to(device)
-        zero = torch.zeros((), device=device)
         example_sums = example_sq_norm_sums(model, names).to(device)  # Σ_i |c_i|² per parameter
         grad_shares = self._gns_grad_sq_norm_shares(tracked, device)
-        local_ddp = self._gns_ddp_hook.take(device) if self._gns_ddp_hook is not None else zero
-        batch = torch.stack(
-            [torch.as_tensor(self._gns_step_examples, device=device).float(), zero + self._gns_step_tokens]
-        )
-        flags = torch.zeros(len(names), device=device)
-        if incomplete:  # rare: one small host-to-device copy
-            flags[torch.tensor(incomplete)] = 1.0
-        kept = self._gns_membership * (1.0 - self._gns_dropped)  # (groups, parameters)
-        parts = [batch, kept @ example_sums, kept @ grad_shares]
+        # (2, P) @ (P, groups): row 0 Σ|c^local|² and row 1 the |G_B|² share, per group
+        per_group = torch.stack([example_sums, grad_shares]) @ self._gns_kept_membership().t()
+        tokens = self._gns_step_tokens
+        device_tokens = isinstance(tokens, torch.Tensor)  # attention-mask sums, summed where the mask is
+        host = [float(self._gns_step_examples), 0.0 if device_tokens else float(tokens), 0.0]
+        if self._gns_options.gns_incomplete == "warn":
+            flags = [0.0] * len(names)
+            for i in incomplete:
+                flags[i] = 1.0
+            host += flags
+        from_host = _host_to_device(host, device)  # [examples, tokens, 0, flags...]
+        if device_tokens:
+            parts = [from_host[:1], tokens.to(device=device, dtype=torch.float32).reshape(1)]
+        else:
+            parts = [from_host[:2]]
+        parts.append(per_group.view(-1))
         if self._gns_calibrate_every:
             parts.append(self._gns_calibration_statistics(model, device))
-        return torch.cat(parts + [local_ddp[None], flags])
+        hook = self._gns_ddp_hook
+        parts.append(hook.take(device).reshape(1) if hook is not None else from_host[2:3])
+        parts.append(from_host[3:])  # the flags (empty unless "warn")
+        return torch.cat(parts)
+
+    def _gns_kept_membership(self) -> torch.Tensor:
+        """(groups, P) membership without the dropped parameters. `gns_incomplete="error"` never drops
+        one (an incomplete step raises), so the matrix is the membership itself: no launch."""
+        if self._gns_options.gns_incomplete == "error":
+            return self._gns_membership
+        return self._gns_membership * (1.0 - self._gns_dropped)
 
     def _gns_grad_sq_norm_shares(self, params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
         """This process's share of |G_B|² per parameter, from the synchronized `param.grad`; zeros under
@@ -424,22 +513,32 @@ class GNSMixin:
         return torch.cat([membership @ example_sums, membership @ grad_shares])
 
     def _gns_update_estimators(self, vector: torch.Tensor) -> None:
-        """Fold the all-reduced vector of `_gns_local_statistics` into the estimators and counters."""
-        n_groups, n_params = len(self._gns_group_names), len(self._gns_tracked_names)
+        """Fold the all-reduced vector of `_gns_local_statistics` into the estimators and counters
+        (device launches only, no sync)."""
+        n_groups = len(self._gns_group_names)
         ddp_at = 2 + 2 * n_groups + (4 if self._gns_calibrate_every else 0)
-        examples, tokens = vector[0].double(), vector[1].double()
-        flagged = (vector[-n_params:] > 0).to(self._gns_dropped.dtype)
-        # A step where some process flagged a parameter still counted is not used (NaN: skipped).
-        incomplete_step = (flagged * (1.0 - self._gns_dropped)).sum() > 0
-        self._gns_dropped = torch.maximum(self._gns_dropped, flagged)
+        values = vector.double()
+        examples, tokens = values[0], values[1]
+        example_sums = values[2 : 2 + n_groups]
+        nan = None
+        if self._gns_options.gns_incomplete == "warn":
+            n_params = len(self._gns_tracked_names)
+            flagged = (vector[-n_params:] > 0).to(self._gns_dropped.dtype)
+            # A step where some process flagged a parameter still counted is not used (NaN: skipped).
+            incomplete_step = (flagged * (1.0 - self._gns_dropped)).sum() > 0
+            self._gns_dropped = torch.maximum(self._gns_dropped, flagged)
+            nan = torch.full((), float("nan"), dtype=torch.float64, device=vector.device)
+            example_sums = torch.where(incomplete_step, nan, example_sums)
         world = distributed.world_size()
-        nan = torch.full((), float("nan"), dtype=torch.float64, device=vector.device)
+        loss_scale = self._gns_loss_scale()
         stats = to_synced_units(
-            torch.where(incomplete_step, nan, vector[2 : 2 + n_groups].double()),
-            vector[2 + n_groups : 2 + 2 * n_groups].double(),
+            example_sums,
+            values[2 + n_groups : 2 + 2 * n_groups],
             world_size=world,
-            loss_scale=self._gns_loss_scale(),
-            local_grad_sq_norm_sum=vector[ddp_at : ddp_at + 1].double(),
+            loss_scale=loss_scale,
+            local_grad_sq_norm_sum=values[ddp_at : ddp_at + 1]
+            if self.gns_ddp_estimator is not None
+            else None,
         )
         self.gns_estimator.update(
             small_sq_norm=per_example_statistic(stats.example_sq_norm_sum, examples),
@@ -447,20 +546,22 @@ class GNSMixin:
             big_batch=examples,
         )
         if self.gns_ddp_estimator is not None:
-            # The DDP hook sums every tracked gradient: once a parameter is dropped the two sides differ.
-            any_dropped = self._gns_dropped.sum() > 0
+            small = stats.local_grad_sq_norm_mean
+            if nan is not None:
+                # The DDP hook sums every tracked gradient: once a parameter is dropped the two sides differ.
+                small = torch.where(self._gns_dropped.sum() > 0, nan, small)
             self.gns_ddp_estimator.update(
-                small_sq_norm=torch.where(any_dropped, nan, stats.local_grad_sq_norm_mean),
+                small_sq_norm=small,
                 big_sq_norm=stats.batch_sq_norm[:1],
                 big_batch=examples,
                 small_batch=examples / world,
             )
         if self._gns_calibrating:
             calibration = to_synced_units(
-                vector[2 + 2 * n_groups : 4 + 2 * n_groups].double(),
-                vector[4 + 2 * n_groups : 6 + 2 * n_groups].double(),
+                values[2 + 2 * n_groups : 4 + 2 * n_groups],
+                values[4 + 2 * n_groups : 6 + 2 * n_groups],
                 world_size=world,
-                loss_scale=self._gns_loss_scale(),
+                loss_scale=loss_scale,
             )
             self.gns_calibration.update(
                 small_sq_norm=per_example_statistic(calibration.example_sq_norm_sum, examples),
@@ -469,10 +570,7 @@ class GNSMixin:
                 step=self.state.global_step,
             )
         self._gns_last_statistics = (examples, tokens, stats)
-        counters = self._gns_counters
-        counters.last_batch = torch.stack([examples, tokens])
-        counters.tokens_seen = counters.tokens_seen + tokens.round().long()
-        counters.examples_seen = counters.examples_seen + examples.round().long()
+        self._gns_counters.add_step(values[:2])
 
     def _gns_move_to(self, device: torch.device) -> None:
         if self._gns_device == device:
@@ -614,3 +712,25 @@ class GNSMixin:
 def _is_peft_model(model: nn.Module) -> bool:
     """A PEFT model (LoRA, ...): told by what it has, without importing peft."""
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """`torch.compile(model)` (an `OptimizedModule`) or `model.compile()`, also under DDP/FSDP wrappers."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    module = model
+    for _ in range(4):  # wrappers nest a few levels deep at most
+        if isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None:
+            return True
+        module = getattr(module, "module", None)
+        if not isinstance(module, nn.Module):
+            return False
+    return False
+
+
+def _host_to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """fp32 `values` on `device` without a host-device sync: `torch.as_tensor(x, device="cuda")` is a
+    blocking copy (it waits for the device's queue); a non-blocking copy of a fresh host tensor is not
+    (CUDA stages pageable memory before returning, so the host tensor may go)."""
+    tensor = torch.tensor(values, dtype=torch.float32)
+    return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
