@@ -463,3 +463,59 @@ def test_gpu_inductor_compiles_layernorm_with_bias():
     torch.testing.assert_close(y.detach(), eager["y"])
     torch.testing.assert_close(sink.grad[:, 0], eager["sq_w"])
     torch.testing.assert_close(bias.grad, eager["db"])
+
+
+def test_cached_launcher_compiles_once_per_key_then_launches_directly(monkeypatch):
+    """The direct-launch protocol on fakes (the real one needs CUDA): the first call of a key goes
+    through `kernel[grid]`, later ones call the compiled kernel's `run` with the constexprs appended;
+    a caller's `key=` replaces the per-argument key, and a new key compiles again."""
+    import types
+
+    from hf_gns.kernels import norm_triton
+
+    runs, compiles = [], []
+
+    class Compiled:
+        function, packed_metadata = "function", "packed"
+
+        def run(self, *args):
+            runs.append(args)
+
+        def launch_metadata(self, *args):  # only called when a launch hook is set
+            raise AssertionError("no launch hook is set")
+
+    class Kernel:
+        params = [types.SimpleNamespace(name="BLOCK", is_constexpr=True)]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                compiles.append((grid, args, kwargs))
+                return Compiled()
+
+            return launch
+
+    class FakeCudaTensor:
+        is_cuda = True
+        device = types.SimpleNamespace(index=0)
+        dtype = torch.float32
+
+        def data_ptr(self):
+            return 4096
+
+    monkeypatch.setattr(norm_triton._CachedLauncher, "enabled", True)
+    monkeypatch.setattr(norm_triton.triton.knobs.runtime, "launch_enter_hook", None)
+    monkeypatch.setattr(norm_triton.triton.knobs.runtime, "launch_exit_hook", None)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    launcher = norm_triton._CachedLauncher(Kernel())
+    x = FakeCudaTensor()
+    for _ in range(3):
+        launcher((2,), (x, 5), 4, BLOCK=64)
+    assert len(compiles) == 1 and compiles[0][2] == {"BLOCK": 64, "num_warps": 4}
+    assert [r[:4] for r in runs] == [(2, 1, 1, 7)] * 2
+    assert runs[0][4:] == ("function", "packed", None, None, None, x, 5, 64)
+    launcher((3,), (x, 5), 4, key=("shapes",), BLOCK=64)  # a caller's key: compiled once more
+    launcher((3,), (x, 6), 4, key=("shapes",), BLOCK=64)
+    assert len(compiles) == 2 and runs[-1][:4] == (3, 1, 1, 7) and runs[-1][-2:] == (6, 64)
+    key = launcher.call_key((torch.zeros(4), 5, 1.0, None), 4, {"BLOCK": 64})
+    assert key == (4, 64, (torch.float32, True), (False, False, True), float, None)

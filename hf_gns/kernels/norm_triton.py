@@ -352,6 +352,11 @@ class _CachedLauncher:
     %16 and int32 range of every int; every constexpr; num_warps; device), so a cached
     kernel is only reused where Triton would pick the same one. Off under
     TRITON_INTERPRET=1, with HF_GNS_FAST_LAUNCH=0, or after any error in the direct path.
+
+    A caller that knows what determines all of that (the launchers below: shapes, strides,
+    dtypes and the alignment of the tensors they did not allocate themselves, fresh CUDA
+    allocations being 512-byte aligned) passes it as `key=` and skips the per-argument
+    walk, a third of a launch's host time (`call_key` is that walk, for tests).
     """
 
     enabled = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("HF_GNS_FAST_LAUNCH", "1") != "0"
@@ -360,7 +365,7 @@ class _CachedLauncher:
         self.kernel = kernel
         params = getattr(kernel, "params", [])  # the interpreter's kernels have none
         self.constexpr_names = [p.name for p in params if p.is_constexpr]
-        self.compiled = {}
+        self.compiled = {}  # key -> (compiled kernel, its constexpr arguments in order)
 
     @staticmethod
     def _spec(arg):
@@ -372,22 +377,28 @@ class _CachedLauncher:
             return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
         return type(arg)
 
-    def __call__(self, grid, args, num_warps, **constexprs):
+    def call_key(self, args, num_warps, constexprs) -> tuple:
+        """The key derived from every argument (used when the caller gives none)."""
+        return (num_warps, *constexprs.values(), *map(self._spec, args))
+
+    def __call__(self, grid, args, num_warps, key=None, **constexprs):
         if not _CachedLauncher.enabled or not args[0].is_cuda:
             self.kernel[grid](*args, **constexprs, num_warps=num_warps)
             return
         device = args[0].device.index
-        key = (device, num_warps, *constexprs.values(), *map(self._spec, args))
-        compiled = self.compiled.get(key)
-        if compiled is None or device != torch.cuda.current_device():
-            self.compiled[key] = self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+        key = (device, self.call_key(args, num_warps, constexprs) if key is None else key)
+        entry = self.compiled.get(key)
+        if entry is None or device != torch._C._cuda_getDevice():
+            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            self.compiled[key] = (compiled, tuple(constexprs[name] for name in self.constexpr_names))
             return
-        all_args = (*args, *(constexprs[name] for name in self.constexpr_names))
+        compiled, constexpr_args = entry
+        all_args = (*args, *constexpr_args)
         grid = (*grid, 1, 1)
         try:
             stream = torch._C._cuda_getCurrentRawStream(device)
             enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
-            metadata = compiled.launch_metadata(grid, stream, *all_args)
+            metadata = None if enter is None else compiled.launch_metadata(grid, stream, *all_args)
             compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
                          metadata, enter, leave, *all_args)  # fmt: skip
         except (AttributeError, TypeError) as error:  # a Triton whose launch protocol differs
@@ -396,6 +407,15 @@ class _CachedLauncher:
                 f"hf_gns: direct Triton launch unavailable ({error}); using kernel[grid]", stacklevel=2
             )
             self.kernel[grid[:3]](*args, **constexprs, num_warps=num_warps)
+
+
+def _dtype(tensor: torch.Tensor | None) -> torch.dtype | None:
+    return None if tensor is None else tensor.dtype
+
+
+def _aligned(*tensors: torch.Tensor | None) -> tuple[bool | None, ...]:
+    """16-byte alignment of each tensor's data (what Triton specializes pointers on); None for None."""
+    return tuple(None if t is None else t.data_ptr() % 16 == 0 for t in tensors)
 
 
 _launch_forward = _CachedLauncher(_norm_fwd_kernel)
@@ -474,7 +494,8 @@ def _ticket(device: torch.device) -> torch.Tensor:
 
     Kernels on one stream run in order, so they can share it; another stream gets its own.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # the raw stream handle: `torch.cuda.current_stream()` builds a Stream object each call
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream)
     if key not in _TICKETS:
         _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
@@ -512,16 +533,21 @@ def norm_forward_triton(x, weight, bias, eps, rms, weight_offset, cast_before_we
     rows_per_example = x3.shape[1]
     n_rows = n_examples * rows_per_example
     y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    mean = torch.empty(0 if rms else x.shape[:-1], dtype=torch.float32, device=x.device)
+    # mean and rstd in one fp32 allocation (RMSNorm has no mean: an empty view)
+    stats = torch.empty((1 if rms else 2, *x.shape[:-1]), dtype=torch.float32, device=x.device)
+    rstd, mean = stats[0], (stats.view(-1)[:0] if rms else stats[1])
     if n_rows == 0:
         return y, mean, rstd
     block_m, block_d, num_warps = forward_config(width)
+    # everything the kernel specializes on, from the shapes (y, stats: fresh, 512-byte aligned)
+    key = (x3.shape, x3.stride(), x3.dtype, y.dtype, _dtype(weight), _dtype(bias), rms, cast_before_weight,
+           _aligned(x3, weight, bias))  # fmt: skip
     _launch_forward(
         (triton.cdiv(n_rows, block_m),),
         (x3, y, weight, bias, mean, rstd, x3.stride(0), x3.stride(1),
-         n_rows, rows_per_example, width, 1.0 / width, eps, weight_offset),
+         n_rows, rows_per_example, width, 1.0 / width, float(eps), float(weight_offset)),
         num_warps,
+        key=key,
         IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
@@ -563,12 +589,17 @@ def norm_backward_triton(
     partial_numel = n_params * n_examples * n_chunks * width
     # one fp32 workspace: partial sums (P, B, C, D), then per-block squared norms (B, 2, blocks)
     workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
+    # everything both kernels specialize on, from the shapes (dx, workspace, grads, sq_norms, the
+    # ticket: fresh, 512-byte aligned; the workspace views' offsets follow from the shapes)
+    key = (x3.shape, x3.stride(), dy3.stride(), x3.dtype, dy3.dtype, _dtype(weight), mean.dtype, rstd.dtype,
+           n_params, rms, cast_before_weight, _aligned(x3, dy3, weight, mean, rstd))  # fmt: skip
     _launch_backward(
         (n_examples, n_chunks),
         (x3, dy3, weight, mean, rstd, dx, workspace, workspace[partial_numel // max(n_params, 1) :],
          x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
-         n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, weight_offset),
+         n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, float(weight_offset)),
         num_warps,
+        key=key,
         IS_RMS=rms, HAS_WEIGHT=weight is not None, N_PARAMS=n_params,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
@@ -582,6 +613,7 @@ def norm_backward_triton(
         (workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device), None,
          n_examples, n_chunks, width, 0, 0),
         reduce_warps,
+        key=key,
         N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_D=reduce_d,
         BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=False,
     )  # fmt: skip
