@@ -166,6 +166,7 @@ def _recorder_class():
                     "gns": logs.get("gns"),
                     "gns_calibrated": logs.get("gns_calibrated"),
                     "gns_calibration_ratio": logs.get("gns_calibration_ratio"),
+                    "gns_norm_group": logs.get("gns/type/norm"),  # all-layer runs with gns_groups=["type"]
                     "lr": self.trainer.optimizer.param_groups[0]["lr"] if self.trainer.optimizer else None,
                     "wall_s": time.perf_counter() - self.result["_start"],
                 }
