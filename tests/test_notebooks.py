@@ -57,3 +57,11 @@ def test_notebook_executes_top_to_bottom(path, tmp_path, monkeypatch):
         if out.output_type == "execute_result"
     ]
     assert not stray, f"{path.name}: a cell ends in an expression whose value is shown: {stray[0]}"
+    # item 12 in the notebooks: no library noise in red before the first result
+    noise = [
+        out.text
+        for cell in notebook.cells
+        for out in cell.get("outputs", [])
+        if out.output_type == "stream" and "IProgress not found" in out.text
+    ]
+    assert not noise, f"{path.name}: {noise[0]}"
