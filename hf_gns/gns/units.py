@@ -89,7 +89,14 @@ def to_synced_units(
         if not grad_average:
             local_mean = local_mean * world_size**2  # sum-synchronized: g_r counts whole in the sum
     return SyncedStatistics(
-        example_sq_norm_sum=local_example_sq_norm_sum * (per_process * unscale),
-        batch_sq_norm=batch_sq_norm * unscale,
+        example_sq_norm_sum=_scaled(local_example_sq_norm_sum, per_process * unscale),
+        batch_sq_norm=_scaled(batch_sq_norm, unscale),
         local_grad_sq_norm_mean=local_mean,
     )
+
+
+def _scaled(value: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    # one process without loss scaling: no launch for a product with 1 (the trainer reads every step)
+    if isinstance(factor, float) and factor == 1.0:
+        return value
+    return value * factor
