@@ -1,7 +1,13 @@
 """Does batch-size control pay? Constant batches vs the linear ramp vs the `gns` policy, at one token budget.
 
-    python benchmarks/batch_schedule.py --out outputs/batch_schedule          # GPU (one H200)
-    python benchmarks/batch_schedule.py --tiny --out /tmp/batch_schedule     # CPU smoke, ~1 min
+    python benchmarks/batch_schedule.py --phase constant --out out/bs             # H200 call A (~6 min)
+    python benchmarks/batch_schedule.py --phase adaptive --merge out/bs/results.json --out out/bs2  # call B
+    python benchmarks/batch_schedule.py --from-json out/bs2/results.json --out out/report  # offline
+    python benchmarks/batch_schedule.py --tiny --out /tmp/batch_schedule         # CPU smoke, ~1 min
+
+(`--phase all`, the default, runs both phases in one command: more than one 10-minute device
+call at the default budget on the H200, measured 2026-12-02: 116 s of data preparation, and
+~40 ms a micro-batch per run with 5 runs sharing the GPU.)
 
 Setup (issue 14, part 2):
 - Corpus: every `.py` file installed on the machine (stdlib + site-packages, distinct
@@ -25,11 +31,12 @@ Setup (issue 14, part 2):
   B_p (issue 14's definition).
 - The runs of a phase run as separate processes on the one GPU, 5 at a time (`--jobs`),
   smallest batches (most steps) first: concurrency changes wall time, not results. Each
-  run is host-bound (a 1.9M-parameter model: ~10 ms of Python and kernel launches a
-  step), so a few share the GPU well; without MPS the GPU time-slices between processes,
-  so more at once need not be faster. Every run stops at its phase's deadline
+  run is host-bound (a 1.9M-parameter model: ~40 ms a micro-batch on the H200 machine,
+  5 runs sharing it), so a few share the GPU well; without MPS the GPU time-slices between
+  processes, so more at once need not be faster. Every run stops at its phase's deadline
   (`--time-limit` for the whole command, 540 s: under the device's 10-minute limit) and is
-  then marked INCOMPLETE in the table.
+  then marked INCOMPLETE in the table; a batch with an INCOMPLETE run is left out of B_p
+  and the targets.
 
 Reported per run: optimizer steps and tokens to reach each target eval loss (linear
 interpolation between the two evaluations around the first crossing; "—" when not
