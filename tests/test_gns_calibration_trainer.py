@@ -12,7 +12,7 @@ from gns_fixtures import SEQ, FixedTokens, make_args, tiny_gpt2
 from transformers.utils import logging as hf_logging
 
 import hf_gns
-from hf_gns.patching import embedding_norms, linear_norms
+from hf_gns.patching import embedding, linear
 from hf_gns.trainer import STATE_FILE
 
 
@@ -110,11 +110,9 @@ def test_layer_reductions_run_only_on_calibration_steps(tmp_path, monkeypatch):
 
         return wrapped
 
+    monkeypatch.setattr(linear, "linear_with_sq_norms", counting("linear", linear.linear_with_sq_norms))
     monkeypatch.setattr(
-        linear_norms, "linear_with_sq_norms", counting("linear", linear_norms.linear_with_sq_norms)
-    )
-    monkeypatch.setattr(
-        embedding_norms, "embedding_sq_norm_tap", counting("embedding", embedding_norms.embedding_sq_norm_tap)
+        embedding, "embedding_sq_norm_tap", counting("embedding", embedding.embedding_sq_norm_tap)
     )
     per_step = []
 

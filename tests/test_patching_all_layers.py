@@ -21,7 +21,7 @@ from torch import nn
 import hf_gns
 from hf_gns.kernels.linear_cost import choose_linear_method
 from hf_gns.patching.layer_state import LAYER_ATTRIBUTE
-from hf_gns.patching.linear_norms import features
+from hf_gns.patching.linear import features
 
 # GPT-2: Conv1D, tied wte/lm_head, (1, T) position lookups; OPT: flattened (B·T, D) MLP inputs,
 # tied head, padding_idx, an unsupported positional embedding; the rest: untied Llama-style,

@@ -93,3 +93,20 @@ def test_expert_biases_are_listed_untracked_with_their_reason():
     biases = {"model.layers.0.mlp.experts.gate_up_proj_bias", "model.layers.0.mlp.experts.down_proj_bias"}
     assert biases <= set(reasons) and all("bias" in reasons[name] for name in biases)
     assert "model.layers.0.mlp.experts.gate_up_proj" in report.tracked_parameters
+
+
+def test_report_records_and_states_carry_the_kind_that_groups_use():
+    from hf_gns.gns.groups import parameter_groups
+    from hf_gns.patching.kinds import KINDS, module_kind
+
+    model = _mixtral()
+    report = hf_gns.patch(model, targets="all")
+    kinds = {entry.name: entry.kind for entry in [*report.patched, *report.layers]}
+    assert kinds["model.layers.0.mlp.experts"] == "experts" and kinds["model.layers.0.mlp.gate"] == "call"
+    assert kinds["model.embed_tokens"] == "embedding" and kinds["lm_head"] == "linear"
+    assert kinds["model.norm"] == "norm" and set(kinds.values()) <= set(KINDS)
+    modules = dict(model.named_modules())
+    assert all(module_kind(modules[name]) == kind for name, kind in kinds.items())
+    groups = parameter_groups(model, report.tracked_parameters, groupings=("type",))
+    assert set(groups["type/norm"]) == {n for n in report.tracked_parameters if "norm" in n}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in groups["type/mlp"]

@@ -7,9 +7,9 @@ membership matrix applied to per-parameter statistics.
 Groups (names are logged as `gns/<group>`):
 - `total`: every tracked parameter;
 - `type/norm`, `type/attention`, `type/mlp`, `type/embedding`, `type/other`: norm parameters
-  are those of patched (or norm-like) modules; the others are told apart by tokens of their
-  dotted module path (`attn`, `q_proj`, `mlp`, `c_fc`, `wte`, ...), so `h.3.attn.c_proj` is
-  attention and `h.3.mlp.c_proj` is MLP;
+  are those of modules the patch records as kind "norm" (`hf_gns.patching.kinds`); the others
+  are told apart by tokens of their dotted module path (`attn`, `q_proj`, `mlp`, `c_fc`, `wte`,
+  ...), so `h.3.attn.c_proj` is attention and `h.3.mlp.c_proj` is MLP;
 - `layer/<i>`: the first integer in the module path (`transformer.h.3…`, `model.layers.3…`);
 - `module/<name>`: each norm module, e.g. `module/transformer.h.3.ln_1`.
 Wrapper tokens (DDP's leading `module.`, FSDP's `_fsdp_wrapped_module`, activation
@@ -40,7 +40,6 @@ _MLP_TOKENS = {
     "mlp", "ffn", "fc", "fc1", "fc2", "c_fc", "feed_forward", "gate_proj", "up_proj", "down_proj",
     "gate_up_proj", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3", "experts", "block_sparse_moe",
 }  # fmt: skip
-_NORM_CLASSES = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 def clean_name(name: str) -> str:
@@ -52,13 +51,11 @@ def clean_name(name: str) -> str:
 
 
 def is_norm_module(module: nn.Module) -> bool:
-    """Patched by hf_gns, a torch norm, or an HF-style `*Norm` class (LlamaRMSNorm, ...)."""
-    from ..patching.forward import PATCH_ATTRIBUTE
+    """Whether the patch says `module` is a norm layer (its record's kind, `hf_gns.patching.kinds`);
+    for a module not patched, whether the patcher would take it for one."""
+    from ..patching.kinds import module_kind
 
-    if PATCH_ATTRIBUTE in module.__dict__ or isinstance(module, _NORM_CLASSES):
-        return True
-    class_name = type(module).__name__
-    return class_name.endswith("Norm") or "LayerNorm" in class_name or "RMSNorm" in class_name
+    return module_kind(module) == "norm"
 
 
 def layer_type(module_path: str, module: nn.Module | None) -> str:

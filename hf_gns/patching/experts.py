@@ -91,6 +91,7 @@ class ExpertsPatch(ParameterPatch):
     """State of a patched experts module: sink columns (up weight, down weight)."""
 
     method_dense: bool = False  # expert-major dense experts (`is_dense`)
+    kind = "experts"
 
 
 def run_experts(

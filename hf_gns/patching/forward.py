@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -70,6 +71,7 @@ class NormPatch:
     reports: bool = True
     layout: ExampleLayout = field(default_factory=ExampleLayout)
     dropped_columns: frozenset = frozenset()  # parameters found used outside the module (`outside_use.py`)
+    kind: ClassVar[str] = "norm"  # see `kinds.py`
 
     def __post_init__(self):
         if self.sinks is None:

@@ -20,6 +20,8 @@ from .model_hook import ModelForwardHook
 from .sinks import SquaredNormSinks
 
 LAYER_ATTRIBUTE = "_hf_gns_layer"
+# LayerPatch.method of the kinds other than "linear" (whose methods are "auto", "ghost", ...)
+_KIND_OF_METHOD = {"rows": "embedding", "conv": "conv", "call": "call"}
 
 
 def examples_in(x: torch.Tensor, batch_size: int | None) -> int:
@@ -111,6 +113,11 @@ class LayerPatch:
     def __post_init__(self):
         if self.sinks is None:
             self.sinks = SquaredNormSinks(self.name)
+
+    @property
+    def kind(self) -> str:
+        """What the module holds (`kinds.py`): `"linear"`, `"embedding"`, `"conv"` or `"call"`."""
+        return _KIND_OF_METHOD.get(self.method, "linear")
 
     def reported_parameters(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
         """The parameter behind each sink column (None where nothing is reported, or where the

@@ -26,7 +26,7 @@ from torch import nn
 from ..kernels.linear_cost import LINEAR_METHODS
 from .conv import conv_unsupported_reason, describe_conv, patched_conv_forward
 from .detect import is_norm_like, shared_module_names
-from .embedding_norms import describe_embedding, embedding_unsupported_reason, patched_embedding_forward
+from .embedding import describe_embedding, embedding_unsupported_reason, patched_embedding_forward
 from .example_grads import CallRouting
 from .experts import (
     ExpertsPatch,
@@ -38,7 +38,7 @@ from .experts import (
     probe_experts,
 )
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch, TiedLink
-from .linear_norms import (
+from .linear import (
     describe_linear,
     is_linear_like,
     is_transposed,
@@ -52,7 +52,7 @@ from .own_parameters import (
     patched_own_parameters_forward,
     plan_own_parameters,
 )
-from .report import PatchedLayer, SkippedLayer
+from .report import PatchedModule, SkippedModule
 
 _FORWARDS = (
     patched_linear_forward,
@@ -75,8 +75,8 @@ _UNROUTED_FORWARDS = {
 class LayerPlan:
     """What `plan_layers` decided, before anything is bound."""
 
-    patched: list[PatchedLayer] = field(default_factory=list)
-    skipped: list[SkippedLayer] = field(default_factory=list)
+    patched: list[PatchedModule] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
     tracked: list[str] = field(default_factory=list)
     to_bind: list[tuple[nn.Module, LayerPatch]] = field(default_factory=list)
 
@@ -143,7 +143,9 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
                 described = describe_embedding(module)
             else:
                 described = describe_linear(module, existing.method)
-            plan.patched.append(PatchedLayer(name, type(module).__name__, described, "earlier call", tracked))
+            plan.patched.append(
+                PatchedModule(name, type(module).__name__, described, "earlier call", tracked, existing.kind)
+            )
             plan.tracked.extend(tracked)
             continue
         reason = _own_reason(module, probed)
@@ -162,7 +164,7 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
             if reason is None:
                 continue
         if reason is not None:
-            plan.skipped.append(SkippedLayer(name, type(module).__name__, reason, _trainable(module)))
+            plan.skipped.append(SkippedModule(name, type(module).__name__, reason, _trainable(module)))
             continue
         candidates.append((name, module))
 
@@ -183,7 +185,7 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
                     f"weight shared with {others}: supported are linears sharing weight and bias, and an "
                     "embedding tied to one linear head"
                 )
-                plan.skipped.append(SkippedLayer(name, type(module).__name__, reason, True))
+                plan.skipped.append(SkippedModule(name, type(module).__name__, reason, True))
             continue
         link = None
         if tie:
@@ -218,7 +220,9 @@ def _plan_one(
     tracked = tuple(
         names[id(p)] for p in state.reported_parameters(module) if p is not None and p.requires_grad
     )
-    plan.patched.append(PatchedLayer(name, type(module).__name__, described, "targets=all", tracked))
+    plan.patched.append(
+        PatchedModule(name, type(module).__name__, described, "targets=all", tracked, state.kind)
+    )
     plan.tracked.extend(tracked)
     plan.to_bind.append((module, state))
 
@@ -246,26 +250,30 @@ def _plan_call(
     if existing is not None:
         tracked = tuple(names[id(p)] for p in existing.reported_parameters(module) if p is not None)
         described = describe_own_parameters(module)
-        plan.patched.append(PatchedLayer(name, type(module).__name__, described, "earlier call", tracked))
+        plan.patched.append(
+            PatchedModule(name, type(module).__name__, described, "earlier call", tracked, existing.kind)
+        )
         plan.tracked.extend(tracked)
         return
     own = list(module.parameters(recurse=False))
     held_elsewhere = [h for p in own for h in owners[id(p)] if h != name]
     if id(module) in shared or held_elsewhere:
         if why_not is not None:
-            plan.skipped.append(SkippedLayer(name, type(module).__name__, why_not, _trainable(module)))
+            plan.skipped.append(SkippedModule(name, type(module).__name__, why_not, _trainable(module)))
         return  # else the report's coverage names the sharing
     state = plan_own_parameters(name, module, probed)
     if state is None or isinstance(state, str):
         if why_not is not None:
             state = why_not if state is None else f"{why_not}; {state.split(': ', 1)[-1]}"
         if state is not None:
-            plan.skipped.append(SkippedLayer(name, type(module).__name__, state, _trainable(module)))
+            plan.skipped.append(SkippedModule(name, type(module).__name__, state, _trainable(module)))
         return
     reported = [p for p in state.reported_parameters(module) if p is not None]
     tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
     described = describe_own_parameters(module)
-    plan.patched.append(PatchedLayer(name, type(module).__name__, described, "targets=all", tracked))
+    plan.patched.append(
+        PatchedModule(name, type(module).__name__, described, "targets=all", tracked, state.kind)
+    )
     plan.tracked.extend(tracked)
     plan.to_bind.append((module, state))
 
@@ -291,7 +299,9 @@ def _plan_experts(
             return f"{names.get(id(param), '?')} is also held by {', '.join(map(repr, others))}"
     tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
     plan.patched.append(
-        PatchedLayer(name, type(module).__name__, describe_experts(module), "targets=all", tracked)
+        PatchedModule(
+            name, type(module).__name__, describe_experts(module), "targets=all", tracked, state.kind
+        )
     )
     plan.tracked.extend(tracked)
     plan.to_bind.append((module, state))
@@ -315,7 +325,7 @@ def _plan_conv(
             return f"{names.get(id(param), '?')} is also held by {', '.join(map(repr, others))}"
     tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
     plan.patched.append(
-        PatchedLayer(name, type(module).__name__, describe_conv(module), "targets=all", tracked)
+        PatchedModule(name, type(module).__name__, describe_conv(module), "targets=all", tracked, state.kind)
     )
     plan.tracked.extend(tracked)
     plan.to_bind.append((module, state))
@@ -361,7 +371,9 @@ def _plan_shared(
         tracked = tuple(
             names[id(p)] for p in state.reported_parameters(module) if p is not None and p.requires_grad
         )
-        plan.patched.append(PatchedLayer(name, type(module).__name__, described, "targets=all", tracked))
+        plan.patched.append(
+            PatchedModule(name, type(module).__name__, described, "targets=all", tracked, state.kind)
+        )
         plan.tracked.extend(tracked)
         plan.to_bind.append((module, state))
 

@@ -27,7 +27,7 @@ from .outside_use import OutsideUseFinder, detach_outside_use_finder
 from .per_example_call import own_parameter_names, probe_per_example_call
 from .probe import fallback_candidates, probe_norm
 from .registry import registered_spec
-from .report import PatchedNorm, PatchReport, SkippedNorm
+from .report import PatchedModule, PatchReport, SkippedModule
 from .spec import NormSpec
 from .wrappers import check_patchable
 
@@ -205,7 +205,7 @@ def patch(
         foreign = _foreign_forward_name(module) if existing is not None else None
         if isinstance(plan, str):
             has_parameters = next(module.parameters(recurse=False), None) is not None
-            report.skipped.append(SkippedNorm(name, type(module).__name__, plan, has_parameters))
+            report.skipped.append(SkippedModule(name, type(module).__name__, plan, has_parameters))
             continue
         if foreign is not None:  # e.g. Liger applied after an earlier patch: take the norm back
             rebind.append((module, existing))
@@ -213,7 +213,7 @@ def patch(
     to_bind = [(module, state) for module, state, earlier in planned if not earlier]
     for module, state, reason in route_norms(to_bind, shared):
         planned = [entry for entry in planned if entry[0] is not module]
-        report.skipped.append(SkippedNorm(state.name, type(module).__name__, reason, True))
+        report.skipped.append(SkippedModule(state.name, type(module).__name__, reason, True))
     rebound = {id(module) for module, _ in rebind}
     for module, plan, earlier in planned:
         tracked = _tracked_names(module, plan, parameter_names)
@@ -221,7 +221,9 @@ def patch(
         if id(module) in rebound:
             source = f"re-bound (its forward had been replaced by {_foreign_forward_name(module)})"
         flavour = plan.describe() + (plan.routing.note if plan.routing is not None else "")
-        report.patched.append(PatchedNorm(plan.name, type(module).__name__, flavour, source, tracked))
+        report.patched.append(
+            PatchedModule(plan.name, type(module).__name__, flavour, source, tracked, "norm")
+        )
         report.tracked_parameters.extend(tracked)
     to_bind = [(module, state) for module, state, earlier in planned if not earlier]
     if strict and report.uncovered:

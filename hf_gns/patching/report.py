@@ -11,16 +11,22 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
-class PatchedNorm:
-    """A norm module now running the fused op.
+class PatchedModule:
+    """A module whose per-example norms are collected: a norm on the fused op or the per-example
+    call, or (`targets="all"`) a Linear / Conv1D / Embedding / experts / Conv1d module, or one using
+    its own parameters functionally.
 
     Args:
         name (`str`): module name.
         class_name (`str`): its class.
-        flavour (`str`): the `NormSpec` label, e.g. `"RMSNorm γ+1 out=input"`.
-        source (`str`): `"registry"` or `"probe"` (structural fallback), or `"earlier call"`
+        flavour (`str`): how, e.g. `"RMSNorm γ+1 out=input"` (the `NormSpec` label),
+            `"768→3072 auto: ghost for T<31, simultaneous for T≥31"`, `"50257×768 rows per example"`;
+            ties and shared weights are noted.
+        source (`str`): `"registry"` or `"probe"` (norms), `"targets=all"`, or `"earlier call"`
             when a previous `patch` call had patched it already.
-        tracked (`tuple[str, ...]`): names of its parameters that require grad.
+        tracked (`tuple[str, ...]`): names of the parameters reported for this module.
+        kind (`str`): what it holds, one of `kinds.KINDS`: `"norm"`, `"linear"`, `"embedding"`,
+            `"experts"`, `"conv"`, or `"call"` (parameters used functionally, per-example call).
     """
 
     name: str
@@ -28,18 +34,24 @@ class PatchedNorm:
     flavour: str
     source: str
     tracked: tuple[str, ...] = ()
+    kind: str = "norm"
+
+    @property
+    def method(self) -> str:
+        """`flavour`, under the name the all-layer records used."""
+        return self.flavour
 
 
 @dataclass(frozen=True)
-class SkippedNorm:
-    """A norm-like module left as it was.
+class SkippedModule:
+    """A module left as it was, with the reason.
 
     Args:
         name (`str`): module name.
         class_name (`str`): its class.
         reason (`str`): why, e.g. `"2-D weight (4, 8) (per-head weights) not supported: …"`.
-        has_parameters (`bool`): whether it owns parameters, i.e. is a hole in the coverage
-            (`strict=True` refuses those; weightless norms have nothing to track).
+        has_parameters (`bool`): whether it has trainable parameters, i.e. is a hole in the
+            coverage (`strict=True` refuses those; weightless norms have nothing to track).
     """
 
     name: str
@@ -48,41 +60,9 @@ class SkippedNorm:
     has_parameters: bool
 
 
-@dataclass(frozen=True)
-class PatchedLayer:
-    """A Linear / Conv1D / Embedding module whose per-example norms are collected (`targets="all"`).
-
-    Args:
-        name (`str`): module name.
-        class_name (`str`): its class.
-        method (`str`): shapes and method, e.g. `"768→3072 auto: ghost for T<31, simultaneous
-            for T≥31"`, or `"50257×768 rows per example"` for embeddings; ties are noted.
-        source (`str`): `"targets=all"`, or `"earlier call"`.
-        tracked (`tuple[str, ...]`): parameter names reported for this module.
-    """
-
-    name: str
-    class_name: str
-    method: str
-    source: str
-    tracked: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class SkippedLayer:
-    """A Linear / Conv1D / Embedding module left as it was, with the reason.
-
-    Args:
-        name (`str`): module name.
-        class_name (`str`): its class.
-        reason (`str`): why.
-        has_parameters (`bool`): whether it has trainable parameters, i.e. is a hole in the coverage.
-    """
-
-    name: str
-    class_name: str
-    reason: str
-    has_parameters: bool
+# The names of the records before they were one type (norms and other layers had their own).
+PatchedNorm = PatchedLayer = PatchedModule
+SkippedNorm = SkippedLayer = SkippedModule
 
 
 NOT_A_NORM = "not in a norm layer (targets='norms' tracks norm layers only)"
@@ -107,7 +87,7 @@ class UntrackedParameter:
     reason: str
 
 
-def _tracked_label(entry: PatchedNorm | PatchedLayer) -> str:
+def _tracked_label(entry: PatchedModule) -> str:
     """ "weight, bias", "weight" or "-": the tracked parameters of a patched module, short."""
     return ", ".join(name.rsplit(".", 1)[-1] for name in entry.tracked) or "-"
 
@@ -117,34 +97,39 @@ class PatchReport:
     """Result of `hf_gns.patch(model)`.
 
     Attributes:
-        patched (`list[PatchedNorm]`): modules running the fused op.
-        skipped (`list[SkippedNorm]`): norm-like modules left alone, with the reason.
+        patched (`list[PatchedModule]`): norm modules patched (kind `"norm"`).
+        skipped (`list[SkippedModule]`): norm-like modules left alone, with the reason.
         tracked_parameters (`list[str]`): parameters whose per-example squared norms are
             collected (patched norms' weights and biases that require grad).
-        layers (`list[PatchedLayer]`), skipped_layers (`list[SkippedLayer]`): the same for
-            Linear / Conv1D / Embedding modules (`targets="all"`).
+        layers (`list[PatchedModule]`), skipped_layers (`list[SkippedModule]`): the same for the
+            other kinds (`targets="all"`).
         untracked (`list[UntrackedParameter]`): every parameter that requires grad and is not
             tracked, with the reason (frozen parameters are not listed).
         trainable_elements (`int`), tracked_elements (`int`): parameter elements that require
             grad, and those of them tracked: the coverage line of the summary.
     """
 
-    patched: list[PatchedNorm] = field(default_factory=list)
-    skipped: list[SkippedNorm] = field(default_factory=list)
+    patched: list[PatchedModule] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
     tracked_parameters: list[str] = field(default_factory=list)
-    layers: list[PatchedLayer] = field(default_factory=list)
-    skipped_layers: list[SkippedLayer] = field(default_factory=list)
+    layers: list[PatchedModule] = field(default_factory=list)
+    skipped_layers: list[SkippedModule] = field(default_factory=list)
     untracked: list[UntrackedParameter] = field(default_factory=list)
     trainable_elements: int = 0
     tracked_elements: int = 0
 
     @property
-    def uncovered(self) -> list[SkippedNorm]:
+    def modules(self) -> list[PatchedModule]:
+        """Every patched module, norms first, each with its `kind`."""
+        return [*self.patched, *self.layers]
+
+    @property
+    def uncovered(self) -> list[SkippedModule]:
         """Skipped modules that own parameters: what `strict=True` refuses."""
         return [entry for entry in self.skipped if entry.has_parameters]
 
     @property
-    def uncovered_layers(self) -> list[SkippedLayer]:
+    def uncovered_layers(self) -> list[SkippedModule]:
         """Skipped Linear/Conv1D/Embedding modules with trainable parameters (`targets="all"`)."""
         return [entry for entry in self.skipped_layers if entry.has_parameters]
 
