@@ -110,3 +110,35 @@ def test_report_records_and_states_carry_the_kind_that_groups_use():
     groups = parameter_groups(model, report.tracked_parameters, groupings=("type",))
     assert set(groups["type/norm"]) == {n for n in report.tracked_parameters if "norm" in n}
     assert "model.layers.0.mlp.experts.gate_up_proj" in groups["type/mlp"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_gpu_experts_with_the_default_experts_implementation_equal_the_oracle(family):
+    """On CUDA the experts modules run transformers' default implementation (grouped_mm) when
+    unpatched; patched, every tracked parameter matches the one-example oracle (fp32)."""
+    if family == "mixtral":
+        config = transformers.MixtralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+        )  # fmt: skip
+        model_class = transformers.MixtralForCausalLM
+    else:
+        config = transformers.GptOssConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
+            max_position_embeddings=64, layer_types=["full_attention", "sliding_attention"],
+        )  # fmt: skip
+        model_class = transformers.GptOssForCausalLM
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_class(config).cuda().train()
+    ids = torch.randint(0, 64, (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    expected = {name: values.cpu() for name, values in _oracle(model, ids).items()}
+    report = hf_gns.patch(model, targets="all")
+    assert any(entry.kind == "experts" for entry in report.layers), report
+    _loss(model, ids).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    assert report.coverage > 0.95, report
+    for name, values in norms.items():
+        torch.testing.assert_close(values.double().cpu(), expected[name].double(), rtol=2e-3, atol=1e-9)
