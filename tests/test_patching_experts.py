@@ -142,3 +142,32 @@ def test_gpu_experts_with_the_default_experts_implementation_equal_the_oracle(fa
     assert report.coverage > 0.95, report
     for name, values in norms.items():
         torch.testing.assert_close(values.double().cpu(), expected[name].double(), rtol=2e-3, atol=1e-9)
+
+
+def test_experts_documents_of_a_padding_free_batch_equal_the_per_document_oracle():
+    """`run_experts` with tokens grouped into documents of uneven lengths (one with no token routed
+    to some experts): sink columns = per-document |dW_up|², |dW_down|² of the module alone."""
+    from hf_gns.kernels import new_sq_norm_sink
+    from hf_gns.patching.experts import run_experts
+
+    experts = _mixtral().model.layers[0].mlp.experts
+    lengths = [5, 1, 9, 3]  # documents over N = 18 tokens
+    n_tokens, generator = sum(lengths), torch.Generator().manual_seed(3)
+    x = torch.randn(n_tokens, 16, dtype=torch.float64, generator=generator)
+    top_k_index = torch.rand(n_tokens, 4, generator=generator).topk(2, dim=-1).indices
+    top_k_weights = torch.rand(n_tokens, 2, dtype=torch.float64, generator=generator)
+    upstream = torch.randn(n_tokens, 16, dtype=torch.float64, generator=generator)
+    token_example = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    sink = new_sq_norm_sink(len(lengths), "cpu")
+    out = run_experts(experts, x, top_k_index, top_k_weights, sink, token_example, len(lengths), "auto")
+    (out * upstream).sum().backward()
+    start = 0
+    for doc, length in enumerate(lengths):
+        rows = slice(start, start + length)
+        start += length
+        experts.zero_grad(set_to_none=True)
+        alone = type(experts).forward(experts, x[rows], top_k_index[rows], top_k_weights[rows])
+        (alone * upstream[rows]).sum().backward()
+        for column, param in enumerate((experts.gate_up_proj, experts.down_proj)):
+            want = 0.0 if param.grad is None else param.grad.square().sum().item()
+            assert sink.grad[doc, column].item() == pytest.approx(want, rel=1e-6, abs=1e-12)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..kernels.linear_op import linear_forward, linear_with_sq_norms
-from ..kernels.linear_reference import example_of_rows
+from ..kernels.linear_reference import example_of_rows, remember_max_example_rows
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch, ParameterPatch
 
 _PROBE_TOKENS, _PROBE_TOP_K = 6, 2
@@ -114,7 +114,19 @@ def run_experts(
     transposed = bool(module.is_transposed)
     expert_ids = top_k_index.reshape(-1)  # (S,), S = N·k pairs, token-major
     order = torch.sort(expert_ids, stable=True).indices  # grouped by expert, token order inside
-    counts = torch.bincount(expert_ids, minlength=module.num_experts)[: module.num_experts].tolist()  # sync
+    n_experts = module.num_experts
+    if sink is None:
+        counts = torch.bincount(expert_ids, minlength=n_experts)[:n_experts].tolist()  # host sync
+    else:  # rows per (expert, example), read once: each expert's example offsets and longest example
+        pair_examples = token_example.repeat_interleave(top_k)  # (S,)
+        keys = torch.where(
+            expert_ids < n_experts, expert_ids * n_examples + pair_examples, n_experts * n_examples
+        )
+        pair_counts = torch.bincount(keys, minlength=n_experts * n_examples + 1)[: n_experts * n_examples]
+        pair_counts = pair_counts.view(n_experts, n_examples)
+        all_offsets = torch.nn.functional.pad(pair_counts.cumsum(1), (1, 0))  # (E, B+1), on the device
+        host_counts = pair_counts.tolist()  # host sync (one per forward)
+        counts = [sum(row) for row in host_counts]
     swapped = None if sink is None else sink.flip(1)  # the down projection reports into column 1
     outputs, rows_done, start = [], [], 0
     for expert, count in enumerate(counts):
@@ -125,9 +137,9 @@ def run_experts(
         tokens = rows // top_k
         inputs = x[tokens]
         offsets = None
-        if sink is not None:  # rows of each example are contiguous: their offsets in this group
-            examples = torch.arange(n_examples + 1, device=x.device)
-            offsets = torch.searchsorted(token_example[tokens], examples)
+        if sink is not None:  # rows of each example are contiguous in this group: their offsets
+            offsets = all_offsets[expert]
+            remember_max_example_rows(offsets, max(host_counts[expert]))
         up = _project(inputs, up_weight[expert], sink, n_examples, method, transposed, offsets)
         if up_bias is not None:
             up = up + up_bias[expert]
