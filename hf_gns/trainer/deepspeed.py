@@ -37,12 +37,18 @@ skip the engine's step (`accumulation_boundary`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
 from torch import nn
 
 from .. import distributed
+from ..gns.groups import clean_name
+from ..patching import per_example_sq_norms
+from ..patching.stats import IncompleteStatisticsError
+
+logger = logging.getLogger(__name__)
 
 # Refusals, one line each (the `ValueError` message names what to use instead).
 ALL_LAYERS_NEED_FULL_COVERAGE = (
@@ -158,6 +164,7 @@ class ZeroGradSums:
         (calibration: Σ|c|² all, norms, |G_B|² all, norms), ...])."""
         trainer = self.trainer
         device = vector.device
+        self.flag_bypassed(model, vector)
         sums = self.local_grad_sums(device)
         n = vector.numel()
         reduced = distributed.all_reduce_sum(torch.cat([vector, sums]))
@@ -187,6 +194,43 @@ class ZeroGradSums:
                 vector[at + 1] = per_parameter.sum()
         return vector
 
+    def flag_bypassed(self, model: nn.Module, vector: torch.Tensor) -> list[str]:
+        """The guard's "got a gradient but no per-example value" check, which reads `param.grad`
+        (cleared by DeepSpeed's step by now): here from the hooks. Such a parameter's gradient did not
+        pass through its patched forward (rebound after `patch`, or the weight used outside its
+        module). `gns_incomplete="error"` raises; `"warn"` sets its flag in `vector` (the last entries,
+        one per tracked parameter), so that the step is skipped and the parameter dropped, as for DDP.
+        Returns the names flagged."""
+        trainer = self.trainer
+        fired = [i for i, s in enumerate(self._sums) if s is not None]
+        if not fired:
+            return []
+        names, _ = trainer._gns_tracked_parameters(model)
+        values = per_example_sq_norms(model)  # host-side shapes of what was collected
+        bypassed = [
+            i
+            for i in fired
+            if values.get(names[i]) is not None
+            and values[names[i]].shape[0] == 0
+            and clean_name(names[i]) not in trainer._gns_dropped_here
+        ]
+        if not bypassed:
+            return []
+        flagged = [names[i] for i in bypassed]
+        message = (
+            f"hf_gns: {len(flagged)} tracked parameters got a gradient this step but no per-example value "
+            f"(e.g. {', '.join(flagged[:3])}): their gradient did not pass through the patched forward "
+            "(replaced after hf_gns.patch, or the weight used outside its module)"
+        )
+        if trainer._gns_options.gns_incomplete == "error":
+            raise IncompleteStatisticsError(message + "; no GNS is computed from them")
+        logger.warning("%s; dropped from the GNS for the rest of the run", message)
+        trainer._gns_dropped_here |= {clean_name(n) for n in flagged}
+        n_params = len(names)
+        for i in bypassed:
+            vector[vector.numel() - n_params + i] = 1.0
+        return flagged
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -203,8 +247,6 @@ def _engine_loss_scale(model: nn.Module) -> float:
 
 
 def _check_full_coverage(model: nn.Module, measured: set[str]) -> None:
-    from ..gns.groups import clean_name
-
     missing = [n for n, p in model.named_parameters() if p.requires_grad and clean_name(n) not in measured]
     if missing:
         raise ValueError(ALL_LAYERS_NEED_FULL_COVERAGE.format(n=len(missing), names=", ".join(missing[:3])))
