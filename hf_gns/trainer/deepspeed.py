@@ -185,8 +185,7 @@ class ZeroGradSums:
         per_parameter = torch.stack([part.square().sum() for part in torch.split(sums, self._widths)]) / (
             world**2
         )
-        kept = trainer._gns_membership.to(device) * (1.0 - trainer._gns_dropped.to(device))
-        vector[batch] = kept @ per_parameter
+        vector[batch] = trainer._gns_kept_membership().to(device) @ per_parameter
         if self.calibrating_all:
             at = 2 + 2 * n_groups + 2  # calibration |G_B|² of (all, norms)
             if trainer._gns_calibrating:
