@@ -48,9 +48,9 @@ LR warmup); a sparse sample that happens to hold such a step gives it `every` ti
 weight, one that misses it leaves it out, and the EMA carries the error for a whole window.
 Measured on the H200 (GPT-2 4×128, batch 64, issue 14's validation run, replayed): calibrating
 every 10 steps from step 0, the calibrated GNS was 33% off the all-layer GNS at 10% of the
-budget and within 10% on only 61% of the steps after it; with the dense start (156 steps
-here) every step after 10% of the budget was within 10% (max 5-15% over the five phases of
-the sparse schedule). The dense phase costs what all-layer tracking costs, for one window
+budget and within 10% on only 61% of the steps after it; with the dense start (157 steps
+here) every step after 10% of the budget was within 6% (max 5-15% over five phases of the
+sparse schedule). The dense phase costs what all-layer tracking costs, for one window
 of examples (a few % of a typical budget); after it, calibration costs 1/`every` of that.
 
 r is unknown (NaN) before the first calibration step and whenever one of the four EMAs
