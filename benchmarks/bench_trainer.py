@@ -239,7 +239,7 @@ def _child(args) -> None:
     if gns:
         value = trainer.current_gns()  # sync, after timing
         result["gns"] = None if value is None or math.isnan(value) else value
-        result["tracked_params"] = len(getattr(trainer, "_tracked_names", []))
+        result["tracked_params"] = len(getattr(trainer, "_gns_tracked_names", []))
     if args.check_graph_breaks:
         from torch._dynamo.utils import counters
 

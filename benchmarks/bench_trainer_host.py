@@ -23,6 +23,7 @@ by the Triton kernels (see bench_trainer.py for those).
 
     python benchmarks/bench_trainer_host.py                            # GPT-2 config, 12 layers: 25 norms
     python benchmarks/bench_trainer_host.py --profile gns-norms        # + cProfile of the hf_gns functions
+    python benchmarks/bench_trainer_host.py --breakdown --rounds 1     # + GNSTrainer's own entry points timed
     python benchmarks/bench_trainer_host.py --model llama --variants trainer,trainer-patched,gns-norms
 """
 
@@ -55,6 +56,94 @@ def model_config(name: str, layers: int):
         max_position_embeddings=64,
         tie_word_embeddings=True,
     )
+
+
+_TIMERS: dict[str, list] = {}  # name -> [thread ns, calls], filled while _TIMING[0] is set
+_TIMING = [False]
+
+
+def _timed(name: str, function):
+    """`function` wrapped to add its thread CPU time to `_TIMERS[name]` after warm-up."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if not _TIMING[0]:
+            return function(*args, **kwargs)
+        start = time.thread_time_ns()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            entry = _TIMERS.setdefault(name, [0, 0])
+            entry[0] += time.thread_time_ns() - start
+            entry[1] += 1
+
+    return wrapper
+
+
+def install_timers() -> None:
+    """Time GNSTrainer's own entry points and the Trainer methods they extend, so that each
+    override's extra cost is (its time − the parent's time); and the per-forward / per-backward
+    hooks. Everything GNSTrainer adds to a step runs under one of these."""
+    import transformers
+
+    from hf_gns.patching import model_hook, sinks
+    from hf_gns.trainer import batching, measurement
+
+    pairs = [
+        (measurement.GNSMixin, "training_step"),
+        (transformers.Trainer, "training_step"),
+        (measurement.GNSMixin, "_clip_grad_norm"),
+        (transformers.Trainer, "_clip_grad_norm"),
+        (measurement.GNSMixin, "_get_grad_norm"),
+        (transformers.Trainer, "_get_grad_norm"),
+        (measurement.GNSMixin, "log"),
+        (transformers.Trainer, "log"),
+        (batching.BatchSizeControlMixin, "get_batch_samples"),
+        (transformers.Trainer, "get_batch_samples"),
+        (batching.BatchSizeControlMixin, "floating_point_ops"),
+        (transformers.Trainer, "floating_point_ops"),
+        (batching.BatchSizeControlMixin, "_track_num_input_tokens"),
+        (transformers.Trainer, "_track_num_input_tokens"),
+        (measurement.GNSMixin, "_read_gns_statistics"),
+        (measurement.GNSMixin, "_gns_check_statistics"),
+        (measurement.GNSMixin, "_gns_local_statistics"),
+        (measurement.GNSMixin, "_gns_update_estimators"),
+        (model_hook.ModelForwardHook, "__call__"),
+        (sinks.SquaredNormSinks, "_collect"),
+    ]
+    for owner, name in pairs:
+        setattr(owner, name, _timed(f"{owner.__name__}.{name}", getattr(owner, name)))
+
+
+def print_breakdown(steps: int) -> float:
+    """Per-step µs of each timed function, and GNSTrainer's extra host time; returns it in ms."""
+
+    def us(name: str) -> float:
+        return _TIMERS.get(name, [0, 0])[0] / 1e3 / steps
+
+    print(
+        f"\n=== GNSTrainer host time per optimizer step, by entry point (µs, thread CPU time, {steps} steps)"
+    )
+    extra = 0.0
+    for method in ("training_step", "_clip_grad_norm", "_get_grad_norm", "log"):
+        own = us(f"GNSMixin.{method}") - us(f"Trainer.{method}")
+        extra += own
+        print(f"  GNSMixin.{method:<24} {own:8.1f}   (incl. the Trainer's: {us(f'GNSMixin.{method}'):.1f})")
+    for method in ("get_batch_samples", "floating_point_ops", "_track_num_input_tokens"):
+        own = us(f"BatchSizeControlMixin.{method}") - us(f"Trainer.{method}")
+        extra += own
+        print(f"  BatchSizeControlMixin.{method:<13} {own:8.1f}   (batch control off)")
+    for name in ("ModelForwardHook.__call__", "SquaredNormSinks._collect"):
+        extra += us(name)
+        calls = _TIMERS.get(name, [0, 0])[1] / steps
+        print(f"  {name:<37} {us(name):8.1f}   ({calls:.0f} calls a step)")
+    read = us("GNSMixin._read_gns_statistics")
+    parts = ("_gns_check_statistics", "_gns_local_statistics", "_gns_update_estimators")
+    details = ", ".join(f"{name.removeprefix('_gns_')} {us(f'GNSMixin.{name}'):.1f}" for name in parts)
+    print(f"  of which the per-step read (_read_gns_statistics): {read:.1f} ({details})")
+    print(f"GNSTrainer extra host time per optimizer step: {extra / 1e3:.3f} ms (the patched ops aside)")
+    return extra / 1e3
 
 
 def run_variant(variant: str, args, profile: bool) -> dict:
@@ -97,10 +186,14 @@ def run_variant(variant: str, args, profile: bool) -> dict:
         def on_step_end(self, _args, state, control, **kwargs):
             self.thread.append(time.thread_time())
             self.wall.append(time.perf_counter())
-            if state.global_step == args.warmup and profiler is not None:
-                profiler.enable()
-            if state.global_step == total and profiler is not None:
-                profiler.disable()
+            if state.global_step == args.warmup:
+                _TIMING[0] = True
+                if profiler is not None:
+                    profiler.enable()
+            if state.global_step == total:
+                _TIMING[0] = False
+                if profiler is not None:
+                    profiler.disable()
 
     class ZeroStats(TrainerCallback):  # what GNSTrainer does once per step, for the patched baseline
         def on_step_end(self, _args, state, control, **kwargs):
@@ -171,6 +264,11 @@ def main(argv=None) -> None:
         "--profile", default="", help="comma-separated variants to cProfile (one extra run each)"
     )
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time GNSTrainer's entry points in a gns-norms run: its extra host ms per step, by part",
+    )
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -190,28 +288,37 @@ def main(argv=None) -> None:
             previous = best.get(variant)
             if previous is None or thread < previous["thread"]:
                 best[variant] = {"thread": thread, "wall": wall, "norms": result["norms"]}
-    versions = (
-        f"python {sys.version.split()[0]}  torch {torch.__version__}  transformers {transformers.__version__}"
-    )
-    shape = (
-        f"{args.model} {args.layers} layers ({best[variants[0]]['norms']} norms), B={args.batch} T={args.seq}"
-    )
-    how = f"25th percentile of {args.steps} steps after {args.warmup}, best of {args.rounds} rounds"
-    print(f"{versions}; {shape}, 1 thread; {how}")
-    print(f"{'variant':<16} {'CPU ms/step':>12} {'wall ms/step':>13} {'vs trainer':>11} {'vs patched':>11}")
-    for variant in variants:
-        row = best[variant]
-        cells = []
-        for base in ("trainer", "trainer-patched"):
-            ok = base in best and variant != base and not (base == "trainer-patched" and variant == "trainer")
-            cells.append(f"{row['thread'] - best[base]['thread']:+11.3f}" if ok else f"{'':>11}")
-        print(f"{variant:<16} {row['thread']:12.3f} {row['wall']:13.3f} {cells[0]} {cells[1]}")
-    if "trainer-patched" in best:
-        for variant in ("gns-norms", "gns-all"):
-            if variant in best:
-                extra = best[variant]["thread"] - best["trainer-patched"]["thread"]
-                what = f"GNSTrainer extra host time per optimizer step ({variant} - trainer-patched)"
-                print(f"{what}: {extra:.3f} ms")
+    if variants:  # (--variants '' with --breakdown: only the breakdown)
+        versions = f"python {sys.version.split()[0]}  torch {torch.__version__}"
+        versions += f"  transformers {transformers.__version__}"
+        shape = f"{args.model} {args.layers} layers ({best[variants[0]]['norms']} norms)"
+        shape += f", B={args.batch} T={args.seq}"
+        how = f"25th percentile of {args.steps} steps after {args.warmup}, best of {args.rounds} rounds"
+        print(f"{versions}; {shape}, 1 thread; {how}")
+        print(
+            f"{'variant':<16} {'CPU ms/step':>12} {'wall ms/step':>13} {'vs trainer':>11} {'vs patched':>11}"
+        )
+        for variant in variants:
+            row = best[variant]
+            cells = []
+            for base in ("trainer", "trainer-patched"):
+                ok = (
+                    base in best
+                    and variant != base
+                    and not (base == "trainer-patched" and variant == "trainer")
+                )
+                cells.append(f"{row['thread'] - best[base]['thread']:+11.3f}" if ok else f"{'':>11}")
+            print(f"{variant:<16} {row['thread']:12.3f} {row['wall']:13.3f} {cells[0]} {cells[1]}")
+        if "trainer-patched" in best:
+            for variant in ("gns-norms", "gns-all"):
+                if variant in best:
+                    extra = best[variant]["thread"] - best["trainer-patched"]["thread"]
+                    what = f"GNSTrainer extra host time per optimizer step ({variant} - trainer-patched)"
+                    print(f"{what}: {extra:.3f} ms")
+    if args.breakdown:
+        install_timers()
+        run_variant("gns-norms", args, profile=False)
+        print_breakdown(args.steps)
     for variant in [v for v in args.profile.split(",") if v]:
         result = run_variant(variant, args, profile=True)
         print_profile(variant, result["profiler"], args.steps, args.profile_rows)

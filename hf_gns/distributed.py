@@ -13,6 +13,7 @@ norm of its own shard and the sum is the full squared norm.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -39,6 +40,7 @@ def all_reduce_sum(vector: torch.Tensor) -> torch.Tensor:
     return vector
 
 
+@functools.lru_cache(maxsize=1)  # imports cost microseconds even when cached: once per process
 def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor
@@ -64,9 +66,10 @@ def _sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
     except (AttributeError, RuntimeError, TypeError):  # fp64 gradients, or torch without dtype=
         return torch.stack([_sq_norm(t).to(device) for t in tensors])
-    if all(n.device == device for n in norms):
+    try:
         return torch.stack(norms).square()
-    return torch.stack([n.to(device) for n in norms]).square()  # gradients on several devices
+    except RuntimeError:  # gradients on several devices
+        return torch.stack([n.to(device) for n in norms]).square()
 
 
 def grad_sq_norm_shares(grads: Iterable[torch.Tensor | None], sharded: bool) -> torch.Tensor:
@@ -89,6 +92,13 @@ def grad_sq_norm_shares(grads: Iterable[torch.Tensor | None], sharded: bool) -> 
     dtensor = _dtensor_class()
     device = next((g.device for g in grads if g is not None), torch.device("cpu"))
     counted_here = sharded or rank() == 0
+    # the common case (every gradient a plain tensor, counted here: one process, DDP rank 0, FSDP1)
+    if (
+        grads
+        and counted_here
+        and not any(g is None or (dtensor is not None and isinstance(g, dtensor)) for g in grads)
+    ):
+        return _sq_norms(grads, device)
     # (position, local tensor, 1 / number of replicas that hold the same values)
     measured: list[tuple[int, torch.Tensor, float]] = []
     for position, grad in enumerate(grads):

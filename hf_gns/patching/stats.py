@@ -190,8 +190,14 @@ class _SumPlan:
 
     def __init__(self, row_counts: list[int], sources: list[list[tuple[int, int]]], device: torch.device):
         n_owners = len(row_counts)
+        # every owner with the same number of rows (the usual case): a (owners, rows, 2) sum, no index
+        self.rows_each = row_counts[0] if len(set(row_counts)) == 1 else None
         # row r of the concatenated (R, 2) values belongs to owner row_owner[r]
-        self.row_owner = torch.repeat_interleave(torch.arange(n_owners), torch.tensor(row_counts)).to(device)
+        self.row_owner = (
+            None
+            if self.rows_each is not None
+            else torch.repeat_interleave(torch.arange(n_owners), torch.tensor(row_counts)).to(device)
+        )
         self.n_owners = n_owners
         # entry (owner, column) → flat index owner·2 + column of the (owners, 2) sums, and the name it adds to
         flat = [owner * 2 + column for name_sources in sources for owner, column in name_sources]
@@ -201,19 +207,39 @@ class _SumPlan:
         self.target_index = None if self.single else torch.tensor(target, dtype=torch.long).to(device)
 
 
-_SUM_PLANS: dict[tuple, _SumPlan] = {}
 _SUM_PLAN_CACHE_SIZE = 16
 
 
-# (model, names) → (states whose blocks are read, per name its (state index, column) sources)
-_SUM_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _SumLayout:
+    """For one (model, names): the states whose blocks are read, per name its (state index, column)
+    sources, and the plans by (rows per state, device)."""
+
+    def __init__(self, key: tuple, names: list[str], states: list, sources: tuple):
+        self.key, self.names, self.states, self.sources = key, names, states, sources
+        self.plans: dict[tuple, _SumPlan] = {}
+
+    def plan(self, row_counts: list[int], device: torch.device) -> _SumPlan:
+        key = (tuple(row_counts), device)
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= _SUM_PLAN_CACHE_SIZE:
+                self.plans.clear()
+            plan = self.plans[key] = _SumPlan(row_counts, self.sources, device)
+        return plan
 
 
-def _sum_layout(model: nn.Module, names: list[str]) -> tuple[list, tuple[tuple[tuple[int, int], ...], ...]]:
-    key = (patch_generation(), tuple(names))
+_SUM_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → _SumLayout
+
+
+def _sum_layout(model: nn.Module, names: list[str]) -> _SumLayout:
     cached = _SUM_LAYOUTS.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+    generation = patch_generation()
+    # the same list object as last time (a trainer's cached names, never edited): no tuple of every
+    # name to build and compare
+    if cached is not None and cached.key[0] == generation:
+        if (cached.names is names and len(names) == len(cached.key[1])) or cached.key[1] == tuple(names):
+            return cached
+    key = (generation, tuple(names))
     tracked = {entry.name: entry for entry in _tracked(model, collecting_only=False).values()}
     unknown = [n for n in names if n not in tracked]
     if unknown:
@@ -229,8 +255,8 @@ def _sum_layout(model: nn.Module, names: list[str]) -> tuple[list, tuple[tuple[t
                 states.append(state)
             name_sources.append((owners[id(state)], column))
         sources.append(tuple(name_sources))
-    _SUM_LAYOUTS[model] = (key, states, tuple(sources))
-    return states, tuple(sources)
+    layout = _SUM_LAYOUTS[model] = _SumLayout(key, names, states, tuple(sources))
+    return layout
 
 
 def _first_device(model: nn.Module) -> torch.device:
@@ -242,38 +268,44 @@ def example_sq_norm_sums(model: nn.Module, names: list[str]) -> torch.Tensor:
 
     The same numbers as `torch.stack([per_example_sq_norms(model)[n].sum() for n in names])`,
     in a handful of launches whatever the number of parameters: one `cat` of every collected
-    (B, 2) block, one `index_add_` into per-module sums, one gather (plus one `index_add_`
-    for a parameter reported by several modules). The index tensors depend only on the
-    layout (rows collected per module, `names`) and are cached, so a steady training loop
-    copies nothing to the device. No host-device sync.
+    (B, 2) block, one sum per module (a reshape when every module holds the same rows, else
+    an `index_add_`), one gather (plus one `index_add_` for a parameter reported by several
+    modules). The index tensors depend only on the layout (rows collected per module,
+    `names`) and are cached, so a steady training loop copies nothing to the device. No
+    host-device sync.
 
     Args:
         model (`nn.Module`): the patched model (or a wrapper around it).
-        names (`list[str]`): tracked parameter names as in `model.named_parameters()`.
+        names (`list[str]`): tracked parameter names as in `model.named_parameters()`; pass the
+            same list object every step for the cheapest lookup.
 
     Returns:
         `torch.Tensor`: fp32, shape (len(names),), on the device of the collected values; 0 for
         a parameter with nothing collected (check with `check_step_statistics` first).
     """
-    states, sources = _sum_layout(model, names)
+    layout = _sum_layout(model, names)
     blocks: list[torch.Tensor] = []
     row_counts: list[int] = []
-    for state in states:
+    for state in layout.states:
         collected = state.sinks.collected
-        blocks.extend(collected)
-        row_counts.append(sum(sq.shape[0] for sq in collected))
+        rows = 0
+        for block in collected:
+            blocks.append(block)
+            rows += block.shape[0]
+        row_counts.append(rows)
     device = blocks[0].device if blocks else _first_device(model)
     if not blocks:
         return torch.zeros(len(names), dtype=torch.float32, device=device)
-    key = (tuple(row_counts), sources, str(device))
-    plan = _SUM_PLANS.get(key)
-    if plan is None:
-        if len(_SUM_PLANS) >= _SUM_PLAN_CACHE_SIZE:
-            _SUM_PLANS.clear()
-        plan = _SUM_PLANS[key] = _SumPlan(row_counts, sources, device)
-    values = torch.cat([block.to(device) for block in blocks])  # (R, 2) fp32
-    owner_sums = torch.zeros(plan.n_owners, 2, dtype=values.dtype, device=device)
-    owner_sums.index_add_(0, plan.row_owner, values)
+    plan = layout.plan(row_counts, device)
+    try:
+        values = torch.cat(blocks)  # (R, 2) fp32
+    except RuntimeError:  # blocks on several devices (a model split over devices)
+        values = torch.cat([block.to(device) for block in blocks])
+    if plan.rows_each is not None:
+        owner_sums = values.view(plan.n_owners, plan.rows_each, 2).sum(1)
+    else:
+        owner_sums = torch.zeros(plan.n_owners, 2, dtype=values.dtype, device=device)
+        owner_sums.index_add_(0, plan.row_owner, values)
     picked = owner_sums.view(-1).index_select(0, plan.source_index)
     if plan.single:
         return picked

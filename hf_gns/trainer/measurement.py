@@ -597,12 +597,15 @@ class GNSMixin:
 
     def _gns_grads_sharded(self) -> bool:
         # FSDP1 keeps each rank's shard of the flat gradient in the original parameters' .grad;
-        # DTensor gradients (FSDP2) are recognised from their placements instead.
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if plugin is None:
-            return False
-        strategy = getattr(plugin, "sharding_strategy", None)
-        return getattr(strategy, "name", "FULL_SHARD") != "NO_SHARD"
+        # DTensor gradients (FSDP2) are recognised from their placements instead. Fixed for the run:
+        # looked up once (the accelerator state's properties cost microseconds a step).
+        sharded = self.__dict__.get("_gns_sharded")
+        if sharded is None:
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            strategy = getattr(plugin, "sharding_strategy", None)
+            sharded = plugin is not None and getattr(strategy, "name", "FULL_SHARD") != "NO_SHARD"
+            self.__dict__["_gns_sharded"] = sharded
+        return sharded
 
     def _gns_tracked_parameters(self, model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
         """The tracked parameters of the (wrapped) model in `_gns_tracked_names` order, with their names
