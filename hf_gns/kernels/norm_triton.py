@@ -409,6 +409,15 @@ class _CachedLauncher:
             self.kernel[grid[:3]](*args, **constexprs, num_warps=num_warps)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # on every launch: `triton.cdiv` is a constexpr_function in recent Triton, ~10 µs a Python call
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _dtype(tensor: torch.Tensor | None) -> torch.dtype | None:
     return None if tensor is None else tensor.dtype
 
@@ -543,7 +552,7 @@ def norm_forward_triton(x, weight, bias, eps, rms, weight_offset, cast_before_we
     key = (x3.shape, x3.stride(), x3.dtype, y.dtype, _dtype(weight), _dtype(bias), rms, cast_before_weight,
            _aligned(x3, weight, bias))  # fmt: skip
     _launch_forward(
-        (triton.cdiv(n_rows, block_m),),
+        (_cdiv(n_rows, block_m),),
         (x3, y, weight, bias, mean, rstd, x3.stride(0), x3.stride(1),
          n_rows, rows_per_example, width, 1.0 / width, float(eps), float(weight_offset)),
         num_warps,
@@ -585,7 +594,7 @@ def norm_backward_triton(
         width, n_examples, rows_per_example, x.device
     )
     reduce_b, reduce_c, reduce_d, reduce_warps = reduce_config(width, n_examples, n_chunks)
-    n_blocks = triton.cdiv(width, reduce_d)
+    n_blocks = _cdiv(width, reduce_d)
     partial_numel = n_params * n_examples * n_chunks * width
     # one fp32 workspace: partial sums (P, B, C, D), then per-block squared norms (B, 2, blocks)
     workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
@@ -615,7 +624,7 @@ def norm_backward_triton(
         reduce_warps,
         key=key,
         N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_D=reduce_d,
-        BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=False,
+        BLOCK_N=min(_next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=False,
     )  # fmt: skip
     return dx, grads[0], (grads[1] if n_params == 2 else None), sq_norms
 
@@ -648,7 +657,7 @@ def _norm_backward_documents_triton(
     n_slots = n_chunks + n_examples - 1  # slot k + e for chunk k, example e
     search_steps = (n_examples - 1).bit_length()  # ⌈log2 E⌉ halvings find a row's example
     reduce_b, _, reduce_d, reduce_warps = reduce_config(width, n_examples, _DOCUMENT_PIECES_PER_LOAD)
-    n_blocks = triton.cdiv(width, reduce_d)
+    n_blocks = _cdiv(width, reduce_d)
     partial_numel = n_params * n_slots * width
     # one fp32 workspace: partial sums (P, slots, D), then per-block squared norms (E, 2, blocks)
     workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
@@ -671,6 +680,6 @@ def _norm_backward_documents_triton(
          n_examples, n_chunks, width, rows_per_chunk, n_slots),
         reduce_warps,
         N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=_DOCUMENT_PIECES_PER_LOAD, BLOCK_D=reduce_d,
-        BLOCK_N=min(triton.next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=True,
+        BLOCK_N=min(_next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=True,
     )  # fmt: skip
     return dx, grads[0], (grads[1] if n_params == 2 else None), sq_norms
