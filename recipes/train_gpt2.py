@@ -335,7 +335,7 @@ def _flag_names(message: str) -> str:
     """Library messages name arguments (`batch_size_max`); the command line has flags (`--batch_size_max`)."""
     for name in _LIBRARY_ARGUMENTS:
         flag = f"--{name.replace('min_batch_size', 'batch_size_min')}"
-        message = re.sub(rf"(?<![-\w]){name}(?=[= ]|$)", flag, message)
+        message = re.sub(rf"(?<![-\w]){name}(?![\w])", flag, message)
     message = message.replace("granularity='example'", "--batch_size_granularity example")
     message = message.replace("multiplier must", "--gns_batch_multiplier must")
     return message.replace("--max_batch_size", "--batch_size_max").rstrip(".")

@@ -204,7 +204,7 @@ def test_data_from_a_directory_of_text_and_json_files(recipe, tmp_path):
         (["--no_such_flag", "3"], "no_such_flag"),
         (["--gns_track", "everything"], "gns_track must be one of"),
         (["--batch_size_policy", "sometimes"], "batch_size_policy must be one of"),
-        (["--gradient_accumulation_steps", "2"], "keep gradient_accumulation_steps=1"),
+        (["--gradient_accumulation_steps", "2"], "keep --gradient_accumulation_steps=1 .*--batch_size_start"),
     ],
 )
 def test_bad_arguments_and_data_get_a_clear_message(recipe, tmp_path, argv, message):
