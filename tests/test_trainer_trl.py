@@ -106,7 +106,8 @@ def test_dpo_trainer_logs_gns(tmp_path):
 
 def test_sft_all_layers_refuses_the_lm_head_that_trl_bypasses(tmp_path):
     """TRL's SFTTrainer computes log-probabilities with `lm_head.weight` directly (its fused LM head),
-    not through the module: the all-layer patch cannot see that gradient, and the guard says so."""
+    not through the module: the first training forward finds that use, `patch` stops tracking the
+    weight, and the guard refuses the step that GNSTrainer still counted it in."""
     tokenizer = byte_tokenizer()
     dataset = datasets.Dataset.from_dict({"text": sentences(16)})
     args = hf_gns.gns_config(trl.SFTConfig)(**common_options(tmp_path, max_length=48, gns_track="all"))
@@ -114,6 +115,25 @@ def test_sft_all_layers_refuses_the_lm_head_that_trl_bypasses(tmp_path):
         model=tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer
     )
     with pytest.raises(
-        IncompleteStatisticsError, match=r"lm_head\.weight.*did not pass through its patched forward"
+        IncompleteStatisticsError, match=r"lm_head\.weight.*uses it outside its module's forward"
     ):
         trainer.train()
+
+
+def test_sft_all_layers_with_gns_incomplete_warn_drops_the_bypassed_lm_head(tmp_path, caplog):
+    """The same run with `gns_incomplete="warn"`: `lm_head.weight` is dropped (logged), its step is
+    skipped, and the later steps log a finite GNS over the parameters still measured."""
+    tokenizer = byte_tokenizer()
+    dataset = datasets.Dataset.from_dict({"text": sentences(16)})
+    options = common_options(tmp_path, max_length=48, gns_track="all", gns_incomplete="warn")
+    args = hf_gns.gns_config(trl.SFTConfig)(**options)
+    trainer = SFTTrainerWithGNS(
+        model=tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    with caplog.at_level("WARNING", logger="hf_gns.trainer.measurement"):
+        trainer.train()
+    dropped = [r.getMessage() for r in caplog.records if "dropped from the GNS" in r.getMessage()]
+    assert len(dropped) == 1 and "lm_head.weight" in dropped[0], dropped
+    logs = [entry for entry in trainer.state.log_history if "gns" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4]
+    assert all(math.isfinite(entry["gns"]) for entry in logs), logs

@@ -23,6 +23,7 @@ from .stats import (
     example_sq_norm_sums,
     per_example_sq_norms,
     tracked_parameter_names,
+    untracked_among,
     zero_stats,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "register_norm",
     "set_layer_tracking",
     "tracked_parameter_names",
+    "untracked_among",
     "unpatch",
     "unregister_norm",
     "zero_stats",

@@ -149,6 +149,15 @@ def tracked_parameter_names(model: nn.Module) -> list[str]:
     return [entry.name for entry in _tracked(model, collecting_only=False).values()]
 
 
+def untracked_among(model: nn.Module, parameters: list[torch.Tensor]) -> list[int]:
+    """Indices of `parameters` that the patch does not track (any more). `patch` untracks a parameter
+    after it returned when the first training forward shows the model using it outside its module's
+    forward (`outside_use.py`): a caller that listed the tracked parameters before that step must not
+    read statistics of it. Walks the layout once per patch generation (cached with it)."""
+    tracked = {id(entry.param) for entry in _layout(model)[0]}
+    return [i for i, param in enumerate(parameters) if id(param) not in tracked]
+
+
 def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per-example squared gradient norms of every tracked parameter (norms; with `targets="all"`
     also Linear, Conv1D and Embedding weights and biases).

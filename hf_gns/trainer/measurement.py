@@ -74,8 +74,11 @@ from ..patching import (
     per_example_sq_norms,
     prepare_sinks,
     set_layer_tracking,
+    untracked_among,
     zero_stats,
 )
+from ..patching.model_hook import patch_generation
+from ..patching.stats import IncompleteStatistics, IncompleteStatisticsError
 from .arguments import calibration_settings, gns_options
 from .checkpoint import CheckpointStateRegistry
 from .counting import count_batch
@@ -274,12 +277,14 @@ class GNSMixin:
         # (wrapped model, its names of the tracked parameters, the parameters), looked up once per wrapper
         self._gns_tracked_cache: tuple[nn.Module, list[str], list[nn.Parameter]] | None = None
         # (wrapped model, number of dropped parameters, the parameters the guard checks)
-        self._gns_checked: tuple[nn.Module, int, list[nn.Parameter]] | None = None
+        self._gns_checked: tuple[nn.Module, int, int, list[nn.Parameter]] | None = None
         self._gns_compiled_cache: tuple[nn.Module, bool] | None = None  # (wrapped model, compiled?)
         self._gns_in_container = False  # inside BatchSizeControlMixin's micro-batches of one step
         # 1.0 for a tracked parameter dropped from the estimate (gns_incomplete="warn"), on the device
         self._gns_dropped = torch.zeros(len(raw_names))
         self._gns_dropped_here: set[str] = set()  # dropped after this process's guard flagged them
+        self._gns_lost: list[int] = []  # tracked indices that `patch` untracked since setup (outside use)
+        self._gns_calibration_lost = None  # (model, patch generation, untracked calibration indices)
 
     def _gns_setup_calibration(self, model: nn.Module) -> None:
         """Names and (all, norms) membership of every parameter measured on calibration steps."""
@@ -426,11 +431,15 @@ class GNSMixin:
         names, params = self._gns_tracked_parameters(model)
         n_examples = self._gns_step_examples
         checked = self._gns_checked
-        if checked is None or checked[0] is not model or checked[1] != len(self._gns_dropped_here):
+        generation = patch_generation()
+        if checked is None or checked[:3] != (model, len(self._gns_dropped_here), generation):
+            lost = self._gns_untracked_since_setup(model, names, params, n_examples)
             kept = [p for n, p in zip(names, params) if clean_name(n) not in self._gns_dropped_here]
-            checked = self._gns_checked = (model, len(self._gns_dropped_here), kept)
+            checked = self._gns_checked = (model, len(self._gns_dropped_here), generation, kept)
+            if lost:
+                return lost
         incomplete = check_step_statistics(
-            model, n_examples, parameters=checked[2], on_incomplete=self._gns_options.gns_incomplete
+            model, n_examples, parameters=checked[3], on_incomplete=self._gns_options.gns_incomplete
         )
         if self._gns_calibrating:
             tracked = {id(p) for p in params}
@@ -444,6 +453,35 @@ class GNSMixin:
         self._gns_dropped_here |= flagged
         return [i for i, n in enumerate(self._gns_tracked_names) if n in flagged]
 
+    def _gns_untracked_since_setup(self, model, names, params, n_examples: int) -> list[int]:
+        """Tracked parameters that `patch` stopped tracking after setup (the first training forward found
+        the model using them outside their module's forward, `outside_use.py`): the guard's verdict for
+        them. `gns_incomplete="error"` raises naming them; `"warn"` drops them for the rest of the run
+        (indices returned, their statistics no longer read). Runs when the patch generation changes."""
+        self._gns_lost = untracked_among(model, params)
+        lost = [i for i in self._gns_lost if clean_name(names[i]) not in self._gns_dropped_here]
+        if not lost:
+            return []
+        cause = (
+            "hf_gns stopped tracking it on the first training forward: the model uses it outside its "
+            "module's forward (the patch report lists it as untracked)"
+        )
+        items = [IncompleteStatistics(names[i], (), 0, n_examples, cause) for i in lost]
+        lines = "\n".join(f"  {item}" for item in items)
+        if self._gns_options.gns_incomplete == "error":
+            raise IncompleteStatisticsError(
+                f"hf_gns: {len(items)} tracked parameters lack exact per-example statistics this step; "
+                f"no GNS is computed from them (gns_incomplete='warn' drops them instead):\n{lines}"
+            )
+        for item in items:
+            logger.warning("hf_gns: dropped from the GNS for the rest of the run: %s", item)
+        self._gns_dropped_here |= {clean_name(item.parameter) for item in items}
+        return lost
+
+    def _gns_example_sq_norm_sums(self, model: nn.Module, names: list[str], device) -> torch.Tensor:
+        """`example_sq_norm_sums` of the tracked names, 0 for those `patch` untracked since setup."""
+        return _sums_skipping(model, names, self._gns_lost, device)
+
     def _gns_local_statistics(self, model: nn.Module, incomplete: list[int]) -> torch.Tensor:
         """This process's statistics of the step, one flat fp32 vector of a size fixed for the run:
         [examples, tokens, Σ|c_i^local|² per group, |G_B|² share per group, (calibration: 4 values),
@@ -453,7 +491,7 @@ class GNSMixin:
         names, tracked = self._gns_tracked_parameters(model)
         device = tracked[0].device
         self._gns_move_to(device)
-        example_sums = example_sq_norm_sums(model, names).to(device)  # Σ_i |c_i|² per parameter
+        example_sums = self._gns_example_sq_norm_sums(model, names, device)  # Σ_i |c_i|² per parameter
         grad_shares = self._gns_grad_sq_norm_shares(tracked, device)
         # (2, P) @ (P, groups): row 0 Σ|c^local|² and row 1 the |G_B|² share, per group
         per_group = torch.stack([example_sums, grad_shares]) @ self._gns_kept_membership().t()
@@ -502,13 +540,26 @@ class GNSMixin:
             cached = self._gns_calibration_cache = (model, [k for k, _ in pairs], [p for _, p in pairs])
         return cached[1], cached[2]
 
+    def _gns_calibration_untracked(self, model: nn.Module, params: list[nn.Parameter]) -> list[int]:
+        """Calibration parameters `patch` untracked since setup (used outside their module's forward):
+        left out of both sums of the calibration's "all" group, so it stays exact over what it
+        measures. Looked up once per patch generation."""
+        cached = self._gns_calibration_lost
+        generation = patch_generation()
+        if cached is None or cached[:2] != (model, generation):
+            cached = self._gns_calibration_lost = (model, generation, untracked_among(model, params))
+        return cached[2]
+
     def _gns_calibration_statistics(self, model: nn.Module, device: torch.device) -> torch.Tensor:
         """[Σ|c^local|² of (all, norms), |G_B|² share of (all, norms)] on a calibration step, else zeros."""
         if not self._gns_calibrating:
             return torch.zeros(4, device=device)
         names, params = self._gns_calibration_parameters(model)
-        example_sums = example_sq_norm_sums(model, names).to(device)
+        lost = self._gns_calibration_untracked(model, params)
+        example_sums = _sums_skipping(model, names, lost, device)
         grad_shares = self._gns_grad_sq_norm_shares(params, device)
+        if lost:
+            grad_shares = grad_shares.index_fill(0, torch.tensor(lost, device=device), 0.0)
         membership = self._gns_calibration_membership
         return torch.cat([membership @ example_sums, membership @ grad_shares])
 
@@ -710,6 +761,21 @@ class GNSMixin:
         if self.args.should_save:
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             self._gns_checkpoint_states().save(os.path.join(self._get_output_dir(trial=trial), folder))
+
+
+def _sums_skipping(model: nn.Module, names: list[str], skipped: list[int], device) -> torch.Tensor:
+    """`example_sq_norm_sums(model, names)` on `device`, with 0 at the `skipped` indices (parameters that
+    `patch` no longer tracks, whose statistics do not exist)."""
+    if not skipped:
+        return example_sq_norm_sums(model, names).to(device)
+    skip = set(skipped)
+    keep = [i for i in range(len(names)) if i not in skip]
+    sums = torch.zeros(len(names), device=device)
+    if keep:
+        sums[torch.tensor(keep, device=device)] = example_sq_norm_sums(model, [names[i] for i in keep]).to(
+            device
+        )
+    return sums
 
 
 def _is_peft_model(model: nn.Module) -> bool:
