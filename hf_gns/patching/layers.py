@@ -217,14 +217,28 @@ def _plan_one(
         described = describe_linear(module, method)
         if tied_head:
             described += f", weight tied to {link.embedding_name!r} (reported there)"
-    tracked = tuple(
-        names[id(p)] for p in state.reported_parameters(module) if p is not None and p.requires_grad
-    )
+    _add_to_plan(plan, names, name, module, state, described)
+
+
+def _add_to_plan(plan: LayerPlan, names: dict[int, str], name: str, module: nn.Module, state, described: str):
+    """Record a planned module: its report line, its tracked parameters (trainable, reported by its
+    state), and the (module, state) pair to bind."""
+    reported = [p for p in state.reported_parameters(module) if p is not None]
+    tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
     plan.patched.append(
         PatchedModule(name, type(module).__name__, described, "targets=all", tracked, state.kind)
     )
     plan.tracked.extend(tracked)
     plan.to_bind.append((module, state))
+
+
+def _held_elsewhere(state, module: nn.Module, names: dict[int, str], owners: dict[int, list[str]], name: str):
+    """Why `module` cannot be planned alone (a parameter it reports is held by another module), or None."""
+    for param in state.reported_parameters(module):
+        others = [] if param is None else [holder for holder in owners[id(param)] if holder != name]
+        if others:
+            return f"{names.get(id(param), '?')} is also held by {', '.join(map(repr, others))}"
+    return None
 
 
 def _takes_per_example_call(module: nn.Module) -> bool:
@@ -268,14 +282,7 @@ def _plan_call(
         if state is not None:
             plan.skipped.append(SkippedModule(name, type(module).__name__, state, _trainable(module)))
         return
-    reported = [p for p in state.reported_parameters(module) if p is not None]
-    tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
-    described = describe_own_parameters(module)
-    plan.patched.append(
-        PatchedModule(name, type(module).__name__, described, "targets=all", tracked, state.kind)
-    )
-    plan.tracked.extend(tracked)
-    plan.to_bind.append((module, state))
+    _add_to_plan(plan, names, name, module, state, describe_own_parameters(module))
 
 
 def _plan_experts(
@@ -292,20 +299,10 @@ def _plan_experts(
         name, ("gate_up_proj" if dense or module.has_gate else "up_proj", "down_proj"), method
     )
     state.method_dense = dense
-    reported = [p for p in state.reported_parameters(module) if p is not None]
-    for param in reported:
-        others = [holder for holder in owners[id(param)] if holder != name]
-        if others:
-            return f"{names.get(id(param), '?')} is also held by {', '.join(map(repr, others))}"
-    tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
-    plan.patched.append(
-        PatchedModule(
-            name, type(module).__name__, describe_experts(module), "targets=all", tracked, state.kind
-        )
-    )
-    plan.tracked.extend(tracked)
-    plan.to_bind.append((module, state))
-    return None
+    why_not = _held_elsewhere(state, module, names, owners, name)
+    if why_not is None:
+        _add_to_plan(plan, names, name, module, state, describe_experts(module))
+    return why_not
 
 
 def _plan_conv(
@@ -318,18 +315,10 @@ def _plan_conv(
 ) -> str | None:
     """Plan an nn.Conv1d (`conv.py`), or the reason it cannot be."""
     state = LayerPatch(name, ("weight", "bias"), "conv")
-    reported = [p for p in state.reported_parameters(module) if p is not None]
-    for param in reported:
-        others = [holder for holder in owners[id(param)] if holder != name]
-        if others:
-            return f"{names.get(id(param), '?')} is also held by {', '.join(map(repr, others))}"
-    tracked = tuple(names[id(p)] for p in reported if p.requires_grad and id(p) in names)
-    plan.patched.append(
-        PatchedModule(name, type(module).__name__, describe_conv(module), "targets=all", tracked, state.kind)
-    )
-    plan.tracked.extend(tracked)
-    plan.to_bind.append((module, state))
-    return None
+    why_not = _held_elsewhere(state, module, names, owners, name)
+    if why_not is None:
+        _add_to_plan(plan, names, name, module, state, describe_conv(module))
+    return why_not
 
 
 def _can_share(members: list[tuple[str, nn.Module]]) -> bool:

@@ -200,7 +200,7 @@ def controller_from_arguments(args, world_size: int, micro_batch_size: int) -> B
     and the first batch (`batch_size_start`, default `world_size × micro_batch_size`) is raised to it.
     """
     policy_name = args.batch_size_policy or "constant"
-    start, minimum = _start_and_min(args, world_size, micro_batch_size)
+    start, _ = _start_and_min(args, world_size, micro_batch_size)
     policies = {
         "constant": lambda: ConstantPolicy(start),
         "linear": lambda: LinearRampPolicy(
@@ -214,18 +214,27 @@ def controller_from_arguments(args, world_size: int, micro_batch_size: int) -> B
             reload_every_steps=args.batch_size_schedule_reload_steps,
         ),
     }
+    return _controller(
+        args, policies[policy_name](), world_size, micro_batch_size,
+        hysteresis=args.batch_size_hysteresis,
+        min_interval_tokens=args.batch_size_min_interval_tokens,
+        min_interval_steps=args.batch_size_min_interval_steps,
+        monotonic=args.batch_size_monotonic,
+    )  # fmt: skip
+
+
+def _controller(args, policy, world_size: int, micro_batch_size: int, **behaviour) -> BatchSizeController:
+    """A controller with `args`' first batch, bounds and rounding (`_start_and_min`), and `policy`."""
+    start, minimum = _start_and_min(args, world_size, micro_batch_size)
     return BatchSizeController(
-        policies[policy_name](),
+        policy,
         initial_batch_size=start,
         world_size=world_size,
         micro_batch_size=micro_batch_size,
         granularity=args.batch_size_granularity,
         min_batch_size=minimum,
         max_batch_size=args.batch_size_max,
-        hysteresis=args.batch_size_hysteresis,
-        min_interval_tokens=args.batch_size_min_interval_tokens,
-        min_interval_steps=args.batch_size_min_interval_steps,
-        monotonic=args.batch_size_monotonic,
+        **behaviour,
     )
 
 
@@ -239,16 +248,7 @@ def smallest_global_batch(args, world_size: int, micro_batch_size: int) -> int:
     if not getattr(args, "batch_control_enabled", False):
         return micro_batch_size * getattr(args, "gradient_accumulation_steps", 1) * world_size
     # The bounds and rounding of `controller_from_arguments`, without building (or reading) the policy.
-    start, minimum = _start_and_min(args, world_size, micro_batch_size)
-    controller = BatchSizeController(
-        ConstantPolicy(1),
-        initial_batch_size=start,
-        world_size=world_size,
-        micro_batch_size=micro_batch_size,
-        granularity=args.batch_size_granularity,
-        min_batch_size=minimum,
-        max_batch_size=args.batch_size_max,
-    )
+    controller = _controller(args, ConstantPolicy(1), world_size, micro_batch_size)
     return min(controller.batch_size, controller.quantize(controller.min_batch_size))
 
 
