@@ -285,6 +285,8 @@ class GNSMixin:
         self._gns_dropped_here: set[str] = set()  # dropped after this process's guard flagged them
         self._gns_lost: list[int] = []  # tracked indices that `patch` untracked since setup (outside use)
         self._gns_calibration_lost = None  # (model, patch generation, untracked calibration indices)
+        self._gns_lost_plan: _SkipPlan | None = None  # what to read of the tracked names when some are lost
+        self._gns_calibration_skip: _SkipPlan | None = None  # the same for the calibration's names
 
     def _gns_setup_calibration(self, model: nn.Module) -> None:
         """Names and (all, norms) membership of every parameter measured on calibration steps."""
@@ -432,13 +434,12 @@ class GNSMixin:
         n_examples = self._gns_step_examples
         checked = self._gns_checked
         generation = patch_generation()
+        lost: list[IncompleteStatistics] = []
         if checked is None or checked[:3] != (model, len(self._gns_dropped_here), generation):
             lost = self._gns_untracked_since_setup(model, names, params, n_examples)
             kept = [p for n, p in zip(names, params) if clean_name(n) not in self._gns_dropped_here]
             checked = self._gns_checked = (model, len(self._gns_dropped_here), generation, kept)
-            if lost:
-                return lost
-        incomplete = check_step_statistics(
+        incomplete = lost + check_step_statistics(
             model, n_examples, parameters=checked[3], on_incomplete=self._gns_options.gns_incomplete
         )
         if self._gns_calibrating:
@@ -453,34 +454,30 @@ class GNSMixin:
         self._gns_dropped_here |= flagged
         return [i for i, n in enumerate(self._gns_tracked_names) if n in flagged]
 
-    def _gns_untracked_since_setup(self, model, names, params, n_examples: int) -> list[int]:
+    def _gns_untracked_since_setup(self, model, names, params, n_examples: int) -> list[IncompleteStatistics]:
         """Tracked parameters that `patch` stopped tracking after setup (the first training forward found
-        the model using them outside their module's forward, `outside_use.py`): the guard's verdict for
-        them. `gns_incomplete="error"` raises naming them; `"warn"` drops them for the rest of the run
-        (indices returned, their statistics no longer read). Runs when the patch generation changes."""
+        the model using them outside their module's forward, `outside_use.py`), as the guard's verdicts:
+        `gns_incomplete="error"` raises naming them, `"warn"` returns them for `_gns_check_statistics`
+        to drop (their statistics are no longer read). Runs when the patch generation changes."""
         self._gns_lost = untracked_among(model, params)
-        lost = [i for i in self._gns_lost if clean_name(names[i]) not in self._gns_dropped_here]
-        if not lost:
-            return []
+        lost = [names[i] for i in self._gns_lost if clean_name(names[i]) not in self._gns_dropped_here]
         cause = (
             "hf_gns stopped tracking it on the first training forward: the model uses it outside its "
             "module's forward (the patch report lists it as untracked)"
         )
-        items = [IncompleteStatistics(names[i], (), 0, n_examples, cause) for i in lost]
-        lines = "\n".join(f"  {item}" for item in items)
-        if self._gns_options.gns_incomplete == "error":
+        items = [IncompleteStatistics(n, (n.rpartition(".")[0],), 0, n_examples, cause) for n in lost]
+        if items and self._gns_options.gns_incomplete == "error":
+            lines = "\n".join(f"  {item}" for item in items)
             raise IncompleteStatisticsError(
                 f"hf_gns: {len(items)} tracked parameters lack exact per-example statistics this step; "
                 f"no GNS is computed from them (gns_incomplete='warn' drops them instead):\n{lines}"
             )
-        for item in items:
-            logger.warning("hf_gns: dropped from the GNS for the rest of the run: %s", item)
-        self._gns_dropped_here |= {clean_name(item.parameter) for item in items}
-        return lost
+        return items
 
     def _gns_example_sq_norm_sums(self, model: nn.Module, names: list[str], device) -> torch.Tensor:
         """`example_sq_norm_sums` of the tracked names, 0 for those `patch` untracked since setup."""
-        return _sums_skipping(model, names, self._gns_lost, device)
+        self._gns_lost_plan = _skip_plan(self._gns_lost_plan, names, self._gns_lost, device)
+        return _sums_skipping(model, names, self._gns_lost_plan, device)
 
     def _gns_local_statistics(self, model: nn.Module, incomplete: list[int]) -> torch.Tensor:
         """This process's statistics of the step, one flat fp32 vector of a size fixed for the run:
@@ -556,10 +553,11 @@ class GNSMixin:
             return torch.zeros(4, device=device)
         names, params = self._gns_calibration_parameters(model)
         lost = self._gns_calibration_untracked(model, params)
-        example_sums = _sums_skipping(model, names, lost, device)
+        plan = self._gns_calibration_skip = _skip_plan(self._gns_calibration_skip, names, lost, device)
+        example_sums = _sums_skipping(model, names, plan, device)
         grad_shares = self._gns_grad_sq_norm_shares(params, device)
-        if lost:
-            grad_shares = grad_shares.index_fill(0, torch.tensor(lost, device=device), 0.0)
+        if plan is not None:
+            grad_shares = grad_shares.index_fill(0, plan.skipped.to(device), 0.0)
         membership = self._gns_calibration_membership
         return torch.cat([membership @ example_sums, membership @ grad_shares])
 
@@ -763,19 +761,38 @@ class GNSMixin:
             self._gns_checkpoint_states().save(os.path.join(self._get_output_dir(trial=trial), folder))
 
 
-def _sums_skipping(model: nn.Module, names: list[str], skipped: list[int], device) -> torch.Tensor:
-    """`example_sq_norm_sums(model, names)` on `device`, with 0 at the `skipped` indices (parameters that
+def _sums_skipping(model: nn.Module, names: list[str], plan: _SkipPlan | None, device) -> torch.Tensor:
+    """`example_sq_norm_sums(model, names)` on `device`, with 0 where `plan` skips (parameters that
     `patch` no longer tracks, whose statistics do not exist)."""
-    if not skipped:
+    if plan is None:
         return example_sq_norm_sums(model, names).to(device)
-    skip = set(skipped)
-    keep = [i for i in range(len(names)) if i not in skip]
     sums = torch.zeros(len(names), device=device)
-    if keep:
-        sums[torch.tensor(keep, device=device)] = example_sq_norm_sums(model, [names[i] for i in keep]).to(
-            device
-        )
+    if plan.kept_names:
+        sums[plan.kept.to(device)] = example_sq_norm_sums(model, plan.kept_names).to(device)
     return sums
+
+
+class _SkipPlan:
+    """Which of a names list to read and which to leave at 0, made once per (list, skipped set): the
+    kept names as one list object (`example_sq_norm_sums` caches its layout by the list's identity)
+    and the index tensors, so a step with skipped parameters copies nothing to the device."""
+
+    def __init__(self, names: list[str], skipped: list[int], device: torch.device):
+        skip = set(skipped)
+        keep = [i for i in range(len(names)) if i not in skip]
+        self.key = (id(names), tuple(skipped))
+        self.kept_names = [names[i] for i in keep]
+        self.kept = torch.tensor(keep, dtype=torch.long).to(device)  # once: made when the set changes
+        self.skipped = torch.tensor(sorted(skip), dtype=torch.long).to(device)
+
+
+def _skip_plan(cached: _SkipPlan | None, names: list[str], skipped: list[int], device) -> _SkipPlan | None:
+    """`cached` when it still describes (names, skipped), else a new plan; None when nothing is skipped."""
+    if not skipped:
+        return None
+    if cached is not None and cached.key == (id(names), tuple(skipped)):
+        return cached
+    return _SkipPlan(names, skipped, device)
 
 
 def _is_peft_model(model: nn.Module) -> bool:
