@@ -69,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--throughput-only", action="store_true", help="part 3 only (its data prepares in seconds)"
     )
     parser.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="parts 1 and 2 only, with the whole --time-limit: they may share the GPU with other "
+        "work, the throughput runs (part 3) may not; run them with --throughput-only on a quiet GPU",
+    )
+    parser.add_argument(
         "--replay-from",
         default=None,
         help="no runs: part 1 only, replayed from an all-layer run's result.json (OUT/all/result.json)",
@@ -145,6 +151,10 @@ def throughput_specs(
 
 def main(argv=None) -> dict:
     options = parse_args(argv)
+    if options.accuracy_only and options.throughput_only:
+        raise SystemExit(
+            "--accuracy-only and --throughput-only exclude each other: pass one, or neither for all parts"
+        )
     if options.replay_from:
         return replay_only(options)
     if options.tiny:
@@ -310,7 +320,7 @@ def run(options: argparse.Namespace) -> dict:
     common = dict(
         data_dir=str(data_dir), shape=shape, policy="constant", seed=0, batch_size=batch,
         micro_batch=min(batch, 64), max_tokens=budget, learning_rate=options.lr, lr_reference_batch=batch,
-        n_evals=16, eval_blocks=32, device=device, bf16=bf16, deadline=start + 0.6 * options.time_limit,
+        n_evals=16, eval_blocks=32, device=device, bf16=bf16, deadline=start + (options.time_limit - 15 if options.accuracy_only else 0.6 * options.time_limit),
         extra_args={"gns_ema_decay": options.ema_decay},
     )  # fmt: skip
     reference = RunSpec(
@@ -337,13 +347,15 @@ def run(options: argparse.Namespace) -> dict:
         plot_replays(replays, DEFAULT_CALIBRATE_EVERY, out / "calibration_replay.png")
     if not (ref_result.get("failed") or online_result.get("failed")):
         lines += online_lines(online_result, ref_result) + [""]
-    labels, specs = throughput_specs(
-        options, data_dir, out, throughput_shape, device, bf16, start + options.time_limit - 15
-    )
-    timings = launch(specs, 1 if jobs else 0)  # one process at a time: no contention
-    lines += throughput_lines(
-        labels, timings, throughput_shape, budget // SHAPES[shape][3], options.ema_decay
-    )
+    timings = []
+    if not options.accuracy_only:
+        labels, specs = throughput_specs(
+            options, data_dir, out, throughput_shape, device, bf16, start + options.time_limit - 15
+        )
+        timings = launch(specs, 1 if jobs else 0)  # one process at a time: no contention
+        lines += throughput_lines(
+            labels, timings, throughput_shape, budget // SHAPES[shape][3], options.ema_decay
+        )
     text = "\n".join(lines)
     print(text)
     (out / "validation.md").write_text(text + "\n")
