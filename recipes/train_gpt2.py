@@ -288,6 +288,13 @@ def check_launch(training_args: GNSTrainingArguments) -> None:
     """Refuse several processes that did not form one data-parallel group (each would train alone)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size != launched:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # `accelerate launch` with a DeepSpeed config: without a GPU accelerate finds no device
+            # backend and each process counts itself alone; a --ddp_backend given is used as is.
+            raise UsageError(
+                f"launched as {launched} DeepSpeed processes, but they formed no data-parallel "
+                "group: without a GPU add --ddp_backend gloo"
+            )
         raise UsageError(
             f"launched as {launched} processes, but they formed no data-parallel group (each would train "
             'alone and print the same lines); on CPU use `make train ACCELERATE_ARGS="--num_processes '

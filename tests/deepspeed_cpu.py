@@ -1,11 +1,14 @@
-"""DeepSpeed under Accelerate on a CPU with several processes (test harness only).
+"""DeepSpeed under Accelerate on a CPU with several processes, from HF's `deepspeed=` (test harness only).
 
-accelerate 1.15 cannot describe this setup by itself: with `ACCELERATE_USE_CPU=1` it never
-enables DeepSpeed, and without it `PartialState` finds no device backend, so it reports ONE
-process while DeepSpeed's own `init_distributed` (gloo, `DS_ACCELERATOR=cpu`) joins all of them:
-every process then reads the same batches. `cpu_deepspeed_state()` makes Accelerate pick gloo
-(its multi-CPU backend) before the Trainer builds its state; `DistributedType` still becomes
-DEEPSPEED. On GPUs none of this is needed (`accelerate launch --config_file ...deepspeed_zero2.yaml`).
+`TrainingArguments(deepspeed=...)` under torch.distributed.run: transformers (5.24) hands
+accelerate no backend then (`ddp_backend` reaches `PartialState` only without `deepspeed`), and accelerate
+1.15 finds none without a device (`PartialState._prepare_backend`), so it reports ONE process
+while DeepSpeed's own `init_distributed` (gloo, `DS_ACCELERATOR=cpu`) joins all of them: every
+process then reads the same batches. With `ACCELERATE_USE_CPU=1` it never enables DeepSpeed.
+`cpu_deepspeed_state()` makes Accelerate pick gloo (its multi-CPU backend) before the Trainer
+builds its state; `DistributedType` still becomes DEEPSPEED. `accelerate launch --config_file
+recipes/accelerate/deepspeed_zero2.yaml` needs none of this: there `--ddp_backend gloo` reaches
+accelerate (on GPUs it picks nccl itself).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """`recipes/train_gpt2.py` under DeepSpeed on a CPU: the accelerate CPU shim, then the recipe's `main`.
 
 `DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/deepspeed_recipe.py
---deepspeed recipes/accelerate/deepspeed_zero2.json ...` (the recipe's own flags). On GPUs use
-`accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml recipes/train_gpt2.py ...`.
+--deepspeed recipes/accelerate/deepspeed_zero2.json ...` (the recipe's own flags). The user's
+command needs no shim: `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml
+recipes/train_gpt2.py ...`, with `--ddp_backend gloo` on a CPU.
 """
 
 import os
