@@ -9,6 +9,7 @@ run's (relative 1e-5). DeepSpeed runs two ways:
   picks nccl; without a GPU it finds no backend of its own and uses the one given);
 - HF's `--deepspeed recipes/accelerate/deepspeed_zero2.json` under torch.distributed.run, which
   needs `tests/deepspeed_recipe.py` on a CPU (see `deepspeed_cpu.py`).
+On a GPU (`-m gpu`), the yaml command with one process against `single_gpu.yaml`.
 """
 
 import csv
@@ -21,6 +22,8 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+pytest.importorskip("datasets", reason="the recipe needs the datasets package")
+pytest.importorskip("evaluate", reason="the recipe's perplexity goes through evaluate")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -34,17 +37,21 @@ FLAGS = [
 COMPARED = ("gns", "gns_sq_norm", "gns_trace_cov", "grad_norm", "loss")
 
 
-def run_recipe(output_dir, deepspeed_config=None, accelerate_config=None) -> list[dict]:
-    """Two CPU processes: DDP, or DeepSpeed from HF's `--deepspeed` or from an accelerate config."""
+def run_recipe(output_dir, deepspeed_config=None, accelerate_config=None, gpu=False) -> list[dict]:
+    """Two CPU processes: DDP, or DeepSpeed from HF's `--deepspeed` or from an accelerate config;
+    with `gpu`, `accelerate launch` of the config on one GPU."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     if accelerate_config:  # `accelerate launch`; port 0: a free one (tests run side by side)
-        env["DS_ACCELERATOR"] = "cpu"
-        env.pop("ACCELERATE_USE_CPU", None)
         command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
-        command += ["--config_file", accelerate_config, "--main_process_port", "0", RECIPE]
-        command += ["--ddp_backend", "gloo"]
+        command += ["--config_file", accelerate_config, "--main_process_port", "0"]
+        if gpu:
+            command += ["--num_processes", "1", RECIPE]
+        else:
+            env["DS_ACCELERATOR"] = "cpu"
+            env.pop("ACCELERATE_USE_CPU", None)
+            command += [RECIPE, "--ddp_backend", "gloo"]
     elif deepspeed_config:
         env["DS_ACCELERATOR"] = "cpu"
         env.pop("ACCELERATE_USE_CPU", None)
@@ -73,6 +80,13 @@ def assert_same_logs(zero: list[dict], ddp: list[dict]) -> None:
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), (key, a, b)
 
 
+def assert_zero_shards(output_dir, ranks: int) -> None:
+    """The DeepSpeed engine trained: each rank saved its ZeRO shard of the optimizer state."""
+    (last,) = [name for name in os.listdir(output_dir) if name.startswith("checkpoint-")]
+    shards = os.listdir(os.path.join(output_dir, last, f"global_step{last.split('-')[1]}"))
+    assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(ranks)} <= set(shards)
+
+
 def test_recipe_under_zero2_logs_the_ddp_gns(tmp_path, ddp):
     assert_same_logs(run_recipe(tmp_path, os.path.join(CONFIGS, "deepspeed_zero2.json")), ddp)
 
@@ -81,10 +95,7 @@ def test_recipe_under_zero2_logs_the_ddp_gns(tmp_path, ddp):
 def test_accelerate_launch_with_the_zero_config_logs_the_ddp_gns(tmp_path, ddp, stage):
     zero = run_recipe(tmp_path, accelerate_config=os.path.join(CONFIGS, f"deepspeed_zero{stage}.yaml"))
     assert_same_logs(zero, ddp)
-    # The DeepSpeed engine trained, over two ranks: each saved its ZeRO shard of the optimizer state.
-    (last,) = [name for name in os.listdir(tmp_path) if name.startswith("checkpoint-")]
-    shards = os.listdir(os.path.join(tmp_path, last, f"global_step{last.split('-')[1]}"))
-    assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= set(shards)
+    assert_zero_shards(tmp_path, ranks=2)
 
 
 def test_deepspeed_processes_without_a_group_are_told_to_name_gloo(monkeypatch):
@@ -98,3 +109,22 @@ def test_deepspeed_processes_without_a_group_are_told_to_name_gloo(monkeypatch):
     with pytest.raises(recipe.UsageError, match="DeepSpeed processes, .* add --ddp_backend gloo$"):
         recipe.check_launch(SimpleNamespace(world_size=1))
     recipe.check_launch(SimpleNamespace(world_size=2))
+
+
+@pytest.fixture(scope="module")
+def single_gpu(tmp_path_factory) -> list[dict]:
+    config = os.path.join(CONFIGS, "single_gpu.yaml")
+    return run_recipe(tmp_path_factory.mktemp("single_gpu"), accelerate_config=config, gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_launch_with_the_zero_config_on_one_gpu_logs_the_single_gpu_gns(
+    tmp_path, single_gpu, stage
+):
+    # The user's command on a GPU (accelerate picks nccl: no --ddp_backend), fp32, one process.
+    zero = run_recipe(
+        tmp_path, accelerate_config=os.path.join(CONFIGS, f"deepspeed_zero{stage}.yaml"), gpu=True
+    )
+    assert_same_logs(zero, single_gpu)
+    assert_zero_shards(tmp_path, ranks=1)
