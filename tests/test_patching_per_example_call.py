@@ -132,6 +132,7 @@ def test_zaya_qk_norm_parameter_named_temp():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_nemotron_layernorm1p_fused_for_fp32_weights_per_example_call_for_bf16(dtype):
     norm_class = _hf_class("nemotron", "NemotronLayerNorm1P")
+    torch.manual_seed(0)  # bf16 rounding: about 1 initialization in 30 misses rtol 2e-2 (seed 27)
     model = _Model(norm_class(WIDTH), (WIDTH,)).to(dtype)
     # bf16: the model's own bf16 rounding in both the patched and the oracle runs, so still tight
     bf16 = dtype == torch.bfloat16

@@ -78,15 +78,16 @@ class LayerPatch:
 
     Args:
         name (`str`): module name in the patched model.
-        reported (`tuple[str | None, str | None]`): the parameter attribute reported from
-            each sink column (`"weight"`, `"bias"`, or `None`: not reported here, e.g. the
-            weight of a head tied to an embedding, which the embedding reports).
+        reported (`tuple[str | None, ...]`): the parameter attribute reported from each sink
+            column, two for most kinds (`"weight"`, `"bias"`, or `None`: not reported here, e.g.
+            the weight of a head tied to an embedding, which the embedding reports).
         method (`str`): for linear layers, the requested method (`"auto"`, `"simultaneous"`,
             `"ghost"`); `"rows"` for embeddings.
         transposed (`bool`): HF Conv1D layout.
         tie (`TiedLink`, *optional*): set on both modules of an embedding/head tie.
         model_hook (`ModelForwardHook`): batch size and sink preparation.
-        sinks (`SquaredNormSinks`): per-example squared norms, (B, 2) per backward.
+        sinks (`SquaredNormSinks`): per-example squared norms, (B, C) per backward, a column per
+            reported attribute.
         last_method (`str`, *optional*): the method the last forward chose.
         enabled (`bool`): whether the per-example reduction runs (`set_layer_tracking`); when
             off, the forward is the module's plain computation and nothing is collected.
@@ -98,7 +99,7 @@ class LayerPatch:
     """
 
     name: str
-    reported: tuple[str | None, str | None]
+    reported: tuple[str | None, ...]
     method: str = "auto"
     transposed: bool = False
     tie: TiedLink | None = None
@@ -112,7 +113,7 @@ class LayerPatch:
 
     def __post_init__(self):
         if self.sinks is None:
-            self.sinks = SquaredNormSinks(self.name)
+            self.sinks = SquaredNormSinks(self.name, max(2, len(self.reported)))
 
     @property
     def kind(self) -> str:

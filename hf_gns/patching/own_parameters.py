@@ -9,7 +9,7 @@ copies of its parameters) gives exact per-example norms, and its probe checks th
 one-example-at-a-time autograd before a module is bound.
 
 Which modules: not a norm, Linear, Conv1D, Embedding, convolution or experts module (those
-have their own kinds), with one or two trainable parameters of their own, and no submodule
+have their own kinds), with up to `MAX_SINK_COLUMNS` trainable parameters of their own, and no submodule
 holding parameters (a submodule would run its own patched forward inside vmap). Mamba
 mixers (`A_log`, `D` next to their Linears) are therefore not covered: the report lists them.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from .layer_state import LAYER_ATTRIBUTE, ParameterPatch
-from .per_example_call import SINK_COLUMNS, own_parameter_names, per_example_call, probe_per_example_call
+from .per_example_call import MAX_SINK_COLUMNS, own_parameter_names, per_example_call, probe_per_example_call
 
 
 class OwnParametersPatch(ParameterPatch):
@@ -47,14 +47,15 @@ def plan_own_parameters(
     if any(next(child.parameters(), None) is not None for child in module.children()):
         return None
     names = own_parameter_names(module)
-    if len(names) > SINK_COLUMNS:
+    if len(names) > MAX_SINK_COLUMNS:
         listed = ", ".join(names)
-        return f"{_structural(module)}: {len(names)} parameters of its own ({listed}), at most {SINK_COLUMNS}"
+        count = f"{len(names)} parameters of its own ({listed}), at most {MAX_SINK_COLUMNS}"
+        return f"{_structural(module)}: {count}"
     if type(module) not in probed:  # one verified instance vouches for its class (same forward)
         probed[type(module)] = probe_per_example_call(module)
     if probed[type(module)] is not None:
         return f"{_structural(module)}: per-example call {probed[type(module)]}"
-    return OwnParametersPatch(name, (*names, None)[:SINK_COLUMNS], "call")
+    return OwnParametersPatch(name, (*names, None)[: max(2, len(names))], "call")
 
 
 def describe_own_parameters(module: nn.Module) -> str:

@@ -10,11 +10,11 @@ each tracked parameter p replaced by a (B, *p.shape) view of B copies of p:
 
 `PerExampleCopies` makes the copies (an expand, no memory) and, in backward, receives the
 (B, *p.shape) per-example gradients: it returns their sum as p's gradient and |c_b|² as the
-gradient of the (B, 2) sink (column 0 for the first tracked parameter, 1 for the second), as
-the fused op does. The outputs are the module's own (same ops, batched by vmap), so the route
-is exact by construction for any forward in which examples do not interact; the probe below
-checks that on random inputs, outputs and per-example norms against one-example-at-a-time
-autograd, before a module is bound to it.
+gradient of the (B, C) sink (column k for the k-th tracked parameter, C = max(2, their number),
+at most `MAX_SINK_COLUMNS`), as the fused op does. The outputs are the module's own (same ops,
+batched by vmap), so the route is exact by construction for any forward in which examples do
+not interact; the probe below checks that on random inputs, outputs and per-example norms
+against one-example-at-a-time autograd, before a module is bound to it.
 
 Cost: the module's own (unfused) forward and a per-example reduction of the parameter
 gradient, (B, *p.shape) fp32: small next to the layers these norms sit in.
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-SINK_COLUMNS = 2
+SINK_COLUMNS = 2  # the width of every sink but those of modules reporting more parameters
+MAX_SINK_COLUMNS = 8  # parameters one per-example call may track
 _PROBE_BATCH, _PROBE_SEQ = 3, 5  # distinct from every other probe dim, so layout mistakes show
 _PROBE_RTOL = 1e-4  # per-example squared norms vs the micro-batch oracle (fp32, measured ≤ 1e-6)
 
@@ -40,13 +41,13 @@ class PerExampleCopies(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, param, sink, n_examples: int, column: int):
-        ctx.column = column
+        ctx.column, ctx.width = column, sink.shape[1]
         return param.unsqueeze(0).expand(n_examples, *param.shape)
 
     @staticmethod
     def backward(ctx, grad):  # (B, *p.shape)
         sq_norms = grad.float().flatten(1).square().sum(1)  # (B,) fp32
-        sink_grad = grad.new_zeros(grad.shape[0], SINK_COLUMNS, dtype=torch.float32)
+        sink_grad = grad.new_zeros(grad.shape[0], ctx.width, dtype=torch.float32)
         sink_grad[:, ctx.column] = sq_norms
         return grad.sum(0), sink_grad, None, None
 
@@ -63,7 +64,7 @@ class _ClassForward(nn.Module):
 
 
 def own_parameter_names(module: nn.Module) -> tuple[str, ...]:
-    """The module's own parameters, in registration order (the first two get sink columns)."""
+    """The module's own parameters, in registration order (one sink column each)."""
     return tuple(name for name, _ in module.named_parameters(recurse=False))
 
 
@@ -143,6 +144,11 @@ def _candidate_shapes(module: nn.Module) -> list[tuple[int, ...]]:
         if first.dim() == 2:  # a raw weight used as F.linear(x, w) (router) or x @ w: input features;
             # flattened (B·T, D) rows too (routers flatten their input: one example per row)
             shapes += [(b, t, first.shape[-1]), (b, t, first.shape[0]), (b * t, first.shape[-1])]
+            # streams flattened into the input features (hyper-connections: (B, T, N, D) → N·D), N one
+            # of the module's integer attributes
+            features = first.shape[-1]
+            counts = {v for v in vars(module).values() if type(v) is int and 1 < v < features}
+            shapes += [(b, t, n, features // n) for n in sorted(counts) if features % n == 0]
     return shapes
 
 
@@ -185,8 +191,9 @@ def probe_per_example_call(module: nn.Module, seed: int = 0) -> str | None:
     if params[0].device.type == "meta":
         return "weights are on the meta device: patch after the weights are materialized"
     names = own_parameter_names(module)
-    if len(names) > SINK_COLUMNS:
-        return f"{len(names)} parameters of its own ({', '.join(names)}): at most {SINK_COLUMNS} supported"
+    if len(names) > MAX_SINK_COLUMNS:
+        listed = ", ".join(names)
+        return f"{len(names)} parameters of its own ({listed}): at most {MAX_SINK_COLUMNS} supported"
     generator = torch.Generator(device=params[0].device).manual_seed(seed)
     try:
         probe = _perturbed_copy(module, generator)
@@ -212,7 +219,7 @@ def probe_per_example_call(module: nn.Module, seed: int = 0) -> str | None:
 
 def _check_call(probe: nn.Module, args: tuple, expected: list[torch.Tensor], names, generator) -> str | None:
     n = args[0].shape[0]
-    sink = torch.zeros(n, SINK_COLUMNS, device=args[0].device, requires_grad=True)
+    sink = torch.zeros(n, max(SINK_COLUMNS, len(names)), device=args[0].device, requires_grad=True)
     try:
         actual = _outputs(per_example_call(probe, args, {}, names, sink, n))
     except Exception as error:

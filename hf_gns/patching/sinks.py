@@ -50,8 +50,12 @@ _POOL_SIZE = 8
 
 
 def new_sink_for(owner: SquaredNormSinks, n_examples: int, device: torch.device) -> torch.Tensor:
-    """A fresh (B, 2) sink leaf (as `new_sq_norm_sink` makes) whose gradient goes to `owner`."""
-    sink = new_sq_norm_sink(n_examples, device)
+    """A fresh (B, C) sink leaf (as `new_sq_norm_sink` makes, C = `owner.columns`) whose gradient
+    goes to `owner`."""
+    if owner.columns == 2:
+        sink = new_sq_norm_sink(n_examples, device)
+    else:  # a module reporting more than two parameters (`per_example_call.py`, `experts.py`)
+        sink = torch.empty(n_examples, owner.columns, dtype=torch.float32, device=device, requires_grad=True)
     sink.register_post_accumulate_grad_hook(owner._collect)
     return sink
 
@@ -66,20 +70,23 @@ class SquaredNormSinks:
 
     Args:
         name (`str`): the module's name, for warnings.
+        columns (`int`, *optional*, defaults to 2): C, the sink's width: one column per reported
+            parameter (a norm's weight and bias, a Linear's; more for modules with more parameters).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, columns: int = 2):
         self.name = name
-        self.spare: torch.Tensor | None = None  # a (B, 2) leaf with grad None, ready for the next call
+        self.columns = columns
+        self.spare: torch.Tensor | None = None  # a (B, C) leaf with grad None, ready for the next call
         self.pool: list[torch.Tensor] = []  # further recycled sinks (eager code only)
-        self.collected: list[torch.Tensor] = []  # (B, 2) fp32 per backward pass: |dγ_b|², |dβ_b|²
+        self.collected: list[torch.Tensor] = []  # (B, C) fp32 per backward pass: |dγ_b|², |dβ_b|²
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A sink for a forward on `x` (examples along dim 0)."""
         return self.take_for(x.shape[0] if x.dim() > 1 else 1, x.device)
 
     def take_for(self, n_examples: int, device: torch.device) -> torch.Tensor:
-        """A (n_examples, 2) sink on `device`, for inputs whose examples are not along dim 0."""
+        """A (n_examples, C) sink on `device`, for inputs whose examples are not along dim 0."""
         if not self.has_spare(n_examples, device):
             if torch.compiler.is_compiling():  # not prepared: a graph break (see prepare_sinks)
                 self.spare = _new_sink_outside_graph(self, n_examples, device)
@@ -89,7 +96,7 @@ class SquaredNormSinks:
         return sink
 
     def prepare(self, n_examples: int, device: torch.device) -> None:
-        """Make sure a (n_examples, 2) spare sink on `device` is ready (eager code only)."""
+        """Make sure a (n_examples, C) spare sink on `device` is ready (eager code only)."""
         if self.has_spare(n_examples, device):
             return
         if self.spare is not None and len(self.pool) < _POOL_SIZE:
@@ -100,7 +107,7 @@ class SquaredNormSinks:
         self.spare = self.pool.pop(match) if match is not None else new_sink_for(self, n_examples, device)
 
     def has_spare(self, n_examples: int, device: torch.device) -> bool:
-        """Whether a recycled sink of shape (n_examples, 2) on `device` is ready."""
+        """Whether a recycled sink of shape (n_examples, C) on `device` is ready."""
         spare = self.spare
         return spare is not None and spare.shape[0] == n_examples and spare.device == device
 
@@ -125,4 +132,4 @@ class SquaredNormSinks:
 
     def __deepcopy__(self, memo):
         # The hooks of our sinks point at this object; a copy starts empty.
-        return SquaredNormSinks(self.name)
+        return SquaredNormSinks(self.name, self.columns)

@@ -51,7 +51,7 @@ def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, NormPatch | Laye
 
 
 def _reported_parameters(module: nn.Module, state: NormPatch | LayerPatch) -> tuple[torch.Tensor | None, ...]:
-    """The parameter behind each column of the module's (B, 2) squared norms."""
+    """The parameter behind each column of the module's (B, C) squared norms."""
     return state.reported_parameters(module)
 
 
@@ -197,19 +197,21 @@ def per_example_sq_norms(model: nn.Module) -> dict[str, torch.Tensor]:
 class _SumPlan:
     """Device index tensors of `example_sq_norm_sums` for one layout of collected rows (cached)."""
 
-    def __init__(self, row_counts: list[int], sources: list[list[tuple[int, int]]], device: torch.device):
+    def __init__(
+        self, row_counts: list[int], sources: list[list[tuple[int, int]]], width: int, device: torch.device
+    ):
         n_owners = len(row_counts)
-        # every owner with the same number of rows (the usual case): a (owners, rows, 2) sum, no index
+        # every owner with the same number of rows (the usual case): a (owners, rows, C) sum, no index
         self.rows_each = row_counts[0] if len(set(row_counts)) == 1 else None
-        # row r of the concatenated (R, 2) values belongs to owner row_owner[r]
+        # row r of the concatenated (R, C) values belongs to owner row_owner[r]
         self.row_owner = (
             None
             if self.rows_each is not None
             else torch.repeat_interleave(torch.arange(n_owners), torch.tensor(row_counts)).to(device)
         )
         self.n_owners = n_owners
-        # entry (owner, column) → flat index owner·2 + column of the (owners, 2) sums, and the name it adds to
-        flat = [owner * 2 + column for name_sources in sources for owner, column in name_sources]
+        # entry (owner, column) → flat index owner·C + column of the (owners, C) sums, and the name it adds to
+        flat = [owner * width + column for name_sources in sources for owner, column in name_sources]
         target = [i for i, name_sources in enumerate(sources) for _ in name_sources]
         self.source_index = torch.tensor(flat, dtype=torch.long).to(device)
         self.single = all(len(name_sources) == 1 for name_sources in sources)
@@ -221,10 +223,12 @@ _SUM_PLAN_CACHE_SIZE = 16
 
 class _SumLayout:
     """For one (model, names): the states whose blocks are read, per name its (state index, column)
-    sources, and the plans by (rows per state, device)."""
+    sources, the widest sink C (narrower blocks are padded to it), and the plans by (rows per state,
+    device)."""
 
     def __init__(self, key: tuple, names: list[str], states: list, sources: tuple):
         self.key, self.names, self.states, self.sources = key, names, states, sources
+        self.width = max((state.sinks.columns for state in states), default=2)
         self.plans: dict[tuple, _SumPlan] = {}
 
     def plan(self, row_counts: list[int], device: torch.device) -> _SumPlan:
@@ -233,7 +237,7 @@ class _SumLayout:
         if plan is None:
             if len(self.plans) >= _SUM_PLAN_CACHE_SIZE:
                 self.plans.clear()
-            plan = self.plans[key] = _SumPlan(row_counts, self.sources, device)
+            plan = self.plans[key] = _SumPlan(row_counts, self.sources, self.width, device)
         return plan
 
 
@@ -277,7 +281,7 @@ def example_sq_norm_sums(model: nn.Module, names: list[str]) -> torch.Tensor:
 
     The same numbers as `torch.stack([per_example_sq_norms(model)[n].sum() for n in names])`,
     in a handful of launches whatever the number of parameters: one `cat` of every collected
-    (B, 2) block, one sum per module (a reshape when every module holds the same rows, else
+    (B, C) block, one sum per module (a reshape when every module holds the same rows, else
     an `index_add_`), one gather (plus one `index_add_` for a parameter reported by several
     modules). The index tensors depend only on the layout (rows collected per module,
     `names`) and are cached, so a steady training loop copies nothing to the device. No
@@ -293,13 +297,15 @@ def example_sq_norm_sums(model: nn.Module, names: list[str]) -> torch.Tensor:
         a parameter with nothing collected (check with `check_step_statistics` first).
     """
     layout = _sum_layout(model, names)
+    width = layout.width
     blocks: list[torch.Tensor] = []
     row_counts: list[int] = []
     for state in layout.states:
         collected = state.sinks.collected
+        pad = width - state.sinks.columns
         rows = 0
         for block in collected:
-            blocks.append(block)
+            blocks.append(block if not pad else torch.nn.functional.pad(block, (0, pad)))
             rows += block.shape[0]
         row_counts.append(rows)
     device = blocks[0].device if blocks else _first_device(model)
@@ -307,13 +313,13 @@ def example_sq_norm_sums(model: nn.Module, names: list[str]) -> torch.Tensor:
         return torch.zeros(len(names), dtype=torch.float32, device=device)
     plan = layout.plan(row_counts, device)
     try:
-        values = torch.cat(blocks)  # (R, 2) fp32
+        values = torch.cat(blocks)  # (R, C) fp32
     except RuntimeError:  # blocks on several devices (a model split over devices)
         values = torch.cat([block.to(device) for block in blocks])
     if plan.rows_each is not None:
-        owner_sums = values.view(plan.n_owners, plan.rows_each, 2).sum(1)
+        owner_sums = values.view(plan.n_owners, plan.rows_each, width).sum(1)
     else:
-        owner_sums = torch.zeros(plan.n_owners, 2, dtype=values.dtype, device=device)
+        owner_sums = torch.zeros(plan.n_owners, width, dtype=values.dtype, device=device)
         owner_sums.index_add_(0, plan.row_owner, values)
     picked = owner_sums.view(-1).index_select(0, plan.source_index)
     if plan.single:
