@@ -28,8 +28,8 @@ from _timing import (
     require_device,
 )
 
+from hf_gns.kernels.norm_launch import norm_backward_triton, norm_forward_triton
 from hf_gns.kernels.norm_reference import norm_backward_reference, norm_forward_reference
-from hf_gns.kernels.norm_triton import norm_backward_triton, norm_forward_triton
 
 ROWS, BATCH = 16384, 8  # B·T and B of the dense case
 

@@ -1,17 +1,30 @@
-"""Host (CPU) time per norm call on the GPU: where eager GNSTrainer's norm layers spend Python.
+"""Host (CPU) time per norm call: where eager GNSTrainer's norm layers spend Python.
 
 In the eager Trainer loop the backward is launched by the autograd engine one op at a time;
 when an op's host time exceeds the GPU time of the ops queued before it, the GPU waits.
-The H200 profile of issue 11 showed hf_gns's fused norm at ~5x a PyTorch op's host time per
-call. This script measures host microseconds per call with the GPU kept busy
-(`torch.cuda._sleep`), so launches only queue and the timer sees host work alone:
+The H200 profile of issue 11 showed hf_gns's fused norm at ~3x a PyTorch op's host time per
+call. This script measures host microseconds per call:
 
 - `F.layer_norm` / `F.rms_norm` forward and forward+backward (the baseline);
 - `hf_gns.kernels.fused_norm` with a sink, forward and forward+backward;
-- a patched HF norm module (GPT-2's LayerNorm, Llama's RMSNorm) called as the model calls it;
+- a patched HF norm module (GPT-2's LayerNorm, Llama's RMSNorm) called as the model calls it
+  (after two model forwards, so that its call routing has settled as in training);
 and prints a cProfile of the fused forward+backward loop (top functions by own time).
 
-    PYTHONPATH=. python benchmarks/bench_norm_host.py            # CUDA only
+Two modes:
+- CUDA (default): the GPU is kept busy (`torch.cuda._sleep`), so launches only queue and the
+  timer sees host work alone.
+- `--stub-launch` (CPU, a proxy for machines without a GPU): hf_gns runs its Triton path on
+  CPU tensors with only the final compiled-kernel launch replaced by a no-op (the first launch
+  of each plan, which compiles, returns a stub); everything else is real: the autograd
+  Function, allocations, argument checks, plan lookups, sinks, the patched module forward.
+  The baselines are `F.layer_norm`/`F.rms_norm` on CPU tensors of the same (small) shape.
+  The proxy leaves out the C launch of three kernels per fwd+bwd (~5-10 µs each on a GPU
+  host), the CUDA caching allocator's cost over the CPU one, and the autograd engine's hand-
+  over to its CUDA device thread (which the baselines pay too).
+
+    PYTHONPATH=. python benchmarks/bench_norm_host.py                  # CUDA
+    PYTHONPATH=. python benchmarks/bench_norm_host.py --stub-launch    # CPU proxy
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import time
 
 import torch
@@ -28,74 +42,131 @@ import torch.nn.functional as F
 from hf_gns.kernels import fused_norm, new_sq_norm_sink
 
 
-def _host_us_per_call(step, calls: int, repeats: int = 5) -> float:
-    """Median over `repeats` of host µs per `step()` while the GPU sleeps (launches only queue)."""
-    times = []
+class _StubCompiled:
+    """What the stub "compiler" returns: a compiled kernel whose launch does nothing."""
+
+    function, packed_metadata = None, None
+
+    def run(self, *args):
+        pass
+
+    def launch_metadata(self, *args):
+        return None
+
+
+def install_stub_launch() -> None:
+    """Make the Triton launchers run on CPU tensors with a no-op launch (see the module docstring)."""
+    from hf_gns.kernels import norm_op, norm_triton
+
+    norm_op.set_backend("triton")
+    norm_triton.DIRECT_LAUNCH_DEVICES.add("cpu")
+    norm_triton._compile = lambda kernel, grid, args, constexprs, num_warps: _StubCompiled()
+    if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU-only torch
+        torch._C._cuda_getCurrentRawStream = lambda device: 0
+        torch._C._cuda_getDevice = lambda: 0
+
+
+def _host_us_per_call(rows, calls: int, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
+    """Host µs per call of each row's `step()`: (median, min) over `repeats` loops of `calls` calls,
+    the rows interleaved (so a load change on a shared machine hits them alike); on CUDA while the
+    GPU sleeps (launches only queue). On CPU (`--stub-launch`) the clock is this thread's CPU time:
+    the autograd engine runs a CPU backward on the calling thread, and time spent preempted by
+    other processes on a shared machine does not count."""
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     for _ in range(repeats):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU busy at ~2 GHz: the queue never drains
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
+        for name, step, between in rows:
+            if between is not None:
+                between()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU busy at ~2 GHz: the queue never drains
+            start = clock()
+            for _ in range(calls):
+                step()
+            times[name].append((clock() - start) / calls * 1e6)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def _patched_module(kind: str, width: int, dtype: torch.dtype, device: str = "cuda"):
-    """One HF norm layer inside a model, patched by hf_gns (the module the Trainer calls)."""
+def _patched_module(kind: str, width: int, dtype: torch.dtype, device: torch.device, batch: int, seq: int):
+    """One HF norm layer inside a model, patched by hf_gns (the module the Trainer calls), after two
+    training forwards of the model (its call routing settles on the single-call path)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     import hf_gns
+    from hf_gns.patching.model_hook import HOOK_ATTRIBUTE
 
     if kind == "gpt2":
-        heads = max(1, width // 64)
         config = GPT2Config(
-            n_layer=1,
-            n_embd=width,
-            n_head=heads,
-            vocab_size=128,
-            n_positions=64,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+            n_layer=1, n_embd=width, n_head=max(1, width // 64), vocab_size=128, n_positions=max(64, seq),
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
         model = GPT2LMHeadModel(config)
     else:
         config = LlamaConfig(
             num_hidden_layers=1, hidden_size=width, intermediate_size=2 * width,
-            num_attention_heads=max(1, width // 64), vocab_size=128, max_position_embeddings=64,
+            num_attention_heads=max(1, width // 64), vocab_size=128, max_position_embeddings=max(64, seq),
         )  # fmt: skip
         model = LlamaForCausalLM(config)
     model = model.to(device, dtype)
     hf_gns.patch(model)
+    ids = torch.zeros(batch, min(seq, 8), dtype=torch.long, device=device)
+    for _ in range(2):
+        model(ids).logits.float().sum().backward()
+    hf_gns.zero_stats(model)
+    model.zero_grad(set_to_none=True)
     norm = model.transformer.ln_f if kind == "gpt2" else model.model.norm
-    return model, norm
+    hook = model.__dict__[HOOK_ATTRIBUTE][0]
+    return model, norm, hook
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--calls", type=int, default=60, help="calls per timed loop")
+    parser.add_argument("--batch", type=int, default=None, help="default 16 (CUDA), 2 (--stub-launch)")
+    parser.add_argument("--seq", type=int, default=None, help="default 1024 (CUDA), 16 (--stub-launch)")
+    parser.add_argument("--width", type=int, default=None, help="default 768 (CUDA), 64 (--stub-launch)")
+    parser.add_argument("--calls", type=int, default=None, help="calls per timed loop (60 CUDA, 200 stub)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed loops per row (5 CUDA, 15 stub)")
+    parser.add_argument("--stub-launch", action="store_true", help="CPU proxy: no-op kernel launches")
+    parser.add_argument("--profile", type=int, default=30, help="cProfile rows printed (0: no profile)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_norm_host.py: error: needs a CUDA GPU")
-    dtype = torch.bfloat16
-    shape = (args.batch, args.seq, args.width)
-    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-    w = torch.ones(args.width, device="cuda", dtype=dtype, requires_grad=True)
-    b = torch.zeros(args.width, device="cuda", dtype=dtype, requires_grad=True)
-    dy = torch.randn(shape, device="cuda", dtype=dtype)
+    stub = args.stub_launch
+    batch = args.batch or (2 if stub else 16)
+    seq = args.seq or (16 if stub else 1024)
+    width = args.width or (64 if stub else 768)
+    calls = args.calls or (200 if stub else 60)
+    args.repeats = args.repeats or (15 if stub else 5)
+    if stub:
+        device, dtype = torch.device("cpu"), torch.float32
+        torch.set_num_threads(1)  # no intra-op thread pool: its wake-ups are noise at this size
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_norm_host.py: error: needs a CUDA GPU (or --stub-launch)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    shape = (batch, seq, width)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    w = torch.ones(width, device=device, dtype=dtype, requires_grad=True)
+    b = torch.zeros(width, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    patched = []
+    for kind in ("gpt2", "llama"):  # patched (and routed) before the stub: patching probes the real op
+        try:
+            patched.append((kind, *_patched_module(kind, width, dtype, device, batch, seq)))
+        except Exception as error:  # noqa: BLE001 - a benchmark row, not the product
+            print(f"patched {kind} norm: not measured ({type(error).__name__}: {error})")
+    if stub:
+        install_stub_launch()
 
     def torch_ln_fwd():
-        return F.layer_norm(x, (args.width,), w, b, 1e-5)
+        return F.layer_norm(x, (width,), w, b, 1e-5)
 
     def torch_ln_fwdbwd():
-        torch.autograd.backward(F.layer_norm(x, (args.width,), w, b, 1e-5), dy)
+        torch.autograd.backward(F.layer_norm(x, (width,), w, b, 1e-5), dy)
 
     def torch_rms_fwdbwd():
-        torch.autograd.backward(F.rms_norm(x, (args.width,), w, 1e-6), dy)
+        torch.autograd.backward(F.rms_norm(x, (width,), w, 1e-6), dy)
 
     def hf_ln_fwd():
         return fused_norm(x, w, b, 1e-5, sq_norm_sink=new_sq_norm_sink(x))
@@ -107,43 +178,68 @@ def main() -> None:
         torch.autograd.backward(fused_norm(x, w, None, 1e-6, rms=True, sq_norm_sink=new_sq_norm_sink(x)), dy)
 
     rows = [
-        ("F.layer_norm fwd", torch_ln_fwd),
-        ("F.layer_norm fwd+bwd", torch_ln_fwdbwd),
-        ("F.rms_norm fwd+bwd", torch_rms_fwdbwd),
-        ("hf_gns fused_norm LN fwd (sink)", hf_ln_fwd),
-        ("hf_gns fused_norm LN fwd+bwd (sink)", hf_ln_fwdbwd),
-        ("hf_gns fused_norm RMS fwd+bwd (sink)", hf_rms_fwdbwd),
+        ("F.layer_norm fwd", torch_ln_fwd, None),
+        ("F.layer_norm fwd+bwd", torch_ln_fwdbwd, None),
+        ("F.rms_norm fwd+bwd", torch_rms_fwdbwd, None),
+        ("hf_gns fused_norm LN fwd (sink)", hf_ln_fwd, None),
+        ("hf_gns fused_norm LN fwd+bwd (sink)", hf_ln_fwdbwd, None),
+        ("hf_gns fused_norm RMS fwd+bwd (sink)", hf_rms_fwdbwd, None),
     ]
-    for kind in ("gpt2", "llama"):
-        try:
-            model, norm = _patched_module(kind, args.width, dtype)
-        except Exception as error:  # noqa: BLE001 - a benchmark row, not the product
-            print(f"patched {kind} norm: not measured ({type(error).__name__}: {error})")
-            continue
+    for kind, model, norm, hook in patched:
 
-        def patched_fwdbwd(model=model, norm=norm):
+        def patched_fwdbwd(norm=norm, hook=hook):
+            hook.forward_index += 1  # what the model's pre-hook does once per forward
             torch.autograd.backward(norm(x), dy)
 
-        rows.append((f"patched {kind} norm module fwd+bwd", patched_fwdbwd))
-    for _, step in rows:  # warm-up: compile kernels, fill caches
+        def clear(model=model):
+            import hf_gns
+
+            hf_gns.zero_stats(model)
+
+        rows.append((f"patched {kind} norm module fwd+bwd", patched_fwdbwd, clear))
+    for _, step, between in rows:  # warm-up: compile kernels, fill caches
         for _ in range(3):
             step()
-    torch.cuda.synchronize()
-    print(f"host µs per call, GPU kept busy; x {tuple(shape)} bf16 on {torch.cuda.get_device_name()}")
-    for name, step in rows:
-        print(f"  {name:<42s} {_host_us_per_call(step, args.calls):8.1f} µs")
+        if between is not None:
+            between()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        where = torch.cuda.get_device_name()
+    else:
+        where = "CPU, kernel launches stubbed (--stub-launch)"
+    print(f"host µs per call; x {tuple(shape)} {str(dtype).removeprefix('torch.')} on {where}")
+    measured = _host_us_per_call(rows, calls, device, args.repeats)
+    print(f"  {'':<42s} {'median':>8s} {'min':>8s}  (µs, {args.repeats} interleaved loops of {calls} calls)")
+    for name, (median, best) in measured.items():
+        print(f"  {name:<42s} {median:8.1f} {best:8.1f}")
+    ratios = (
+        ("hf_gns fused_norm LN fwd+bwd (sink)", "F.layer_norm fwd+bwd"),
+        ("hf_gns fused_norm RMS fwd+bwd (sink)", "F.rms_norm fwd+bwd"),
+        ("patched gpt2 norm module fwd+bwd", "F.layer_norm fwd+bwd"),
+        ("patched llama norm module fwd+bwd", "F.rms_norm fwd+bwd"),
+    )
+    print("ratios to PyTorch's op, by median (by min); target <= 1.3x:")
+    for ours, theirs in ratios:
+        if ours in measured:
+            by_median = measured[ours][0] / measured[theirs][0]
+            by_min = measured[ours][1] / measured[theirs][1]
+            print(f"  {ours:<42s} {by_median:6.2f}x ({by_min:.2f}x) {theirs}")
 
+    if not args.profile:
+        return
     profiler = cProfile.Profile()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)
     profiler.enable()
-    for _ in range(args.calls):
+    for _ in range(calls):
         hf_ln_fwdbwd()
     profiler.disable()
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
-    print(f"\ncProfile of {args.calls} hf_gns LN fwd+bwd calls (own time):")
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile)
+    print(f"\ncProfile of {calls} hf_gns LN fwd+bwd calls (own time):")
     print(out.getvalue())
 
 

@@ -33,7 +33,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import copy_bandwidth  # noqa: E402
 
-from hf_gns.kernels import norm_triton  # noqa: E402
+from hf_gns.kernels import norm_launch, norm_triton  # noqa: E402
 
 
 def graph_ms(calls, replays: int = 20) -> float:
@@ -75,6 +75,7 @@ def _set_tiles(block_d: int, forward=None, backward=None) -> None:
             table[block_d] = tile
     norm_triton.forward_config.cache_clear()
     norm_triton.backward_config.cache_clear()
+    norm_launch.clear_plans()  # plans hold the tiles they were built with
 
 
 def forward_tiles(block_d: int):
@@ -114,19 +115,19 @@ def sweep_width(width: int, args, bandwidth: float) -> tuple[dict, dict]:
     def forwards():
         return [
             functools.partial(
-                norm_triton.norm_forward_triton, x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype
+                norm_launch.norm_forward_triton, x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype
             )
             for x, _ in sets
         ]
 
     _set_tiles(block_d)
     stats = [
-        norm_triton.norm_forward_triton(x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype)[1:]
+        norm_launch.norm_forward_triton(x, weight, bias, 1e-5, args.rms, 0.0, False, x.dtype)[1:]
         for x, _ in sets
     ]
     backwards = [
         functools.partial(
-            norm_triton.norm_backward_triton,
+            norm_launch.norm_backward_triton,
             dy,
             x,
             weight,

@@ -82,7 +82,7 @@ def run_backward(backend, x, weight, bias, dy, variant: Variant, offsets):
             dy, x, weight, mean, rstd, bias is not None, variant.rms, variant.weight_offset,
             variant.cast_before_weight, example_offsets=offsets,
         )  # fmt: skip
-    from hf_gns.kernels.norm_triton import norm_backward_triton, norm_forward_triton
+    from hf_gns.kernels.norm_launch import norm_backward_triton, norm_forward_triton
 
     _, mean, rstd = norm_forward_triton(
         x, weight, bias, EPS, variant.rms, variant.weight_offset, variant.cast_before_weight, None
@@ -198,7 +198,7 @@ def test_frozen_parameters_with_documents_still_give_dx(backend):
     _, mean, rstd = norm_forward_reference(x, weight, bias, EPS, False)
     impl = norm_backward_reference
     if backend == "triton":
-        from hf_gns.kernels.norm_triton import norm_backward_triton as impl
+        from hf_gns.kernels.norm_launch import norm_backward_triton as impl
     dx, dw, db, sq = impl(
         dy, x, weight, mean, rstd, True, False, 0.0, False, param_grads=False, example_offsets=offsets
     )

@@ -353,7 +353,7 @@ def test_triton_ops_pass_opcheck():
 def test_traceable_launchers_equal_the_eager_launchers(variant, documents):
     """The triton_op bodies launch the kernels through wrap_triton with their own buffers; under
     the interpreter they must give the eager launchers' results bit for bit."""
-    from hf_gns.kernels.norm_triton import norm_backward_triton, norm_forward_triton
+    from hf_gns.kernels.norm_launch import norm_backward_triton, norm_forward_triton
     from hf_gns.kernels.norm_triton_op import norm_backward_traceable, norm_forward_traceable
 
     if not triton_runs_here("cpu"):

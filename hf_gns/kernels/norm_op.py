@@ -6,9 +6,11 @@ the norms through autograd keeps the op functional: no side effects in backward,
 host-device sync, and `torch.compile` sees an ordinary differentiable op.
 
 Two entry points share one implementation:
-- eager: a `torch.autograd.Function` calling the launchers directly (a
+- eager: a `torch.autograd.Function` calling the planned launchers of `norm_launch.py`
+  directly (a plan per input layout, compiled kernels run directly; a
   `torch.library.custom_op` costs ~2x the Python dispatch per call, which matters at
-  small D where the kernels take tens of microseconds);
+  small D where the kernels take tens of microseconds, and in the eager Trainer step,
+  whose backward the host time of 25-50 norm calls can leave the GPU waiting on);
 - under `torch.compile`: the same Function calls the `hf_gns::fused_norm_forward` /
   `hf_gns::fused_norm_backward` `torch.library.triton_op`s (`norm_triton_op.py`), whose
   bodies Inductor traces: it launches the Triton kernels from its generated code, with no
@@ -31,7 +33,8 @@ from .norm_reference import norm_backward_reference, norm_forward_reference
 from .norm_triton_op import norm_backward_op, norm_forward_op
 
 try:  # Triton is optional: without it (macOS, Windows) everything runs on the reference.
-    from .norm_triton import MAX_FUSED_WIDTH, norm_backward_triton, norm_forward_triton
+    from .norm_launch import norm_backward_documents_triton, norm_backward_rows, norm_forward_rows
+    from .norm_triton import MAX_FUSED_WIDTH
 
     TRITON_AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised only where triton is missing
@@ -79,33 +82,25 @@ def _uses_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[-1] <= MAX_FUSED_WIDTH
 
 
-def _forward_impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
-    impl = norm_forward_triton if _uses_triton(x) else norm_forward_reference
-    return impl(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
-
-
-def _backward_impl(
+def _backward_reference(
     dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads,
     example_offsets=None,
 ):  # fmt: skip
-    impl = norm_backward_triton if _uses_triton(x) else norm_backward_reference
-    # example_offsets goes to the implementations only when given: None keeps dim 0 as the examples
+    # example_offsets goes to the reference only when given: None keeps dim 0 as the examples
     extra = {} if example_offsets is None else {"example_offsets": example_offsets}
     args = (dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight)
-    return impl(*args, param_grads=param_grads, **extra)
-
-
-def _n_examples(x: torch.Tensor, example_offsets: torch.Tensor | None) -> int:
-    """B: dim 0 of `x`, or E = offsets.numel() - 1 (a size the host knows) for per-document examples."""
-    if example_offsets is not None:
-        return example_offsets.shape[0] - 1
-    return x.shape[0] if x.dim() > 1 else 1
+    dx, dw, db, sq_norms = norm_backward_reference(*args, param_grads=param_grads, **extra)
+    return dx, dw, db, sq_norms.float()
 
 
 # ------------------------------------------------------------------------- autograd
 
 
 class _FusedNorm(torch.autograd.Function):
+    """Three paths, chosen in forward: under torch.compile the triton_ops; in eager mode the
+    planned launchers of `norm_launch.py` (x, γ and one fp32 stats buffer saved; `ctx.plan` is
+    the forward's plan, which the backward's plans hang off); else the PyTorch reference."""
+
     @staticmethod
     def forward(
         ctx,
@@ -120,30 +115,42 @@ class _FusedNorm(torch.autograd.Function):
         cast_before_weight,
         out_dtype,
     ):
+        ctx.config = (bias is not None, rms, weight_offset, cast_before_weight)
+        ctx.bias_dtype = None if bias is None or weight is None or bias.dtype == weight.dtype else bias.dtype
+        ctx.has_sink = sq_norm_sink is not None
         if torch.compiler.is_compiling():
             # the triton_op: Inductor traces its body and launches the kernels itself
             ctx.use_triton = _uses_triton(x) and _COMPILED_TRITON
             y, mean, rstd = norm_forward_op(
                 x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype, ctx.use_triton
             )
-        else:
-            y, mean, rstd = _forward_impl(
+            ctx.save_for_backward(x, weight, mean, rstd, example_offsets)
+            return y
+        if _uses_triton(x):
+            y, stats, ctx.plan = norm_forward_rows(
                 x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype
             )
+            if example_offsets is None:
+                ctx.save_for_backward(x, weight, stats)
+            else:
+                ctx.save_for_backward(x, weight, stats, example_offsets)
+            return y
+        ctx.plan = None
+        y, mean, rstd = norm_forward_reference(
+            x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype
+        )
         ctx.save_for_backward(x, weight, mean, rstd, example_offsets)
-        ctx.config = (bias is not None, rms, weight_offset, cast_before_weight)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.has_sink = sq_norm_sink is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd, example_offsets = ctx.saved_tensors
         has_bias, rms, weight_offset, cast_before_weight = ctx.config
         # frozen γ, β and no sink (LoRA): skip the parameter gradients and their norms
-        param_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.has_sink
-        config = (has_bias, rms, weight_offset, cast_before_weight, param_grads)
+        needs = ctx.needs_input_grad
+        param_grads = needs[1] or needs[2] or ctx.has_sink
         if torch.compiler.is_compiling():
+            x, weight, mean, rstd, example_offsets = ctx.saved_tensors
+            config = (has_bias, rms, weight_offset, cast_before_weight, param_grads)
             use_triton = getattr(ctx, "use_triton", _uses_triton(x) and _COMPILED_TRITON)
             dx, grads, sq_norms = norm_backward_op(
                 dy, x, weight, mean, rstd, *config, use_triton, example_offsets
@@ -151,12 +158,26 @@ class _FusedNorm(torch.autograd.Function):
             n_params = 0 if (weight is None or not param_grads) else (2 if has_bias else 1)
             dw = grads[0] if n_params >= 1 else None
             db = grads[1] if n_params == 2 else None
+        elif ctx.plan is not None:
+            x, weight, stats, *offsets = ctx.saved_tensors
+            n_params = 0 if (weight is None or not param_grads) else (2 if has_bias else 1)
+            if offsets:  # padding-free: examples are documents
+                mean, rstd = ctx.plan.mean_rstd(stats)
+                config = (has_bias, rms, weight_offset, cast_before_weight, param_grads)
+                args = (dy, x, weight, mean, rstd, *config, offsets[0])
+                dx, dw, db, sq_norms = norm_backward_documents_triton(*args)
+            else:
+                dx, grads, sq_norms = norm_backward_rows(
+                    ctx.plan, dy, x, weight, stats, rms, weight_offset, cast_before_weight, n_params
+                )
+                dw, db = (grads, None) if n_params < 2 else grads.unbind(0)
         else:
-            dx, dw, db, sq_norms = _backward_impl(dy, x, weight, mean, rstd, *config, example_offsets)
-        if db is not None:
+            x, weight, mean, rstd, example_offsets = ctx.saved_tensors
+            config = (has_bias, rms, weight_offset, cast_before_weight, param_grads)
+            dx, dw, db, sq_norms = _backward_reference(dy, x, weight, mean, rstd, *config, example_offsets)
+        if db is not None and ctx.bias_dtype is not None:
             db = db.to(ctx.bias_dtype)
-        sink_grad = sq_norms.float() if ctx.has_sink else None
-        return dx, dw, db, sink_grad, None, None, None, None, None, None
+        return dx, dw, db, (sq_norms if ctx.has_sink else None), None, None, None, None, None, None
 
 
 def new_sq_norm_sink(x_or_n_examples: torch.Tensor | int, device: torch.device | str | None = None):
@@ -221,17 +242,23 @@ def fused_norm(
     >>> sink.grad[:, 0]  # |dγ_b|² for every example b
     ```
     """
-    if x.shape[-1] == 0:
+    shape = x.shape
+    width = shape[-1]
+    if width == 0:
         raise ValueError("fused_norm needs a non-empty last dimension")
-    if weight is not None and weight.shape != x.shape[-1:]:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match D={x.shape[-1]} of the input")
-    if bias is not None and weight is None:
-        raise ValueError("fused_norm takes a bias only together with a weight")
-    if bias is not None and bias.shape != x.shape[-1:]:
-        raise ValueError(f"bias of shape {tuple(bias.shape)} does not match D={x.shape[-1]} of the input")
-    if example_offsets is not None and (example_offsets.dim() != 1 or example_offsets.shape[0] < 2):
-        raise ValueError("example_offsets must be a 1-D int64 tensor of E+1 >= 2 row offsets")
-    n_examples = _n_examples(x, example_offsets)
+    if weight is not None and weight.shape != (width,):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match D={width} of the input")
+    if bias is not None:
+        if weight is None:
+            raise ValueError("fused_norm takes a bias only together with a weight")
+        if bias.shape != (width,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not match D={width} of the input")
+    if example_offsets is not None:
+        if example_offsets.dim() != 1 or example_offsets.shape[0] < 2:
+            raise ValueError("example_offsets must be a 1-D int64 tensor of E+1 >= 2 row offsets")
+        n_examples = example_offsets.shape[0] - 1
+    else:
+        n_examples = shape[0] if len(shape) > 1 else 1
     if sq_norm_sink is not None and sq_norm_sink.shape != (n_examples, 2):
         raise ValueError(
             f"sq_norm_sink must have shape ({n_examples}, 2), one row per example; "

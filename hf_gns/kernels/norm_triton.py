@@ -25,8 +25,10 @@ reduction finds them from the offsets alone. The grid (N/C programs) and the buf
 host-device sync, and the dense path is unchanged.
 
 Host cost matters as much as bandwidth at small D (a fwd+bwd takes tens of
-microseconds on the GPU), so the launchers make few allocations and launch three
-kernels in all.
+microseconds on the GPU): the eager launchers (`norm_launch.py`) cache a plan per input
+layout, make few allocations and launch three kernels in all. This file holds the kernels,
+their tile configs and `_CachedLauncher` (the per-call-keyed direct launcher of the other
+kernels).
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ import warnings
 import torch
 import triton
 import triton.language as tl
-
-from .norm_reference import check_example_offsets
 
 # A full row lives in registers; beyond this the launchers refuse (the op falls back).
 MAX_FUSED_WIDTH = 65536
@@ -340,6 +340,18 @@ def _reduce_partials_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+# Device types whose compiled kernels the launchers run directly after the first launch
+# (`benchmarks/bench_norm_host.py --stub-launch` adds "cpu", with a stub `_compile`: a CPU proxy
+# of the host cost).
+DIRECT_LAUNCH_DEVICES = {"cuda"}
+
+
+def _compile(kernel, grid, args, constexprs, num_warps):
+    """A launch through Triton: `kernel[grid]` specializes on the arguments, compiles (or finds)
+    the kernel and launches it; returns the compiled kernel, which later launches run directly."""
+    return kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
 class _CachedLauncher:
     """Launch a `@triton.jit` kernel with a fraction of `JITFunction.run`'s host cost.
 
@@ -383,13 +395,13 @@ class _CachedLauncher:
 
     def __call__(self, grid, args, num_warps, key=None, **constexprs):
         if not _CachedLauncher.enabled or not args[0].is_cuda:
-            self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            _compile(self.kernel, grid, args, constexprs, num_warps)
             return
         device = args[0].device.index
         key = (device, self.call_key(args, num_warps, constexprs) if key is None else key)
         entry = self.compiled.get(key)
         if entry is None or device != torch._C._cuda_getDevice():
-            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            compiled = _compile(self.kernel, grid, args, constexprs, num_warps)
             self.compiled[key] = (compiled, tuple(constexprs[name] for name in self.constexpr_names))
             return
         compiled, constexpr_args = entry
@@ -425,12 +437,6 @@ def _dtype(tensor: torch.Tensor | None) -> torch.dtype | None:
 def _aligned(*tensors: torch.Tensor | None) -> tuple[bool | None, ...]:
     """16-byte alignment of each tensor's data (what Triton specializes pointers on); None for None."""
     return tuple(None if t is None else t.data_ptr() % 16 == 0 for t in tensors)
-
-
-_launch_forward = _CachedLauncher(_norm_fwd_kernel)
-_launch_backward = _CachedLauncher(_norm_bwd_kernel)
-_launch_backward_documents = _CachedLauncher(_norm_bwd_documents_kernel)
-_launch_reduce = _CachedLauncher(_reduce_partials_kernel)
 
 
 def _as_rows(t: torch.Tensor, n_examples: int) -> torch.Tensor:
@@ -533,153 +539,6 @@ def check_fused_width(width: int) -> None:
         )
 
 
-def norm_forward_triton(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
-    """Launch the forward kernel. Returns `(y, mean, rstd)` like `norm_forward_reference`."""
-    width = x.shape[-1]
-    check_fused_width(width)
-    n_examples = x.shape[0] if x.dim() > 1 else 1
-    x3 = _as_rows(x, n_examples)  # (B, R, D)
-    rows_per_example = x3.shape[1]
-    n_rows = n_examples * rows_per_example
-    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
-    # mean and rstd in one fp32 allocation (RMSNorm has no mean: an empty view)
-    stats = torch.empty((1 if rms else 2, *x.shape[:-1]), dtype=torch.float32, device=x.device)
-    rstd, mean = stats[0], (stats.view(-1)[:0] if rms else stats[1])
-    if n_rows == 0:
-        return y, mean, rstd
-    block_m, block_d, num_warps = forward_config(width)
-    # everything the kernel specializes on, from the shapes (y, stats: fresh, 512-byte aligned)
-    key = (x3.shape, x3.stride(), x3.dtype, y.dtype, _dtype(weight), _dtype(bias), rms, cast_before_weight,
-           _aligned(x3, weight, bias))  # fmt: skip
-    _launch_forward(
-        (_cdiv(n_rows, block_m),),
-        (x3, y, weight, bias, mean, rstd, x3.stride(0), x3.stride(1),
-         n_rows, rows_per_example, width, 1.0 / width, float(eps), float(weight_offset)),
-        num_warps,
-        key=key,
-        IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
-    )  # fmt: skip
-    return y, mean, rstd
-
-
-def norm_backward_triton(
-    dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads=True,
-    example_offsets=None,
-):  # fmt: skip
-    """Launch the backward kernels. Returns `(dx, dw, db, sq_norms)` like the reference;
-    with `example_offsets` (int64 (E+1,)), examples are row ranges of x viewed as (N, D)."""
-    if example_offsets is not None:
-        return _norm_backward_documents_triton(
-            dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads,
-            example_offsets,
-        )  # fmt: skip
-    width = x.shape[-1]
-    n_examples = x.shape[0] if x.dim() > 1 else 1
-    x3 = _as_rows(x, n_examples)  # (B, R, D)
-    dy3 = _as_rows(dy, n_examples)  # (B, R, D)
-    rows_per_example = x3.shape[1]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n_params = 0 if (weight is None or not param_grads) else (2 if has_bias else 1)
-    if n_examples * rows_per_example == 0 or n_params == 0:
-        grads = [
-            torch.zeros_like(weight) if n_params >= 1 else None,
-            torch.zeros_like(weight) if n_params == 2 else None,
-        ]
-        sq_norms = torch.zeros(n_examples, 2, dtype=torch.float32, device=x.device)
-        if n_examples * rows_per_example == 0:
-            return dx, *grads, sq_norms
-
-    block_m, block_d, num_warps, rows_per_chunk, n_chunks = backward_config(
-        width, n_examples, rows_per_example, x.device
-    )
-    reduce_b, reduce_c, reduce_d, reduce_warps = reduce_config(width, n_examples, n_chunks)
-    n_blocks = _cdiv(width, reduce_d)
-    partial_numel = n_params * n_examples * n_chunks * width
-    # one fp32 workspace: partial sums (P, B, C, D), then per-block squared norms (B, 2, blocks)
-    workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
-    # everything both kernels specialize on, from the shapes (dx, workspace, grads, sq_norms, the
-    # ticket: fresh, 512-byte aligned; the workspace views' offsets follow from the shapes)
-    key = (x3.shape, x3.stride(), dy3.stride(), x3.dtype, dy3.dtype, _dtype(weight), mean.dtype, rstd.dtype,
-           n_params, rms, cast_before_weight, _aligned(x3, dy3, weight, mean, rstd))  # fmt: skip
-    _launch_backward(
-        (n_examples, n_chunks),
-        (x3, dy3, weight, mean, rstd, dx, workspace, workspace[partial_numel // max(n_params, 1) :],
-         x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
-         n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, float(weight_offset)),
-        num_warps,
-        key=key,
-        IS_RMS=rms, HAS_WEIGHT=weight is not None, N_PARAMS=n_params,
-        CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
-    )  # fmt: skip
-    if n_params == 0:
-        return dx, None, None, sq_norms
-
-    grads = torch.empty(n_params, width, dtype=weight.dtype, device=x.device)  # dγ, dβ
-    sq_norms = torch.empty(n_examples, 2, dtype=torch.float32, device=x.device)
-    _launch_reduce(
-        (n_blocks,),
-        (workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device), None,
-         n_examples, n_chunks, width, 0, 0),
-        reduce_warps,
-        key=key,
-        N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_D=reduce_d,
-        BLOCK_N=min(_next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=False,
-    )  # fmt: skip
-    return dx, grads[0], (grads[1] if n_params == 2 else None), sq_norms
-
-
 # Pieces of one example summed per load in the segmented reduction: most documents meet
 # one or two chunks; a long one loops.
 _DOCUMENT_PIECES_PER_LOAD = 4
-
-
-def _norm_backward_documents_triton(
-    dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads, example_offsets
-):
-    """`norm_backward_triton` with examples given as row ranges of the (N, D) input (see the
-    module docstring). No host-device sync: every size comes from N and E."""
-    width = x.shape[-1]
-    x3 = _as_rows(x, 1)  # (1, N, D)
-    dy3 = _as_rows(dy, 1)  # (1, N, D)
-    n_rows = x3.shape[1]
-    check_example_offsets(example_offsets, n_rows)
-    offsets = example_offsets.contiguous()
-    n_examples = offsets.numel() - 1
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n_params = 0 if (weight is None or not param_grads) else (2 if has_bias else 1)
-    sq_norms = torch.zeros(n_examples, 2, dtype=torch.float32, device=x.device)
-    if n_rows == 0:
-        grads = [torch.zeros_like(weight) if n_params >= k else None for k in (1, 2)]
-        return dx, *grads, sq_norms
-
-    block_m, block_d, num_warps, rows_per_chunk, n_chunks = backward_config(width, 1, n_rows, x.device)
-    n_slots = n_chunks + n_examples - 1  # slot k + e for chunk k, example e
-    search_steps = (n_examples - 1).bit_length()  # ⌈log2 E⌉ halvings find a row's example
-    reduce_b, _, reduce_d, reduce_warps = reduce_config(width, n_examples, _DOCUMENT_PIECES_PER_LOAD)
-    n_blocks = _cdiv(width, reduce_d)
-    partial_numel = n_params * n_slots * width
-    # one fp32 workspace: partial sums (P, slots, D), then per-block squared norms (E, 2, blocks)
-    workspace = torch.empty(partial_numel + n_examples * 2 * n_blocks, dtype=torch.float32, device=x.device)
-    _launch_backward_documents(
-        (n_chunks,),
-        (x3, dy3, weight, mean, rstd, dx, workspace, workspace[n_slots * width :], offsets,
-         x3.stride(1), dy3.stride(1),
-         n_rows, n_examples, rows_per_chunk, search_steps, width, 1.0 / width, weight_offset),
-        num_warps,
-        IS_RMS=rms, HAS_WEIGHT=weight is not None, N_PARAMS=n_params,
-        CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
-    )  # fmt: skip
-    if n_params == 0:
-        return dx, None, None, sq_norms
-
-    grads = torch.empty(n_params, width, dtype=weight.dtype, device=x.device)  # dγ, dβ
-    _launch_reduce(
-        (n_blocks,),
-        (workspace, grads, workspace[partial_numel:], sq_norms, _ticket(x.device), offsets,
-         n_examples, n_chunks, width, rows_per_chunk, n_slots),
-        reduce_warps,
-        N_PARAMS=n_params, BLOCK_B=reduce_b, BLOCK_C=_DOCUMENT_PIECES_PER_LOAD, BLOCK_D=reduce_d,
-        BLOCK_N=min(_next_power_of_2(n_blocks), 1024 // reduce_b), SEGMENTED=True,
-    )  # fmt: skip
-    return dx, grads[0], (grads[1] if n_params == 2 else None), sq_norms

@@ -136,6 +136,15 @@ def norm_bias(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
+def weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`module.weight` and `norm_bias(module)`, read from `_parameters` where they are parameters
+    (a dict lookup; `nn.Module.__getattr__` costs ~1 µs a read, and this runs at every call)."""
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else module.weight
+    bias = params["bias"] if "bias" in params else norm_bias(module)
+    return weight, bias
+
+
 def run_norm(
     module: nn.Module,
     hidden_states: torch.Tensor,
@@ -143,13 +152,15 @@ def run_norm(
     eps_attr: str,
     sq_norm_sink: torch.Tensor | None = None,
     example_offsets: torch.Tensor | None = None,
+    parameters: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """`module`'s forward computed by `fused_norm` according to `spec`."""
-    weight = module.weight
+    """`module`'s forward computed by `fused_norm` according to `spec` (`parameters`: its
+    `weight_and_bias`, when the caller has them)."""
+    weight, bias = weight_and_bias(module) if parameters is None else parameters
     return fused_norm(
         hidden_states,
         weight,
-        norm_bias(module),
+        bias,
         spec.resolve_eps(getattr(module, eps_attr), hidden_states),
         rms=spec.rms,
         weight_offset=spec.weight_offset,
@@ -231,14 +242,26 @@ def _call_forward(module: nn.Module, state: NormPatch, args: tuple, kwargs: dict
     return per_example_call(module, args, kwargs, state.parameters, sink, n_examples)
 
 
+_WEIGHT_AND_BIAS = ("weight", "bias")
+
+
 def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
     """Forward of a patched norm: the fused kernel, plus a sink for per-example norms when training
-    (or the per-example call, for modules and weight dtypes the fused op cannot express)."""
+    (or the per-example call, for modules and weight dtypes the fused op cannot express).
+
+    Runs at every norm call of every step, so it reads the parameters once (`weight_and_bias`)
+    and builds nothing it does not need."""
     state: NormPatch = getattr(self, PATCH_ATTRIBUTE)
     if state.uses_call(self):
         return _call_forward(self, state, (hidden_states, *args), kwargs)
     hook = state.model_hook
-    tracks = state.tracks_gradients(self)
+    parameters = weight, bias = weight_and_bias(self)
+    if state.parameters == _WEIGHT_AND_BIAS:  # what `tracks_gradients` reads, inline
+        tracks = torch.is_grad_enabled() and (
+            (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+        )
+    else:
+        tracks = state.tracks_gradients(self)
     vectors: ExampleGradVectors | None = None
     if tracks and state.routing is not None and hidden_states.dim() >= 2:
         vectors = state.routing.vectors_for_call(hook)
@@ -250,18 +273,19 @@ def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **
             )
         offsets = offsets_for_rows(hook.example_offsets, hidden_states, hook.token_shape)
         sink = state.sinks.take_for(offsets.shape[0] - 1, hidden_states.device)
-        return run_norm(self, hidden_states, state.spec, state.eps_attr, sink, offsets)
+        return run_norm(self, hidden_states, state.spec, state.eps_attr, sink, offsets, parameters)
     x = hook.group_rows(hidden_states)  # (B, ..., D): dim 0 indexes examples
     x, transposed = state.layout.examples_first(x, hook.batch_size)  # (T, B, D) → (B, T, D)
     if not tracks:
-        y = run_norm(self, x, state.spec, state.eps_attr)
+        y = run_norm(self, x, state.spec, state.eps_attr, parameters=parameters)
     elif vectors is None:
-        y = run_norm(self, x, state.spec, state.eps_attr, state.sinks.take(x))
+        y = run_norm(self, x, state.spec, state.eps_attr, state.sinks.take(x), parameters=parameters)
     else:
         leaf = vectors.leaf_for(hook, x.shape[0], x.device)
         y = run_norm_with_example_grads(self, x, state.spec, state.eps_attr, leaf)
-    y = back_to_input_layout(y, transposed)
-    return y if y.dim() == hidden_states.dim() else y.reshape(hidden_states.shape)
+    if transposed:
+        y = back_to_input_layout(y, transposed)
+    return y if x is hidden_states or y.dim() == hidden_states.dim() else y.reshape(hidden_states.shape)
 
 
 def route_norms(
