@@ -68,3 +68,57 @@ def test_a_module_with_three_parameters_of_its_own_gets_a_wider_sink_and_exact_n
     names = list(norms)
     sums = hf_gns.patching.stats.example_sq_norm_sums(model, names)
     torch.testing.assert_close(sums, torch.stack([norms[n].sum() for n in names]))
+
+
+class _Router(nn.Module):
+    """Reads its submodule's weight without calling it (LongCat's router), takes a keyword argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(D, 4, bias=False)
+
+    def forward(self, x, **kwargs):
+        logits = nn.functional.linear(x.type(torch.float64), self.classifier.weight.type(torch.float64))
+        return logits.softmax(-1) * kwargs.get("position_scale", 1.0)
+
+
+class _RoutedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, D)
+        self.router = _Router()
+        self.head = nn.Linear(4, 16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        scale = torch.arange(1, ids.shape[1] + 1, dtype=x.dtype).expand(ids.shape).unsqueeze(-1)
+        return self.head(self.router(x, position_scale=scale))
+
+
+def test_a_module_reading_its_submodules_weight_tracks_it_and_leaves_the_submodule_unpatched():
+    torch.manual_seed(0)
+    model = _RoutedModel().double()
+    ids = torch.randint(0, 16, (B, T), generator=torch.Generator().manual_seed(1))
+    expected = {}
+    for b in range(B):
+        model.zero_grad(set_to_none=True)
+        _loss(model, ids[b : b + 1]).backward()
+        for name, param in model.named_parameters():
+            expected.setdefault(name, []).append(param.grad.square().sum())
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        before = model(ids)
+    report = hf_gns.patch(model, targets="all", strict=True)  # strict: no outside use found either
+    kinds = {entry.name: entry.kind for entry in report.layers}
+    assert kinds["router"] == "call" and "router.classifier" not in kinds
+    assert "_hf_gns_layer" not in model.router.classifier.__dict__
+    assert report.tracked_elements == report.trainable_elements
+    _loss(model, ids).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    assert set(norms) == set(expected)
+    for name, values in norms.items():  # fp32 sinks
+        torch.testing.assert_close(values.double(), torch.stack(expected[name]), rtol=1e-5, atol=0, msg=name)
+    hf_gns.unpatch(model)
+    assert not any(key.startswith("_hf_gns") for m in model.modules() for key in m.__dict__)
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)

@@ -17,6 +17,7 @@ from torch import nn
 from .example_grads import CallRouting
 from .layout import ExampleLayout
 from .model_hook import ModelForwardHook
+from .per_example_call import attribute_at
 from .sinks import SquaredNormSinks
 
 LAYER_ATTRIBUTE = "_hf_gns_layer"
@@ -124,7 +125,7 @@ class LayerPatch:
         """The parameter behind each sink column (None where nothing is reported, or where the
         parameter was found used outside this module, `outside_use.py`)."""
         return tuple(
-            None if attr is None or column in self.dropped_columns else getattr(module, attr, None)
+            None if attr is None or column in self.dropped_columns else attribute_at(module, attr)
             for column, attr in enumerate(self.reported)
         )
 

@@ -47,6 +47,7 @@ from .linear import (
 )
 from .model_hook import ModelForwardHook
 from .own_parameters import (
+    claimed_modules,
     describe_own_parameters,
     own_parameters_candidate,
     patched_own_parameters_forward,
@@ -79,6 +80,7 @@ class LayerPlan:
     skipped: list[SkippedModule] = field(default_factory=list)
     tracked: list[str] = field(default_factory=list)
     to_bind: list[tuple[nn.Module, LayerPatch]] = field(default_factory=list)
+    claimed: set[int] = field(default_factory=set)  # submodules tracked by a parent's per-example call
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -125,6 +127,8 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
     probed: dict[type, str | None] = {}
     probed_calls: dict[type, str | None] = {}
     for name, module in model.named_modules():
+        if id(module) in plan.claimed:
+            continue
         experts = is_experts_like(module)
         conv = isinstance(module, nn.modules.conv._ConvNd)
         if not (experts or conv or isinstance(module, nn.Embedding) or is_linear_like(module)):
@@ -263,14 +267,15 @@ def _plan_call(
     existing = module.__dict__.get(LAYER_ATTRIBUTE)
     if existing is not None:
         tracked = tuple(names[id(p)] for p in existing.reported_parameters(module) if p is not None)
-        described = describe_own_parameters(module)
+        described = describe_own_parameters(module, existing.reported)
         plan.patched.append(
             PatchedModule(name, type(module).__name__, described, "earlier call", tracked, existing.kind)
         )
         plan.tracked.extend(tracked)
+        _claim(plan, module, existing.reported)
         return
-    own = list(module.parameters(recurse=False))
-    held_elsewhere = [h for p in own for h in owners[id(p)] if h != name]
+    inside = (name, *(f"{name}.{child}" for child, _ in module.named_modules() if child))
+    held_elsewhere = [h for p in module.parameters() for h in owners[id(p)] if h not in inside]
     if id(module) in shared or held_elsewhere:
         if why_not is not None:
             plan.skipped.append(SkippedModule(name, type(module).__name__, why_not, _trainable(module)))
@@ -282,7 +287,14 @@ def _plan_call(
         if state is not None:
             plan.skipped.append(SkippedModule(name, type(module).__name__, state, _trainable(module)))
         return
-    _add_to_plan(plan, names, name, module, state, describe_own_parameters(module))
+    _add_to_plan(plan, names, name, module, state, describe_own_parameters(module, state.reported))
+    _claim(plan, module, state.reported)
+
+
+def _claim(plan: LayerPlan, module: nn.Module, reported: tuple[str | None, ...]) -> None:
+    """Leave the submodules whose parameters `module`'s per-example call tracks unpatched (and unplanned)."""
+    for child in claimed_modules(module, tuple(n for n in reported if n)):
+        plan.claimed.update(id(m) for m in child.modules())
 
 
 def _plan_experts(

@@ -63,6 +63,8 @@ def _device(module: nn.Module) -> torch.device:
     for param in module._parameters.values():
         if param is not None:
             return param.device
+    for param in module.parameters():  # a per-example call tracking its submodules' parameters
+        return param.device
     raise StopIteration(f"{type(module).__name__} has no parameter")
 
 

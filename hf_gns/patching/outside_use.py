@@ -80,10 +80,12 @@ class OutsideUseFinder:
                 if param is not None and param.requires_grad and id(param) in self.names:
                     self.reporters.setdefault(id(param), []).append((state, column))
                     self.params[id(param)] = param
-        for module, _ in states:
-            for param in module.parameters(recurse=False):
-                if id(param) in self.reporters:
-                    self.holders.setdefault(id(param), []).append(module)
+        # holders: the modules holding it, and the one reporting it (a submodule's read by its parent)
+        for module, state in states:
+            for param in (*module.parameters(recurse=False), *state.reported_parameters(module)):
+                holders = self.holders.setdefault(id(param), []) if id(param) in self.reporters else None
+                if holders is not None and all(holder is not module for holder in holders):
+                    holders.append(module)
         self.stack: list[nn.Module] = []
         self.found: dict[int, str] = {}  # parameter -> who used it
         self.handles: list = []

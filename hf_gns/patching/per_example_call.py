@@ -59,8 +59,15 @@ class _ClassForward(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, *args):
-        return type(self.inner).forward(self.inner, *args)
+    def forward(self, *args, **kwargs):
+        return type(self.inner).forward(self.inner, *args, **kwargs)
+
+
+def attribute_at(module: nn.Module, path: str):
+    """`module.a.b` for the dotted `path` "a.b" (a parameter of a submodule); None if missing."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
 
 
 def own_parameter_names(module: nn.Module) -> tuple[str, ...]:
@@ -68,16 +75,12 @@ def own_parameter_names(module: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, _ in module.named_parameters(recurse=False))
 
 
-def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-    """`args` and `kwargs` as positional arguments of the class forward (vmap batches positionals only)."""
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """`args` and `kwargs` as (positional arguments of the class forward, keyword-only ones)."""
     if not kwargs:
-        return args
+        return args, {}
     bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
-    if bound.kwargs:
-        raise TypeError(
-            f"keyword-only arguments {sorted(bound.kwargs)}: not supported by the per-example call"
-        )
-    return bound.args[1:]
+    return bound.args[1:], bound.kwargs
 
 
 def per_example_call(
@@ -107,40 +110,46 @@ def per_example_call(
             return arg.unsqueeze(1)  # each example keeps a batch dim of one
         return None
 
-    positional = _positional(module, args, kwargs)
+    positional, keywords = _positional(module, args, kwargs)
     inputs = [batched(arg) for arg in positional]
     in_dims = tuple(None if b is None else 0 for b in inputs)
     inputs = [arg if b is None else b for arg, b in zip(positional, inputs)]
+    keyword_inputs = {key: batched(value) for key, value in keywords.items()}
+    keyword_dims = {key: None if b is None else 0 for key, b in keyword_inputs.items()}
+    keyword_inputs = {key: keywords[key] if b is None else b for key, b in keyword_inputs.items()}
     copies = {}
     for column, name in enumerate(parameter_names):
-        param = None if name is None or sink is None else getattr(module, name)
+        param = None if name is None or sink is None else attribute_at(module, name)
         if param is not None and param.requires_grad:
             copies[f"inner.{name}"] = PerExampleCopies.apply(param, sink, n_examples, column)
     caller = _ClassForward(module)
 
-    def one_example(params, *example_args):
-        return torch.func.functional_call(caller, params, example_args)
+    def one_example(params, example_keywords, *example_args):
+        return torch.func.functional_call(caller, params, example_args, example_keywords)
 
-    output = torch.func.vmap(one_example, in_dims=(0, *in_dims))(copies, *inputs)
+    output = torch.func.vmap(one_example, in_dims=(0, keyword_dims, *in_dims))(
+        copies, keyword_inputs, *inputs
+    )
     return tree_map(lambda t: t.flatten(0, 1) if isinstance(t, torch.Tensor) else t, output)
 
 
 # --- probe -------------------------------------------------------------------------------
 
 
-def _candidate_shapes(module: nn.Module) -> list[tuple[int, ...]]:
+def _candidate_shapes(module: nn.Module, first: torch.Tensor) -> list[tuple[int, ...]]:
     """Input shapes to try, (B, T, ...): multi-head attributes first, then the first parameter's size."""
     b, t = _PROBE_BATCH, _PROBE_SEQ
     shapes = []
     heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
     if isinstance(heads, int) and isinstance(head_dim, int):
         shapes.append((b, t, heads, head_dim))
-    first = next(module.parameters(recurse=False))
     if first.dim() == 1:
         n = first.shape[0]
         shapes += [(b, t, n), (b, t, n, 4), (b, n, 2, 2)]  # last: channels-first (B, C, H, W)
     else:
         shapes.append((b, t, *first.shape))
+        if first.dim() >= 3:  # a convolution weight (C_out, C_in / groups, K) read by its parent: (B, T, C)
+            shapes.append((b, t, first.shape[0]))
         if first.dim() == 2:  # a raw weight used as F.linear(x, w) (router) or x @ w: input features;
             # flattened (B·T, D) rows too (routers flatten their input: one example per row)
             shapes += [(b, t, first.shape[-1]), (b, t, first.shape[0]), (b * t, first.shape[-1])]
@@ -174,33 +183,36 @@ def _outputs(value) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
-def _perturbed_copy(module: nn.Module, generator) -> nn.Module:
+def _perturbed_copy(module: nn.Module, names: tuple[str, ...], generator) -> nn.Module:
     probe = copy.deepcopy(module).float()
     with torch.no_grad():
-        for param in probe.parameters(recurse=False):
+        for param in (attribute_at(probe, name) for name in names):
             param.add_(0.5 * torch.randn(param.shape, generator=generator, device=param.device))
     return probe
 
 
-def probe_per_example_call(module: nn.Module, seed: int = 0) -> str | None:
+def probe_per_example_call(
+    module: nn.Module, seed: int = 0, names: tuple[str, ...] | None = None
+) -> str | None:
     """`None` if the per-example call of `module` reproduces its forward and yields exact per-example
-    norms on random fp32 inputs, else the reason it does not."""
-    params = list(module.parameters(recurse=False))
+    norms on random fp32 inputs, else the reason it does not. `names`: the tracked parameters (dotted
+    names under `module`), by default its own."""
+    names = own_parameter_names(module) if names is None else names
+    params = [attribute_at(module, name) for name in names]
     if not params:
         return "no parameters of its own: nothing to track"
     if params[0].device.type == "meta":
         return "weights are on the meta device: patch after the weights are materialized"
-    names = own_parameter_names(module)
     if len(names) > MAX_SINK_COLUMNS:
         listed = ", ".join(names)
         return f"{len(names)} parameters of its own ({listed}): at most {MAX_SINK_COLUMNS} supported"
     generator = torch.Generator(device=params[0].device).manual_seed(seed)
     try:
-        probe = _perturbed_copy(module, generator)
+        probe = _perturbed_copy(module, names, generator)
     except Exception as error:
         return f"probe could not copy the module: {error}"
     forward = type(module).forward
-    for shape in _candidate_shapes(module):
+    for shape in _candidate_shapes(module, params[0]):
         x = torch.randn(shape, generator=generator, device=params[0].device)
         args = (x, *_extra_inputs(module, x, generator))
         try:
@@ -232,7 +244,7 @@ def _check_call(probe: nn.Module, args: tuple, expected: list[torch.Tensor], nam
     if not differentiable:
         return "no output depends on the parameters"
     torch.autograd.backward([actual[i] for i in differentiable], [upstream[i] for i in differentiable])
-    params = [getattr(probe, name) for name in names]
+    params = [attribute_at(probe, name) for name in names]
     for b in range(n):  # the micro-batch oracle: example b alone, plain autograd
         probe.zero_grad(set_to_none=True)
         outputs = _outputs(type(probe).forward(probe, *(a[b : b + 1] for a in args)))
