@@ -87,7 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=64, help="largest micro-batch (examples)")
     parser.add_argument("--gns-multiplier", type=float, default=1.0)
     parser.add_argument("--calibrate-every", type=int, default=None, help="default: the trainer's")
-    parser.add_argument("--gns-cap", type=int, default=None, help="skip phase ordering: cap known")
+    parser.add_argument(
+        "--gns-cap",
+        type=int,
+        default=None,
+        help="the adaptive runs' cap instead of B_p from constant runs (--phase all: every run at once)",
+    )
     parser.add_argument("--jobs", type=int, default=None, help="concurrent processes (0: in-process; GPU: 5)")
     parser.add_argument("--time-limit", type=float, default=540.0, help="seconds for the whole command")
     parser.add_argument("--data-dir", default=None, help="token data folder (default OUT/data, reused)")
@@ -481,17 +486,18 @@ def run(options: argparse.Namespace) -> dict:
         prior += json.loads(Path(path).read_text())["runs"]
     results: list[dict] = []
     cap = options.gns_cap
-    if cap is not None:
+    phases = {"all": ["constant", "adaptive"], "constant": ["constant"], "adaptive": ["adaptive"]}
+    phases = phases[options.phase]
+    if cap is not None and phases == ["constant", "adaptive"]:
         phases = ["capped"]  # the cap is known: every run at once
-    else:
-        phases = {"all": ["constant", "adaptive"], "constant": ["constant"], "adaptive": ["adaptive"]}
-        phases = phases[options.phase]
     for phase in phases:
         remaining = limit_end - time.time()
         share = 0.6 if phase == "constant" and len(phases) > 1 else 1.0
         deadline = time.time() + share * remaining
         if phase == "constant":
             specs = make_specs(options, settings, data_dir, out, deadline, None)
+        elif phase == "adaptive" and cap is not None:  # the cap given: only the adaptive runs
+            specs = make_specs(options, settings, data_dir, out, deadline, cap)
         elif phase == "adaptive":
             constants = complete_constant_runs(prior + results)
             if not constants:

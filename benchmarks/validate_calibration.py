@@ -317,10 +317,14 @@ def run(options: argparse.Namespace) -> dict:
         fitted = fitted_budget(meta, budget)
         print(f"WARNING: the corpus is short: budget cut from {budget:,} to {fitted:,} tokens (no repeats)")
         budget = fitted
+    # alone, the accuracy runs leave 40% of the time to the throughput runs
+    accuracy_deadline = start + (
+        options.time_limit - 15 if options.accuracy_only else 0.6 * options.time_limit
+    )
     common = dict(
         data_dir=str(data_dir), shape=shape, policy="constant", seed=0, batch_size=batch,
         micro_batch=min(batch, 64), max_tokens=budget, learning_rate=options.lr, lr_reference_batch=batch,
-        n_evals=16, eval_blocks=32, device=device, bf16=bf16, deadline=start + (options.time_limit - 15 if options.accuracy_only else 0.6 * options.time_limit),
+        n_evals=16, eval_blocks=32, device=device, bf16=bf16, deadline=accuracy_deadline,
         extra_args={"gns_ema_decay": options.ema_decay},
     )  # fmt: skip
     reference = RunSpec(

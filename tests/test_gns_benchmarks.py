@@ -111,3 +111,41 @@ def test_validate_calibration_tiny_smoke(tmp_path, quiet_torch_backend):
     assert online["gns_calibrated"] == pytest.approx(online["gns"] * online["gns_calibration_ratio"])
     assert all(run["timing"]["steps"] == 10 for run in summary["throughput"])
     assert "calibration costs" in (tmp_path / "validation.md").read_text()
+
+
+class _Launched(Exception):
+    """Stops a benchmark at its first launch: the test only needs what it would run."""
+
+
+def _record_launches(monkeypatch, module) -> list[str]:
+    names: list[str] = []
+
+    def launch(specs, jobs):
+        names.extend(spec.name for spec in specs)
+        raise _Launched
+
+    monkeypatch.setattr(module, "launch", launch)
+    return names
+
+
+def test_batch_schedule_adaptive_phase_with_a_given_cap_runs_only_the_adaptive_runs(
+    tmp_path, monkeypatch, quiet_torch_backend
+):
+    """`--phase adaptive --gns-cap B` skips choosing B_p and runs no constant batch again
+    (it once re-ran them all, and the re-runs that hit the deadline polluted the table)."""
+    names = _record_launches(monkeypatch, batch_schedule)
+    argv = ["--tiny", "--out", str(tmp_path), "--seeds", "0", "--batches", "8", "32", "--max-tokens", "8000"]
+    with pytest.raises(_Launched):
+        batch_schedule.main(argv + ["--phase", "adaptive", "--gns-cap", "32"])
+    assert names == ["linear-8-32-seed0", "gns-8-32-seed0"]
+
+
+def test_validate_calibration_accuracy_only_launches_no_throughput_run(tmp_path, monkeypatch):
+    names = _record_launches(monkeypatch, validate_calibration)
+    with pytest.raises(_Launched):
+        validate_calibration.main(
+            ["--tiny", "--out", str(tmp_path), "--accuracy-only", "--max-tokens", "8000"]
+        )
+    assert names == ["all-layers", "calibrated"]
+    with pytest.raises(SystemExit, match="exclude each other"):
+        validate_calibration.main(["--tiny", "--out", str(tmp_path), "--accuracy-only", "--throughput-only"])
