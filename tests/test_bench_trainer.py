@@ -65,3 +65,14 @@ def test_graph_break_records_naming_hf_gns_are_picked_out():
     total, ours = bench.hf_gns_log_records(stderr)
     assert total == 2
     assert len(ours) == 1 and "model_hook.py" in ours[0]
+
+
+def test_graph_break_check_keeps_the_compiled_variants_and_their_baseline():
+    bench_trainer = _bench()
+    args = bench_trainer.parse_args(
+        ["--check-graph-breaks", "--variants", "trainer,gns-norms,trainer-compile,gns-norms-compile"]
+    )
+    assert args.variants == ["trainer-compile", "gns-norms-compile"]
+    assert bench_trainer.parse_args(["--check-graph-breaks", "--variants", "trainer"]).variants == [
+        "gns-norms-compile"
+    ]
