@@ -65,6 +65,31 @@ def test_experts_and_router_norms_equal_the_micro_batch_oracle(method):
         torch.testing.assert_close(values.double(), expected[name], rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_dbrx_split_glu_experts_in_a_submodule_equal_the_micro_batch_oracle(method):
+    """DBRX: w1, v1, w2 as (E·I, D) in `experts.mlp`, three sink columns, the submodule left unpatched."""
+    config = transformers.DbrxConfig(
+        d_model=16, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64,
+        attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2),
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.DbrxForCausalLM(config).double().train()
+    ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
+    expected = _oracle(model, ids)
+    report = hf_gns.patch(model, targets="all", linear_method=method, strict=True)
+    kinds = {entry.name: entry.kind for entry in report.layers}
+    assert kinds["transformer.blocks.0.ffn.experts"] == "experts"
+    assert "transformer.blocks.0.ffn.experts.mlp" not in kinds
+    assert report.tracked_elements == report.trainable_elements
+    _loss(model, ids).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    assert set(norms) == set(expected)
+    for name, values in norms.items():
+        torch.testing.assert_close(values.double(), expected[name], rtol=1e-6, atol=1e-12, msg=name)
+
+
 def test_experts_unpatch_restores_the_forward_bit_for_bit():
     """Training forward: the experts and the router take their patched paths."""
     model = _mixtral()

@@ -20,10 +20,16 @@ group (the per-document path of `linear_op.py`; an example with no token there h
 empty segment). Every call of one forward feeds ONE sink leaf, so autograd sums the
 per-expert squared norms into it: column 0 is the up (gate_up) weight, column 1 the down
 weight (sent through a column-swapped view of the sink). Expert biases (GPT-OSS) are
-added outside the op and are listed as untracked (two sink columns).
+added outside the op and are listed as untracked.
 
-Which modules: those with the decorator's attributes whose forward, on random routed
-tokens, equals this computation (`probe_experts`: one instance vouches for its class).
+DBRX's experts keep their weights in a submodule `mlp` as 2-D `w1` (gate), `v1` (up) and
+`w2` (down), each (E·I, D), viewed as (E, I, D) per forward (`is_split_glu`); they take
+the same routed call and report three sink columns (w1, v1, w2), the submodule left
+unpatched.
+
+Which modules: those with the decorator's attributes (or DBRX's layout) whose forward, on
+random routed tokens, equals this computation (`probe_experts`: one instance vouches for
+its class).
 """
 
 from __future__ import annotations
@@ -45,6 +51,49 @@ def _up_name(module: nn.Module) -> str:
     return "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
 
 
+_SPLIT_GLU = ("w1", "v1", "w2")  # DBRX: gate, up, down, each (E·I, D) in the submodule `mlp`
+
+
+def is_split_glu(module: nn.Module) -> bool:
+    """DBRX's experts: `num_experts`, and a submodule `mlp` holding 2-D `w1`, `v1`, `w2` of E·I rows
+    and an `activation_fn`; called as `experts(hidden_states, top_k_index, top_k_weights)`."""
+    mlp = getattr(module, "mlp", None)
+    n_experts = getattr(module, "num_experts", None)
+    if not isinstance(mlp, nn.Module) or not isinstance(n_experts, int) or not hasattr(mlp, "activation_fn"):
+        return False
+    weights = [getattr(mlp, name, None) for name in _SPLIT_GLU]
+    return all(isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] % n_experts == 0 for w in weights)
+
+
+def reported_weights(module: nn.Module) -> tuple[str, ...]:
+    """The expert weights of `module`, one sink column each (dotted names under `module`)."""
+    if is_split_glu(module):
+        return tuple(f"mlp.{name}" for name in _SPLIT_GLU)
+    return ("gate_up_proj" if is_dense(module) or module.has_gate else "up_proj", "down_proj")
+
+
+def _projections(module: nn.Module):
+    """(first-stage projections [(weights (E, ·, ·), transposed, biases or None, sink column)], the
+    function of their outputs giving the hidden rows, the down projection the same way)."""
+    if is_split_glu(module):
+        mlp, n_experts = module.mlp, module.num_experts
+        gate, up, down = (
+            getattr(mlp, name).view(n_experts, -1, getattr(mlp, name).shape[-1]) for name in _SPLIT_GLU
+        )
+        act = mlp.activation_fn
+        # w2[e] (I, D) is used as hidden @ w2[e]: the transposed (in, out) layout
+        return [(gate, False, None, 0), (up, False, None, 1)], lambda g, u: act(g) * u, (down, True, None, 2)
+    name, transposed = _up_name(module), bool(module.is_transposed)
+    up_bias = getattr(module, f"{name}_bias", None) if module.has_bias else None
+    down_bias = getattr(module, "down_proj_bias", None) if module.has_bias else None
+    hidden = module._apply_gate if module.has_gate else module.act_fn
+    return (
+        [(getattr(module, name), transposed, up_bias, 0)],
+        hidden,
+        (module.down_proj, transposed, down_bias, 1),
+    )
+
+
 def is_dense(module: nn.Module) -> bool:
     """Expert-major dense experts (Llama 4): `forward(hidden_states)` on (E·N, D), every expert
     seeing all N tokens (pre-scaled by the router), gate_up (E, D, 2I) and down (E, I, D) by bmm."""
@@ -59,6 +108,11 @@ def is_dense(module: nn.Module) -> bool:
 
 def experts_unsupported_reason(module: nn.Module) -> str | None:
     """Why `module` is not a fused-experts module this file can run, or None."""
+    if is_split_glu(module):
+        weight = module.mlp.w1
+        if not weight.is_floating_point() or weight.device.type == "meta":
+            return f"w1 of dtype {weight.dtype} on {weight.device.type}: not supported"
+        return None
     needed = ("has_gate", "has_bias", "is_transposed", "num_experts", "_apply_gate")
     if not all(hasattr(module, attr) for attr in needed) and not is_dense(module):
         return "not a transformers experts module (use_experts_implementation, or dense expert-major bmm)"
@@ -78,11 +132,16 @@ def experts_unsupported_reason(module: nn.Module) -> str | None:
 
 
 def is_experts_like(module: nn.Module) -> bool:
-    """A module holding 3-D expert weights as transformers' experts modules do."""
-    return hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter)
+    """A module holding 3-D expert weights as transformers' experts modules do (or DBRX's layout)."""
+    return (hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter)) or is_split_glu(
+        module
+    )
 
 
 def describe_experts(module: nn.Module) -> str:
+    if is_split_glu(module):
+        shape = (module.mlp.w1.shape[0] // module.num_experts, module.mlp.w1.shape[1])
+        return f"{module.num_experts} experts, gate/up/down {shape}, per-example sums over routed tokens"
     up = getattr(module, _up_name(module))
     return f"{module.num_experts} experts {tuple(up.shape[1:])}, per-example sums over routed tokens"
 
@@ -104,14 +163,11 @@ def run_experts(
     n_examples: int = 1,
     method: str = "auto",
 ) -> torch.Tensor:
-    """The experts' output (N, D); with `sink`, per-example squared norms of the up and down weights
-    go to `sink.grad[:, 0]` and `[:, 1]` (examples given per token by `token_example`, (N,) int64)."""
+    """The experts' output (N, D); with `sink`, per-example squared norms of each expert weight go to
+    its sink column (`reported_weights`; examples given per token by `token_example`, (N,) int64)."""
     n_tokens, top_k = top_k_index.shape[0], top_k_index.shape[-1]
     x = hidden_states.reshape(n_tokens, -1)
-    up_weight, down_weight = getattr(module, _up_name(module)), module.down_proj
-    up_bias = getattr(module, f"{_up_name(module)}_bias", None) if module.has_bias else None
-    down_bias = getattr(module, "down_proj_bias", None) if module.has_bias else None
-    transposed = bool(module.is_transposed)
+    first_stage, hidden_of, (down_weight, down_transposed, down_bias, down_column) = _projections(module)
     expert_ids = top_k_index.reshape(-1)  # (S,), S = N·k pairs, token-major
     order = torch.sort(expert_ids, stable=True).indices  # grouped by expert, token order inside
     n_experts = module.num_experts
@@ -127,7 +183,6 @@ def run_experts(
         all_offsets = torch.nn.functional.pad(pair_counts.cumsum(1), (1, 0))  # (E, B+1), on the device
         host_counts = pair_counts.tolist()  # host sync (one per forward)
         counts = [sum(row) for row in host_counts]
-    swapped = None if sink is None else sink.flip(1)  # the down projection reports into column 1
     outputs, rows_done, start = [], [], 0
     for expert, count in enumerate(counts):
         rows = order[start : start + count]
@@ -140,11 +195,15 @@ def run_experts(
         if sink is not None:  # rows of each example are contiguous in this group: their offsets
             offsets = all_offsets[expert]
             remember_max_example_rows(offsets, max(host_counts[expert]))
-        up = _project(inputs, up_weight[expert], sink, n_examples, method, transposed, offsets)
-        if up_bias is not None:
-            up = up + up_bias[expert]
-        hidden = module._apply_gate(up) if module.has_gate else module.act_fn(up)
-        down = _project(hidden, down_weight[expert], swapped, n_examples, method, transposed, offsets)
+        stage = []
+        for weight, transposed, bias, column in first_stage:
+            y = _project(
+                inputs, weight[expert], _column(sink, column), n_examples, method, transposed, offsets
+            )
+            stage.append(y if bias is None else y + bias[expert])
+        hidden = hidden_of(*stage)
+        down_sink = _column(sink, down_column)
+        down = _project(hidden, down_weight[expert], down_sink, n_examples, method, down_transposed, offsets)
         if down_bias is not None:
             down = down + down_bias[expert]
         outputs.append(down)
@@ -180,6 +239,16 @@ def run_dense_experts(
         hidden_rows = up * module.act_fn(gate)
         outputs.append(_project(hidden_rows, down_weight[expert], swapped, n_examples, method, True, offsets))
     return torch.cat(outputs).view(-1, down_weight.shape[-1])
+
+
+def _column(sink: torch.Tensor | None, column: int) -> torch.Tensor | None:
+    """A (B, 2) view of `sink` whose column 0 is `column` (what `linear_with_sq_norms` reports its
+    weight into; its bias column gets zeros, none of these projections has a bias inside the op)."""
+    if sink is None:
+        return None
+    if column + 1 < sink.shape[1]:
+        return sink[:, column : column + 2]
+    return sink[:, column - 1 : column + 1].flip(1)
 
 
 def _project(inputs, weight, sink, n_examples, method, transposed, offsets):
@@ -247,9 +316,8 @@ def probe_experts(module: nn.Module, seed: int = 0) -> str | None:
     """None if `run_experts` reproduces `module`'s own forward on random routed tokens, else why not."""
     if is_dense(module):
         return _probe_dense(module, seed)
-    up = getattr(module, _up_name(module))
-    down = module.down_proj
-    hidden = down.shape[2] if module.is_transposed else down.shape[1]
+    (up, transposed, _, _), *_ = _projections(module)[0]
+    hidden = up.shape[1] if transposed else up.shape[2]
     n_experts = module.num_experts
     top_k = min(_PROBE_TOP_K, n_experts)
     generator = torch.Generator(device=up.device).manual_seed(seed)
@@ -280,8 +348,9 @@ def _probe_dense(module: nn.Module, seed: int) -> str | None:
 
 
 def _compare(expected, actual: torch.Tensor, dtype: torch.dtype) -> str | None:
-    if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
+    if not isinstance(expected, torch.Tensor) or expected.numel() != actual.numel():
         return "probe: its forward does not return one tensor of the expected shape"
+    expected = expected.reshape(actual.shape)  # DBRX views its (N, D) output as (N, 1, D) for (N, D) inputs
     scale = max(expected.abs().max().item(), 1.0)
     rtol = _PROBE_RTOL if dtype in (torch.float32, torch.float64) else 2e-2  # low precision: rounding
     if not torch.allclose(

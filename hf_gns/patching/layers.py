@@ -36,6 +36,7 @@ from .experts import (
     is_experts_like,
     patched_experts_forward,
     probe_experts,
+    reported_weights,
 )
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch, TiedLink
 from .linear import (
@@ -84,7 +85,10 @@ class LayerPlan:
 
 
 def _trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
+    """Whether `module` holds a trainable parameter (in a submodule too when it holds none itself:
+    DBRX's experts keep their weights in `mlp`)."""
+    own = list(module.parameters(recurse=False))
+    return any(p.requires_grad for p in (own or module.parameters()))
 
 
 def _own_reason(module: nn.Module, probed: dict[type, str | None] | None = None) -> str | None:
@@ -151,6 +155,7 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
                 PatchedModule(name, type(module).__name__, described, "earlier call", tracked, existing.kind)
             )
             plan.tracked.extend(tracked)
+            _claim(plan, module, existing.reported)
             continue
         reason = _own_reason(module, probed)
         if reason is not None and reason.startswith("forward overridden") and is_linear_like(module):
@@ -239,10 +244,16 @@ def _add_to_plan(plan: LayerPlan, names: dict[int, str], name: str, module: nn.M
 def _held_elsewhere(state, module: nn.Module, names: dict[int, str], owners: dict[int, list[str]], name: str):
     """Why `module` cannot be planned alone (a parameter it reports is held by another module), or None."""
     for param in state.reported_parameters(module):
-        others = [] if param is None else [holder for holder in owners[id(param)] if holder != name]
+        others = [] if param is None else _held_outside(module, [param], owners, name)
         if others:
             return f"{names.get(id(param), '?')} is also held by {', '.join(map(repr, others))}"
     return None
+
+
+def _held_outside(module: nn.Module, params, owners: dict[int, list[str]], name: str) -> list[str]:
+    """The modules outside `module` (named `name`) and its submodules that hold any of `params`."""
+    inside = {name, *(f"{name}.{child}" for child, _ in module.named_modules() if child)}
+    return [holder for param in params for holder in owners[id(param)] if holder not in inside]
 
 
 def _takes_per_example_call(module: nn.Module) -> bool:
@@ -274,8 +285,7 @@ def _plan_call(
         plan.tracked.extend(tracked)
         _claim(plan, module, existing.reported)
         return
-    inside = (name, *(f"{name}.{child}" for child, _ in module.named_modules() if child))
-    held_elsewhere = [h for p in module.parameters() for h in owners[id(p)] if h not in inside]
+    held_elsewhere = _held_outside(module, module.parameters(), owners, name)
     if id(module) in shared or held_elsewhere:
         if why_not is not None:
             plan.skipped.append(SkippedModule(name, type(module).__name__, why_not, _trainable(module)))
@@ -306,14 +316,12 @@ def _plan_experts(
     method: str,
 ) -> str | None:
     """Plan a fused-experts module (`experts.py`), or the reason it cannot be."""
-    dense = is_dense(module)
-    state = ExpertsPatch(
-        name, ("gate_up_proj" if dense or module.has_gate else "up_proj", "down_proj"), method
-    )
-    state.method_dense = dense
+    state = ExpertsPatch(name, reported_weights(module), method)
+    state.method_dense = is_dense(module)
     why_not = _held_elsewhere(state, module, names, owners, name)
     if why_not is None:
         _add_to_plan(plan, names, name, module, state, describe_experts(module))
+        _claim(plan, module, state.reported)
     return why_not
 
 
