@@ -20,7 +20,7 @@ from torch import nn
 
 import hf_gns
 from hf_gns.kernels.linear_cost import choose_linear_method
-from hf_gns.patching.layer_state import LAYER_ATTRIBUTE
+from hf_gns.patching.layers import layer_states
 from hf_gns.patching.linear import features
 
 # GPT-2: Conv1D, tied wte/lm_head, (1, T) position lookups; OPT: flattened (B·T, D) MLP inputs,
@@ -109,9 +109,10 @@ def test_each_layer_uses_the_method_the_cost_model_chooses(seq):
     loss_of(model, input_ids).backward()  # the first forward discovers call counts (vector path)
     loss_of(model, input_ids).backward()
     chosen = set()
-    for name, module in model.named_modules():
-        state = module.__dict__.get(LAYER_ATTRIBUTE)
-        if state is None or isinstance(module, nn.Embedding):
+    names = {id(module): name for name, module in model.named_modules()}
+    for module, state in layer_states(model):
+        name = names[id(module)]
+        if isinstance(module, nn.Embedding):
             continue
         assert state.last_method == choose_linear_method(BATCH, seq, *features(module)), name
         chosen.add(state.last_method)
@@ -127,7 +128,7 @@ def test_forced_methods_agree_with_the_oracle(method):
     loss_of(model, input_ids).backward()  # the first forward discovers call counts (vector path)
     hf_gns.zero_stats(model)
     loss_of(model, input_ids).backward()
-    states = [m.__dict__[LAYER_ATTRIBUTE] for m in model.modules() if LAYER_ATTRIBUTE in m.__dict__]
+    states = [state for _, state in layer_states(model)]
     assert {s.last_method for s in states if s.method != "rows"} == {method}
     _assert_matches_oracle(hf_gns.per_example_sq_norms(model), _oracle_sq_norms("gpt2", input_ids), BATCH)
 
@@ -272,7 +273,7 @@ def test_report_lists_methods_and_skips_and_strict_refuses_uncovered_layers():
     assert skipped.name == "model.decoder.embed_positions" and "forward overridden" in skipped.reason
     with pytest.raises(hf_gns.NormPatchError, match="embed_positions"):
         hf_gns.patch(model, strict=True, targets="all")
-    assert not any(LAYER_ATTRIBUTE in m.__dict__ for m in model.modules())
+    assert not layer_states(model)
 
 
 def test_bad_targets_and_methods_are_refused_with_the_choices():
@@ -281,7 +282,7 @@ def test_bad_targets_and_methods_are_refused_with_the_choices():
         hf_gns.patch(model, targets="linear")
     with pytest.raises(ValueError, match="linear_method must be one of"):
         hf_gns.patch(model, targets="all", linear_method="fast")
-    assert not any(LAYER_ATTRIBUTE in m.__dict__ for m in model.modules())
+    assert not layer_states(model)
 
 
 def test_frozen_base_under_lora_tracks_only_the_adapters():

@@ -43,9 +43,9 @@ class _Model(nn.Module):
 def test_sinks_are_ready_before_the_forward_when_grad_is_enabled():
     model = _Model()
     hf_gns.patch(model)
-    routing = model.norm._hf_gns_norm.routing
+    routing = model.norm._hf_gns_state.routing
     routing.mode, routing.vectors = "single", None  # as after its first forward (one call: the sink path)
-    sinks = model.norm._hf_gns_norm.sinks
+    sinks = model.norm._hf_gns_state.sinks
     with torch.no_grad():
         model(torch.randn(3, 2, 4))
     assert sinks.spare is None
@@ -59,7 +59,7 @@ def test_prepare_sinks_readies_every_sink_before_the_forward_through_a_wrapper()
     model = _Model()
     hf_gns.patch(model)
     wrapper = nn.Sequential(model)  # e.g. DDP or a compiled module around the patched model
-    sinks = model.norm._hf_gns_norm.sinks
+    sinks = model.norm._hf_gns_state.sinks
     with torch.no_grad():
         hf_gns.patching.prepare_sinks(wrapper, {"input_ids": torch.zeros(3, 2, dtype=torch.long)})
     assert sinks.spare is None  # nothing to prepare without grad

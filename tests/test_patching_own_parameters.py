@@ -111,7 +111,7 @@ def test_a_module_reading_its_submodules_weight_tracks_it_and_leaves_the_submodu
     report = hf_gns.patch(model, targets="all", strict=True)  # strict: no outside use found either
     kinds = {entry.name: entry.kind for entry in report.layers}
     assert kinds["router"] == "call" and "router.classifier" not in kinds
-    assert "_hf_gns_layer" not in model.router.classifier.__dict__
+    assert "_hf_gns_state" not in model.router.classifier.__dict__
     assert report.tracked_elements == report.trainable_elements
     _loss(model, ids).backward()
     norms = hf_gns.per_example_sq_norms(model)

@@ -139,7 +139,7 @@ def test_nemotron_layernorm1p_fused_for_fp32_weights_per_example_call_for_bf16(d
     entry = _check_against_oracle(model, rtol=2e-2 if bf16 else 1e-4, output_tol=5e-2 if bf16 else 1e-5)
     assert entry.flavour.startswith("LayerNorm γ+1 out=input for float32, float64 weights, else per-example")
     assert hf_gns.patching.forward.PATCH_ATTRIBUTE in model.norm.__dict__
-    assert model.norm.__dict__["_hf_gns_norm"].uses_call(model.norm) == (dtype == torch.bfloat16)
+    assert model.norm.__dict__["_hf_gns_state"].uses_call(model.norm) == (dtype == torch.bfloat16)
 
 
 class _BatchMixingNorm(nn.Module):
@@ -206,4 +206,4 @@ def test_per_example_call_and_per_dtype_route_on_cuda(dtype):
     nemotron = _hf_class("nemotron", "NemotronLayerNorm1P")
     model = _Model(nemotron(WIDTH), (WIDTH,)).to("cuda", dtype)
     _check_against_oracle(model, **tolerances)
-    assert model.norm.__dict__["_hf_gns_norm"].uses_call(model.norm)
+    assert model.norm.__dict__["_hf_gns_state"].uses_call(model.norm)

@@ -62,7 +62,7 @@ def test_gradient_checkpointing_gives_the_same_norms(arch, use_reentrant):
     hf_gns.patch(checkpointed)
     calls = []
     first_layer_norm = next(
-        m for n, m in checkpointed.named_modules() if "layers.0." in n and "_hf_gns_norm" in m.__dict__
+        m for n, m in checkpointed.named_modules() if "layers.0." in n and "_hf_gns_state" in m.__dict__
     )
     first_layer_norm.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
     for _step in range(2):  # the second step runs on recycled sinks
@@ -122,7 +122,7 @@ class _SharedNormModel(nn.Module):
 
 def _as_if_found_single(model):
     """Routing as after a first forward with one call: the case where the second call comes later."""
-    routing = model.norm._hf_gns_norm.routing
+    routing = model.norm._hf_gns_state.routing
     routing.mode, routing.vectors = "single", None
 
 

@@ -2,7 +2,7 @@
 
 `patched_norm_forward` is a plain module-level function bound with `types.MethodType`, so
 `copy.deepcopy(model)` rebinds it to the copy. Everything it needs lives in one instance
-attribute, `_hf_gns_norm` (a `NormPatch`): no buffers, no parameters, nothing in the
+attribute, `_hf_gns_state` (a `NormPatch`, `state.py`): no buffers, no parameters, nothing in the
 state_dict, and `unpatch` only has to delete two instance attributes.
 
 Two routes, chosen per module at patch time (and per weight dtype where the probe accepted
@@ -31,12 +31,13 @@ from .model_hook import ModelForwardHook
 from .per_example_call import per_example_call
 from .sinks import SquaredNormSinks
 from .spec import NormSpec
+from .state import STATE_ATTRIBUTE, PatchState
 
-PATCH_ATTRIBUTE = "_hf_gns_norm"
+PATCH_ATTRIBUTE = STATE_ATTRIBUTE  # one attribute for every kind's state (`state.py`)
 
 
 @dataclass
-class NormPatch:
+class NormPatch(PatchState):
     """Per-instance state of a patched norm module.
 
     Args:

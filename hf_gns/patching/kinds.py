@@ -16,8 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from .detect import is_norm_like
-from .forward import PATCH_ATTRIBUTE
-from .layer_state import LAYER_ATTRIBUTE
+from .state import state_of
 
 KINDS = ("norm", "linear", "embedding", "experts", "conv", "call")
 
@@ -25,7 +24,7 @@ KINDS = ("norm", "linear", "embedding", "experts", "conv", "call")
 def module_kind(module: nn.Module) -> str | None:
     """The kind of the patch on `module`; for a module not patched, `"norm"` when the patcher
     would take it for a norm layer (`detect.is_norm_like`: registry, MRO, structure), else None."""
-    state = module.__dict__.get(PATCH_ATTRIBUTE) or module.__dict__.get(LAYER_ATTRIBUTE)
+    state = state_of(module)
     if state is not None:
         return state.kind
     return "norm" if is_norm_like(module) else None

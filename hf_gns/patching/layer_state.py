@@ -1,6 +1,6 @@
 """Per-instance state of a Linear / Conv1D / Embedding module patched by `patch(targets="all")`.
 
-Like `NormPatch`, it lives in one instance attribute (`_hf_gns_layer`) next to the rebound
+Like `NormPatch`, it is a `PatchState` held in the one instance attribute (`state.py`) next to the rebound
 `forward`: nothing in the state_dict, parameters untouched. The model-level hook
 (`model_hook.py`) keeps these states in its list of sink owners, so their sinks are made
 outside compiled graphs like the norms'.
@@ -19,8 +19,9 @@ from .layout import ExampleLayout
 from .model_hook import ModelForwardHook
 from .per_example_call import attribute_at
 from .sinks import SquaredNormSinks
+from .state import STATE_ATTRIBUTE, PatchState
 
-LAYER_ATTRIBUTE = "_hf_gns_layer"
+LAYER_ATTRIBUTE = STATE_ATTRIBUTE  # one attribute for every kind's state
 # LayerPatch.method of the kinds other than "linear" (whose methods are "auto", "ghost", ...)
 _KIND_OF_METHOD = {"rows": "embedding", "conv": "conv", "call": "call"}
 
@@ -74,7 +75,7 @@ class TiedLink:
 
 
 @dataclass
-class LayerPatch:
+class LayerPatch(PatchState):
     """State of one patched Linear / Conv1D / Embedding module.
 
     Args:

@@ -16,7 +16,6 @@ token-gathered rows (mixture-of-experts experts) get wrong per-example groupings
 
 from __future__ import annotations
 
-import types
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ from .experts import (
     probe_experts,
     reported_weights,
 )
-from .layer_state import LAYER_ATTRIBUTE, LayerPatch, TiedLink
+from .layer_state import LayerPatch, TiedLink
 from .linear import (
     describe_linear,
     is_linear_like,
@@ -55,8 +54,9 @@ from .own_parameters import (
     plan_own_parameters,
 )
 from .report import PatchedModule, SkippedModule
+from .state import bind_state, patched_states, state_of
 
-_FORWARDS = (
+PATCHED_FORWARDS = (  # the forwards `bind_layers` binds (`unpatch` deletes them)
     patched_linear_forward,
     patched_embedding_forward,
     patched_experts_forward,
@@ -139,7 +139,7 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
             if _takes_per_example_call(module):
                 _plan_call(plan, names, owners, shared, name, module, probed_calls)
             continue
-        existing = module.__dict__.get(LAYER_ATTRIBUTE)
+        existing = state_of(module)
         if existing is not None:
             reported = existing.reported_parameters(module)
             tracked = tuple(names[id(p)] for p in reported if p is not None and p.requires_grad)
@@ -275,7 +275,7 @@ def _plan_call(
 ) -> None:
     """Plan a module that uses its own parameters functionally, or record why it is not tracked
     (`why_not`: the reason its own kind gave, for the report when the per-example call fails too)."""
-    existing = module.__dict__.get(LAYER_ATTRIBUTE)
+    existing = state_of(module)
     if existing is not None:
         tracked = tuple(names[id(p)] for p in existing.reported_parameters(module) if p is not None)
         described = describe_own_parameters(module, existing.reported)
@@ -394,8 +394,7 @@ def bind_layers(plan: LayerPlan, model_hook: ModelForwardHook) -> None:
         if forward is not None:  # kinds without call routing: one call a forward (more: the guard flags it)
             state.model_hook = model_hook
             model_hook.norms.append((module, state))
-            setattr(module, LAYER_ATTRIBUTE, state)
-            module.forward = types.MethodType(forward, module)
+            bind_state(module, state, forward)
             continue
         if state.routing is None:
             mode = "single" if state.tie is not None else "discover"  # a tie's link needs the sink path
@@ -403,26 +402,13 @@ def bind_layers(plan: LayerPlan, model_hook: ModelForwardHook) -> None:
         model_hook.counts_forwards |= state.routing.mode == "shared"
         state.model_hook = model_hook
         model_hook.norms.append((module, state))
-        setattr(module, LAYER_ATTRIBUTE, state)
         forward = patched_embedding_forward if isinstance(module, nn.Embedding) else patched_linear_forward
-        module.forward = types.MethodType(forward, module)
-
-
-def unpatch_layers(model: nn.Module) -> int:
-    """Undo `bind_layers` on every module of `model`; returns how many were restored."""
-    restored = 0
-    for module in model.modules():
-        if LAYER_ATTRIBUTE not in module.__dict__:
-            continue
-        if getattr(module.__dict__.get("forward"), "__func__", None) in _FORWARDS:
-            del module.forward
-        delattr(module, LAYER_ATTRIBUTE)
-        restored += 1
-    return restored
+        bind_state(module, state, forward)
 
 
 def layer_states(model: nn.Module) -> list[tuple[nn.Module, LayerPatch]]:
-    return [(m, m.__dict__[LAYER_ATTRIBUTE]) for m in model.modules() if LAYER_ATTRIBUTE in m.__dict__]
+    """The (module, state) pairs of every kind but norms (`patch(targets="all")`)."""
+    return patched_states(model, "layers")
 
 
 def set_layer_tracking(model: nn.Module, enabled: bool) -> int:

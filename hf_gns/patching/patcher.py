@@ -3,7 +3,8 @@
 `patch` plans first (find norm-like modules, check their structure, find their spec in
 the registry or by the probe) and binds only when the plan is complete, so that
 `strict=True` fails without touching the model. Binding sets two instance attributes
-on each norm module, `forward` (a bound method) and `_hf_gns_norm` (its state), and one
+on each patched module, `forward` (a bound method) and `_hf_gns_state` (its `PatchState`,
+`state.py`: the same for every kind), and one
 forward pre-hook on the object given to `patch` that records the batch size and prepares sinks
 (see `model_hook.py`). Classes, `__class__`, torch.nn, parameters and buffers are never touched,
 which keeps state_dict keys, parameter identity and `save_pretrained` output as before.
@@ -11,7 +12,6 @@ which keeps state_dict keys, parameter identity and `save_pretrained` output as 
 
 from __future__ import annotations
 
-import types
 import warnings
 
 from torch import nn
@@ -19,8 +19,8 @@ from torch import nn
 from . import zero3
 from .coverage import fill_coverage
 from .detect import call_route_reason, find_eps_attr, is_norm_like, shared_module_names, unsupported_reason
-from .forward import PATCH_ATTRIBUTE, NormPatch, patched_norm_forward, route_norms
-from .layers import bind_layers, layer_states, plan_layers, unpatch_layers
+from .forward import NormPatch, patched_norm_forward, route_norms
+from .layers import PATCHED_FORWARDS, bind_layers, plan_layers
 from .liger import instance_forward, liger_kind, liger_norm_spec
 from .model_hook import PATCHED_MARK, attach_model_hook, bump_patch_generation, detach_model_hooks
 from .outside_use import OutsideUseFinder, detach_outside_use_finder
@@ -29,15 +29,12 @@ from .probe import fallback_candidates, probe_norm
 from .registry import registered_spec
 from .report import PatchedModule, PatchReport, SkippedModule
 from .spec import NormSpec
+from .state import bind_state, patched_states, state_of, unbind_state
 from .wrappers import check_patchable
 
 
 class NormPatchError(RuntimeError):
     """Raised by `patch(model, strict=True)` when some norm modules with parameters cannot be patched."""
-
-
-# The instance-level forward that `patch` replaced (Liger's), put back by `unpatch`.
-DISPLACED_ATTRIBUTE = "_hf_gns_displaced_forward"
 
 
 def _structural_reason(module: nn.Module) -> str | None:
@@ -133,11 +130,7 @@ def _plan(
 
 
 def _bind(module: nn.Module, state: NormPatch) -> None:
-    setattr(module, PATCH_ATTRIBUTE, state)
-    displaced = module.__dict__.get("forward")
-    if displaced is not None and instance_forward(module) is not patched_norm_forward:
-        module.__dict__[DISPLACED_ATTRIBUTE] = displaced
-    module.forward = types.MethodType(patched_norm_forward, module)
+    bind_state(module, state, patched_norm_forward)
 
 
 PATCH_TARGETS = ("norms", "all")
@@ -200,7 +193,8 @@ def patch(
     for name, module in model.named_modules():
         if not is_norm_like(module):
             continue
-        existing = module.__dict__.get(PATCH_ATTRIBUTE)
+        existing = state_of(module)
+        existing = existing if existing is not None and existing.kind == "norm" else None
         plan = existing if existing is not None else _plan(name, module, shared, found, found_call)
         foreign = _foreign_forward_name(module) if existing is not None else None
         if isinstance(plan, str):
@@ -268,8 +262,7 @@ def patch(
             bind_layers(layer_plan, model_hook)
     if layer_plan is not None:  # weights the model also uses outside their module: the first forward tells
         detach_outside_use_finder(model)
-        states = [(m, m.__dict__[PATCH_ATTRIBUTE]) for m in model.modules() if PATCH_ATTRIBUTE in m.__dict__]
-        OutsideUseFinder(model, states + layer_states(model), report, strict).attach(model)
+        OutsideUseFinder(model, patched_states(model), report, strict).attach(model)
     return report
 
 
@@ -281,18 +274,8 @@ def unpatch(model: nn.Module) -> int:
     class forward is used again and outputs and gradients equal the unpatched model's bit
     for bit. Collected statistics are dropped.
     """
-    restored = 0
-    for module in model.modules():
-        if PATCH_ATTRIBUTE not in module.__dict__:
-            continue
-        if instance_forward(module) is patched_norm_forward:
-            del module.forward
-        displaced = module.__dict__.pop(DISPLACED_ATTRIBUTE, None)
-        if displaced is not None and "forward" not in module.__dict__:
-            module.__dict__["forward"] = displaced  # Liger's forward, as before patch
-        delattr(module, PATCH_ATTRIBUTE)
-        restored += 1
-    restored += unpatch_layers(model)
+    forwards = (patched_norm_forward, *PATCHED_FORWARDS)
+    restored = sum(unbind_state(module, forwards) for module in model.modules())
     detach_outside_use_finder(model)
     detach_model_hooks(model)
     bump_patch_generation()

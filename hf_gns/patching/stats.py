@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .forward import PATCH_ATTRIBUTE, NormPatch, patched_norm_forward
-from .layer_state import LayerPatch
-from .layers import _FORWARDS as _LAYER_FORWARDS
-from .layers import layer_states
+from .forward import patched_norm_forward
+from .layers import PATCHED_FORWARDS
 from .model_hook import PATCHED_MARK, patch_generation
+from .state import PatchState, bound_function, patched_states
 
 INCOMPLETE_MODES = ("error", "warn")
 
@@ -35,9 +34,8 @@ class IncompleteStatisticsError(RuntimeError):
     """A tracked parameter got a gradient but not exactly one per-example value per example."""
 
 
-def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, NormPatch | LayerPatch]]:
-    found = [(m, m.__dict__[PATCH_ATTRIBUTE]) for m in model.modules() if PATCH_ATTRIBUTE in m.__dict__]
-    found += layer_states(model)
+def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, PatchState]]:
+    found = patched_states(model)
     if not found:
         if any(PATCHED_MARK in m.__dict__ for m in model.modules()):
             raise ValueError(
@@ -50,12 +48,12 @@ def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, NormPatch | Laye
     return found
 
 
-def _reported_parameters(module: nn.Module, state: NormPatch | LayerPatch) -> tuple[torch.Tensor | None, ...]:
+def _reported_parameters(module: nn.Module, state: PatchState) -> tuple[torch.Tensor | None, ...]:
     """The parameter behind each column of the module's (B, C) squared norms."""
     return state.reported_parameters(module)
 
 
-def _collecting(state: NormPatch | LayerPatch) -> bool:
+def _collecting(state: PatchState) -> bool:
     """False for layers whose reductions are switched off this step (`set_layer_tracking`)."""
     return getattr(state, "enabled", True)
 
@@ -66,7 +64,7 @@ class _Tracked:
 
     name: str
     param: torch.Tensor
-    sources: list[tuple[nn.Module, NormPatch | LayerPatch, int]] = field(default_factory=list)
+    sources: list[tuple[nn.Module, PatchState, int]] = field(default_factory=list)
 
     def n_values(self) -> int:
         """Values collected since the last `zero_stats` (host-side shapes: no sync)."""
@@ -78,7 +76,7 @@ class _Tracked:
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _layout(model: nn.Module) -> tuple[list[_Tracked], list[NormPatch | LayerPatch]]:
+def _layout(model: nn.Module) -> tuple[list[_Tracked], list[PatchState]]:
     """(every reported parameter with its sources, every patched module's state) of `model`."""
     cached = _LAYOUTS.get(model)
     if cached is not None and cached[0] == patch_generation():
@@ -355,11 +353,10 @@ class IncompleteStatistics:
 
 def _foreign_forward(module: nn.Module) -> str | None:
     """The qualified name of `module`'s forward if something rebound it after `hf_gns.patch`."""
-    forward = module.__dict__.get("forward")
-    function = getattr(forward, "__func__", forward)
-    if function is patched_norm_forward or function in _LAYER_FORWARDS:
+    function = bound_function(module)
+    if function is patched_norm_forward or function in PATCHED_FORWARDS:
         return None
-    if forward is None:
+    if function is None:
         return f"{type(module).__name__}.forward (the class's own)"
     owner = getattr(function, "__module__", "?")
     return f"{owner}.{getattr(function, '__qualname__', repr(function))}"
