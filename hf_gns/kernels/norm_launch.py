@@ -67,11 +67,12 @@ def _no_hook(hook) -> bool:
 class _Launch:
     """One kernel launch of a plan: fixed grid, tile and specialization; the compiled kernel once known."""
 
-    __slots__ = ("kernel", "grid", "num_warps", "constexprs", "tail", "compiled")
+    __slots__ = ("kernel", "grid", "grid_0", "grid_1", "num_warps", "constexprs", "tail", "compiled")
 
     def __init__(self, kernel, grid: tuple[int, ...], num_warps: int, **constexprs):
         self.kernel = kernel
         self.grid = grid
+        self.grid_0, self.grid_1 = grid[0], (grid[1] if len(grid) > 1 else 1)
         self.num_warps = num_warps
         self.constexprs = constexprs
         params = getattr(kernel, "params", None)  # the interpreter's kernels have none (and no direct launch)
@@ -89,16 +90,16 @@ class _Launch:
 
     def direct(self, stream: int, args: tuple) -> None:
         """Run the compiled kernel (pointers as ints), as `JITFunction.run` ends."""
-        compiled, grid = self.compiled, self.grid
+        compiled = self.compiled
         enter, leave = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
-        if _no_hook(enter) and _no_hook(leave):
+        if (enter is None or _no_hook(enter)) and (leave is None or _no_hook(leave)):
             metadata = enter = leave = None
         else:
-            metadata = compiled.launch_metadata(grid, stream, *args, *self.tail)
+            metadata = compiled.launch_metadata(self.grid, stream, *args, *self.tail)
         try:
             compiled.run(
-                grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, compiled.function,
-                compiled.packed_metadata, metadata, enter, leave, *args, *self.tail,
+                self.grid_0, self.grid_1, 1, stream, compiled.function, compiled.packed_metadata,
+                metadata, enter, leave, *args, *self.tail,
             )  # fmt: skip
         except (AttributeError, TypeError) as error:  # a Triton whose launch protocol differs
             _CachedLauncher.enabled = False
@@ -323,7 +324,8 @@ def norm_backward_rows(
     dy_rows = dy if bplan.dy_strides is not None else _as_rows(dy, plan.n_examples)
     if _direct_ready(bwd, plan.device_index) and (reduce is None or reduce.compiled is not None):
         stream = _current_stream(plan.device_index)
-        workspace, ticket = _workspace(bplan, device, stream)
+        found = bplan.workspaces.get(stream)
+        workspace, ticket = _workspace(bplan, device, stream) if found is None else found
         stats_ptr, ws_ptr = stats.data_ptr(), workspace.data_ptr()
         w_ptr = None if weight is None else weight.data_ptr()
         x_ptr = rows.data_ptr()
@@ -356,16 +358,14 @@ def norm_backward_rows(
 
 
 def _workspace(bplan: _BackwardPlan, device: torch.device, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plan's fp32 workspace on `stream`, and the stream's reduction ticket.
+    """The plan's fp32 workspace on `stream`, and the stream's reduction ticket (made on first use).
 
     Both kernels of a backward use the workspace and are done with it when the backward's reduction
     ends; kernels on one stream run in order, so every backward of the plan on that stream can reuse
     one buffer (the partial sums of the H200 Llama-124M step: 1.6 MB for all its norm layers) and
     skip an allocation per call. Another stream gets its own (as the ticket does)."""
-    found = bplan.workspaces.get(stream)
-    if found is None:
-        workspace = torch.empty(bplan.workspace_numel, dtype=_FLOAT32, device=device)
-        found = bplan.workspaces[stream] = (workspace, _ticket(device))
+    workspace = torch.empty(bplan.workspace_numel, dtype=_FLOAT32, device=device)
+    found = bplan.workspaces[stream] = (workspace, _ticket(device))
     return found
 
 
