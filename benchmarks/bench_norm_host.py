@@ -6,7 +6,8 @@ The H200 profile of issue 11 showed hf_gns's fused norm at ~3x a PyTorch op's ho
 call. This script measures host microseconds per call:
 
 - `F.layer_norm` / `F.rms_norm` forward and forward+backward (the baseline);
-- `hf_gns.kernels.fused_norm` with a sink, forward and forward+backward;
+- `hf_gns.kernels.fused_norm` with a sink, forward and forward+backward, and with a collector
+  (the eager route of patched norms: no sink leaf);
 - a patched HF norm module (GPT-2's LayerNorm, Llama's RMSNorm) called as the model calls it
   (after two model forwards, so that its call routing has settled as in training);
 and prints a cProfile of the fused forward+backward loop (top functions by own time).
@@ -177,6 +178,15 @@ def main() -> None:
     def hf_rms_fwdbwd():
         torch.autograd.backward(fused_norm(x, w, None, 1e-6, rms=True, sq_norm_sink=new_sq_norm_sink(x)), dy)
 
+    collected = []  # the eager route of patched norms: backward hands the norms to a collector
+
+    def hf_ln_fwdbwd_collector():
+        torch.autograd.backward(fused_norm(x, w, b, 1e-5, sq_norm_collector=collected.append), dy)
+
+    def hf_rms_fwdbwd_collector():
+        y = fused_norm(x, w, None, 1e-6, rms=True, sq_norm_collector=collected.append)
+        torch.autograd.backward(y, dy)
+
     rows = [
         ("F.layer_norm fwd", torch_ln_fwd, None),
         ("F.layer_norm fwd+bwd", torch_ln_fwdbwd, None),
@@ -184,6 +194,8 @@ def main() -> None:
         ("hf_gns fused_norm LN fwd (sink)", hf_ln_fwd, None),
         ("hf_gns fused_norm LN fwd+bwd (sink)", hf_ln_fwdbwd, None),
         ("hf_gns fused_norm RMS fwd+bwd (sink)", hf_rms_fwdbwd, None),
+        ("hf_gns fused_norm LN fwd+bwd (collector)", hf_ln_fwdbwd_collector, collected.clear),
+        ("hf_gns fused_norm RMS fwd+bwd (collector)", hf_rms_fwdbwd_collector, collected.clear),
     ]
     for kind, model, norm, hook in patched:
 
@@ -215,6 +227,8 @@ def main() -> None:
     ratios = (
         ("hf_gns fused_norm LN fwd+bwd (sink)", "F.layer_norm fwd+bwd"),
         ("hf_gns fused_norm RMS fwd+bwd (sink)", "F.rms_norm fwd+bwd"),
+        ("hf_gns fused_norm LN fwd+bwd (collector)", "F.layer_norm fwd+bwd"),
+        ("hf_gns fused_norm RMS fwd+bwd (collector)", "F.rms_norm fwd+bwd"),
         ("patched gpt2 norm module fwd+bwd", "F.layer_norm fwd+bwd"),
         ("patched llama norm module fwd+bwd", "F.rms_norm fwd+bwd"),
     )

@@ -148,3 +148,82 @@ def test_planned_launchers_give_the_references_numbers_for_odd_layouts(rms):
         torch.testing.assert_close(xg.grad, ref[0], msg=name)
         torch.testing.assert_close(w.grad, ref[1], msg=name)
         torch.testing.assert_close(sink.grad, ref[3].float(), msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_collector_receives_what_a_sink_would(backend):
+    """`sq_norm_collector` (eager): backward hands it the (B, 2) squared norms a sink's grad holds."""
+    if backend == "triton" and not triton_runs_here("cpu"):
+        pytest.skip("runs the Triton kernels on CPU: needs TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 16, generator=gen)
+    weight, bias = 1 + 0.1 * torch.randn(16, generator=gen), 0.1 * torch.randn(16, generator=gen)
+    results = []
+    for route in ("sink", "collector"):
+        xg, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
+        collected = []
+        sink = new_sq_norm_sink(xg) if route == "sink" else None
+        with use_backend(backend):
+            y = fused_norm(
+                xg, w, b, sq_norm_sink=sink, sq_norm_collector=collected.append if sink is None else None
+            )
+            y.backward(torch.ones_like(y))
+        results.append((sink.grad if sink is not None else collected[0], w.grad, b.grad, xg.grad))
+        assert route == "sink" or len(collected) == 1
+    for from_sink, from_collector in zip(*results, strict=True):
+        assert torch.equal(from_sink, from_collector)
+    collected = []  # a pass that accumulates into no parameter (autograd.grad) collects nothing, as a sink
+    xg = x.clone().requires_grad_()
+    y = fused_norm(
+        xg, weight.clone().requires_grad_(), bias.clone().requires_grad_(), sq_norm_collector=collected.append
+    )
+    torch.autograd.grad(y.sum(), [xg])
+    assert collected == []
+    for w, b in ((None, None), (weight.clone(), bias.clone().requires_grad_())):  # no γ; frozen γ, β trained
+        xg = x.clone().requires_grad_()
+        fused_norm(xg, w, b, sq_norm_collector=collected.append).sum().backward()
+    assert [c.shape for c in collected] == [(3, 2), (3, 2)] and torch.equal(collected[0], torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="sq_norm_collector"):
+        fused_norm(x, weight, bias, sq_norm_sink=new_sq_norm_sink(x), sq_norm_collector=print)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_gpu_planned_launches_match_triton_launches_on_every_stream(rms):
+    """The direct runs of cached plans (pointers as ints, the reused per-stream workspace) give the bits
+    of launches through `kernel[grid]`, on the default stream and on a side stream, call after call."""
+    gen = torch.Generator().manual_seed(11)
+    results = {}
+    for enabled in (False, True):
+        was_enabled = norm_triton._CachedLauncher.enabled
+        norm_triton._CachedLauncher.enabled = enabled
+        norm_launch.clear_plans()
+        try:
+            for shape in ((4, 96, 200), (2, 64, 768)):
+                x = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
+                weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to("cuda", torch.bfloat16)
+                bias = (
+                    None if rms else (0.1 * torch.randn(shape[-1], generator=gen)).to("cuda", torch.bfloat16)
+                )
+                side = torch.cuda.Stream()
+                for call, stream in enumerate((None, None, side, side, None)):
+                    with torch.cuda.stream(stream):  # None: the current stream
+                        xg = x.clone().requires_grad_()
+                        w = weight.clone().requires_grad_()
+                        b = None if bias is None else bias.clone().requires_grad_()
+                        collected = []
+                        with use_backend("triton"):
+                            y = fused_norm(xg, w, b, rms=rms, sq_norm_collector=collected.append)
+                            y.backward(torch.ones_like(y))
+                        grads = (y, xg.grad, w.grad, collected[0]) + (() if b is None else (b.grad,))
+                    torch.cuda.synchronize()
+                    results[enabled, shape, call] = [g.detach().clone() for g in grads]
+        finally:
+            norm_triton._CachedLauncher.enabled = was_enabled
+            norm_launch.clear_plans()
+        gen.manual_seed(11)
+    for key, expected in results.items():
+        if key[0]:
+            continue
+        for want, got in zip(expected, results[(True, *key[1:])], strict=True):
+            assert torch.equal(want, got), key

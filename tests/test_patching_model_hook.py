@@ -52,7 +52,9 @@ def test_sinks_are_ready_before_the_forward_when_grad_is_enabled():
     seen = []
     model.norm.register_forward_pre_hook(lambda module, args: seen.append(sinks.has_spare(3, args[0].device)))
     model(torch.randn(3, 2, 4))  # the model hook ran first: the norm finds its sink ready
-    assert seen == [True] and sinks.spare is None  # taken by the forward
+    # (an eager fused norm leaves it there: its backward hands the norms to `sinks.collect`;
+    # a compiled forward, or a module on another route, takes it)
+    assert seen == [True] and sinks.has_spare(3, torch.device("cpu"))
 
 
 def test_prepare_sinks_readies_every_sink_before_the_forward_through_a_wrapper():

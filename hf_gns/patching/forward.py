@@ -154,6 +154,7 @@ def run_norm(
     sq_norm_sink: torch.Tensor | None = None,
     example_offsets: torch.Tensor | None = None,
     parameters: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    sq_norm_collector=None,
 ) -> torch.Tensor:
     """`module`'s forward computed by `fused_norm` according to `spec` (`parameters`: its
     `weight_and_bias`, when the caller has them)."""
@@ -169,7 +170,19 @@ def run_norm(
         out_dtype=spec.result_dtype(hidden_states, weight),
         sq_norm_sink=sq_norm_sink,
         example_offsets=example_offsets,
+        sq_norm_collector=sq_norm_collector,
     )
+
+
+def _run_tracked(module, x, state: NormPatch, n_examples: int, parameters, example_offsets=None):
+    """`run_norm` with this module's per-example squared norms going to its `sinks`: in eager mode
+    straight from the op's backward (`SquaredNormSinks.collect`: no sink leaf, no AccumulateGrad,
+    no hook per call); under torch.compile through a sink, a graph input (see `sinks.py`)."""
+    if torch.compiler.is_compiling():
+        sink = state.sinks.take_for(n_examples, x.device)
+        return run_norm(module, x, state.spec, state.eps_attr, sink, example_offsets, parameters)
+    collector = state.sinks.collect
+    return run_norm(module, x, state.spec, state.eps_attr, None, example_offsets, parameters, collector)
 
 
 def norm_routing(
@@ -273,14 +286,13 @@ def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **
                 "per-example gradient vectors of padding-free (document) batches are not supported"
             )
         offsets = offsets_for_rows(hook.example_offsets, hidden_states, hook.token_shape)
-        sink = state.sinks.take_for(offsets.shape[0] - 1, hidden_states.device)
-        return run_norm(self, hidden_states, state.spec, state.eps_attr, sink, offsets, parameters)
+        return _run_tracked(self, hidden_states, state, offsets.shape[0] - 1, parameters, offsets)
     x = hook.group_rows(hidden_states)  # (B, ..., D): dim 0 indexes examples
     x, transposed = state.layout.examples_first(x, hook.batch_size)  # (T, B, D) → (B, T, D)
     if not tracks:
         y = run_norm(self, x, state.spec, state.eps_attr, parameters=parameters)
     elif vectors is None:
-        y = run_norm(self, x, state.spec, state.eps_attr, state.sinks.take(x), parameters=parameters)
+        y = _run_tracked(self, x, state, x.shape[0] if x.dim() > 1 else 1, parameters)
     else:
         leaf = vectors.leaf_for(hook, x.shape[0], x.device)
         y = run_norm_with_example_grads(self, x, state.spec, state.eps_attr, leaf)

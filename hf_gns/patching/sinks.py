@@ -111,16 +111,22 @@ class SquaredNormSinks:
         spare = self.spare
         return spare is not None and spare.shape[0] == n_examples and spare.device == device
 
-    def _collect(self, sink: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: keep this backward's norms, recycle the sink."""
-        self.collected.append(sink.grad)
-        sink.grad = None
+    def collect(self, sq_norms: torch.Tensor) -> None:
+        """Keep one backward pass's (B, C) squared norms. The hook below calls it with a sink's
+        gradient; eager fused norms call it from their backward directly (`fused_norm`'s
+        `sq_norm_collector`: no sink leaf, no AccumulateGrad node, no hook per call)."""
+        self.collected.append(sq_norms)
         if len(self.collected) == _UNREAD_WARNING_AT:
             warnings.warn(
                 f"hf_gns: {self.name!r} has collected per-example norms of {_UNREAD_WARNING_AT} backward "
                 "passes; they stay in memory until hf_gns.zero_stats(model), call it once per optimizer step",
-                stacklevel=2,
+                stacklevel=3,
             )
+
+    def _collect(self, sink: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: keep this backward's norms, recycle the sink."""
+        self.collect(sink.grad)
+        sink.grad = None
         if self.spare is None:
             self.spare = sink
         elif len(self.pool) < _POOL_SIZE:
