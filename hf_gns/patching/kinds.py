@@ -1,24 +1,47 @@
-"""The kinds of patched modules: one word for what a module holds, shared by the report and `gns/`.
+"""The kinds of patched modules: one word for what a module holds, its planner and its forward.
 
-- `"norm"`: a normalization layer (fused op or per-example call; `forward.py`);
+- `"norm"`: a normalization layer (fused op or per-example call; planned in `norm.py`, bound
+  to `forward.patched_norm_forward`);
 - `"linear"`: nn.Linear / HF Conv1D (`linear.py`); `"embedding"`: nn.Embedding (`embedding.py`);
 - `"experts"`: fused MoE experts (`experts.py`); `"conv"`: nn.Conv1d (`conv.py`);
 - `"call"`: a module using its own parameters functionally (routers), per-example call
   (`own_parameters.py`).
 
-Every patch state carries its `kind`, and so does every report record (`PatchedModule`);
-`module_kind` reads it off a module, so that grouping the statistics (`hf_gns.gns.groups`)
-uses the patcher's decision instead of guessing from class names.
+Every kind's state is a `PatchState` (`state.py`) carrying its `kind`, and so does every
+report record (`PatchedModule`); `FORWARDS` gives the forward `patch` binds for a kind, and
+`PLANNERS` the planner of each group of kinds (`"norms"` for `targets="norms"`, `"layers"` for
+the rest under `targets="all"`). `module_kind` reads the kind off a module, so that grouping
+the statistics (`hf_gns.gns.groups`) uses the patcher's decision instead of guessing from
+class names.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from .conv import patched_conv_forward
 from .detect import is_norm_like
+from .embedding import patched_embedding_forward
+from .experts import patched_experts_forward
+from .forward import patched_norm_forward
+from .layers import plan_layers
+from .linear import patched_linear_forward
+from .norm import plan_norms
+from .own_parameters import patched_own_parameters_forward
 from .state import state_of
 
-KINDS = ("norm", "linear", "embedding", "experts", "conv", "call")
+FORWARDS = {
+    "norm": patched_norm_forward,
+    "linear": patched_linear_forward,
+    "embedding": patched_embedding_forward,
+    "experts": patched_experts_forward,
+    "conv": patched_conv_forward,
+    "call": patched_own_parameters_forward,
+}
+KINDS = tuple(FORWARDS)
+PATCHED_FORWARDS = tuple(FORWARDS.values())  # what `unpatch` deletes, what the guard counts as ours
+# targets → the planners it runs, in order (norms first: the report lists them first)
+PLANNERS = {"norms": (plan_norms,), "all": (plan_norms, plan_layers)}
 
 
 def module_kind(module: nn.Module) -> str | None:

@@ -94,7 +94,7 @@ class LayerPatch(PatchState):
         enabled (`bool`): whether the per-example reduction runs (`set_layer_tracking`); when
             off, the forward is the module's plain computation and nothing is collected.
         routing (`CallRouting`, *optional*): squared-norm path, or per-example gradient vectors
-            for layers called several times per forward or sharing their weight (set by `bind_layers`).
+            for layers called several times per forward or sharing their weight (set when planned).
         layout (`ExampleLayout`): where its inputs' examples are (sequence-first or not).
         dropped_columns (`frozenset[int]`): sink columns no longer reported (their parameter is
             used outside this module's forward, `outside_use.py`).

@@ -17,15 +17,14 @@ token-gathered rows (mixture-of-experts experts) get wrong per-example groupings
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..kernels.linear_cost import LINEAR_METHODS
-from .conv import conv_unsupported_reason, describe_conv, patched_conv_forward
+from .conv import conv_unsupported_reason, describe_conv
 from .detect import is_norm_like, shared_module_names
-from .embedding import describe_embedding, embedding_unsupported_reason, patched_embedding_forward
+from .embedding import describe_embedding, embedding_unsupported_reason
 from .example_grads import CallRouting
 from .experts import (
     ExpertsPatch,
@@ -33,7 +32,6 @@ from .experts import (
     experts_unsupported_reason,
     is_dense,
     is_experts_like,
-    patched_experts_forward,
     probe_experts,
     reported_weights,
 )
@@ -43,45 +41,15 @@ from .linear import (
     is_linear_like,
     is_transposed,
     linear_unsupported_reason,
-    patched_linear_forward,
 )
-from .model_hook import ModelForwardHook
 from .own_parameters import (
     claimed_modules,
     describe_own_parameters,
     own_parameters_candidate,
-    patched_own_parameters_forward,
     plan_own_parameters,
 )
 from .report import PatchedModule, SkippedModule
-from .state import bind_state, patched_states, state_of
-
-PATCHED_FORWARDS = (  # the forwards `bind_layers` binds (`unpatch` deletes them)
-    patched_linear_forward,
-    patched_embedding_forward,
-    patched_experts_forward,
-    patched_own_parameters_forward,
-    patched_conv_forward,
-)
-
-
-# state.method → forward of the kinds bound without call routing
-_UNROUTED_FORWARDS = {
-    "experts": patched_experts_forward,
-    "call": patched_own_parameters_forward,
-    "conv": patched_conv_forward,
-}
-
-
-@dataclass
-class LayerPlan:
-    """What `plan_layers` decided, before anything is bound."""
-
-    patched: list[PatchedModule] = field(default_factory=list)
-    skipped: list[SkippedModule] = field(default_factory=list)
-    tracked: list[str] = field(default_factory=list)
-    to_bind: list[tuple[nn.Module, LayerPatch]] = field(default_factory=list)
-    claimed: set[int] = field(default_factory=set)  # submodules tracked by a parent's per-example call
+from .state import Plan, patched_states, state_of
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -119,11 +87,11 @@ def _owners_by_weight(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
+def plan_layers(model: nn.Module, linear_method: str = "auto") -> Plan:
     """Decide which Linear/Conv1D/Embedding modules of `model` to patch, with the reason for the rest."""
     if linear_method not in LINEAR_METHODS:
         raise ValueError(f"linear_method must be one of {LINEAR_METHODS}, got {linear_method!r}")
-    plan = LayerPlan()
+    plan = Plan()
     names = {id(p): n for n, p in model.named_parameters()}
     shared = shared_module_names(model)
     owners = _owners_by_weight(model)
@@ -211,7 +179,7 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> LayerPlan:
 
 
 def _plan_one(
-    plan: LayerPlan, names: dict[int, str], name: str, module: nn.Module, method: str, link: TiedLink | None
+    plan: Plan, names: dict[int, str], name: str, module: nn.Module, method: str, link: TiedLink | None
 ) -> None:
     if isinstance(module, nn.Embedding):
         state = LayerPatch(name, ("weight", None), "rows", tie=link)
@@ -229,7 +197,7 @@ def _plan_one(
     _add_to_plan(plan, names, name, module, state, described)
 
 
-def _add_to_plan(plan: LayerPlan, names: dict[int, str], name: str, module: nn.Module, state, described: str):
+def _add_to_plan(plan: Plan, names: dict[int, str], name: str, module: nn.Module, state, described: str):
     """Record a planned module: its report line, its tracked parameters (trainable, reported by its
     state), and the (module, state) pair to bind."""
     reported = [p for p in state.reported_parameters(module) if p is not None]
@@ -238,6 +206,9 @@ def _add_to_plan(plan: LayerPlan, names: dict[int, str], name: str, module: nn.M
         PatchedModule(name, type(module).__name__, described, "targets=all", tracked, state.kind)
     )
     plan.tracked.extend(tracked)
+    if state.kind in ("linear", "embedding") and state.routing is None:  # the kinds with call routing
+        mode = "single" if state.tie is not None else "discover"  # a tie's link needs the sink path
+        state.routing = CallRouting(state.name, state.sinks, _widths(module), mode)
     plan.to_bind.append((module, state))
 
 
@@ -264,7 +235,7 @@ def _takes_per_example_call(module: nn.Module) -> bool:
 
 
 def _plan_call(
-    plan: LayerPlan,
+    plan: Plan,
     names: dict[int, str],
     owners: dict[int, list[str]],
     shared: dict[int, list[str]],
@@ -301,14 +272,14 @@ def _plan_call(
     _claim(plan, module, state.reported)
 
 
-def _claim(plan: LayerPlan, module: nn.Module, reported: tuple[str | None, ...]) -> None:
+def _claim(plan: Plan, module: nn.Module, reported: tuple[str | None, ...]) -> None:
     """Leave the submodules whose parameters `module`'s per-example call tracks unpatched (and unplanned)."""
     for child in claimed_modules(module, tuple(n for n in reported if n)):
         plan.claimed.update(id(m) for m in child.modules())
 
 
 def _plan_experts(
-    plan: LayerPlan,
+    plan: Plan,
     names: dict[int, str],
     owners: dict[int, list[str]],
     name: str,
@@ -326,7 +297,7 @@ def _plan_experts(
 
 
 def _plan_conv(
-    plan: LayerPlan,
+    plan: Plan,
     names: dict[int, str],
     owners: dict[int, list[str]],
     name: str,
@@ -358,7 +329,7 @@ def _widths(module: nn.Module) -> tuple[int, int]:
 
 
 def _plan_shared(
-    plan: LayerPlan, names: dict[int, str], members: list[tuple[str, nn.Module]], method: str
+    plan: Plan, names: dict[int, str], members: list[tuple[str, nn.Module]], method: str
 ) -> None:
     """Linears sharing one weight (Zamba's shared block, one module object per layer): one vector
     group, summed over every call of every holder, reported by the first holder."""
@@ -385,25 +356,6 @@ def _plan_shared(
         )
         plan.tracked.extend(tracked)
         plan.to_bind.append((module, state))
-
-
-def bind_layers(plan: LayerPlan, model_hook: ModelForwardHook) -> None:
-    """Rebind the planned modules' forwards; their sinks are prepared by `model_hook`."""
-    for module, state in plan.to_bind:
-        forward = _UNROUTED_FORWARDS.get(state.method if not isinstance(state, ExpertsPatch) else "experts")
-        if forward is not None:  # kinds without call routing: one call a forward (more: the guard flags it)
-            state.model_hook = model_hook
-            model_hook.norms.append((module, state))
-            bind_state(module, state, forward)
-            continue
-        if state.routing is None:
-            mode = "single" if state.tie is not None else "discover"  # a tie's link needs the sink path
-            state.routing = CallRouting(state.name, state.sinks, _widths(module), mode)
-        model_hook.counts_forwards |= state.routing.mode == "shared"
-        state.model_hook = model_hook
-        model_hook.norms.append((module, state))
-        forward = patched_embedding_forward if isinstance(module, nn.Embedding) else patched_linear_forward
-        bind_state(module, state, forward)
 
 
 def layer_states(model: nn.Module) -> list[tuple[nn.Module, LayerPatch]]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from torch import nn
 
 from .spec import NormSpec
+from .state import instance_forward
 
 _LIGER_PACKAGE = "liger_kernel"
 _RMS_CLASS, _LAYER_NORM_CLASS = "LigerRMSNorm", "LigerLayerNorm"
@@ -39,12 +40,6 @@ _CAST_BEFORE_WEIGHT = {"llama": True, "gemma": False, "none": False, 0: True, 1:
 
 def _from_liger(obj: object) -> bool:
     return getattr(obj, "__module__", "").split(".")[0] == _LIGER_PACKAGE
-
-
-def instance_forward(module: nn.Module):
-    """The function bound as `module.forward` on the instance, or None (the class's forward runs)."""
-    forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", forward)
 
 
 def liger_kind(module: nn.Module) -> str | None:

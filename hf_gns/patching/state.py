@@ -18,8 +18,11 @@ sink column, None where nothing is reported) and `tracks_gradients(module)`.
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass, field
 
 from torch import nn
+
+from .report import PatchedModule, SkippedModule
 
 STATE_ATTRIBUTE = "_hf_gns_state"
 # The instance-level forward that `patch` replaced (Liger's), put back by `unbind_state`.
@@ -40,6 +43,27 @@ class PatchState:
         raise NotImplementedError
 
 
+@dataclass
+class Plan:
+    """What a kind's planner decided (`norm.plan_norms`, `layers.plan_layers`), before anything is bound.
+
+    Args:
+        patched (`list[PatchedModule]`), skipped (`list[SkippedModule]`): the report's records.
+        tracked (`list[str]`): the parameters the planned modules report.
+        to_bind (`list[tuple[nn.Module, PatchState]]`): the modules to bind, with their new state.
+        rebind (`list[tuple[nn.Module, PatchState]]`): modules patched by an earlier call whose
+            forward someone replaced since (bound again with their state).
+        claimed (`set[int]`): ids of submodules tracked by a parent's state (left unpatched).
+    """
+
+    patched: list[PatchedModule] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    tracked: list[str] = field(default_factory=list)
+    to_bind: list[tuple[nn.Module, PatchState]] = field(default_factory=list)
+    rebind: list[tuple[nn.Module, PatchState]] = field(default_factory=list)
+    claimed: set[int] = field(default_factory=set)
+
+
 def state_of(module: nn.Module) -> PatchState | None:
     """The state `patch` bound on `module`, or None."""
     return module.__dict__.get(STATE_ATTRIBUTE)
@@ -58,10 +82,21 @@ def patched_states(model: nn.Module, kind: str | None = None) -> list[tuple[nn.M
     return found
 
 
-def bound_function(module: nn.Module):
-    """The function behind `module`'s instance-level forward, or None when the class's runs."""
+def instance_forward(module: nn.Module):
+    """The function bound as `module.forward` on the instance, or None (the class's forward runs)."""
     forward = module.__dict__.get("forward")
     return getattr(forward, "__func__", forward)
+
+
+def foreign_forward(module: nn.Module, ours) -> str | None:
+    """The qualified name of the forward bound on `module` when it is none of `ours` (the functions
+    `patch` binds): someone rebound it after `patch` (Liger's instance patching, or deleted it)."""
+    function = instance_forward(module)
+    if function in ours:
+        return None
+    if function is None:
+        return f"{type(module).__name__}.forward (the class's own: the instance forward was deleted)"
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
 
 
 def bind_state(module: nn.Module, state: PatchState, forward) -> None:
@@ -69,7 +104,7 @@ def bind_state(module: nn.Module, state: PatchState, forward) -> None:
     instance forward bound by someone else (Liger) is kept aside for `unbind_state`."""
     module.__dict__[STATE_ATTRIBUTE] = state
     displaced = module.__dict__.get("forward")
-    if displaced is not None and bound_function(module) is not forward:
+    if displaced is not None and instance_forward(module) is not forward:
         module.__dict__[DISPLACED_ATTRIBUTE] = displaced
     module.forward = types.MethodType(forward, module)
 
@@ -79,7 +114,7 @@ def unbind_state(module: nn.Module, forwards) -> bool:
     patched."""
     if STATE_ATTRIBUTE not in module.__dict__:
         return False
-    if bound_function(module) in forwards:
+    if instance_forward(module) in forwards:
         del module.forward
     displaced = module.__dict__.pop(DISPLACED_ATTRIBUTE, None)
     if displaced is not None and "forward" not in module.__dict__:

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .forward import patched_norm_forward
-from .layers import PATCHED_FORWARDS
+from .kinds import PATCHED_FORWARDS
 from .model_hook import PATCHED_MARK, patch_generation
-from .state import PatchState, bound_function, patched_states
+from .state import PatchState, foreign_forward, patched_states
 
 INCOMPLETE_MODES = ("error", "warn")
 
@@ -351,19 +350,10 @@ class IncompleteStatistics:
         )
 
 
-def _foreign_forward(module: nn.Module) -> str | None:
-    """The qualified name of `module`'s forward if something rebound it after `hf_gns.patch`."""
-    function = bound_function(module)
-    if function is patched_norm_forward or function in PATCHED_FORWARDS:
-        return None
-    if function is None:
-        return f"{type(module).__name__}.forward (the class's own)"
-    owner = getattr(function, "__module__", "?")
-    return f"{owner}.{getattr(function, '__qualname__', repr(function))}"
-
-
 def _cause(entry: _Tracked, n_values: int, n_examples: int) -> str:
-    foreign = [f for module, _, _ in entry.sources if (f := _foreign_forward(module)) is not None]
+    foreign = [
+        f for module, _, _ in entry.sources if (f := foreign_forward(module, PATCHED_FORWARDS)) is not None
+    ]
     if foreign:
         return (
             f"its forward was replaced after hf_gns.patch (now {foreign[0]}, e.g. by Liger's instance "
