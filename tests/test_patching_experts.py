@@ -130,6 +130,14 @@ def test_report_records_and_states_carry_the_kind_that_groups_use():
     assert kinds["model.layers.0.mlp.experts"] == "experts" and kinds["model.layers.0.mlp.gate"] == "call"
     assert kinds["model.embed_tokens"] == "embedding" and kinds["lm_head"] == "linear"
     assert kinds["model.norm"] == "norm" and set(kinds.values()) <= set(KINDS)
+    by_kind = report.by_kind()  # the report's views by kind
+    assert list(by_kind)[0] == "norm" and {e.name for e in by_kind["experts"]} == {
+        name for name, kind in kinds.items() if kind == "experts"
+    }
+    assert sorted(n for names in report.tracked_by_kind().values() for n in names) == sorted(
+        report.tracked_parameters
+    )
+    assert f"{len(by_kind['experts'])} experts" in report.summary()
     modules = dict(model.named_modules())
     assert all(module_kind(modules[name]) == kind for name, kind in kinds.items())
     groups = parameter_groups(model, report.tracked_parameters, groupings=("type",))

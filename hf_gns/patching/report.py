@@ -123,6 +123,17 @@ class PatchReport:
         """Every patched module, norms first, each with its `kind`."""
         return [*self.patched, *self.layers]
 
+    def by_kind(self) -> dict[str, list[PatchedModule]]:
+        """The patched modules grouped by `kind` (`kinds.KINDS`), norms first, each group in module order."""
+        groups: dict[str, list[PatchedModule]] = {}
+        for entry in self.modules:
+            groups.setdefault(entry.kind, []).append(entry)
+        return groups
+
+    def tracked_by_kind(self) -> dict[str, list[str]]:
+        """The tracked parameter names grouped by the kind of the module reporting them."""
+        return {kind: [n for e in entries for n in e.tracked] for kind, entries in self.by_kind().items()}
+
     @property
     def uncovered(self) -> list[SkippedModule]:
         """Skipped modules that own parameters: what `strict=True` refuses."""
@@ -152,8 +163,9 @@ class PatchReport:
         )
         line += f" ({earlier} patched by an earlier call)" if earlier else ""
         if self.layers or self.skipped_layers:
+            counts = ", ".join(f"{len(e)} {kind}" for kind, e in self.by_kind().items() if kind != "norm")
             line += (
-                f"; {len(self.layers)} linear/embedding modules patched, "
+                f"; {len(self.layers)} linear/embedding modules patched{f' ({counts})' if counts else ''}, "
                 f"{len(self.skipped_layers)} skipped ({len(self.uncovered_layers)} with trainable parameters)"
             )
         if self.trainable_elements:
@@ -166,16 +178,13 @@ class PatchReport:
         return line
 
     def __str__(self) -> str:
-        rows = [
-            ("patched", e.name or "<root>", e.class_name, _tracked_label(e), f"{e.flavour} [{e.source}]")
-            for e in self.patched
-        ]
-        rows += [("skipped", e.name or "<root>", e.class_name, "-", e.reason) for e in self.skipped]
-        rows += [
-            ("patched", e.name or "<root>", e.class_name, _tracked_label(e), f"{e.method} [{e.source}]")
-            for e in self.layers
-        ]
-        rows += [("skipped", e.name or "<root>", e.class_name, "-", e.reason) for e in self.skipped_layers]
+        rows = []
+        for patched, skipped in ((self.patched, self.skipped), (self.layers, self.skipped_layers)):
+            rows += [
+                ("patched", e.name or "<root>", e.class_name, _tracked_label(e), f"{e.flavour} [{e.source}]")
+                for e in patched
+            ]
+            rows += [("skipped", e.name or "<root>", e.class_name, "-", e.reason) for e in skipped]
         skipped = {e.name for e in [*self.skipped, *self.skipped_layers]}  # their rows give the reason
         rows += [
             ("untracked", e.name, e.class_name, "-", e.reason)
