@@ -227,3 +227,18 @@ def test_gpu_planned_launches_match_triton_launches_on_every_stream(rms):
             continue
         for want, got in zip(expected, results[(True, *key[1:])], strict=True):
             assert torch.equal(want, got), key
+
+
+def test_backwards_share_one_workspace_per_stream_grown_to_the_largest(stub_launch):
+    """Direct backwards (a plan's second call on) reuse one workspace per stream, across plans."""
+    weight = torch.ones(16, requires_grad=True)
+    for _ in range(2):
+        _fwd_bwd(torch.randn(2, 8, 16), weight, None, rms=True)
+    ((small, ticket),) = norm_launch._WORKSPACES.values()
+    for _ in range(2):
+        _fwd_bwd(torch.randn(2, 4, 16), weight, None, rms=True)  # a smaller need: the same buffer
+    assert list(norm_launch._WORKSPACES.values()) == [(small, ticket)]
+    for _ in range(2):
+        _fwd_bwd(torch.randn(8, 64, 16), weight, None, rms=True)  # a larger one: replaced, same ticket
+    ((large, same_ticket),) = norm_launch._WORKSPACES.values()
+    assert large.numel() > small.numel() and same_ticket is ticket

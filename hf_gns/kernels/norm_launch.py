@@ -16,8 +16,8 @@ kernels.
   pointer as an integer: no per-argument specialization in Python, and no `data_ptr` call or
   driver pointer query per tensor in Triton's launcher.
 - The forward makes two allocations (y; rstd and mean in one fp32 buffer, which with x and γ is
-  all the backward saves), the backward four (dx, one fp32 workspace, dγ/dβ, the (B, 2) squared
-  norms).
+  all the backward saves), the backward three (dx, dγ/dβ, the (B, 2) squared norms); its fp32
+  workspace is one buffer per stream, reused (`_workspace`).
 
 The key holds everything Triton specializes the kernels on (dtypes, pointer alignment, the int
 arguments, which follow from the shapes; fresh allocations are 512-byte aligned) and the tile
@@ -189,11 +189,15 @@ class _ForwardPlan:
 
 
 _FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
+# Plans are small (the compiled kernels they point at stay in Triton's cache): a bound, not an LRU.
+_MAX_PLANS = 1024
 
 
 def clear_plans() -> None:
-    """Forget every cached plan (and compiled kernel handle); the next calls build them again."""
+    """Forget every cached plan (and compiled kernel handle) and workspace; the next calls build them
+    again."""
     _FORWARD_PLANS.clear()
+    _WORKSPACES.clear()
 
 
 def forward_plan_count() -> int:
@@ -210,6 +214,8 @@ def _forward_plan(x, weight, bias, rms, cast_before_weight, out_dtype, device, x
     )  # fmt: skip
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
+        if len(_FORWARD_PLANS) >= _MAX_PLANS:  # e.g. a new sequence length every batch: start over
+            _FORWARD_PLANS.clear()
         plan = _FORWARD_PLANS[key] = _ForwardPlan(x, weight, bias, rms, cast_before_weight, out_dtype, device)
     return plan
 
@@ -253,7 +259,7 @@ class _BackwardPlan:
 
     __slots__ = (
         "dy_strides", "n_params", "workspace_numel", "partial_b_bytes", "sq_bytes", "grads_shape",
-        "sq_shape", "bwd_ints", "reduce_ints", "bwd", "reduce", "workspaces",
+        "sq_shape", "bwd_ints", "reduce_ints", "bwd", "reduce",
     )  # fmt: skip
 
     def __init__(self, plan: _ForwardPlan, dy: torch.Tensor, weight, rms, cast_before_weight, n_params):
@@ -263,7 +269,6 @@ class _BackwardPlan:
         self.grads_shape = (width,) if n_params == 1 else (n_params, width)
         self.sq_shape = (n_examples, 2)
         self.bwd = self.reduce = None
-        self.workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # stream: (workspace, ticket)
         if plan.n_rows == 0:
             return
         block_m, block_d, num_warps, rows_per_chunk, n_chunks = backward_config(
@@ -324,8 +329,10 @@ def norm_backward_rows(
     dy_rows = dy if bplan.dy_strides is not None else _as_rows(dy, plan.n_examples)
     if _direct_ready(bwd, plan.device_index) and (reduce is None or reduce.compiled is not None):
         stream = _current_stream(plan.device_index)
-        found = bplan.workspaces.get(stream)
-        workspace, ticket = _workspace(bplan, device, stream) if found is None else found
+        found = _WORKSPACES.get((device, stream))
+        if found is None or found[0].numel() < bplan.workspace_numel:
+            found = _workspace(bplan.workspace_numel, device, stream)
+        workspace, ticket = found
         stats_ptr, ws_ptr = stats.data_ptr(), workspace.data_ptr()
         w_ptr = None if weight is None else weight.data_ptr()
         x_ptr = rows.data_ptr()
@@ -357,15 +364,23 @@ def norm_backward_rows(
     return dx, grads, sq_norms
 
 
-def _workspace(bplan: _BackwardPlan, device: torch.device, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plan's fp32 workspace on `stream`, and the stream's reduction ticket (made on first use).
+# (device, stream): (fp32 workspace, reduction ticket); see `_workspace`
+_WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(numel: int, device: torch.device, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 workspace of at least `numel` elements on `stream`, and the stream's reduction ticket.
 
     Both kernels of a backward use the workspace and are done with it when the backward's reduction
-    ends; kernels on one stream run in order, so every backward of the plan on that stream can reuse
-    one buffer (the partial sums of the H200 Llama-124M step: 1.6 MB for all its norm layers) and
-    skip an allocation per call. Another stream gets its own (as the ticket does)."""
-    workspace = torch.empty(bplan.workspace_numel, dtype=_FLOAT32, device=device)
-    found = bplan.workspaces[stream] = (workspace, _ticket(device))
+    ends; kernels on one stream run in order, so every backward on that stream (every plan) can reuse
+    one buffer, grown to the largest need (the partial sums of the H200 Llama-124M step: 1.6 MB), and
+    skip an allocation per call. Replacing it with a larger one frees the old one while kernels queued
+    on the stream may still read it: the caching allocator hands that memory out again only to work
+    ordered after them on the same stream. Another stream gets its own (as the ticket does)."""
+    found = _WORKSPACES.get((device, stream))
+    if found is None or found[0].numel() < numel:
+        ticket = _ticket(device) if found is None else found[1]
+        found = _WORKSPACES[device, stream] = (torch.empty(numel, dtype=_FLOAT32, device=device), ticket)
     return found
 
 
