@@ -65,6 +65,22 @@ def test_experts_and_router_norms_equal_the_micro_batch_oracle(method):
         torch.testing.assert_close(values.double(), expected[name], rtol=1e-6, atol=1e-12)
 
 
+def _against_the_oracle(model_class, config, method: str, strict: bool):
+    """`model_class(config)` in fp64 patched with targets="all": every per-example norm equals the
+    micro-batch oracle's; returns (model, report, norms, expected)."""
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_class(config).double().train()
+    ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
+    expected = _oracle(model, ids)
+    report = hf_gns.patch(model, targets="all", linear_method=method, strict=strict)
+    _loss(model, ids).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    for name, values in norms.items():
+        torch.testing.assert_close(values.double(), expected[name], rtol=1e-6, atol=1e-12, msg=name)
+    return model, report, norms, expected
+
+
 @pytest.mark.parametrize("method", ["simultaneous", "ghost"])
 def test_dbrx_split_glu_experts_in_a_submodule_equal_the_micro_batch_oracle(method):
     """DBRX: w1, v1, w2 as (E·I, D) in `experts.mlp`, three sink columns, the submodule left unpatched."""
@@ -73,21 +89,33 @@ def test_dbrx_split_glu_experts_in_a_submodule_equal_the_micro_batch_oracle(meth
         attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
         ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2),
     )  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.DbrxForCausalLM(config).double().train()
-    ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
-    expected = _oracle(model, ids)
-    report = hf_gns.patch(model, targets="all", linear_method=method, strict=True)
+    _, report, norms, expected = _against_the_oracle(
+        transformers.DbrxForCausalLM, config, method, strict=True
+    )
     kinds = {entry.name: entry.kind for entry in report.layers}
     assert kinds["transformer.blocks.0.ffn.experts"] == "experts"
     assert "transformer.blocks.0.ffn.experts.mlp" not in kinds
-    assert report.tracked_elements == report.trainable_elements
-    _loss(model, ids).backward()
-    norms = hf_gns.per_example_sq_norms(model)
-    assert set(norms) == set(expected)
-    for name, values in norms.items():
-        torch.testing.assert_close(values.double(), expected[name], rtol=1e-6, atol=1e-12, msg=name)
+    assert report.tracked_elements == report.trainable_elements and set(norms) == set(expected)
+
+
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_jetmoe_parallel_experts_on_gathered_rows_equal_the_micro_batch_oracle(method):
+    """JetMoE: experts(rows, expert_size) on rows gathered by the parent (MoE and mixture-of-attention);
+    the output projection's rows derive from the input projection's (act(up) * gate)."""
+    import copy
+
+    config = transformers.JetMoeConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, kv_channels=4, num_key_value_heads=2,
+        intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model, report, norms, expected = _against_the_oracle(
+        transformers.JetMoeForCausalLM, config, method, strict=False
+    )
+    kinds = {entry.name: entry.kind for entry in report.layers}
+    for name in ("mlp.input_linear", "mlp.output_linear", "self_attention.experts.output_linear"):
+        assert kinds[f"model.layers.0.{name}"] == "experts"
+    assert {n for n in expected if "linear.weight" in n} <= set(norms)
+    copy.deepcopy(model)  # the states' last rows (autograd nodes) are not copied
 
 
 def test_experts_unpatch_restores_the_forward_bit_for_bit():

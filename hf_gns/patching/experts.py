@@ -27,7 +27,15 @@ DBRX's experts keep their weights in a submodule `mlp` as 2-D `w1` (gate), `v1` 
 the same routed call and report three sink columns (w1, v1, w2), the submodule left
 unpatched.
 
-Which modules: those with the decorator's attributes (or DBRX's layout) whose forward, on
+JetMoE's parallel experts hold one 3-D `weight` (E, out, in) and are called as
+`experts(rows, expert_size)` on rows already grouped by expert (`layer_input[batch_index]`
+in the parent, `expert_size` the rows per expert), without the token of each row
+(`is_parallel_experts`). That gather is visible to autograd: the rows' `IndexBackward0` node
+saved the index into the parent's batch-major rows, which gives each row's example. Each
+expert's rows are then sorted by example (a stable sort; the outputs are put back in order)
+so that each example's rows are contiguous for the per-document path.
+
+Which modules: those with the decorator's attributes (or DBRX's or JetMoE's layout) whose forward, on
 random routed tokens, equals this computation (`probe_experts`: one instance vouches for
 its class).
 """
@@ -65,8 +73,23 @@ def is_split_glu(module: nn.Module) -> bool:
     return all(isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] % n_experts == 0 for w in weights)
 
 
+def is_parallel_experts(module: nn.Module) -> bool:
+    """JetMoE's experts: one 3-D `weight` (E, out, in), `forward(inputs, expert_size)` on rows grouped
+    by expert (`expert_size` rows each), expert e's rows through `F.linear(rows, weight[e])`."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 3:
+        return False
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 2 and "size" in parameters[1]
+
+
 def reported_weights(module: nn.Module) -> tuple[str, ...]:
     """The expert weights of `module`, one sink column each (dotted names under `module`)."""
+    if is_parallel_experts(module):
+        return ("weight",)
     if is_split_glu(module):
         return tuple(f"mlp.{name}" for name in _SPLIT_GLU)
     return ("gate_up_proj" if is_dense(module) or module.has_gate else "up_proj", "down_proj")
@@ -108,8 +131,8 @@ def is_dense(module: nn.Module) -> bool:
 
 def experts_unsupported_reason(module: nn.Module) -> str | None:
     """Why `module` is not a fused-experts module this file can run, or None."""
-    if is_split_glu(module):
-        weight = module.mlp.w1
+    if is_split_glu(module) or is_parallel_experts(module):
+        weight = module.weight if is_parallel_experts(module) else module.mlp.w1
         if not weight.is_floating_point() or weight.device.type == "meta":
             return f"w1 of dtype {weight.dtype} on {weight.device.type}: not supported"
         return None
@@ -133,12 +156,14 @@ def experts_unsupported_reason(module: nn.Module) -> str | None:
 
 def is_experts_like(module: nn.Module) -> bool:
     """A module holding 3-D expert weights as transformers' experts modules do (or DBRX's layout)."""
-    return (hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter)) or is_split_glu(
-        module
-    )
+    fused = hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter)
+    return fused or is_split_glu(module) or is_parallel_experts(module)
 
 
 def describe_experts(module: nn.Module) -> str:
+    if is_parallel_experts(module):
+        shape = tuple(module.weight.shape)
+        return f"{shape[0]} experts {shape[1:]}, rows gathered by index: per-example sums over routed rows"
     if is_split_glu(module):
         shape = (module.mlp.w1.shape[0] // module.num_experts, module.mlp.w1.shape[1])
         return f"{module.num_experts} experts, gate/up/down {shape}, per-example sums over routed tokens"
@@ -146,10 +171,23 @@ def describe_experts(module: nn.Module) -> str:
     return f"{module.num_experts} experts {tuple(up.shape[1:])}, per-example sums over routed tokens"
 
 
+class _LastRows:
+    """(autograd node of a parallel-experts call's output, its row examples), for a later call on rows
+    derived from that output; a copied model starts without it (autograd nodes cannot be copied)."""
+
+    def __init__(self, node=None, rows: torch.Tensor | None = None):
+        self.node, self.rows = node, rows
+
+    def __deepcopy__(self, memo):
+        return _LastRows()
+
+
 class ExpertsPatch(ParameterPatch):
     """State of a patched experts module: sink columns (up weight, down weight)."""
 
     method_dense: bool = False  # expert-major dense experts (`is_dense`)
+    method_parallel: bool = False  # rows grouped by expert, gathered by index (`is_parallel_experts`)
+    last_rows: _LastRows | None = None  # parallel experts only
     kind = "experts"
 
 
@@ -283,6 +321,8 @@ def patched_experts_forward(self: nn.Module, hidden_states, *args, **kwargs):
     state: ExpertsPatch = getattr(self, LAYER_ATTRIBUTE)
     if state.method_dense:
         return _dense_forward(self, state, hidden_states, *args, **kwargs)
+    if state.method_parallel:
+        return _parallel_forward(self, state, hidden_states, *args, **kwargs)
     if len(args) != 2 or kwargs or not state.tracks_gradients(self):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     top_k_index, top_k_weights = args
@@ -312,10 +352,119 @@ def _dense_forward(self, state, hidden_states, *args, **kwargs):
     return run_dense_experts(self, hidden_states, sink, n_examples, state.method, offsets)
 
 
+def run_parallel_experts(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    expert_size: list[int],
+    sink: torch.Tensor | None = None,
+    row_example: torch.Tensor | None = None,
+    n_examples: int = 1,
+    method: str = "auto",
+) -> torch.Tensor:
+    """JetMoE's parallel experts on `inputs` (R, in) grouped by expert; with `sink`, per-example squared
+    norms of `weight` go to `sink.grad[:, 0]` (examples given per row by `row_example`, (R,) int64)."""
+    weight, n_experts = module.weight, module.weight.shape[0]
+    if sink is not None:  # rows per (expert, example), read once: each expert's example offsets
+        sizes = torch.tensor(expert_size, device=inputs.device)
+        expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=inputs.device), sizes)
+        keys = expert_of_row * n_examples + row_example
+        pair_counts = torch.bincount(keys, minlength=n_experts * n_examples).view(n_experts, n_examples)
+        all_offsets = torch.nn.functional.pad(pair_counts.cumsum(1), (1, 0))  # (E, B+1)
+        host_counts = pair_counts.tolist()  # host sync (one per forward)
+    outputs, start = [], 0
+    for expert, count in enumerate(expert_size):
+        rows = inputs[start : start + count]
+        if sink is None or count == 0:
+            outputs.append(linear_forward(rows, weight[expert], None, False))
+        else:  # each example's rows contiguous (stable sort by example), the outputs put back in order
+            order = torch.sort(row_example[start : start + count], stable=True).indices
+            offsets = all_offsets[expert]
+            remember_max_example_rows(offsets, max(host_counts[expert]))
+            y = _project(rows[order], weight[expert], sink, n_examples, method, False, offsets)
+            outputs.append(y[torch.argsort(order)])
+        start += count
+    return torch.cat(outputs)
+
+
+# Autograd nodes of row-wise ops: row r of their output depends on row r of their inputs only.
+_ROW_WISE = frozenset(
+    {"MulBackward0", "AddBackward0", "SubBackward0", "DivBackward0", "NegBackward0", "SiluBackward0",
+     "GeluBackward0", "SigmoidBackward0", "TanhBackward0", "ReluBackward0", "ToCopyBackward0",
+     "CloneBackward0", "SplitBackward0", "SplitWithSizesBackward0"}
+)  # fmt: skip
+
+
+def _rows_of_earlier_experts(state: LayerPatch, inputs: torch.Tensor) -> torch.Tensor | None:
+    """The row examples of an earlier parallel-experts output of this forward that `inputs` derives from
+    by row-wise ops only (JetMoE: act(up) * gate of the input projection's rows), or None."""
+    tags = {
+        id(other.last_rows.node): other.last_rows.rows
+        for _, other in state.model_hook.norms
+        if getattr(other, "last_rows", None) is not None and other.last_rows.node is not None
+    }
+    found, stack, seen = {}, [inputs.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in tags:
+            found[id(tags[id(node)])] = tags[id(node)]
+            continue
+        name = node.name()
+        if name == "AccumulateGrad":  # a parameter (broadcast over rows)
+            continue
+        if name not in _ROW_WISE or (name.startswith("Split") and node._saved_dim == 0):
+            return None
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def _gathered_row_examples(state: LayerPatch, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(example of each row of `inputs`, number of examples): from the index that gathered the rows
+    out of batch-major rows (`source[index]`, whose autograd node saved the index), or from the
+    output of an earlier parallel-experts call that the rows derive from row-wise."""
+    hook = state.model_hook
+    node = inputs.grad_fn
+    gathered = node is not None and node.name() == "IndexBackward0"
+    indices = getattr(node, "_saved_indices", None) if gathered else None
+    n_examples = hook.batch_size or 1
+    if hook.example_offsets is None and not indices:
+        rows = _rows_of_earlier_experts(state, inputs)
+        if rows is not None:
+            return rows, n_examples
+    if hook.example_offsets is not None or not indices or len(indices) != 1 or indices[0] is None:
+        raise RuntimeError(
+            f"hf_gns: experts {state.name!r} got rows that were not gathered by one index from batch-major "
+            "rows (x[index], seen by autograd) of a padded batch, nor derived row-wise from such experts' "
+            "output: the example of each row is unknown, its per-example norms cannot be computed; patch "
+            "with targets='norms'"
+        )
+    source_rows = node._saved_self_sym_sizes[0]
+    if source_rows % n_examples:
+        raise RuntimeError(
+            f"hf_gns: experts {state.name!r} gathers its rows from {source_rows} rows, not a multiple of the "
+            f"batch of {n_examples} examples"
+        )
+    return indices[0] // (source_rows // n_examples), n_examples
+
+
+def _parallel_forward(self, state, inputs, *args, **kwargs):
+    if len(args) != 1 or kwargs or not state.tracks_gradients(self):
+        return type(self).forward(self, inputs, *args, **kwargs)
+    row_example, n_examples = _gathered_row_examples(state, inputs)
+    sink = state.sinks.take_for(n_examples, inputs.device)
+    output = run_parallel_experts(self, inputs, list(args[0]), sink, row_example, n_examples, state.method)
+    state.last_rows = _LastRows(output.grad_fn, row_example)  # for a later call on rows derived from these
+    return output
+
+
 def probe_experts(module: nn.Module, seed: int = 0) -> str | None:
     """None if `run_experts` reproduces `module`'s own forward on random routed tokens, else why not."""
     if is_dense(module):
         return _probe_dense(module, seed)
+    if is_parallel_experts(module):
+        return _probe_parallel(module, seed)
     (up, transposed, _, _), *_ = _projections(module)[0]
     hidden = up.shape[1] if transposed else up.shape[2]
     n_experts = module.num_experts
@@ -332,6 +481,20 @@ def probe_experts(module: nn.Module, seed: int = 0) -> str | None:
     except Exception as error:
         return f"probe failed: {type(error).__name__}: {error}"
     return _compare(expected, actual, up.dtype)
+
+
+def _probe_parallel(module: nn.Module, seed: int) -> str | None:
+    weight = module.weight
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    expert_size = [(2 * expert + 1) % 4 for expert in range(weight.shape[0])]  # an empty group too
+    x = torch.randn(sum(expert_size), weight.shape[2], generator=generator, device=weight.device)
+    try:
+        with torch.no_grad():
+            expected = type(module).forward(module, x.to(weight.dtype), expert_size)
+            actual = run_parallel_experts(module, x.to(weight.dtype), expert_size)
+    except Exception as error:
+        return f"probe failed: {type(error).__name__}: {error}"
+    return _compare(expected, actual, weight.dtype)
 
 
 def _probe_dense(module: nn.Module, seed: int) -> str | None:

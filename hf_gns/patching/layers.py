@@ -32,6 +32,7 @@ from .experts import (
     experts_unsupported_reason,
     is_dense,
     is_experts_like,
+    is_parallel_experts,
     probe_experts,
     reported_weights,
 )
@@ -289,6 +290,7 @@ def _plan_experts(
     """Plan a fused-experts module (`experts.py`), or the reason it cannot be."""
     state = ExpertsPatch(name, reported_weights(module), method)
     state.method_dense = is_dense(module)
+    state.method_parallel = is_parallel_experts(module)
     why_not = _held_elsewhere(state, module, names, owners, name)
     if why_not is None:
         _add_to_plan(plan, names, name, module, state, describe_experts(module))
