@@ -242,3 +242,40 @@ def test_backwards_share_one_workspace_per_stream_grown_to_the_largest(stub_laun
         _fwd_bwd(torch.randn(8, 64, 16), weight, None, rms=True)  # a larger one: replaced, same ticket
     ((large, same_ticket),) = norm_launch._WORKSPACES.values()
     assert large.numel() > small.numel() and same_ticket is ticket
+
+
+def test_compiled_autograd_collects_what_eager_autograd_does():
+    """An eager forward's backward traced by compiled autograd (its forward inside the context or
+    not) collects the per-example norms eager autograd collects: the planned backward's saved tensors
+    and the collector both survive the trace."""
+    from torch._dynamo import compiled_autograd
+
+    import hf_gns
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    hf_gns.patch(model)
+    x = torch.randn(3, 4, 8)
+    sinks = model[1]._hf_gns_state.sinks
+
+    def collected(forward_inside: bool) -> torch.Tensor:
+        hf_gns.zero_stats(model)
+        if forward_inside:
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                model(x).sum().backward()
+        else:
+            loss = model(x).sum()
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        (values,) = sinks.collected
+        return values
+
+    # the planned (Triton) path where its kernels run here, else the reference
+    with use_backend("triton" if triton_runs_here("cpu") else "torch"):
+        hf_gns.zero_stats(model)
+        model(x).sum().backward()
+        (eager,) = sinks.collected
+        torch._dynamo.reset()
+        # (on CPU the traced backward runs the reference: equal up to summation order)
+        torch.testing.assert_close(collected(False), eager)
+        torch.testing.assert_close(collected(True), eager)

@@ -143,6 +143,7 @@ class _FusedNorm(torch.autograd.Function):
         ctx.has_sink = sq_norm_sink is not None
         if torch.compiler.is_compiling():
             # the triton_op: Inductor traces its body and launches the kernels itself
+            ctx.plan = None
             ctx.use_triton = _uses_triton(x) and _COMPILED_TRITON
             y, mean, rstd = norm_forward_op(
                 x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype, ctx.use_triton
@@ -171,8 +172,12 @@ class _FusedNorm(torch.autograd.Function):
         # frozen γ, β and no sink (LoRA): skip the parameter gradients and their norms
         needs = ctx.needs_input_grad
         param_grads = needs[1] or needs[2] or ctx.has_sink or ctx.collector is not None
-        if torch.compiler.is_compiling():
-            x, weight, mean, rstd, example_offsets = ctx.saved_tensors
+        if torch.compiler.is_compiling():  # a compiled graph, or an eager forward's compiled autograd
+            if ctx.plan is None:
+                x, weight, mean, rstd, example_offsets = ctx.saved_tensors
+            else:  # saved by the eager planned path
+                x, weight, stats, *offsets = ctx.saved_tensors
+                (mean, rstd), example_offsets = ctx.plan.mean_rstd(stats), (offsets[0] if offsets else None)
             config = (has_bias, rms, weight_offset, cast_before_weight, param_grads)
             use_triton = getattr(ctx, "use_triton", _uses_triton(x) and _COMPILED_TRITON)
             dx, grads, sq_norms = norm_backward_op(

@@ -33,6 +33,11 @@ from .sinks import SquaredNormSinks
 from .spec import NormSpec
 from .state import STATE_ATTRIBUTE, PatchState
 
+try:  # compiled autograd traces backward passes: their norms must come through sinks
+    from torch._dynamo import compiled_autograd as _compiled_autograd
+except ImportError:  # pragma: no cover - older or trimmed torch
+    _compiled_autograd = None
+
 PATCH_ATTRIBUTE = STATE_ATTRIBUTE  # one attribute for every kind's state (`state.py`)
 
 
@@ -177,8 +182,9 @@ def run_norm(
 def _run_tracked(module, x, state: NormPatch, n_examples: int, parameters, example_offsets=None):
     """`run_norm` with this module's per-example squared norms going to its `sinks`: in eager mode
     straight from the op's backward (`SquaredNormSinks.collect`: no sink leaf, no AccumulateGrad,
-    no hook per call); under torch.compile through a sink, a graph input (see `sinks.py`)."""
-    if torch.compiler.is_compiling():
+    no hook per call); under torch.compile (or compiled autograd, which traces the backward)
+    through a sink, a graph input (see `sinks.py`)."""
+    if torch.compiler.is_compiling() or getattr(_compiled_autograd, "compiled_autograd_enabled", False):
         sink = state.sinks.take_for(n_examples, x.device)
         return run_norm(module, x, state.spec, state.eps_attr, sink, example_offsets, parameters)
     collector = state.sinks.collect
