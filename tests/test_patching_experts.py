@@ -174,11 +174,25 @@ def test_report_records_and_states_carry_the_kind_that_groups_use():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "dbrx", "jetmoe"])
 def test_gpu_experts_with_the_default_experts_implementation_equal_the_oracle(family):
     """On CUDA the experts modules run transformers' default implementation (grouped_mm) when
-    unpatched; patched, every tracked parameter matches the one-example oracle (fp32)."""
-    if family == "mixtral":
+    unpatched; patched, every tracked parameter matches the one-example oracle (fp32). DBRX and
+    JetMoE: their own layouts (split GLU in a submodule; rows gathered by the parent)."""
+    if family == "dbrx":
+        config = transformers.DbrxConfig(
+            d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=64,
+            attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2),
+        )  # fmt: skip
+        model_class = transformers.DbrxForCausalLM
+    elif family == "jetmoe":
+        config = transformers.JetMoeConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, kv_channels=8, num_key_value_heads=2,
+            intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+        )  # fmt: skip
+        model_class = transformers.JetMoeForCausalLM
+    elif family == "mixtral":
         config = transformers.MixtralConfig(
             vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
