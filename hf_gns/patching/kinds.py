@@ -9,10 +9,12 @@
 
 Every kind's state is a `PatchState` (`state.py`) carrying its `kind`, and so does every
 report record (`PatchedModule`); `FORWARDS` gives the forward `patch` binds for a kind, and
-`PLANNERS` the planner of each group of kinds (`"norms"` for `targets="norms"`, `"layers"` for
-the rest under `targets="all"`). `module_kind` reads the kind off a module, so that grouping
-the statistics (`hf_gns.gns.groups`) uses the patcher's decision instead of guessing from
-class names.
+`PLANNERS` the planners each `targets` runs: `norm.plan_norms`, and for `targets="all"`
+`layers.plan_layers`, which matches each module against the registered `layers.LAYER_KINDS`
+(how to tell the kind, why it cannot be patched, how to plan and describe one) and gives
+modules of no kind holding parameters to the per-example call. `module_kind` reads the kind
+off a module, so that grouping the statistics (`hf_gns.gns.groups`) uses the patcher's
+decision instead of guessing from class names.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ token-gathered rows (mixture-of-experts experts) get wrong per-example groupings
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -60,19 +62,31 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in (own or module.parameters()))
 
 
-def _own_reason(module: nn.Module, probed: dict[type, str | None] | None = None) -> str | None:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return conv_unsupported_reason(module)
-    if is_experts_like(module):
-        reason = experts_unsupported_reason(module)
-        if reason is None and probed is not None:
-            if type(module) not in probed:  # one verified instance vouches for its class (same forward)
-                probed[type(module)] = probe_experts(module)
-            reason = probed[type(module)]
-        return reason
-    if isinstance(module, nn.Embedding):
-        return embedding_unsupported_reason(module)
-    return linear_unsupported_reason(module)
+def _experts_reason(module: nn.Module, probed: dict[type, str | None]) -> str | None:
+    reason = experts_unsupported_reason(module)
+    if reason is None:
+        if type(module) not in probed:  # one verified instance vouches for its class (same forward)
+            probed[type(module)] = probe_experts(module)
+        reason = probed[type(module)]
+    return reason
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """A kind of module `plan_layers` patches (`kinds.py`): how to tell it, why it cannot be patched,
+    how to describe it, and how to plan one (`plan`: None for Linear and Embedding, planned
+    together afterwards because they may share weights)."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    unsupported: Callable[[nn.Module, dict], str | None]  # (module, probe cache by class)
+    describe: Callable[[nn.Module, object], str]  # (module, state)
+    plan: Callable | None = None
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The first registered kind matching `module` (`LAYER_KINDS`), or None."""
+    return next((kind for kind in LAYER_KINDS if kind.matches(module)), None)
 
 
 def _is_tie(members: list[tuple[str, nn.Module]]) -> bool:
@@ -102,9 +116,8 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> Plan:
     for name, module in model.named_modules():
         if id(module) in plan.claimed:
             continue
-        experts = is_experts_like(module)
-        conv = isinstance(module, nn.modules.conv._ConvNd)
-        if not (experts or conv or isinstance(module, nn.Embedding) or is_linear_like(module)):
+        kind = layer_kind(module)
+        if kind is None:
             if _takes_per_example_call(module):
                 _plan_call(plan, names, owners, shared, name, module, probed_calls)
             continue
@@ -112,21 +125,14 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> Plan:
         if existing is not None:
             reported = existing.reported_parameters(module)
             tracked = tuple(names[id(p)] for p in reported if p is not None and p.requires_grad)
-            if experts:
-                described = describe_experts(module)
-            elif conv:
-                described = describe_conv(module)
-            elif isinstance(module, nn.Embedding):
-                described = describe_embedding(module)
-            else:
-                described = describe_linear(module, existing.method)
+            described = kind.describe(module, existing)
             plan.patched.append(
                 PatchedModule(name, type(module).__name__, described, "earlier call", tracked, existing.kind)
             )
             plan.tracked.extend(tracked)
             _claim(plan, module, existing.reported)
             continue
-        reason = _own_reason(module, probed)
+        reason = kind.unsupported(module, probed)
         if reason is not None and reason.startswith("forward overridden") and is_linear_like(module):
             # a Linear subclass with its own forward (Llama-4's router): the per-example call, if probed right
             _plan_call(plan, names, owners, shared, name, module, probed_calls, why_not=reason)
@@ -136,9 +142,8 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> Plan:
             reason = f"the same module is also registered as {others}"
         if reason is None and not _trainable(module):
             reason = "frozen (requires_grad=False): nothing to track"
-        if reason is None and (experts or conv):
-            plan_kind = _plan_experts if experts else _plan_conv
-            reason = plan_kind(plan, names, owners, name, module, linear_method)
+        if reason is None and kind.plan is not None:
+            reason = kind.plan(plan, names, owners, name, module, linear_method)
             if reason is None:
                 continue
         if reason is not None:
@@ -358,6 +363,32 @@ def _plan_shared(
         )
         plan.tracked.extend(tracked)
         plan.to_bind.append((module, state))
+
+
+LAYER_KINDS = (  # the order a module is matched in
+    LayerKind(
+        "conv",
+        lambda m: isinstance(m, nn.modules.conv._ConvNd),
+        lambda m, probed: conv_unsupported_reason(m),
+        lambda m, state: describe_conv(m),
+        _plan_conv,
+    ),
+    LayerKind(
+        "experts", is_experts_like, _experts_reason, lambda m, state: describe_experts(m), _plan_experts
+    ),
+    LayerKind(
+        "embedding",
+        lambda m: isinstance(m, nn.Embedding),
+        lambda m, probed: embedding_unsupported_reason(m),
+        lambda m, state: describe_embedding(m),
+    ),
+    LayerKind(
+        "linear",
+        is_linear_like,
+        lambda m, probed: linear_unsupported_reason(m),
+        lambda m, state: describe_linear(m, state.method),
+    ),
+)
 
 
 def layer_states(model: nn.Module) -> list[tuple[nn.Module, LayerPatch]]:
