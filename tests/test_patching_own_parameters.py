@@ -122,3 +122,54 @@ def test_a_module_reading_its_submodules_weight_tracks_it_and_leaves_the_submodu
     assert not any(key.startswith("_hf_gns") for m in model.modules() for key in m.__dict__)
     with torch.no_grad():
         assert torch.equal(model(ids), before)
+
+
+class _SharedExperts(nn.Module):
+    """Inkling's shared experts: 3-D weights applied to every token, mixed by per-token weights that
+    the router gives flattened batch-major, (B·T, N)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_shared_experts = 2
+        self.up_proj = nn.Parameter(torch.randn(2, 6, D))
+        self.down_proj = nn.Parameter(torch.randn(2, D, 6))
+
+    def forward(self, hidden_states, gammas):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(1, -1, shape[-1]).expand(self.n_shared_experts, -1, -1)
+        up = torch.bmm(x, self.up_proj.transpose(1, 2)).tanh() * gammas.reshape(-1, 2, 1).transpose(0, 1)
+        return torch.bmm(up, self.down_proj.transpose(1, 2)).sum(0).view(shape)
+
+
+class _SharedExpertsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, D)
+        self.router = nn.Linear(D, 2)
+        self.shared_experts = _SharedExperts()
+        self.head = nn.Linear(D, 16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        gammas = self.router(x).sigmoid().reshape(-1, 2)
+        return self.head(self.shared_experts(x, gammas=gammas))
+
+
+def test_per_token_arguments_flattened_batch_major_go_with_their_example():
+    torch.manual_seed(0)
+    model = _SharedExpertsModel().double()
+    ids = torch.randint(0, 16, (B, T), generator=torch.Generator().manual_seed(1))
+    expected = {}
+    for b in range(B):
+        model.zero_grad(set_to_none=True)
+        _loss(model, ids[b : b + 1]).backward()
+        for name, param in model.named_parameters():
+            expected.setdefault(name, []).append(param.grad.square().sum())
+    model.zero_grad(set_to_none=True)
+    report = hf_gns.patch(model, targets="all", strict=True)
+    assert {entry.name: entry.kind for entry in report.layers}["shared_experts"] == "call"
+    _loss(model, ids).backward()
+    norms = hf_gns.per_example_sq_norms(model)
+    assert set(norms) == set(expected)
+    for name, values in norms.items():  # fp32 sinks
+        torch.testing.assert_close(values.double(), torch.stack(expected[name]), rtol=1e-5, atol=0, msg=name)

@@ -82,6 +82,7 @@ class LayerKind:
     unsupported: Callable[[nn.Module, dict], str | None]  # (module, probe cache by class)
     describe: Callable[[nn.Module, object], str]  # (module, state)
     plan: Callable | None = None
+    to_call: str | None = None  # a reason starting so sends the module to the per-example call
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:
@@ -133,8 +134,9 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> Plan:
             _claim(plan, module, existing.reported)
             continue
         reason = kind.unsupported(module, probed)
-        if reason is not None and reason.startswith("forward overridden") and is_linear_like(module):
-            # a Linear subclass with its own forward (Llama-4's router): the per-example call, if probed right
+        if reason is not None and kind.to_call is not None and reason.startswith(kind.to_call):
+            # a Linear subclass with its own forward (Llama-4's router), experts of a layout of their own
+            # (Inkling's shared experts): the per-example call, if probed right
             _plan_call(plan, names, owners, shared, name, module, probed_calls, why_not=reason)
             continue
         if reason is None and id(module) in shared:
@@ -374,7 +376,12 @@ LAYER_KINDS = (  # the order a module is matched in
         _plan_conv,
     ),
     LayerKind(
-        "experts", is_experts_like, _experts_reason, lambda m, state: describe_experts(m), _plan_experts
+        "experts",
+        is_experts_like,
+        _experts_reason,
+        lambda m, state: describe_experts(m),
+        _plan_experts,
+        to_call="not a transformers experts module",
     ),
     LayerKind(
         "embedding",
@@ -387,6 +394,7 @@ LAYER_KINDS = (  # the order a module is matched in
         is_linear_like,
         lambda m, probed: linear_unsupported_reason(m),
         lambda m, state: describe_linear(m, state.method),
+        to_call="forward overridden",
     ),
 )
 

@@ -95,11 +95,14 @@ def per_example_call(
     copies of the parameters named in `parameter_names` feeding `sink` (see the module docstring).
 
     A 2-D first argument of B·rows rows (tokens flattened batch-major) is regrouped to
-    (B, rows, D) and each example sees its (rows, D); otherwise each example sees a batch of one.
+    (B, rows, D) and each example sees its (rows, D); otherwise each example sees a batch of one,
+    and another argument of B·T rows next to a (B, T, ...) first argument (per-token values
+    flattened batch-major, e.g. a router's weights) its T rows.
     """
     x = args[0]
     regroup = x.dim() == 2 and x.shape[0] != n_examples and x.shape[0] % n_examples == 0
     rows = x.shape[0] // n_examples if regroup else None
+    tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 and x.shape[0] == n_examples else None
 
     def batched(arg):
         if not isinstance(arg, torch.Tensor) or arg.dim() == 0:
@@ -108,6 +111,8 @@ def per_example_call(
             return arg.reshape(n_examples, rows, *arg.shape[1:])
         if arg.shape[0] == n_examples:
             return arg.unsqueeze(1)  # each example keeps a batch dim of one
+        if tokens is not None and arg.shape[0] == tokens:
+            return arg.reshape(n_examples, x.shape[1], *arg.shape[1:])
         return None
 
     positional, keywords = _positional(module, args, kwargs)
@@ -148,8 +153,9 @@ def _candidate_shapes(module: nn.Module, first: torch.Tensor) -> list[tuple[int,
         shapes += [(b, t, n), (b, t, n, 4), (b, n, 2, 2)]  # last: channels-first (B, C, H, W)
     else:
         shapes.append((b, t, *first.shape))
-        if first.dim() >= 3:  # a convolution weight (C_out, C_in / groups, K) read by its parent: (B, T, C)
-            shapes.append((b, t, first.shape[0]))
+        if first.dim() >= 3:  # a convolution weight (C_out, C_in / groups, K) read by its parent: (B, T, C);
+            # expert weights (E, out, in) applied to every token: (B, T, in)
+            shapes += [(b, t, first.shape[0]), (b, t, first.shape[-1])]
         if first.dim() == 2:  # a raw weight used as F.linear(x, w) (router) or x @ w: input features;
             # flattened (B·T, D) rows too (routers flatten their input: one example per row)
             shapes += [(b, t, first.shape[-1]), (b, t, first.shape[0]), (b * t, first.shape[-1])]
@@ -161,9 +167,20 @@ def _candidate_shapes(module: nn.Module, first: torch.Tensor) -> list[tuple[int,
     return shapes
 
 
-def _extra_inputs(module: nn.Module, x: torch.Tensor, generator) -> tuple:
-    """Random x-shaped tensors for the forward's other tensor inputs (gate, key states, ...):
-    every required positional parameter, and optional ones named like a gate."""
+def _probe_layouts(module: nn.Module, first: torch.Tensor):
+    """(input shape, shape of the other inputs or None for x-shaped) pairs to try: x-shaped extras
+    first, then per-token values flattened batch-major, (B·T, N) for N one of the module's
+    integer attributes or 1 (a router's weights of N shared experts)."""
+    shapes = _candidate_shapes(module, first)
+    counts = sorted({1} | {v for v in vars(module).values() if type(v) is int and 1 < v <= 64})
+    layouts = [(shape, None) for shape in shapes]
+    layouts += [(shape, (shape[0] * shape[1], n)) for shape in shapes if len(shape) >= 3 for n in counts]
+    return layouts
+
+
+def _extra_inputs(module: nn.Module, x: torch.Tensor, generator, shape: tuple | None = None) -> tuple:
+    """Random tensors (x-shaped, or of `shape`) for the forward's other tensor inputs (gate, key
+    states, ...): every required positional parameter, and optional ones named like a gate."""
     try:
         parameters = list(inspect.signature(type(module).forward).parameters.values())[2:]
     except (TypeError, ValueError):
@@ -174,7 +191,7 @@ def _extra_inputs(module: nn.Module, x: torch.Tensor, generator) -> tuple:
             break
         if parameter.default is not parameter.empty and "gate" not in parameter.name:
             break
-        extras.append(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+        extras.append(torch.randn(shape or x.shape, generator=generator, device=x.device, dtype=x.dtype))
     return tuple(extras)
 
 
@@ -212,9 +229,9 @@ def probe_per_example_call(
     except Exception as error:
         return f"probe could not copy the module: {error}"
     forward = type(module).forward
-    for shape in _candidate_shapes(module, params[0]):
+    for shape, extra_shape in _probe_layouts(module, params[0]):
         x = torch.randn(shape, generator=generator, device=params[0].device)
-        args = (x, *_extra_inputs(module, x, generator))
+        args = (x, *_extra_inputs(module, x, generator, extra_shape))
         try:
             with torch.no_grad():
                 expected = _outputs(forward(probe, *args))
@@ -227,6 +244,14 @@ def probe_per_example_call(
         except Exception as error:  # any failure means we cannot vouch for the module
             return f"probe failed: {type(error).__name__}: {error}"
     return "probe failed: the original forward raised on every probe input"
+
+
+def _example_part(arg: torch.Tensor, x: torch.Tensor, b: int) -> torch.Tensor:
+    """Example b's part of a probe input: its row, or its T rows of per-token values flattened
+    batch-major next to a (B, T, ...) `x` (as `per_example_call` batches them)."""
+    if arg is not x and x.dim() >= 3 and arg.shape[0] == x.shape[0] * x.shape[1] != x.shape[0]:
+        return arg[b * x.shape[1] : (b + 1) * x.shape[1]]
+    return arg[b : b + 1]
 
 
 def _check_call(probe: nn.Module, args: tuple, expected: list[torch.Tensor], names, generator) -> str | None:
@@ -247,7 +272,7 @@ def _check_call(probe: nn.Module, args: tuple, expected: list[torch.Tensor], nam
     params = [attribute_at(probe, name) for name in names]
     for b in range(n):  # the micro-batch oracle: example b alone, plain autograd
         probe.zero_grad(set_to_none=True)
-        outputs = _outputs(type(probe).forward(probe, *(a[b : b + 1] for a in args)))
+        outputs = _outputs(type(probe).forward(probe, *(_example_part(a, args[0], b) for a in args)))
         pairs = [(outputs[i], upstream[i][b : b + 1]) for i in differentiable if outputs[i].requires_grad]
         torch.autograd.backward([o for o, _ in pairs], [u for _, u in pairs])
         for column, param in enumerate(params):
