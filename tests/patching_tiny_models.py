@@ -77,6 +77,20 @@ def loss_of(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, labels=input_ids).loss
 
 
+def per_example_sq_grad_norms(model, ids: torch.Tensor, loss) -> dict[str, torch.Tensor]:
+    """The micro-batch oracle: |∂loss(example b)/∂p|² per parameter p that gets a gradient, one
+    example at a time through `model` with plain autograd; name → (B,). Gradients are cleared after."""
+    values: dict[str, list[torch.Tensor]] = {}
+    for b in range(ids.shape[0]):
+        model.zero_grad(set_to_none=True)
+        loss(model, ids[b : b + 1]).backward()
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                values.setdefault(name, []).append(param.grad.square().sum())
+    model.zero_grad(set_to_none=True)
+    return {name: torch.stack(grads) for name, grads in values.items()}
+
+
 class GraphCounter:
     """A torch.compile backend that runs each graph eagerly and counts the graph runs."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from patching_tiny_models import per_example_sq_grad_norms
 from torch import nn
 
 import hf_gns
@@ -39,20 +40,14 @@ def test_conv1d_norms_equal_the_micro_batch_oracle(groups, stride, dilation, pad
     torch.manual_seed(0)
     model = _ConvLM(groups, stride, dilation, padding).double()
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
-    expected = {}
-    for b in range(B):
-        model.zero_grad(set_to_none=True)
-        _loss(model, ids[b : b + 1]).backward()
-        for name, param in model.named_parameters():
-            expected.setdefault(name, []).append(param.grad.square().sum())
-    model.zero_grad(set_to_none=True)
+    expected = per_example_sq_grad_norms(model, ids, _loss)
     report = hf_gns.patch(model, targets="all")
     assert report.tracked_elements == report.trainable_elements
     assert any("Conv1d" in entry.method for entry in report.layers)
     _loss(model, ids).backward()
     norms = hf_gns.per_example_sq_norms(model)
     for name in ("causal.weight", "causal.bias", "conv.weight", "conv.bias"):
-        torch.testing.assert_close(norms[name].double(), torch.stack(expected[name]), rtol=1e-7, atol=1e-14)
+        torch.testing.assert_close(norms[name].double(), expected[name], rtol=1e-7, atol=1e-14)
     hf_gns.unpatch(model)
     assert "forward" not in model.conv.__dict__
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from patching_tiny_models import per_example_sq_grad_norms
 
 import hf_gns
 
@@ -33,15 +34,7 @@ def _loss(model, ids):
 
 
 def _oracle(model, ids):
-    grads = {}
-    for b in range(ids.shape[0]):
-        model.zero_grad(set_to_none=True)
-        _loss(model, ids[b : b + 1]).backward()
-        for name, param in model.named_parameters():
-            if param.grad is not None:
-                grads.setdefault(name, []).append(param.grad.square().sum())
-    model.zero_grad(set_to_none=True)
-    return {name: torch.stack(values) for name, values in grads.items()}
+    return per_example_sq_grad_norms(model, ids, _loss)
 
 
 @pytest.mark.parametrize("method", ["simultaneous", "ghost"])

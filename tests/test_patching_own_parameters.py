@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from patching_tiny_models import per_example_sq_grad_norms
 from torch import nn
 
 import hf_gns
@@ -45,26 +48,28 @@ def _loss(model, ids):
     return model(ids).square().mean((1, 2)).sum()
 
 
-def test_a_module_with_three_parameters_of_its_own_gets_a_wider_sink_and_exact_norms():
-    torch.manual_seed(0)
-    model = _Model().double()
+def _patched_against_the_oracle(model: nn.Module, **patch_kwargs):
+    """Patch `model` (fp64) with targets="all": every parameter's per-example norms equal the
+    micro-batch oracle's (fp32 sinks); returns the report and the (B, T) ids used."""
     ids = torch.randint(0, 16, (B, T), generator=torch.Generator().manual_seed(1))
-    expected = {}
-    for b in range(B):
-        model.zero_grad(set_to_none=True)
-        _loss(model, ids[b : b + 1]).backward()
-        for name, param in model.named_parameters():
-            expected.setdefault(name, []).append(param.grad.square().sum())
-    model.zero_grad(set_to_none=True)
-    report = hf_gns.patch(model, targets="all")
-    assert {"hc.fn", "hc.base", "hc.scale"} <= set(report.tracked_parameters)
-    assert report.tracked_elements == report.trainable_elements
+    expected = per_example_sq_grad_norms(model, ids, _loss)
+    report = hf_gns.patch(model, targets="all", **patch_kwargs)
     _loss(model, ids).backward()
     norms = hf_gns.per_example_sq_norms(model)
     assert set(norms) == set(expected)
-    for name, values in norms.items():  # fp32 sinks
-        torch.testing.assert_close(values.double(), torch.stack(expected[name]), rtol=1e-5, atol=0, msg=name)
+    for name, values in norms.items():
+        torch.testing.assert_close(values.double(), expected[name], rtol=1e-5, atol=0, msg=name)
+    return report, ids
+
+
+def test_a_module_with_three_parameters_of_its_own_gets_a_wider_sink_and_exact_norms():
+    torch.manual_seed(0)
+    model = _Model().double()
+    report, _ = _patched_against_the_oracle(model)
+    assert {"hc.fn", "hc.base", "hc.scale"} <= set(report.tracked_parameters)
+    assert report.tracked_elements == report.trainable_elements
     # the (B, 3) sink next to (B, 2) ones: the fused sums pad it, the same numbers
+    norms = hf_gns.per_example_sq_norms(model)
     names = list(norms)
     sums = hf_gns.patching.stats.example_sq_norm_sums(model, names)
     torch.testing.assert_close(sums, torch.stack([norms[n].sum() for n in names]))
@@ -98,30 +103,16 @@ class _RoutedModel(nn.Module):
 def test_a_module_reading_its_submodules_weight_tracks_it_and_leaves_the_submodule_unpatched():
     torch.manual_seed(0)
     model = _RoutedModel().double()
-    ids = torch.randint(0, 16, (B, T), generator=torch.Generator().manual_seed(1))
-    expected = {}
-    for b in range(B):
-        model.zero_grad(set_to_none=True)
-        _loss(model, ids[b : b + 1]).backward()
-        for name, param in model.named_parameters():
-            expected.setdefault(name, []).append(param.grad.square().sum())
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        before = model(ids)
-    report = hf_gns.patch(model, targets="all", strict=True)  # strict: no outside use found either
+    before = copy.deepcopy(model)
+    report, ids = _patched_against_the_oracle(model, strict=True)  # strict: no outside use found either
     kinds = {entry.name: entry.kind for entry in report.layers}
     assert kinds["router"] == "call" and "router.classifier" not in kinds
     assert "_hf_gns_state" not in model.router.classifier.__dict__
     assert report.tracked_elements == report.trainable_elements
-    _loss(model, ids).backward()
-    norms = hf_gns.per_example_sq_norms(model)
-    assert set(norms) == set(expected)
-    for name, values in norms.items():  # fp32 sinks
-        torch.testing.assert_close(values.double(), torch.stack(expected[name]), rtol=1e-5, atol=0, msg=name)
     hf_gns.unpatch(model)
     assert not any(key.startswith("_hf_gns") for m in model.modules() for key in m.__dict__)
     with torch.no_grad():
-        assert torch.equal(model(ids), before)
+        assert torch.equal(model(ids), before(ids))
 
 
 class _SharedExperts(nn.Module):
@@ -157,19 +148,5 @@ class _SharedExpertsModel(nn.Module):
 
 def test_per_token_arguments_flattened_batch_major_go_with_their_example():
     torch.manual_seed(0)
-    model = _SharedExpertsModel().double()
-    ids = torch.randint(0, 16, (B, T), generator=torch.Generator().manual_seed(1))
-    expected = {}
-    for b in range(B):
-        model.zero_grad(set_to_none=True)
-        _loss(model, ids[b : b + 1]).backward()
-        for name, param in model.named_parameters():
-            expected.setdefault(name, []).append(param.grad.square().sum())
-    model.zero_grad(set_to_none=True)
-    report = hf_gns.patch(model, targets="all", strict=True)
+    report, _ = _patched_against_the_oracle(_SharedExpertsModel().double(), strict=True)
     assert {entry.name: entry.kind for entry in report.layers}["shared_experts"] == "call"
-    _loss(model, ids).backward()
-    norms = hf_gns.per_example_sq_norms(model)
-    assert set(norms) == set(expected)
-    for name, values in norms.items():  # fp32 sinks
-        torch.testing.assert_close(values.double(), torch.stack(expected[name]), rtol=1e-5, atol=0, msg=name)
