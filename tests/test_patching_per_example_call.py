@@ -207,3 +207,31 @@ def test_per_example_call_and_per_dtype_route_on_cuda(dtype):
     model = _Model(nemotron(WIDTH), (WIDTH,)).to("cuda", dtype)
     _check_against_oracle(model, **tolerances)
     assert model.norm.__dict__["_hf_gns_state"].uses_call(model.norm)
+
+
+class _TupleArgument(nn.Module):
+    """Takes per-example tensors inside a tuple (as attention takes `position_embeddings=(cos, sin)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(WIDTH))
+
+    def forward(self, x, pair, *, shift=None):
+        cos, sin = pair
+        return x * self.weight * cos + sin + shift["bias"]
+
+
+def test_per_example_tensors_inside_tuples_and_dicts_go_with_their_example():
+    from hf_gns.patching.per_example_call import per_example_call
+
+    torch.manual_seed(0)
+    module = _TupleArgument().double()
+    x, cos, sin, bias = (torch.randn(BATCH, SEQ, WIDTH, dtype=torch.float64) for _ in range(4))
+    sink = torch.zeros(BATCH, 2, requires_grad=True)
+    y = per_example_call(module, (x, (cos, sin)), {"shift": {"bias": bias}}, ("weight", None), sink, BATCH)
+    torch.testing.assert_close(y, module(x, (cos, sin), shift={"bias": bias}))
+    y.square().sum().backward()
+    for b in range(BATCH):
+        one = module(x[b : b + 1], (cos[b : b + 1], sin[b : b + 1]), shift={"bias": bias[b : b + 1]})
+        (grad,) = torch.autograd.grad(one.square().sum(), module.weight)
+        torch.testing.assert_close(sink.grad[b, 0].double(), grad.square().sum(), rtol=1e-6, atol=0)

@@ -115,13 +115,14 @@ def per_example_call(
             return arg.reshape(n_examples, x.shape[1], *arg.shape[1:])
         return None
 
+    def split(value):  # (per-example value, vmap in_dims), through tuples, lists and dicts too
+        values = tree_map(lambda leaf: leaf if batched(leaf) is None else batched(leaf), value)
+        dims = tree_map(lambda leaf: None if batched(leaf) is None else 0, value)
+        return values, dims
+
     positional, keywords = _positional(module, args, kwargs)
-    inputs = [batched(arg) for arg in positional]
-    in_dims = tuple(None if b is None else 0 for b in inputs)
-    inputs = [arg if b is None else b for arg, b in zip(positional, inputs)]
-    keyword_inputs = {key: batched(value) for key, value in keywords.items()}
-    keyword_dims = {key: None if b is None else 0 for key, b in keyword_inputs.items()}
-    keyword_inputs = {key: keywords[key] if b is None else b for key, b in keyword_inputs.items()}
+    inputs, in_dims = zip(*(split(arg) for arg in positional)) if positional else ((), ())
+    keyword_inputs, keyword_dims = split(keywords)
     copies = {}
     for column, name in enumerate(parameter_names):
         param = None if name is None or sink is None else attribute_at(module, name)
