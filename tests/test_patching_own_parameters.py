@@ -148,5 +148,10 @@ class _SharedExpertsModel(nn.Module):
 
 def test_per_token_arguments_flattened_batch_major_go_with_their_example():
     torch.manual_seed(0)
-    report, _ = _patched_against_the_oracle(_SharedExpertsModel().double(), strict=True)
+    model = _SharedExpertsModel().double()
+    report, _ = _patched_against_the_oracle(model, strict=True)
     assert {entry.name: entry.kind for entry in report.layers}["shared_experts"] == "call"
+    again = hf_gns.patch(model, targets="all")  # an experts-like module on the call route, patched earlier
+    (entry,) = [e for e in again.layers if e.name == "shared_experts"]
+    assert entry.source == "earlier call" and entry.kind == "call" and "vmap" in entry.flavour
+    assert sorted(again.tracked_parameters) == sorted(report.tracked_parameters)

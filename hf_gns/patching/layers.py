@@ -126,7 +126,10 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> Plan:
         if existing is not None:
             reported = existing.reported_parameters(module)
             tracked = tuple(names[id(p)] for p in reported if p is not None and p.requires_grad)
-            described = kind.describe(module, existing)
+            if existing.kind == "call":  # a module of this kind that took the per-example call
+                described = describe_own_parameters(module, existing.reported)
+            else:
+                described = kind.describe(module, existing)
             plan.patched.append(
                 PatchedModule(name, type(module).__name__, described, "earlier call", tracked, existing.kind)
             )
