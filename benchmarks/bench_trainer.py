@@ -278,22 +278,55 @@ def _write(path: str, payload: dict) -> None:
 
 # ----------------------------------------------------------------------------- parent
 
-_LOG_RECORD = re.compile(r"^(?:\[rank\d+\]:)?[VIWEDC]\d{4} ")
+# a TORCH_LOGS line: "V1202 05:43:45.311000 4202 torch/_dynamo/x.py:5127] [1/0] [__graph_breaks] text";
+# torch 2.11 prefixes every line of a multi-line message, older versions only the first
+_LOG_RECORD = re.compile(r"^(?:\[rank\d+\]:)?[VIWEDC]\d{4} \S+ \d+ \S+\] (?:\[[^\]]*\] ?)*(.*)$")
+_FILE_FRAME = re.compile(r'File "([^"]+)", line \d+')
+_OURS = re.compile(r"hf_gns[/\\]")
+
+
+def _log_records(stderr: str) -> list[list[str]]:
+    """TORCH_LOGS output as records (lists of message lines, prefixes stripped): a record starts at
+    an unindented message line; indented lines (stack frames, explanations) and unprefixed lines
+    continue it."""
+    records: list[list[str]] = []
+    for line in stderr.splitlines():
+        match = _LOG_RECORD.match(line)
+        if match is None:
+            if records:
+                records[-1].append(line)
+            continue
+        text = match.group(1)
+        if records and text[:1].isspace():
+            records[-1].append(text)
+        else:
+            records.append([text])
+    return records
 
 
 def hf_gns_log_records(stderr: str) -> tuple[int, list[str]]:
-    """(number of graph-break/recompile records, those naming a file under hf_gns/) in TORCH_LOGS output."""
-    records, current = [], []
-    for line in stderr.splitlines():
-        if _LOG_RECORD.match(line) and current:
-            records.append("\n".join(current))
-            current = []
-        if _LOG_RECORD.match(line) or current:
-            current.append(line)
-    if current:
-        records.append("\n".join(current))
-    relevant = [r for r in records if "graph_break" in r or "Graph break" in r or "ecompil" in r]
-    return len(relevant), [r for r in relevant if re.search(r"hf_gns[/\\]", r)]
+    """(number of graph-break/recompile records, those caused in hf_gns) in TORCH_LOGS output.
+
+    A graph break is hf_gns's when its location is a file under hf_gns/: the "user code at" file
+    or the innermost frame of its stack (the stack also lists the callers, e.g. GNSTrainer's
+    `training_step` above a break inside the model's forward: those do not count). A recompile is
+    hf_gns's when its record names hf_gns/ anywhere (the function, or a guard on hf_gns state).
+    """
+    relevant, ours = [], []
+    for record in _log_records(stderr):
+        text = "\n".join(record)
+        if "ecompil" in record[0]:
+            relevant.append(text)
+            if _OURS.search(text):
+                ours.append(text)
+        elif "raph break" in text:
+            relevant.append(text)
+            located = re.search(r"user code at (\S+)", text)
+            frames = _FILE_FRAME.findall(text)
+            where = located.group(1) if located else (frames[-1] if frames else "")
+            if _OURS.search(where):
+                ours.append(text)
+    return len(relevant), ours
 
 
 def run_variant(model: str, variant: str, args) -> dict:

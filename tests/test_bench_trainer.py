@@ -50,21 +50,32 @@ def test_ratios_use_the_baseline_of_the_same_kind_and_targets_pass_or_miss():
     assert "gns-norms-liger" in bench.results_table(results)
 
 
-def test_graph_break_records_naming_hf_gns_are_picked_out():
+def test_graph_break_records_caused_in_hf_gns_are_picked_out():
     bench = _bench()
+    head = "V1202 05:43:45.311000 4202 torch/_dynamo/symbolic_convert.py:5127] [1/0] [__graph_breaks]"
+    recompile = "V1201 23:40:01.000000 1 torch/_dynamo/g.py:2] [0/2] [__recompiles]"
     stderr = "\n".join(
         [
+            # torch 2.11: every line prefixed; GNSTrainer's frames above a break inside the model
+            f"{head} Graph break in user code at /site/transformers/masking_utils.py:120",
+            f'{head}   File "/repo/hf_gns/trainer/measurement.py", line 372, in training_step',
+            f'{head}   File "/site/transformers/masking_utils.py", line 120, in find_packed_sequence_indices',
+            # a break whose innermost frame is ours (older format: only the first line prefixed)
             "V1201 23:40:00.000000 1 torch/_dynamo/a.py:1] [0/0] [__graph_breaks] Graph break",
+            '  File "/site/transformers/models/gpt2/modeling_gpt2.py", line 40, in forward',
             '  File "/repo/hf_gns/patching/model_hook.py", line 40, in hook',
             "V1201 23:40:01.000000 1 torch/_dynamo/g.py:2] [0/1] [__recompiles] Recompiling function forward",
             "    triggered by the following guard failure(s): tensor 'x' size mismatch",
+            f"{recompile} Recompiling function hook in",
+            f"{recompile}     /repo/hf_gns/patching/model_hook.py:40",
             "I1201 23:40:02.000000 123 torch/_dynamo/other.py:3] unrelated hf_gns/ record",
             "some trainer output",
         ]
     )
     total, ours = bench.hf_gns_log_records(stderr)
-    assert total == 2
-    assert len(ours) == 1 and "model_hook.py" in ours[0]
+    assert total == 4
+    assert len(ours) == 2
+    assert 'model_hook.py", line 40, in hook' in ours[0] and "Recompiling function hook" in ours[1]
 
 
 def test_graph_break_check_keeps_the_compiled_variants_and_their_baseline():
