@@ -142,8 +142,8 @@ class GNSEstimator:
                 `calibration.py`) stands for the examples of all k.
         """
         n = len(self.group_names)
-        small = _float64(small_sq_norm, self.device).reshape(-1)
-        big = _float64(big_sq_norm, self.device).reshape(-1)
+        small = _flat(_float64(small_sq_norm, self.device))
+        big = _flat(_float64(big_sq_norm, self.device))
         if small.numel() != n or big.numel() != n:
             raise ValueError(
                 f"expected one value per group ({n}: {self.group_names}), "
@@ -244,7 +244,8 @@ def fold_step(
     device = state.device
     diff = b_big - b_small
     if isinstance(diff, torch.Tensor) or diff != 0:
-        scale = b_big * b_small / diff
+        # x·1.0 is x exactly: the usual B_small = 1 (a number) costs no launch
+        scale = (b_big if _is_one(b_small) else b_big * b_small) / diff
     else:  # Python numbers, B_big == B_small: skipped below, like the tensors' inf/NaN
         scale = math.inf
     trace_cov = (small - big) * scale
@@ -261,7 +262,7 @@ def fold_step(
     keep = torch.where(ok, step_keep, 1.0)
     gain = 1.0 - keep
     counted = ok.to(torch.float64)
-    decay = torch.cat([keep.expand(2 * n + 1), torch.ones(3, dtype=torch.float64, device=device)])
+    decay = torch.where(_decay_mask(n, device), keep, 1.0)  # [keep (2n+1), 1 (3)]
     # the estimates of a skipped step (maybe NaN) are zeroed, so that keep = 1 leaves the averages exact
     increment = torch.cat(
         [torch.where(ok, estimates, 0.0) * gain, torch.stack([gain, counted, 1.0 - counted, counted * b_big])]
@@ -269,8 +270,31 @@ def fold_step(
     return torch.addcmul(increment, decay, state)
 
 
+def _is_one(value: Number) -> bool:
+    return not isinstance(value, torch.Tensor) and value == 1
+
+
+# (n groups, device) -> bool mask of the state's entries that decay: the 2n EMAs and their weight,
+# not the 3 counters. Made once per estimator shape and device, not once per step.
+_DECAY_MASKS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _decay_mask(n: int, device: torch.device) -> torch.Tensor:
+    mask = _DECAY_MASKS.get((n, device))
+    if mask is None:
+        # made on the device (no host-to-device copy, which would sync)
+        mask = _DECAY_MASKS[(n, device)] = torch.arange(2 * n + 4, device=device) < 2 * n + 1
+    return mask
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dim() == 1 else tensor.reshape(-1)
+
+
 def _float64(value, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.float64 and value.device == device:
+            return value  # no dispatch for a no-op `.to` (the trainer's usual case)
         return value.to(device=device, dtype=torch.float64)
     return torch.as_tensor(value, dtype=torch.float64).to(device, non_blocking=True)
 
@@ -278,5 +302,7 @@ def _float64(value, device: torch.device) -> torch.Tensor:
 def _number_or_float64(value: Number, device: torch.device) -> Number:
     """A Python number stays one (a scalar argument of the ops, no copy); a tensor becomes 0-d float64."""
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.float64 and value.device == device and value.dim() == 0:
+            return value
         return value.to(device=device, dtype=torch.float64).reshape(())
     return float(value)

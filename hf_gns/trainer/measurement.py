@@ -274,6 +274,8 @@ class GNSMixin:
         self._gns_step_tokens: torch.Tensor | int = 0
         self._gns_device: torch.device | None = None
         self._gns_last_statistics = None
+        # (host numbers, device, their device copy) of the last step
+        self._gns_from_host: tuple[list[float], torch.device, torch.Tensor] | None = None
         # (wrapped model, its names of the tracked parameters, the parameters), looked up once per wrapper
         self._gns_tracked_cache: tuple[nn.Module, list[str], list[nn.Parameter]] | None = None
         # (wrapped model, number of dropped parameters, the parameters the guard checks)
@@ -500,7 +502,11 @@ class GNSMixin:
             for i in incomplete:
                 flags[i] = 1.0
             host += flags
-        from_host = _host_to_device(host, device)  # [examples, tokens, 0, flags...]
+        cached = self._gns_from_host
+        if cached is None or cached[0] != host or cached[1] != device:
+            # a step like the last (same batch size, no new flag) reuses the last copy: read-only below
+            cached = self._gns_from_host = (host, device, _host_to_device(host, device))
+        from_host = cached[2]  # [examples, tokens, 0, flags...]
         if device_tokens:
             parts = [from_host[:1], tokens.to(device=device, dtype=torch.float32).reshape(1)]
         else:
