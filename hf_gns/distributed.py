@@ -89,9 +89,12 @@ def grad_sq_norm_shares(grads: Iterable[torch.Tensor | None], sharded: bool) -> 
         `torch.Tensor`: fp32, one value per gradient, on the gradients' device.
     """
     grads = list(grads)
+    counted_here = sharded or rank() == 0
+    # the trainer's every step: plain tensors (no None, no DTensor), counted here; told by exact type
+    if grads and counted_here and all(type(g) is torch.Tensor for g in grads):
+        return _sq_norms(grads, grads[0].device)
     dtensor = _dtensor_class()
     device = next((g.device for g in grads if g is not None), torch.device("cpu"))
-    counted_here = sharded or rank() == 0
     # the common case (every gradient a plain tensor, counted here: one process, DDP rank 0, FSDP1)
     if (
         grads

@@ -172,3 +172,52 @@ def test_wrong_number_of_values_is_refused():
     est = GNSEstimator(["total", "x"])
     with pytest.raises(ValueError, match="one value per group"):
         est.update(torch.tensor([1.0]), torch.tensor([1.0, 2.0]), big_batch=4)
+
+
+def _fold_step_oracle(state, small, big, b_big, b_small, weight, log_decay):
+    """`fold_step` written plainly (its form before the increment became one where and one product)."""
+    n = small.numel()
+    diff = b_big - b_small
+    scale = b_big * b_small / diff if isinstance(diff, torch.Tensor) or diff != 0 else math.inf
+    trace_cov = (small - big) * scale
+    estimates = torch.cat([big - trace_cov / b_big, trace_cov])
+    ok = (estimates - estimates == 0).all()
+    ok = ok & (diff > 0) if isinstance(diff, torch.Tensor) else (ok if diff > 0 else torch.zeros_like(ok))
+    if isinstance(weight, torch.Tensor):
+        step_keep = torch.exp(weight * log_decay)
+    else:
+        step_keep = torch.full((), math.exp(weight * log_decay), dtype=torch.float64)
+    keep = torch.where(ok, step_keep, 1.0)
+    gain, counted = 1.0 - keep, ok.to(torch.float64)
+    decay = torch.cat([keep.expand(2 * n + 1), torch.ones(3, dtype=torch.float64)])
+    tail = torch.stack([gain, counted, 1.0 - counted, counted * b_big])
+    return torch.addcmul(torch.cat([torch.where(ok, estimates, 0.0) * gain, tail]), decay, state)
+
+
+def test_fold_step_is_bitwise_its_plain_form():
+    """The fused increment gives the plain form's exact bits, counted or skipped (NaN, inf, B_big <= B_small),
+    batch sizes as numbers or tensors."""
+    from hf_gns.gns.estimator import fold_step
+
+    generator = torch.Generator().manual_seed(0)
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, 1e300]
+    as_tensor = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
+    for case in range(240):
+        n = 1 + case % 3
+        state = torch.rand(2 * n + 4, dtype=torch.float64, generator=generator) * (case % 4)
+        small = torch.rand(n, dtype=torch.float64, generator=generator) * 10
+        big = torch.rand(n, dtype=torch.float64, generator=generator)
+        if case % 5 == 1:
+            small[case % n] = specials[case % len(specials)]
+        if case % 7 == 2:
+            big[case % n] = specials[(case // 7) % len(specials)]
+        b_big = (1, 2, 8, 16.0, 0.5, 0)[case % 6]
+        b_small = (1, 1, 4, 0.5)[(case // 6) % 4]
+        if case % 2:
+            b_big = as_tensor(b_big)
+        if (case // 2) % 3 == 0:
+            b_small = as_tensor(b_small)
+        weight = b_big if case % 3 else 7.5
+        args = (state, small, big, b_big, b_small, weight, math.log(0.999))
+        expected, got = _fold_step_oracle(*args), fold_step(*args)
+        assert torch.equal(got.view(torch.int64), expected.view(torch.int64)), (case, got, expected)

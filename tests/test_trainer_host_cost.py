@@ -66,8 +66,9 @@ def test_the_step_read_reads_nothing_from_the_device_and_launches_few_ops(tmp_pa
     assert len(reads) == 1 and not trainer._gns_pending
     ops = reads[0]
     assert ops.device_reads() == [], ops.names
-    # the guard, two fused reads, one product, the estimator's fold_step, the counters
-    assert len(ops.names) <= (70 if incomplete == "error" else 80), ops.names  # views included
+    # the guard, two fused reads, one product, the estimator's fold_step, the counters (51 and 63 ops
+    # on torch 2.13, were 60 and 72 before fold_step's increment became one where and one product)
+    assert len(ops.names) <= (55 if incomplete == "error" else 67), ops.names  # views included
     assert trainer.gns_estimator.steps == 2  # (a read for the test, after the steps)
 
 

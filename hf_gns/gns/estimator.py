@@ -21,7 +21,7 @@ GNS is the ratio of the two averages, B_simple = EMA(tr Σ) / EMA(|G|²), in exa
 Never the EMA of per-step ratios: that is biased and has heavy tails.
 
 Steps whose statistics are not all finite are skipped (`torch.where`, no host sync) and
-counted. The state is one float64 tensor, and a step is one `fold_step` of ~25 small launches.
+counted. The state is one float64 tensor, and a step is one `fold_step` of ~20 small launches.
 Nothing here calls `.item()` except the explicit readers (`values`, `gns`).
 """
 
@@ -249,8 +249,15 @@ def fold_step(
     else:  # Python numbers, B_big == B_small: skipped below, like the tensors' inf/NaN
         scale = math.inf
     trace_cov = (small - big) * scale
-    estimates = torch.cat([big - trace_cov / b_big, trace_cov])  # (2n,): |G|², tr(Σ)
-    ok = (estimates - estimates == 0).all()  # all finite (inf - inf and NaN are NaN): 3 launches, isfinite 5
+    mask, counted_tail, skipped_row = _step_constants(n, device)
+    if isinstance(b_big, torch.Tensor):
+        big_batch = b_big.reshape(1)
+    else:  # a fill, not a host-to-device copy
+        big_batch = torch.full((1,), float(b_big), dtype=torch.float64, device=device)
+    # What a counted step adds before its gains: [|G|² (n), tr(Σ) (n), 1, 1, 0, B_big]. The estimates
+    # are finite only when B_big is (they divide by it), so the check may include it.
+    counted_row = torch.cat([big - trace_cov / b_big, trace_cov, counted_tail, big_batch])
+    ok = (counted_row - counted_row == 0).all()  # all finite (inf - inf, NaN: NaN): 3 launches, isfinite 5
     if isinstance(diff, torch.Tensor):
         ok = ok & (diff > 0)
     elif diff <= 0:  # B_big <= B_small: no noise information
@@ -261,12 +268,12 @@ def fold_step(
         step_keep = torch.full((), math.exp(weight * log_decay), dtype=torch.float64, device=device)
     keep = torch.where(ok, step_keep, 1.0)
     gain = 1.0 - keep
-    counted = ok.to(torch.float64)
-    decay = torch.where(_decay_mask(n, device), keep, 1.0)  # [keep (2n+1), 1 (3)]
-    # the estimates of a skipped step (maybe NaN) are zeroed, so that keep = 1 leaves the averages exact
-    increment = torch.cat(
-        [torch.where(ok, estimates, 0.0) * gain, torch.stack([gain, counted, 1.0 - counted, counted * b_big])]
-    )
+    decay = torch.where(mask, keep, 1.0)  # [keep (2n+1), 1 (3)]
+    # Increment: counted [estimates·gain, gain, 1, 0, B_big], skipped [0 (2n+1), 0, 1, 0] (the
+    # estimates of a skipped step, maybe NaN, are dropped, so that keep = 1 leaves the averages
+    # exact). One where and one product: x·1.0 and 0·0 are exact, so these are the bits of
+    # [where(ok, estimates, 0)·gain, gain, counted, 1 − counted, counted·B_big].
+    increment = torch.where(ok, counted_row, skipped_row) * torch.where(mask, gain, 1.0)
     return torch.addcmul(increment, decay, state)
 
 
@@ -274,17 +281,23 @@ def _is_one(value: Number) -> bool:
     return not isinstance(value, torch.Tensor) and value == 1
 
 
-# (n groups, device) -> bool mask of the state's entries that decay: the 2n EMAs and their weight,
-# not the 3 counters. Made once per estimator shape and device, not once per step.
-_DECAY_MASKS: dict[tuple[int, torch.device], torch.Tensor] = {}
+# (n groups, device) -> (decay mask, counted tail, skipped row), see `_step_constants`
+_STEP_CONSTANTS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _decay_mask(n: int, device: torch.device) -> torch.Tensor:
-    mask = _DECAY_MASKS.get((n, device))
-    if mask is None:
-        # made on the device (no host-to-device copy, which would sync)
-        mask = _DECAY_MASKS[(n, device)] = torch.arange(2 * n + 4, device=device) < 2 * n + 1
-    return mask
+def _step_constants(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fold_step`'s constants for n groups, made once per (n, device) on the device (no host-to-device
+    copy, which would sync): the mask of the state entries that decay (the 2n EMAs and their weight,
+    not the 3 counters), the tail [1, 1, 0] of a counted step's row and a skipped step's row
+    [0 (2n+2), 1, 0]."""
+    constants = _STEP_CONSTANTS.get((n, device))
+    if constants is None:
+        positions = torch.arange(2 * n + 4, device=device)
+        mask = positions < 2 * n + 1
+        counted_tail = (positions[:3] < 2).to(torch.float64)
+        skipped_row = (positions == 2 * n + 2).to(torch.float64)
+        constants = _STEP_CONSTANTS[(n, device)] = (mask, counted_tail, skipped_row)
+    return constants
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
