@@ -155,3 +155,59 @@ def test_per_token_arguments_flattened_batch_major_go_with_their_example():
     (entry,) = [e for e in again.layers if e.name == "shared_experts"]
     assert entry.source == "earlier call" and entry.kind == "call" and "vmap" in entry.flavour
     assert sorted(again.tracked_parameters) == sorted(report.tracked_parameters)
+
+
+class _RelativeBias(nn.Module):
+    """A raw bank used as `x @ self.proj` next to a Linear and a norm the forward calls (Inkling2-Loop's
+    relative position bias), used twice: the per-example norm is that of the summed contribution."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(D, 2 * 4, bias=False)
+        self.norm = nn.LayerNorm(4)
+        self.proj = nn.Parameter(torch.randn(4, 6))
+        self.after = None  # a callable on the output (the run-time misuse test)
+
+    def forward(self, x):  # (B, T, D) → (B, T, 2, 6)
+        states = self.norm(self.linear(x).view(*x.shape[:-1], 2, 4))
+        out = states @ self.proj + states.tanh() @ self.proj
+        return out if self.after is None else self.after(out)
+
+
+class _RelativeBiasModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, D)
+        self.bias = _RelativeBias()
+        self.head = nn.Linear(12, 16)
+
+    def forward(self, ids):
+        return self.head(self.bias(self.embed(ids)).flatten(2))
+
+
+def test_a_raw_right_operand_of_matmul_is_tracked_while_the_submodules_keep_their_kinds():
+    torch.manual_seed(0)
+    model = _RelativeBiasModel().double()
+    before = copy.deepcopy(model)
+    report, ids = _patched_against_the_oracle(model, strict=True)
+    kinds = {entry.name: entry.kind for entry in report.modules}
+    assert kinds["bias"] == "call" and kinds["bias.linear"] == "linear" and kinds["bias.norm"] == "norm"
+    assert report.tracked_elements == report.trainable_elements
+    hf_gns.unpatch(model)
+    assert not any(key.startswith("_hf_gns") for m in model.modules() for key in m.__dict__)
+    with torch.no_grad():
+        assert torch.equal(model(ids), before(ids))
+
+
+def test_a_right_operand_of_matmul_used_otherwise_at_run_time_fails_loudly():
+    torch.manual_seed(0)
+    model = _RelativeBiasModel().double()
+    hf_gns.patch(model, targets="all")
+    model.bias.after = lambda out: out * model.bias.proj.sum()  # a use the source check cannot see
+    ids = torch.randint(0, 16, (B, T))
+    try:
+        _loss(model, ids)
+    except RuntimeError as error:
+        assert "right operand of @" in str(error)
+    else:
+        raise AssertionError("no error")

@@ -127,7 +127,7 @@ def plan_layers(model: nn.Module, linear_method: str = "auto") -> Plan:
             reported = existing.reported_parameters(module)
             tracked = tuple(names[id(p)] for p in reported if p is not None and p.requires_grad)
             if existing.kind == "call":  # a module of this kind that took the per-example call
-                described = describe_own_parameters(module, existing.reported)
+                described = describe_own_parameters(module, existing)
             else:
                 described = kind.describe(module, existing)
             plan.patched.append(
@@ -260,7 +260,7 @@ def _plan_call(
     existing = state_of(module)
     if existing is not None:
         tracked = tuple(names[id(p)] for p in existing.reported_parameters(module) if p is not None)
-        described = describe_own_parameters(module, existing.reported)
+        described = describe_own_parameters(module, existing)
         plan.patched.append(
             PatchedModule(name, type(module).__name__, described, "earlier call", tracked, existing.kind)
         )
@@ -279,7 +279,7 @@ def _plan_call(
         if state is not None:
             plan.skipped.append(SkippedModule(name, type(module).__name__, state, _trainable(module)))
         return
-    _add_to_plan(plan, names, name, module, state, describe_own_parameters(module, state.reported))
+    _add_to_plan(plan, names, name, module, state, describe_own_parameters(module, state))
     _claim(plan, module, state.reported)
 
 

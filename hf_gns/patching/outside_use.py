@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 FINDER_ATTRIBUTE = "_hf_gns_outside_use_finder"
 # Calls that read a tensor's metadata (properties are `__get__`), not its values: no gradient flows.
-_METADATA_CALLS = frozenset(
+METADATA_CALLS = frozenset(
     {"__get__", "size", "dim", "numel", "stride", "is_floating_point", "is_contiguous", "element_size",
      "data_ptr", "__len__", "__repr__", "__format__", "get_device", "is_complex", "nelement", "ndimension"}
 )  # fmt: skip
@@ -49,7 +49,7 @@ class _UseMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         finder = self.finder
-        if getattr(func, "__name__", None) in _METADATA_CALLS:
+        if getattr(func, "__name__", None) in METADATA_CALLS:
             return func(*args, **kwargs)
         for leaf in tree_flatten((args, kwargs))[0]:
             if isinstance(leaf, torch.Tensor) and id(leaf) in finder.holders and id(leaf) not in finder.found:
