@@ -474,13 +474,7 @@ def probe_experts(module: nn.Module, seed: int = 0) -> str | None:
     scores = torch.rand(_PROBE_TOKENS, n_experts, generator=generator, device=up.device)
     top_k_index = scores.topk(top_k, dim=-1).indices
     top_k_weights = torch.rand(_PROBE_TOKENS, top_k, generator=generator, device=up.device).to(up.dtype)
-    try:
-        with torch.no_grad():
-            expected = type(module).forward(module, x, top_k_index, top_k_weights)
-            actual = run_experts(module, x, top_k_index, top_k_weights)
-    except Exception as error:
-        return f"probe failed: {type(error).__name__}: {error}"
-    return _compare(expected, actual, up.dtype)
+    return _run_and_compare(module, run_experts, (x, top_k_index, top_k_weights), up.dtype)
 
 
 def _probe_parallel(module: nn.Module, seed: int) -> str | None:
@@ -488,26 +482,25 @@ def _probe_parallel(module: nn.Module, seed: int) -> str | None:
     generator = torch.Generator(device=weight.device).manual_seed(seed)
     expert_size = [(2 * expert + 1) % 4 for expert in range(weight.shape[0])]  # an empty group too
     x = torch.randn(sum(expert_size), weight.shape[2], generator=generator, device=weight.device)
-    try:
-        with torch.no_grad():
-            expected = type(module).forward(module, x.to(weight.dtype), expert_size)
-            actual = run_parallel_experts(module, x.to(weight.dtype), expert_size)
-    except Exception as error:
-        return f"probe failed: {type(error).__name__}: {error}"
-    return _compare(expected, actual, weight.dtype)
+    return _run_and_compare(module, run_parallel_experts, (x.to(weight.dtype), expert_size), weight.dtype)
 
 
 def _probe_dense(module: nn.Module, seed: int) -> str | None:
     up = module.gate_up_proj
     generator = torch.Generator(device=up.device).manual_seed(seed)
     x = torch.randn(up.shape[0] * _PROBE_TOKENS, up.shape[1], generator=generator, device=up.device)
+    return _run_and_compare(module, run_dense_experts, (x.to(up.dtype),), up.dtype)
+
+
+def _run_and_compare(module: nn.Module, run, args: tuple, dtype: torch.dtype) -> str | None:
+    """The module's own forward and `run` (the generic computation) on `args`, compared; or why not."""
     try:
         with torch.no_grad():
-            expected = type(module).forward(module, x.to(up.dtype))
-            actual = run_dense_experts(module, x.to(up.dtype))
+            expected = type(module).forward(module, *args)
+            actual = run(module, *args)
     except Exception as error:
         return f"probe failed: {type(error).__name__}: {error}"
-    return _compare(expected, actual, up.dtype)
+    return _compare(expected, actual, dtype)
 
 
 def _compare(expected, actual: torch.Tensor, dtype: torch.dtype) -> str | None:

@@ -301,11 +301,7 @@ def _plan_experts(
     state = ExpertsPatch(name, reported_weights(module), method)
     state.method_dense = is_dense(module)
     state.method_parallel = is_parallel_experts(module)
-    why_not = _held_elsewhere(state, module, names, owners, name)
-    if why_not is None:
-        _add_to_plan(plan, names, name, module, state, describe_experts(module))
-        _claim(plan, module, state.reported)
-    return why_not
+    return _plan_unless_held_elsewhere(plan, names, owners, name, module, state, describe_experts, claim=True)
 
 
 def _plan_conv(
@@ -318,9 +314,26 @@ def _plan_conv(
 ) -> str | None:
     """Plan an nn.Conv1d (`conv.py`), or the reason it cannot be."""
     state = LayerPatch(name, ("weight", "bias"), "conv")
+    return _plan_unless_held_elsewhere(plan, names, owners, name, module, state, describe_conv)
+
+
+def _plan_unless_held_elsewhere(
+    plan: Plan,
+    names: dict[int, str],
+    owners: dict[int, list[str]],
+    name: str,
+    module: nn.Module,
+    state,
+    describe,
+    claim: bool = False,
+) -> str | None:
+    """Add `module` with `state` to the plan (and, with `claim`, leave the submodules its state
+    tracks unplanned), unless a weight it would track is held elsewhere: then the reason."""
     why_not = _held_elsewhere(state, module, names, owners, name)
     if why_not is None:
-        _add_to_plan(plan, names, name, module, state, describe_conv(module))
+        _add_to_plan(plan, names, name, module, state, describe(module))
+        if claim:
+            _claim(plan, module, state.reported)
     return why_not
 
 
