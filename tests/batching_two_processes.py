@@ -19,6 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 from batching_setup import example_dataset, make_trainer
+from gns_fixtures import leave_after_checks
 
 from hf_gns.trainer.example_stream import ExampleOrder
 
@@ -110,3 +111,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_after_checks()

@@ -19,7 +19,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 from deepspeed_cpu import cpu_deepspeed_state, zero_config
-from gns_fixtures import FixedTokens, InOrderGNSTrainer, make_args, tiny_gpt2
+from gns_fixtures import FixedTokens, InOrderGNSTrainer, leave_after_checks, make_args, tiny_gpt2
 
 import hf_gns
 
@@ -141,3 +141,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_after_checks()

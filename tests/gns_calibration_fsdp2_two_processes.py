@@ -12,12 +12,9 @@ then exits 0.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
-from gns_fixtures import FixedTokens, tiny_gpt2
+from gns_fixtures import FixedTokens, leave_after_checks, tiny_gpt2
 from torch.distributed.fsdp import fully_shard
 
 import hf_gns
@@ -85,13 +82,8 @@ def main():
         )
         for got, want in zip(torch.cat([stats.example_sq_norm_sum, stats.batch_sq_norm]), expected):
             assert abs(got.item() - want.item()) <= 1e-5 * want.item(), (step, got.item(), want.item())
-    dist.barrier()
-    dist.destroy_process_group()
-    # Every check has passed; leave without the interpreter's teardown (see gns_fsdp2_two_processes.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    leave_after_checks()

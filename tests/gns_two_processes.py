@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from gns_fixtures import FixedTokens, make_args, tiny_gpt2
+from gns_fixtures import FixedTokens, leave_after_checks, make_args, tiny_gpt2
 
 import hf_gns
 
@@ -90,3 +90,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_after_checks()
