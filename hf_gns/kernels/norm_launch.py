@@ -271,7 +271,7 @@ class _BackwardPlan:
         self.bwd = self.reduce = None
         if plan.n_rows == 0:
             return
-        block_m, block_d, num_warps, rows_per_chunk, n_chunks = backward_config(
+        block_m, block_d, num_warps, rows_per_chunk, n_chunks, options = backward_config(
             width, n_examples, rows_per_example, plan.device
         )
         reduce_b, reduce_c, reduce_d, reduce_warps = reduce_config(width, n_examples, n_chunks)
@@ -288,7 +288,7 @@ class _BackwardPlan:
         self.bwd = _Launch(
             _norm_bwd_kernel, (n_examples, n_chunks), num_warps,
             IS_RMS=rms, HAS_WEIGHT=weight is not None, N_PARAMS=n_params,
-            CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d,
+            CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d, **options.constexprs(),
         )  # fmt: skip
         if n_params == 0:
             return
@@ -453,7 +453,7 @@ def norm_backward_documents_triton(
         grads = [torch.zeros_like(weight) if n_params >= k else None for k in (1, 2)]
         return dx, *grads, sq_norms
 
-    block_m, block_d, num_warps, rows_per_chunk, n_chunks = backward_config(width, 1, n_rows, x.device)
+    block_m, block_d, num_warps, rows_per_chunk, n_chunks, _ = backward_config(width, 1, n_rows, x.device)
     n_slots = n_chunks + n_examples - 1  # slot k + e for chunk k, example e
     search_steps = (n_examples - 1).bit_length()  # ⌈log2 E⌉ halvings find a row's example
     reduce_b, _, reduce_d, reduce_warps = reduce_config(width, n_examples, _DOCUMENT_PIECES_PER_LOAD)

@@ -33,6 +33,7 @@ kernels).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -129,69 +130,194 @@ def _norm_bwd_rows(
 
 
 @triton.jit
+def _load_rows(ptrs, mask, EVICT_FIRST: tl.constexpr):
+    """A masked load (0 outside `mask`); EVICT_FIRST: an L2 eviction hint for data read once."""
+    if EVICT_FIRST:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptrs, value, mask, EVICT_FIRST: tl.constexpr):
+    if EVICT_FIRST:
+        tl.store(ptrs, value, mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
+def _add_pairs(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _norm_bwd_tile(
+    x, dy, rstd, mean, mask, w, inv_width,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ONE_REDUCTION: tl.constexpr,
+):  # fmt: skip
+    """dx and x̂ of one tile of rows from its fp32 x and dy and its rows' rstd (and mean).
+
+    g = dy ⊙ w;  dx = rstd·(g - x̂·mean(g ⊙ x̂) - mean(g))  (no mean(g) term for RMSNorm).
+    ONE_REDUCTION (LayerNorm): both row sums in one `tl.reduce` over a pair, one round of
+    cross-warp exchange (and barrier) instead of two; the same sums, up to fp32 rounding.
+    """
+    if IS_RMS:
+        xhat = x * rstd[:, None]
+    else:
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    if HAS_WEIGHT:
+        g = dy * w[None, :]
+    else:
+        g = dy
+    if ONE_REDUCTION and not IS_RMS:
+        sum_g_xhat, sum_g = tl.reduce((g * xhat, g), 1, _add_pairs)
+        centred = g - xhat * (sum_g_xhat * inv_width)[:, None]
+        centred = centred - (sum_g * inv_width)[:, None]
+    else:
+        proj = tl.sum(g * xhat, axis=1) * inv_width
+        centred = g - xhat * proj[:, None]
+        if not IS_RMS:
+            centred = centred - (tl.sum(g, axis=1) * inv_width)[:, None]
+    return centred * rstd[:, None], xhat
+
+
+@triton.jit
+def _norm_bwd_load(
+    X, DY, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
+    rows_per_example, cols, col_mask,
+    IS_RMS: tl.constexpr, BLOCK_M: tl.constexpr, EVICT_FIRST: tl.constexpr,
+):  # fmt: skip
+    """x and dy (in their dtype), rstd and mean (= rstd for RMSNorm: unused) of example b's rows
+    [first, first + BLOCK_M) below row_end; masked rows load nothing."""
+    r = first + tl.arange(0, BLOCK_M)
+    row_mask = r < row_end
+    mask = row_mask[:, None] & col_mask[None, :]
+    r64 = r.to(tl.int64)
+    x_rows = example * stride_xb + r64 * stride_xr
+    dy_rows = example * stride_dyb + r64 * stride_dyr
+    flat_rows = example * rows_per_example + r64  # index into mean/rstd/dx
+    x = _load_rows(X + x_rows[:, None] + cols[None, :], mask, EVICT_FIRST)
+    dy = _load_rows(DY + dy_rows[:, None] + cols[None, :], mask, EVICT_FIRST)
+    rstd = tl.load(Rstd + flat_rows, mask=row_mask, other=0.0)
+    if IS_RMS:
+        mean = rstd
+    else:
+        mean = tl.load(Mean + flat_rows, mask=row_mask, other=0.0)
+    return x, dy, rstd, mean
+
+
+@triton.jit
+def _norm_bwd_rows_step(
+    x, dy, rstd, mean, X, DX, example, first, row_end, rows_per_example, cols, col_mask, w, width,
+    inv_width, acc_dw, acc_db,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, ONE_REDUCTION: tl.constexpr, EVICT_FIRST: tl.constexpr,
+):  # fmt: skip
+    """One tile of `_norm_bwd_kernel`'s row loop, from its loaded x, dy, rstd, mean (`_norm_bwd_load`):
+    dx stored, and the partial sums dγ += dy ⊙ x̂ (x̂ rounded like the forward's when
+    CAST_BEFORE_WEIGHT), dβ += dy returned."""
+    r = first + tl.arange(0, BLOCK_M)
+    row_mask = r < row_end
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = x.to(tl.float32)
+    dy = dy.to(tl.float32)
+    dx, xhat = _norm_bwd_tile(x, dy, rstd, mean, mask, w, inv_width, IS_RMS, HAS_WEIGHT, ONE_REDUCTION)
+    flat_rows = example * rows_per_example + r.to(tl.int64)
+    dx_ptrs = DX + flat_rows[:, None] * width + cols[None, :]
+    _store_rows(dx_ptrs, dx.to(DX.dtype.element_ty), mask, EVICT_FIRST)
+    if N_PARAMS >= 1:
+        if CAST_BEFORE_WEIGHT:
+            xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
+        acc_dw += dy * xhat
+    if N_PARAMS == 2:
+        acc_db += dy
+    return acc_dw, acc_db
+
+
+@triton.jit
 def _norm_bwd_kernel(
     X, DY, W, Mean, Rstd, DX, PartialW, PartialB,
     stride_xb, stride_xr, stride_dyb, stride_dyr,
     n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_REDUCTION: tl.constexpr, PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
 ):  # fmt: skip
     """dx for the rows of chunk c of example b, and that chunk's partial dγ_b (N_PARAMS >= 1)
     and dβ_b (N_PARAMS == 2); N_PARAMS = 0 for frozen or absent parameters.
 
     g = dy ⊙ (γ + offset);  dx = rstd·(g - x̂·mean(g ⊙ x̂) - mean(g))  (no mean(g) term
     for RMSNorm);  partial dγ_b = Σ_r dy_r ⊙ x̂_r,  partial dβ_b = Σ_r dy_r.
+
+    Variants (`BackwardOptions`; all off: the kernel as first tuned), each with the same
+    arithmetic per row and the same order of the partial sums:
+    ONE_REDUCTION: LayerNorm's two row sums in one reduction (`_norm_bwd_tile`).
+    PREFETCH: the next tile's x, dy, rstd (, mean) are loaded before the current tile is
+    computed (software pipelining in registers: two tiles' loads in flight, not one).
+    LOOP_STAGES > 0: the row loop as `tl.range(num_stages=LOOP_STAGES)`, which lets Triton
+    pipeline its loads through shared memory (cp.async) though the loop has no dot.
+    EVICT_FIRST: x and dy loads and dx stores hint L2 to evict them first (each read once).
     """
     # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
     # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
     inv_width = tl.cast(inv_width, tl.float32)
     weight_offset = tl.cast(weight_offset, tl.float32)
-    example = tl.program_id(0)
+    example = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < width
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
+    else:
+        w = tl.zeros((BLOCK_D,), dtype=tl.float32)  # unused
     acc_dw = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_db = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
     row_start = chunk * rows_per_chunk
     row_end = tl.minimum(row_start + rows_per_chunk, rows_per_example)
-    for first in range(row_start, row_end, BLOCK_M):
-        r = first + tl.arange(0, BLOCK_M)
-        row_mask = r < row_end
-        mask = row_mask[:, None] & col_mask[None, :]
-        r64 = r.to(tl.int64)
-        x_rows = example.to(tl.int64) * stride_xb + r64 * stride_xr
-        dy_rows = example.to(tl.int64) * stride_dyb + r64 * stride_dyr
-        flat_rows = example.to(tl.int64) * rows_per_example + r64  # index into mean/rstd/dx
-        x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + dy_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + flat_rows, mask=row_mask, other=0.0)
-        if IS_RMS:
-            xhat = x * rstd[:, None]
-        else:
-            mean = tl.load(Mean + flat_rows, mask=row_mask, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        if HAS_WEIGHT:
-            g = dy * w[None, :]
-        else:
-            g = dy
-        proj = tl.sum(g * xhat, axis=1) * inv_width
-        centred = g - xhat * proj[:, None]
-        if not IS_RMS:
-            centred = centred - (tl.sum(g, axis=1) * inv_width)[:, None]
-        dx = centred * rstd[:, None]
-        tl.store(DX + flat_rows[:, None] * width + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if N_PARAMS >= 1:
-            if CAST_BEFORE_WEIGHT:
-                xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
-            acc_dw += dy * xhat
-        if N_PARAMS == 2:
-            acc_db += dy
+    if PREFETCH:
+        x, dy, rstd, mean = _norm_bwd_load(
+            X, DY, Mean, Rstd, example, row_start, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
+            rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST,
+        )  # fmt: skip
+        for first in range(row_start, row_end, BLOCK_M):
+            next_x, next_dy, next_rstd, next_mean = _norm_bwd_load(
+                X, DY, Mean, Rstd, example, first + BLOCK_M, row_end, stride_xb, stride_xr, stride_dyb,
+                stride_dyr, rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST,
+            )  # fmt: skip
+            acc_dw, acc_db = _norm_bwd_rows_step(
+                x, dy, rstd, mean, X, DX, example, first, row_end, rows_per_example, cols, col_mask, w, width,
+                inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
+                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST,
+            )  # fmt: skip
+            x, dy, rstd, mean = next_x, next_dy, next_rstd, next_mean
+    elif LOOP_STAGES > 0:
+        for first in tl.range(row_start, row_end, BLOCK_M, num_stages=LOOP_STAGES):
+            x, dy, rstd, mean = _norm_bwd_load(
+                X, DY, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
+                rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST,
+            )  # fmt: skip
+            acc_dw, acc_db = _norm_bwd_rows_step(
+                x, dy, rstd, mean, X, DX, example, first, row_end, rows_per_example, cols, col_mask, w, width,
+                inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
+                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST,
+            )  # fmt: skip
+    else:
+        for first in range(row_start, row_end, BLOCK_M):
+            x, dy, rstd, mean = _norm_bwd_load(
+                X, DY, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
+                rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST,
+            )  # fmt: skip
+            acc_dw, acc_db = _norm_bwd_rows_step(
+                x, dy, rstd, mean, X, DX, example, first, row_end, rows_per_example, cols, col_mask, w, width,
+                inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
+                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST,
+            )  # fmt: skip
 
     # PartialW[b, c, :] and PartialB[b, c, :]: the two halves of one (P, B, C, D) buffer
-    partial_offset = (example.to(tl.int64) * n_chunks + chunk) * width + cols
+    partial_offset = (example * n_chunks + chunk) * width + cols
     if N_PARAMS >= 1:
         tl.store(PartialW + partial_offset, tl.sum(acc_dw, axis=0), mask=col_mask)
     if N_PARAMS == 2:
@@ -222,8 +348,8 @@ def _norm_bwd_documents_kernel(
 ):  # fmt: skip
     """dx for the rows of chunk k, [k·C, (k+1)·C), and for each example e meeting the chunk the
     partial dγ_e = Σ_r dy_r ⊙ x̂_r (and dβ_e = Σ_r dy_r) over the rows they share, stored at
-    slot k + e of PartialW (PartialB). The row math is `_norm_bwd_kernel`'s (kept inline
-    there: the tuned dense kernel's code stays exactly as it was)."""
+    slot k + e of PartialW (PartialB). The row math is `_norm_bwd_kernel`'s default variant's
+    (whose PTX for sm_90 is the pre-variant kernel's, up to the order of two instructions)."""
     # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
     # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
     inv_width = tl.cast(inv_width, tl.float32)
@@ -445,10 +571,47 @@ def _as_rows(t: torch.Tensor, n_examples: int) -> torch.Tensor:
     return t3 if t3.stride(-1) == 1 else t3.contiguous()
 
 
+@dataclasses.dataclass(frozen=True)
+class BackwardOptions:
+    """Compile-time variants of the dense backward kernel (`_norm_bwd_kernel`'s docstring says what
+    each does); the defaults give the kernel as first tuned. None changes the reduction order of
+    the partial sums or uses atomics: results stay bitwise deterministic run to run.
+
+    Args:
+        one_reduction (`bool`, *optional*, defaults to `False`):
+            LayerNorm's two row sums in one `tl.reduce` (no effect on RMSNorm).
+        prefetch (`bool`, *optional*, defaults to `False`):
+            Load the next tile of rows before computing the current one.
+        loop_stages (`int`, *optional*, defaults to 0):
+            `num_stages` of the row loop's `tl.range` (0: a plain loop, no pipelining); not with `prefetch`.
+        evict_first (`bool`, *optional*, defaults to `False`):
+            Evict-first L2 hints on the x and dy loads and the dx stores.
+    """
+
+    one_reduction: bool = False
+    prefetch: bool = False
+    loop_stages: int = 0
+    evict_first: bool = False
+
+    def __post_init__(self):
+        if self.loop_stages < 0 or (self.prefetch and self.loop_stages):
+            raise ValueError(f"loop_stages must be >= 0, and 0 with prefetch: {self}")
+
+    def constexprs(self) -> dict[str, bool | int]:
+        """The kernel's constexpr arguments, in its signature's order."""
+        return {
+            "ONE_REDUCTION": self.one_reduction, "PREFETCH": self.prefetch,
+            "LOOP_STAGES": self.loop_stages, "EVICT_FIRST": self.evict_first,
+        }  # fmt: skip
+
+
+DEFAULT_BACKWARD_OPTIONS = BackwardOptions()
+
 # Tuned tiles by BLOCK_D (the next power of two of D), as `benchmarks/tune_norm_kernels.py`
 # prints them; a BLOCK_D not listed uses the rules in `forward_config` / `backward_config`.
 FORWARD_TILES: dict[int, tuple[int, int]] = {}  # BLOCK_D: (BLOCK_M, num_warps)
-BACKWARD_TILES: dict[int, tuple[int, int, int]] = {}  # BLOCK_D: (BLOCK_M, num_warps, waves of programs)
+# BLOCK_D: (BLOCK_M, num_warps, waves of programs) or (..., BackwardOptions(...))
+BACKWARD_TILES: dict[int, tuple] = {}
 
 
 @functools.lru_cache(maxsize=256)
@@ -468,7 +631,8 @@ def forward_config(width: int) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=1024)
 def backward_config(width: int, n_examples: int, rows_per_example: int, device: torch.device):
-    """(BLOCK_M, BLOCK_D, num_warps, rows_per_chunk, n_chunks) for the backward grid.
+    """(BLOCK_M, BLOCK_D, num_warps, rows_per_chunk, n_chunks, options) for the backward grid;
+    `options` (`BackwardOptions`) are the dense kernel's variants (the padding-free one has none).
 
     A tile of about 4K elements, 8 a thread (16 at D <= 1024): each program keeps two
     fp32 (BLOCK_M, BLOCK_D) accumulators in registers. Tuned on an H100 with
@@ -479,12 +643,14 @@ def backward_config(width: int, n_examples: int, rows_per_example: int, device: 
     block_d = triton.next_power_of_2(width)
     block_m = max(1, 4096 // block_d)
     num_warps = 4 if block_d <= 1024 else min(16, block_m * block_d // 512)
-    block_m, num_warps, waves = BACKWARD_TILES.get(block_d, (block_m, num_warps, 2))
+    block_m, num_warps, waves, *options = BACKWARD_TILES.get(block_d, (block_m, num_warps, 2))
+    options = options[0] if options else DEFAULT_BACKWARD_OPTIONS
     max_chunks = triton.cdiv(rows_per_example, block_m)
     programs = _target_programs(device) * waves // 2  # _target_programs is two waves
     n_chunks = max(1, min(max_chunks, triton.cdiv(programs, n_examples)))
     rows_per_chunk = triton.cdiv(triton.cdiv(rows_per_example, n_chunks), block_m) * block_m
-    return block_m, block_d, num_warps, rows_per_chunk, triton.cdiv(rows_per_example, rows_per_chunk)
+    n_chunks = triton.cdiv(rows_per_example, rows_per_chunk)
+    return block_m, block_d, num_warps, rows_per_chunk, n_chunks, options
 
 
 @functools.lru_cache(maxsize=1024)

@@ -153,7 +153,7 @@ def norm_backward_traceable(
         return dx, grads, torch.zeros(n_examples, 2, dtype=torch.float32, device=device)
 
     rows = (1, rows_per_example) if segmented else (n_examples, rows_per_example)
-    block_m, block_d, num_warps, rows_per_chunk, n_chunks = backward_config(width, *rows, device)
+    block_m, block_d, num_warps, rows_per_chunk, n_chunks, options = backward_config(width, *rows, device)
     n_slots = n_chunks + n_examples - 1 if segmented else n_examples * n_chunks  # partial rows per parameter
     # (P, slots, D) fp32 partial sums; dγ and dβ halves are disjoint rows of one allocation
     partial = torch.empty(
@@ -182,7 +182,7 @@ def norm_backward_traceable(
             x3, dy3, w, mean_arg, rstd, dx, partial[0], partial_b,
             x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
             n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, weight_offset,
-            **constexprs,
+            **constexprs, **options.constexprs(),
         )  # fmt: skip
     if n_params == 0:
         grads = torch.empty(0, width, dtype=x.dtype, device=device)
