@@ -183,3 +183,29 @@ def test_gpu_variant_gives_the_default_numbers(backward_tile, monkeypatch, kind,
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
         else:
             assert torch.equal(a, b)
+
+
+class _Properties:
+    def __init__(self, optin: int):
+        self.shared_memory_per_block_optin = optin
+        self.multi_processor_count = 132
+
+
+@pytest.mark.parametrize(("optin_kb", "tuned"), [(227, True), (163, False), (99, False)])
+def test_tuned_backward_tiles_apply_only_with_the_tuning_gpus_shared_memory(monkeypatch, optin_kb, tuned):
+    """BACKWARD_TILES (tuned on an H200: up to 3 stages of x and dy rows in shared memory) apply on a
+    GPU with the H200's shared memory a block; elsewhere the rules, without loop stages."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: _Properties(optin_kb * 1024))
+    monkeypatch.setattr(norm_triton, "_multiprocessor_count", lambda index: 132)
+    norm_triton.backward_config.cache_clear()
+    try:
+        config = norm_triton.backward_config(4096, 8, 2048, torch.device("cuda", 0))
+    finally:
+        norm_triton.backward_config.cache_clear()
+    tile = norm_triton.BACKWARD_TILES[4096]
+    if tuned:
+        assert (config[0], config[2], config[5]) == (tile[0], tile[1], tile[3])
+        assert config[5].loop_stages == 3
+    else:
+        assert config[5] == norm_triton.DEFAULT_BACKWARD_OPTIONS
+        assert (config[0], config[2]) == (1, 8)  # the rules: 4096 // 4096 rows, 1 * 4096 // 512 warps

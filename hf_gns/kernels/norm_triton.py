@@ -609,9 +609,22 @@ DEFAULT_BACKWARD_OPTIONS = BackwardOptions()
 
 # Tuned tiles by BLOCK_D (the next power of two of D), as `benchmarks/tune_norm_kernels.py`
 # prints them; a BLOCK_D not listed uses the rules in `forward_config` / `backward_config`.
-FORWARD_TILES: dict[int, tuple[int, int]] = {}  # BLOCK_D: (BLOCK_M, num_warps)
-# BLOCK_D: (BLOCK_M, num_warps, waves of programs) or (..., BackwardOptions(...))
-BACKWARD_TILES: dict[int, tuple] = {}
+# Tuned on an H200 on 2026-12-02 (B=8, T=2048, bf16, inputs cycled past L2), one entry per BLOCK_D
+# good for both norms. fwd+bwd share of the copy roofline, rules -> these tiles, LayerNorm / RMSNorm:
+# D=2048 70/74% -> ~80/81%, D=4096 73/77% -> ~81/82%, D=8192 71/79% -> ~86/84%. The backward's gain
+# is `loop_stages=3` (Triton pipelines the row loop's loads through shared memory: two programs an
+# SM kept too few bytes in flight); LayerNorm at 2048 also gains from `one_reduction`.
+FORWARD_TILES: dict[int, tuple[int, int]] = {8192: (1, 8)}  # BLOCK_D: (BLOCK_M, num_warps)
+# BLOCK_D: (BLOCK_M, num_warps, waves of programs) or (..., BackwardOptions(...)). Applied only on
+# GPUs with the H200's shared memory a block (`_takes_tuned_backward`): 3 stages of x and dy rows
+# need up to 96 KB at D=8192, more than smaller parts have.
+BACKWARD_TILES: dict[int, tuple] = {
+    2048: (2, 4, 2, BackwardOptions(one_reduction=True, loop_stages=3)),  # bwd LN 77.1%
+    4096: (1, 8, 2, BackwardOptions(loop_stages=3)),  # bwd LN 76.3%, RMS 77.5%
+    8192: (1, 16, 2, BackwardOptions(loop_stages=3)),  # bwd LN 82.6%
+}
+# Shared memory a block (opt-in) of the GPU BACKWARD_TILES were tuned on (H100/H200: 227 KB).
+_TUNED_SHARED_MEMORY = 200 * 1024
 
 
 @functools.lru_cache(maxsize=256)
@@ -643,7 +656,8 @@ def backward_config(width: int, n_examples: int, rows_per_example: int, device: 
     block_d = triton.next_power_of_2(width)
     block_m = max(1, 4096 // block_d)
     num_warps = 4 if block_d <= 1024 else min(16, block_m * block_d // 512)
-    block_m, num_warps, waves, *options = BACKWARD_TILES.get(block_d, (block_m, num_warps, 2))
+    tuned = BACKWARD_TILES.get(block_d) if _takes_tuned_backward(device) else None
+    block_m, num_warps, waves, *options = tuned or (block_m, num_warps, 2)
     options = options[0] if options else DEFAULT_BACKWARD_OPTIONS
     max_chunks = triton.cdiv(rows_per_example, block_m)
     programs = _target_programs(device) * waves // 2  # _target_programs is two waves
@@ -686,6 +700,16 @@ def _ticket(device: torch.device) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _takes_tuned_backward(device: torch.device) -> bool:
+    """Whether `BACKWARD_TILES` applies on `device`: a GPU with the shared memory a block of the one
+    they were tuned on (the interpreter on CPU always: tests run the tuned kernels there)."""
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
+    return optin >= _TUNED_SHARED_MEMORY
 
 
 def _target_programs(device: torch.device) -> int:
