@@ -264,8 +264,12 @@ def test_sum_and_sq_norms_triton_op_passes_opcheck_on_the_reference_path():
     torch.library.opcheck(
         torch.ops.hf_gns.sum_and_sq_norms.default, (per_example, out, False), test_utils=utils
     )
-    sq_norms = torch.ops.hf_gns.sum_and_sq_norms(per_example, out, False)
-    torch.testing.assert_close(out, per_example.sum(0))
+    before = out.clone()
+    total, sq_norms = torch.ops.hf_gns.sum_and_sq_norms(per_example, out, False)
+    # functional (a kernel mutating a view at a storage offset faulted under Inductor): `out` only
+    # gives the sum's shape and dtype, its bytes stay as they were
+    assert total.data_ptr() != out.data_ptr() and torch.equal(out.view(torch.int32), before.view(torch.int32))
+    torch.testing.assert_close(total, per_example.sum(0))
     torch.testing.assert_close(sq_norms, per_example.square().sum(1))
 
 
@@ -313,3 +317,32 @@ def test_tied_embedding_and_head_with_documents_give_the_norm_of_each_documents_
         (grad,) = torch.autograd.grad(loss, w)
         expected.append(grad.square().sum())
     torch.testing.assert_close(sinks[0].grad[:, 0].double(), torch.stack(expected), rtol=1e-5, atol=1e-12)
+
+
+def _chunked_linear_step(device: str, compiled: bool):
+    """A linear op whose weight gradient is formed in 3 chunks of 2 output rows (views of the weight
+    gradient at storage offsets 0, 2·K, 4·K), eager or under torch.compile (Inductor)."""
+    x = _randn(3, 4, 8, seed=31, dtype=torch.float32).to(device).requires_grad_()
+    weight = _randn(6, 8, seed=32, dtype=torch.float32).to(device).requires_grad_()
+    sink = new_sq_norm_sink(3, device)
+    two_rows = 2 * 3 * 8 * 4  # bytes of two output rows' per-example gradients, fp32
+
+    def step(x, weight, sink):
+        out = linear_with_sq_norms(x, weight, None, sink, 3, method="simultaneous", chunk_bytes=two_rows)
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    (torch.compile(step) if compiled else step)(x, weight, sink).backward()
+    return weight.grad, sink.grad
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chunked_weight_gradient_under_torch_compile_equals_eager(device):
+    """Under Inductor each chunk's sum comes out of the reduction op as a new tensor and is copied
+    into its view (on the H200 a kernel writing into the view hit an illegal memory access)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    expected_grad, expected_norms = _chunked_linear_step(device, compiled=False)
+    grad, norms = _chunked_linear_step(device, compiled=True)
+    torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(norms, expected_norms)

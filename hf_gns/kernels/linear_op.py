@@ -63,19 +63,29 @@ def _sum_and_sq_norms_impl(per_example: torch.Tensor, out: torch.Tensor) -> torc
     return sum_and_sq_norms_reference(per_example, out)
 
 
-@torch.library.triton_op("hf_gns::sum_and_sq_norms", mutates_args=("out",))
-def _sum_and_sq_norms_op(per_example: torch.Tensor, out: torch.Tensor, use_triton: bool) -> torch.Tensor:
+@torch.library.triton_op("hf_gns::sum_and_sq_norms", mutates_args=())
+def _sum_and_sq_norms_op(
+    per_example: torch.Tensor, like: torch.Tensor, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_b P_b as a new tensor shaped and typed like `like`, |P_b|² (B,)). Functional on purpose:
+    a chunked weight gradient hands each chunk's `out` as a view at a storage offset, and an
+    Inductor-launched kernel mutating such a view hit an illegal memory access on the H200
+    (all-layer GPT-2/Llama-124M under torch_compile, vocab 50257: the LM head's gradient is
+    formed in 5 chunks). The copy into the view is an ordinary aten copy_ in the graph."""
     # A triton_op: under torch.compile Inductor traces this body and launches the kernel itself.
+    total = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if use_triton and per_example.is_cuda:
-        return sum_and_sq_norms_traceable(per_example, out)
-    return sum_and_sq_norms_reference(per_example, out)
+        return total, sum_and_sq_norms_traceable(per_example, total)
+    return total, sum_and_sq_norms_reference(per_example, total)
 
 
 def sum_and_sq_norms(per_example: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Σ_b P_b into `out` and |P_b|² (B,) from P (B, N): one read of P with Triton (see
     `linear_triton.py`), two torch reductions otherwise; a `triton_op` under torch.compile."""
     if torch.compiler.is_compiling():
-        return _sum_and_sq_norms_op(per_example, out, _uses_triton(per_example))
+        total, sq_norms = _sum_and_sq_norms_op(per_example, out, _uses_triton(per_example))
+        out.copy_(total)
+        return sq_norms
     return _sum_and_sq_norms_impl(per_example, out)
 
 
