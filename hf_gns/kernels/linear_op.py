@@ -68,10 +68,12 @@ def _sum_and_sq_norms_op(
     per_example: torch.Tensor, like: torch.Tensor, use_triton: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_b P_b as a new tensor shaped and typed like `like`, |P_b|² (B,)). Functional on purpose:
-    a chunked weight gradient hands each chunk's `out` as a view at a storage offset, and an
-    Inductor-launched kernel mutating such a view hit an illegal memory access on the H200
-    (all-layer GPT-2/Llama-124M under torch_compile, vocab 50257: the LM head's gradient is
-    formed in 5 chunks). The copy into the view is an ordinary aten copy_ in the graph."""
+    a chunked weight gradient hands each chunk's `out` as a view at a storage offset, and the
+    copy into it is then an ordinary aten copy_ in the graph rather than a user Triton kernel
+    mutating a view. Why: all-layer GPT-2 and Llama-124M under torch_compile (vocab 50257, so
+    the LM head's gradient is formed in chunks) hit an illegal memory access in their first
+    compiled backward on the H200 (2026-12-02), while the tiny-vocab GPU tests (one chunk) pass.
+    That this mutation was the cause is a hypothesis, not yet checked on a GPU."""
     # A triton_op: under torch.compile Inductor traces this body and launches the kernel itself.
     total = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if use_triton and per_example.is_cuda:
