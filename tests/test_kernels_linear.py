@@ -266,8 +266,8 @@ def test_sum_and_sq_norms_triton_op_passes_opcheck_on_the_reference_path():
     )
     before = out.clone()
     total, sq_norms = torch.ops.hf_gns.sum_and_sq_norms(per_example, out, False)
-    # functional (a kernel mutating a view at a storage offset faulted under Inductor): `out` only
-    # gives the sum's shape and dtype, its bytes stay as they were
+    # functional (no kernel mutating a view at a storage offset under Inductor): `out` only gives
+    # the sum's shape and dtype, its bytes stay as they were
     assert total.data_ptr() != out.data_ptr() and torch.equal(out.view(torch.int32), before.view(torch.int32))
     torch.testing.assert_close(total, per_example.sum(0))
     torch.testing.assert_close(sq_norms, per_example.square().sum(1))
@@ -339,7 +339,7 @@ def _chunked_linear_step(device: str, compiled: bool):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_chunked_weight_gradient_under_torch_compile_equals_eager(device):
     """Under Inductor each chunk's sum comes out of the reduction op as a new tensor and is copied
-    into its view (on the H200 a kernel writing into the view hit an illegal memory access)."""
+    into its view (suspected cause of an illegal memory access of compiled all-layer runs on the H200)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     expected_grad, expected_norms = _chunked_linear_step(device, compiled=False)
