@@ -94,14 +94,23 @@ def run_backward(backend, x, weight, bias, dy, variant: Variant, offsets):
 
 
 def force_chunks(monkeypatch, block_m, rows_per_chunk):
-    """Make the Triton backward cut its rows into `rows_per_chunk`-row chunks of `block_m`-row tiles."""
-    from hf_gns.kernels import norm_triton
+    """Make the Triton backward cut its rows into `rows_per_chunk`-row chunks of `block_m`-row tiles.
+
+    Every module that imported `backward_config` by name gets the forced one (patching only
+    `norm_triton` left the launchers on the real config), and the eager launch plans, which
+    cache configs, start empty."""
+    from hf_gns.kernels import norm_launch, norm_triton, norm_triton_op
 
     def config(width, n_examples, n_rows, device):
         block_d = norm_triton.triton.next_power_of_2(width)
-        return block_m, block_d, 4, rows_per_chunk, -(-n_rows // rows_per_chunk)
+        n_chunks = -(-n_rows // rows_per_chunk)
+        return block_m, block_d, 4, rows_per_chunk, n_chunks, norm_triton.DEFAULT_BACKWARD_OPTIONS
 
-    monkeypatch.setattr(norm_triton, "backward_config", config)
+    for module in (norm_triton, norm_launch, norm_triton_op):
+        monkeypatch.setattr(module, "backward_config", config)
+    # fresh plan caches for the test, the real ones back afterwards: forced plans do not outlive it
+    monkeypatch.setattr(norm_launch, "_FORWARD_PLANS", {})
+    monkeypatch.setattr(norm_launch, "_WORKSPACES", {})
 
 
 def backends():
