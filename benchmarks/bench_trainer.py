@@ -374,9 +374,11 @@ def _fmt(value, spec: str) -> str:
 
 
 def add_ratios(results: list[dict]) -> None:
-    by_key = {(r["model"], r["variant"]): r for r in results}
+    """Each result's ratio to its baseline variant of the same model in the same run (`--from-json`
+    tags each file's results with its own `run`: ratios never mix invocations)."""
+    by_key = {(r.get("run"), r["model"], r["variant"]): r for r in results}
     for r in results:
-        base = by_key.get((r["model"], baseline_of(r["variant"])))
+        base = by_key.get((r.get("run"), r["model"], baseline_of(r["variant"])))
         ok = base is not None and "tokens_per_s" in base and "tokens_per_s" in r
         r["baseline"] = baseline_of(r["variant"])
         r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"] if ok else None
@@ -527,9 +529,9 @@ def main(argv=None) -> None:
         return
     if args.from_json:
         results = []
-        for path in args.from_json.split(","):
+        for run, path in enumerate(args.from_json.split(",")):
             with open(path) as f:
-                results += json.load(f)["results"]
+                results += [dict(r, run=run) for r in json.load(f)["results"]]
         report(results, f"from {args.from_json}")
         return
 

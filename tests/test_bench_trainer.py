@@ -50,6 +50,28 @@ def test_ratios_use_the_baseline_of_the_same_kind_and_targets_pass_or_miss():
     assert "gns-norms-liger" in bench.results_table(results)
 
 
+def test_ratios_from_several_runs_never_mix_runs():
+    """`--from-json a.json,b.json`: a variant's ratio is to the baseline of its own run, even when
+    another file holds the same model's baseline."""
+    bench = _bench()
+    first = [
+        dict(r, run=0)
+        for r in (
+            _result("gpt2", "trainer-compile", 55.9, 1000),
+            _result("gpt2", "gns-norms-compile", 56.4, 1000),
+        )
+    ]
+    second = [
+        dict(_result("gpt2", "trainer-compile", 53.2, 1000), run=1),
+        dict(_result("gpt2", "gns-all-compile", 80.0, 1000), run=1),
+    ]
+    results = first + second
+    bench.add_ratios(results)
+    assert results[1]["ratio"] == results[1]["tokens_per_s"] / first[0]["tokens_per_s"]
+    assert results[0]["ratio"] == 1.0 and results[2]["ratio"] == 1.0
+    assert results[3]["ratio"] == results[3]["tokens_per_s"] / second[0]["tokens_per_s"]
+
+
 def test_graph_break_records_caused_in_hf_gns_are_picked_out():
     bench = _bench()
     head = "V1202 05:43:45.311000 4202 torch/_dynamo/symbolic_convert.py:5127] [1/0] [__graph_breaks]"
