@@ -73,7 +73,10 @@ def _sum_and_sq_norms_op(
     mutating a view. Why: all-layer GPT-2 and Llama-124M under torch_compile (vocab 50257, so
     the LM head's gradient is formed in chunks) hit an illegal memory access in their first
     compiled backward on the H200 (2026-12-02), while the tiny-vocab GPU tests (one chunk) pass.
-    That this mutation was the cause is a hypothesis, not yet checked on a GPU."""
+    The likely cause is a known Inductor bug (pytorch/pytorch#192219, #192226; fixed upstream by
+    #192227, after torch 2.11): a mutated argument that is a view at a storage offset of an
+    intermediate buffer is cloned reading offset + span elements from a buffer Inductor sized to
+    the view, i.e. up to ~150 MB past its end for the LM head's last chunk. Not yet checked on a GPU."""
     # A triton_op: under torch.compile Inductor traces this body and launches the kernel itself.
     total = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if use_triton and per_example.is_cuda:

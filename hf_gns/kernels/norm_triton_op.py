@@ -160,7 +160,11 @@ def norm_backward_traceable(
         max(n_params, 1), n_slots if n_params else 1, width, dtype=torch.float32, device=device
     )
     # never the same tensor twice among written arguments: a functionalized kernel whose two
-    # outputs alias replays one over the other; without dβ, PartialB is an untouched placeholder
+    # outputs alias replays one over the other; without dβ, PartialB is an untouched placeholder.
+    # Known limit: partial[1] is a mutated view at a storage offset, which torch <= 2.13's Inductor
+    # clones by reading offset + span elements of a view-sized buffer (pytorch/pytorch#192219):
+    # an over-read of n_slots·D fp32 (≤ ~9 MB at D=8192) whose values the kernel overwrites, so
+    # results are exact (GPU tests) but the read could fault; see `linear_op._sum_and_sq_norms_op`.
     partial_b = partial[1] if n_params == 2 else torch.empty(1, dtype=torch.float32, device=device)
     constexprs = dict(
         IS_RMS=rms, HAS_WEIGHT=weight is not None, N_PARAMS=n_params, CAST_BEFORE_WEIGHT=cast_before_weight,
