@@ -74,7 +74,7 @@ def _sum_and_sq_norms_op(
     the LM head's gradient is formed in chunks) hit an illegal memory access in their first
     compiled backward on the H200 (2026-12-02), while the tiny-vocab GPU tests (one chunk) pass.
     The likely cause is a known Inductor bug (pytorch/pytorch#192219, #192226; fixed upstream by
-    #192227, after torch 2.11): a mutated argument that is a view at a storage offset of an
+    #192227, not in torch 2.11 or 2.13): a mutated argument that is a view at a storage offset of an
     intermediate buffer is cloned reading offset + span elements from a buffer Inductor sized to
     the view, i.e. up to ~150 MB past its end for the LM head's last chunk. Not yet checked on a GPU."""
     # A triton_op: under torch.compile Inductor traces this body and launches the kernel itself.
