@@ -346,3 +346,29 @@ def test_chunked_weight_gradient_under_torch_compile_equals_eager(device):
     grad, norms = _chunked_linear_step(device, compiled=True)
     torch.testing.assert_close(grad, expected_grad)
     torch.testing.assert_close(norms, expected_norms)
+
+
+@pytest.mark.gpu
+def test_gpu_lm_head_sized_chunked_gradient_under_torch_compile_equals_eager():
+    """The shape that crashed compiled all-layer runs on the H200 (a 50257 x 768 head whose gradient
+    is formed in 3 chunks of 21845 rows, at storage offsets of 64 and 128 MB): compiled = eager."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    x = torch.randn(4, 64, 768, device="cuda", generator=gen).requires_grad_()
+    weight = (0.02 * torch.randn(50257, 768, device="cuda", generator=gen)).requires_grad_()
+
+    def step(x, weight, sink):
+        out = linear_with_sq_norms(x, weight, None, sink, 4, method="simultaneous")
+        return out.float().square().mean()
+
+    results = []
+    for compiled in (False, True):
+        sink = new_sq_norm_sink(4, "cuda")
+        torch._dynamo.reset()
+        x.grad = weight.grad = None
+        (torch.compile(step) if compiled else step)(x, weight, sink).backward()
+        torch.cuda.synchronize()
+        results.append((weight.grad.clone(), sink.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
