@@ -201,3 +201,26 @@ def test_gpu_reduce_overhead_cuda_graphs_give_the_eager_norms():
     for _ in range(4):  # recording, then replays
         expected = _step(eager, input_ids)
         _assert_same_step(_step(compiled, input_ids, call), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gpu_inductor_forward_with_triton_backward_gives_the_eager_norms(monkeypatch, arch):
+    """HF_GNS_COMPILED_FORWARD=inductor: compiled graphs trace the forward's reference (fusable with
+    its neighbours) and launch the Triton backward on its mean and rstd; results as eager's."""
+    from hf_gns.kernels import norm_op
+
+    monkeypatch.setattr(norm_op, "_COMPILED_TRITON_FORWARD", False)
+    input_ids = tiny_batch().cuda()
+    eager, compiled = tiny_model(arch).cuda(), tiny_model(arch).cuda()
+    hf_gns.patch(eager)
+    hf_gns.patch(compiled)
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    call = torch.compile(compiled)
+    expected = _step(eager, input_ids)
+    actual, code = run_and_get_code(lambda: _step(compiled, input_ids, call))  # forward and backward
+    _assert_same_step(actual, expected)
+    source = "\n".join(code)
+    assert "_norm_bwd_kernel" in source and "_norm_fwd_kernel" not in source

@@ -48,6 +48,11 @@ _backend = os.environ.get("HF_GNS_BACKEND", "auto")
 # HF_GNS_COMPILED_TRITON=0: compiled graphs trace the PyTorch reference instead of the Triton
 # kernels (eager keeps Triton) - a switch for diagnosing the compiled path
 _COMPILED_TRITON = os.environ.get("HF_GNS_COMPILED_TRITON", "1") != "0"
+# HF_GNS_COMPILED_FORWARD=inductor: compiled graphs trace the forward's PyTorch reference (which
+# Inductor fuses with the residual add, dropout and dtype casts around the norm, as it fuses its own
+# norms) and keep the Triton backward, fed the reference's mean and rstd. An experiment for the
+# compiled gap (issue 11); "triton" (the default) launches the Triton forward kernel.
+_COMPILED_TRITON_FORWARD = os.environ.get("HF_GNS_COMPILED_FORWARD", "triton") != "inductor"
 
 
 def set_backend(name: str) -> None:
@@ -145,8 +150,9 @@ class _FusedNorm(torch.autograd.Function):
             # the triton_op: Inductor traces its body and launches the kernels itself
             ctx.plan = None
             ctx.use_triton = _uses_triton(x) and _COMPILED_TRITON
+            forward_triton = ctx.use_triton and _COMPILED_TRITON_FORWARD
             y, mean, rstd = norm_forward_op(
-                x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype, ctx.use_triton
+                x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype, forward_triton
             )
             ctx.save_for_backward(x, weight, mean, rstd, example_offsets)
             return y
