@@ -76,7 +76,7 @@ def _sum_and_sq_norms_op(
     The likely cause is a known Inductor bug (pytorch/pytorch#192219, #192226; fixed upstream by
     #192227, not in torch 2.11 or 2.13): a mutated argument that is a view at a storage offset of an
     intermediate buffer is cloned reading offset + span elements from a buffer Inductor sized to
-    the view, i.e. up to ~150 MB past its end for the LM head's last chunk. Not yet checked on a GPU."""
+    the view, i.e. up to ~130 MB past its end for the LM head's last chunk. Not yet checked on a GPU."""
     # A triton_op: under torch.compile Inductor traces this body and launches the kernel itself.
     total = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if use_triton and per_example.is_cuda:
