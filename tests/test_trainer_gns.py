@@ -295,25 +295,3 @@ def test_one_step_statistics_equal_the_per_example_oracle(tmp_path, track):
         batch_sq = sum(sum(c[n] for c in contributions).double().square().sum() for n in members)
         assert stats["example_sq_norm_sum"][group] == pytest.approx(example_sum.item(), rel=1e-4), group
         assert stats["batch_sq_norm"][group] == pytest.approx(batch_sq.item(), rel=1e-4), group
-
-
-@pytest.mark.parametrize(
-    ("layers", "compiled", "cuda", "warned"),
-    [
-        (True, True, True, True),
-        (False, True, True, False),
-        (True, False, True, False),
-        (True, True, False, False),
-    ],
-)
-def test_per_layer_tracking_under_compile_on_cuda_warns_of_the_unverified_fix(
-    monkeypatch, caplog, layers, compiled, cuda, warned
-):
-    from types import SimpleNamespace
-
-    from hf_gns.trainer import measurement
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    with caplog.at_level("WARNING", logger=measurement.__name__):
-        measurement._warn_compiled_layer_tracking(SimpleNamespace(torch_compile=compiled), layers)
-    assert ("crashed (CUDA illegal memory access)" in caplog.text) is warned

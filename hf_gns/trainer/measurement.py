@@ -241,7 +241,6 @@ class GNSMixin:
         )
         self._gns_calibrate_every = every
         self._gns_patch(model)
-        _warn_compiled_layer_tracking(self.args, self._gns_options.gns_track == "all" or bool(every))
         self.gns_calibration = GNSCalibration(
             every,
             ema_decay=self._gns_options.gns_ema_decay,
@@ -800,19 +799,6 @@ def _skip_plan(cached: _SkipPlan | None, names: list[str], skipped: list[int], d
     if cached is not None and cached.key == (id(names), tuple(skipped)):
         return cached
     return _SkipPlan(names, skipped, device)
-
-
-def _warn_compiled_layer_tracking(args, layers_tracked: bool) -> None:
-    """One warning where the last GPU benchmark failed: per-layer tracking (gns_track="all", or the
-    calibration's layer steps) under torch_compile on CUDA died with an illegal memory access in the
-    first compiled backward (H200, 2026-12-02, GPT-2 and Llama-124M at vocab 50257). A fix has
-    landed (`kernels/linear_op.py`, the reduction op made functional) but has not run on a GPU."""
-    if layers_tracked and getattr(args, "torch_compile", False) and torch.cuda.is_available():
-        logger.warning(
-            "hf_gns: per-layer tracking under torch_compile crashed (CUDA illegal memory access) in "
-            "hf_gns's last H200 benchmark and its fix is not yet GPU-verified; if the first backward "
-            "fails that way, train eagerly or with gns_track='norms' (issue 11)"
-        )
 
 
 def _is_peft_model(model: nn.Module) -> bool:
