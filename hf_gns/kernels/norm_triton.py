@@ -615,11 +615,15 @@ DEFAULT_BACKWARD_OPTIONS = BackwardOptions()
 # D=2048 70/74% -> ~80/81%, D=4096 73/77% -> ~81/82%, D=8192 71/79% -> ~86/84%. The backward's gain
 # is `loop_stages=3` (Triton pipelines the row loop's loads through shared memory: two programs an
 # SM kept too few bytes in flight); LayerNorm at 2048 also gains from `one_reduction`.
-FORWARD_TILES: dict[int, tuple[int, int]] = {8192: (1, 8)}  # BLOCK_D: (BLOCK_M, num_warps)
+# BLOCK_D=1024, tuned at D=768 (GPT-2, Llama-124M) on the H200 later that day: backward LayerNorm
+# 45.8% -> 57.8%, RMSNorm 52.0% -> 61.2% of the roofline with `loop_stages=4`; forward (4, 4)
+# instead of (8, 4): 66 -> 68% / 73 -> 76% (`benchmarks/results/tune_norm_kernels_h200_20261202d_*768.txt`).
+FORWARD_TILES: dict[int, tuple[int, int]] = {1024: (4, 4), 8192: (1, 8)}  # BLOCK_D: (BLOCK_M, num_warps)
 # BLOCK_D: (BLOCK_M, num_warps, waves of programs) or (..., BackwardOptions(...)). Applied only on
 # GPUs with the H200's shared memory a block (`_takes_tuned_backward`): 3 stages of x and dy rows
 # need up to 96 KB at D=8192, more than smaller parts have.
 BACKWARD_TILES: dict[int, tuple] = {
+    1024: (2, 4, 4, BackwardOptions(one_reduction=True, loop_stages=4)),  # bwd LN 57.8%, RMS 61.2%
     2048: (2, 4, 2, BackwardOptions(one_reduction=True, loop_stages=3)),  # bwd LN 77.1%
     4096: (1, 8, 2, BackwardOptions(loop_stages=3)),  # bwd LN 76.3%, RMS 77.5%
     8192: (1, 16, 2, BackwardOptions(loop_stages=3)),  # bwd LN 82.6%
