@@ -14,8 +14,10 @@ a fixed seed, synthetic random tokens (labels = inputs). Models are built from c
 Variants (`--variants`): `trainer`, `gns-norms` (`gns_track="norms"`), `gns-all`
 (`gns_track="all"`), each also with a `-compile` suffix (`torch_compile=True`), and
 `trainer-liger`, `gns-norms-liger` (`use_liger_kernel=True`; skipped with a note when
-liger_kernel is not importable). Every variant runs in a fresh subprocess (no compile
-caches, allocator state or clocks shared in-process). A `TrainerCallback` records one CUDA
+liger_kernel is not importable). Not run by default: `gns-norms-aten-compile` and
+`gns-norms-hybrid-compile`, the compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
+Every variant runs in a fresh subprocess (no compile caches, allocator state or clocks shared
+in-process). A `TrainerCallback` records one CUDA
 event at the end of every optimizer step (no host sync: read once after training); a step's
 time is the gap between consecutive events, i.e. wall time of the loop including data
 loading, host work and the Trainer's own syncs. Reported: median step time over the
@@ -67,6 +69,16 @@ VARIANTS = (
     "gns-norms-liger",
 )
 DEFAULT_VARIANTS = VARIANTS
+# Experiments on the compiled norm path (issue 11's compiled gap), not run by default: the same
+# GNSTrainer with an environment switch of `hf_gns/kernels/norm_op.py`, set in its process only.
+# `aten`: compiled graphs trace the norm op's PyTorch body (Inductor fuses it with the residual add
+# and dtype casts around the norm, as it does its own norms); `hybrid`: only the forward's body,
+# with the Triton backward.
+COMPILED_NORM_EXPERIMENTS = {
+    "gns-norms-aten-compile": {"HF_GNS_COMPILED_TRITON": "0"},
+    "gns-norms-hybrid-compile": {"HF_GNS_COMPILED_FORWARD": "inductor"},
+}
+VARIANTS += tuple(COMPILED_NORM_EXPERIMENTS)
 
 
 @dataclass(frozen=True)
@@ -339,7 +351,7 @@ def run_variant(model: str, variant: str, args) -> dict:
     command += ["--profile-rows", str(args.profile_rows)]
     command += ["--tiny"] * args.tiny + ["--profile"] * args.profile
     command += ["--check-graph-breaks"] * args.check_graph_breaks
-    env = dict(os.environ)
+    env = dict(os.environ, **COMPILED_NORM_EXPERIMENTS.get(variant, {}))
     if args.check_graph_breaks:
         env["TORCH_LOGS"] = "graph_breaks,recompiles"
     start = time.perf_counter()
@@ -429,6 +441,9 @@ def target_lines(results: list[dict]) -> list[str]:
             goal, what = spec.norms_eager_target, "GNS norms eager vs Trainer"
         elif variant == "gns-norms-compile":
             goal, what = COMPILED_NORMS_TARGET, "GNS norms compiled vs compiled Trainer"
+        elif variant in COMPILED_NORM_EXPERIMENTS:
+            path = variant.split("-")[2]
+            goal, what = COMPILED_NORMS_TARGET, f"GNS norms compiled ({path} experiment) vs compiled Trainer"
         elif variant.startswith("gns-all"):
             kind = "compiled" if variant.endswith("-compile") else "eager"
             goal, what = ALL_LAYERS_TARGET, f"gns_track='all' {kind} vs Trainer"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -109,3 +110,37 @@ def test_graph_break_check_keeps_the_compiled_variants_and_their_baseline():
     assert bench_trainer.parse_args(["--check-graph-breaks", "--variants", "trainer"]).variants == [
         "gns-norms-compile"
     ]
+
+
+def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_trainer(monkeypatch, tmp_path):
+    """`gns-norms-aten-compile` / `-hybrid-compile`: opt-in variants whose process (only) gets the
+    norm op's environment switch, compared with `trainer-compile`, reported as experiments."""
+    bench = _bench()
+    assert "gns-norms-aten-compile" not in bench.DEFAULT_VARIANTS
+    args = bench.parse_args(["--variants", "trainer-compile,gns-norms-aten-compile,gns-norms-hybrid-compile"])
+    seen = {}
+
+    def fake_run(command, env, **_):
+        variant = command[command.index("--variant") + 1]
+        seen[variant] = {k: env.get(k) for k in ("HF_GNS_COMPILED_TRITON", "HF_GNS_COMPILED_FORWARD")}
+        with open(command[command.index("--child-json") + 1], "w") as f:
+            json.dump({"model": "gpt2", "variant": variant}, f)
+        return bench.subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.delenv("HF_GNS_COMPILED_TRITON", raising=False)
+    monkeypatch.delenv("HF_GNS_COMPILED_FORWARD", raising=False)
+    for variant in args.variants:
+        bench.run_variant("gpt2", variant, args)
+    assert seen == {
+        "trainer-compile": {"HF_GNS_COMPILED_TRITON": None, "HF_GNS_COMPILED_FORWARD": None},
+        "gns-norms-aten-compile": {"HF_GNS_COMPILED_TRITON": "0", "HF_GNS_COMPILED_FORWARD": None},
+        "gns-norms-hybrid-compile": {"HF_GNS_COMPILED_TRITON": None, "HF_GNS_COMPILED_FORWARD": "inductor"},
+    }
+    results = [
+        _result("llama124", "trainer-compile", 100.0, 1000),
+        _result("llama124", "gns-norms-aten-compile", 99.5, 1000),
+    ]
+    bench.add_ratios(results)
+    lines = "\n".join(bench.target_lines(results))
+    assert "GNS norms compiled (aten experiment) vs compiled Trainer >= 0.99x: 0.995x PASS" in lines
