@@ -155,17 +155,17 @@ def norm_backward_traceable(
     rows = (1, rows_per_example) if segmented else (n_examples, rows_per_example)
     block_m, block_d, num_warps, rows_per_chunk, n_chunks, options = backward_config(width, *rows, device)
     n_slots = n_chunks + n_examples - 1 if segmented else n_examples * n_chunks  # partial rows per parameter
-    # (P, slots, D) fp32 partial sums; dγ and dβ halves are disjoint rows of one allocation
-    partial = torch.empty(
-        max(n_params, 1), n_slots if n_params else 1, width, dtype=torch.float32, device=device
+    # (slots, D) fp32 partial sums of dγ and of dβ, each its own allocation: never a view. A written
+    # view at a storage offset is what torch <= 2.13's Inductor clones by reading offset + span
+    # elements of a buffer sized to the view (pytorch/pytorch#192219; `linear_op._sum_and_sq_norms_op`),
+    # and the same tensor twice among written arguments would be replayed one over the other by
+    # functionalization. Without dβ, PartialB is an untouched placeholder.
+    partial_w = torch.empty(n_slots if n_params else 1, width, dtype=torch.float32, device=device)
+    partial_b = (
+        torch.empty(n_slots, width, dtype=torch.float32, device=device)
+        if n_params == 2
+        else torch.empty(1, dtype=torch.float32, device=device)
     )
-    # never the same tensor twice among written arguments: a functionalized kernel whose two
-    # outputs alias replays one over the other; without dβ, PartialB is an untouched placeholder.
-    # Known limit: partial[1] is a mutated view at a storage offset, which torch <= 2.13's Inductor
-    # clones by reading offset + span elements of a view-sized buffer (pytorch/pytorch#192219):
-    # an over-read of n_slots·D fp32 (≤ ~9 MB at D=8192) whose values the kernel overwrites, so
-    # results are exact (GPU tests) but the read could fault; see `linear_op._sum_and_sq_norms_op`.
-    partial_b = partial[1] if n_params == 2 else torch.empty(1, dtype=torch.float32, device=device)
     constexprs = dict(
         IS_RMS=rms, HAS_WEIGHT=weight is not None, N_PARAMS=n_params, CAST_BEFORE_WEIGHT=cast_before_weight,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
@@ -176,14 +176,14 @@ def norm_backward_traceable(
         offsets = example_offsets.contiguous()
         search_steps = (n_examples - 1).bit_length()
         torch.library.wrap_triton(_norm_bwd_documents_kernel)[(n_chunks,)](
-            x3, dy3, w, mean_arg, rstd, dx, partial[0], partial_b, offsets, x3.stride(1), dy3.stride(1),
+            x3, dy3, w, mean_arg, rstd, dx, partial_w, partial_b, offsets, x3.stride(1), dy3.stride(1),
             rows_per_example, n_examples, rows_per_chunk, search_steps, width, 1.0 / width, weight_offset,
             **constexprs,
         )  # fmt: skip
     else:
         offsets = None
         torch.library.wrap_triton(_norm_bwd_kernel)[(n_examples, n_chunks)](
-            x3, dy3, w, mean_arg, rstd, dx, partial[0], partial_b,
+            x3, dy3, w, mean_arg, rstd, dx, partial_w, partial_b,
             x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
             n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, weight_offset,
             **constexprs, **options.constexprs(),
@@ -191,6 +191,8 @@ def norm_backward_traceable(
     if n_params == 0:
         grads = torch.empty(0, width, dtype=x.dtype, device=device)
         return dx, grads, torch.zeros(n_examples, 2, dtype=torch.float32, device=device)
+    # the reduction reads (P, slots, D): one copy of n_slots·D fp32 for LayerNorm (~2 µs at D=2048)
+    partial = partial_w[None] if n_params == 1 else torch.stack((partial_w, partial_b))
     grads, sq_norms = _reduce_traceable(
         partial, n_params, n_examples, n_chunks, width, weight.dtype, offsets, rows_per_chunk, n_slots
     )
