@@ -74,7 +74,8 @@ def launches(monkeypatch):
 
 
 def _writes(kernel, kwargs, caplog) -> set[str]:
-    logger = logging.getLogger(wrap.__name__)  # torch's loggers do not propagate to the root
+    # the module logs through its `log` (torch._dynamo's logger), which does not reach the root
+    logger = getattr(wrap, "log", None) or logging.getLogger(wrap.__name__)
     logger.addHandler(caplog.handler)
     try:
         accesses = wrap.identify_accessed_tensors(kernel, kwargs, {})
