@@ -372,3 +372,146 @@ def test_gpu_lm_head_sized_chunked_gradient_under_torch_compile_equals_eager():
         results.append((weight.grad.clone(), sink.grad.clone()))
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1])
+
+
+def test_plans_are_made_once_per_shape_and_rebuilt_for_new_shapes():
+    """`plan_linear`: one plan per key, reused call after call; a new input shape, batch, method or
+    weight shape gets its own; the method is `choose_linear_method`'s for the mean (or given) T."""
+    from hf_gns.kernels import linear_op
+
+    linear_op._PLANS.clear()
+    x_shape, weight_shape = torch.Size((4, 30, 8)), torch.Size((12, 8))
+    plan = linear_op.plan_linear(x_shape, weight_shape, 4)
+    assert linear_op.plan_linear(torch.Size((4, 30, 8)), torch.Size((12, 8)), 4) is plan
+    assert plan.method == choose_linear_method(4, 30, 8, 12) and plan.n_examples == 4
+    assert (
+        plan.out_shape == (4, 30, 12) and plan.inputs_shape == (4, -1, 8) and plan.grads_shape == (4, -1, 12)
+    )
+    others = [
+        linear_op.plan_linear(torch.Size((4, 2, 8)), weight_shape, 4),  # shorter sequences
+        linear_op.plan_linear(torch.Size((8, 8)), weight_shape, 2),  # flattened rows, 2 examples
+        linear_op.plan_linear(x_shape, weight_shape, 4, method="ghost"),
+        linear_op.plan_linear(x_shape, torch.Size((8, 12)), 4, transposed=True),  # Conv1D layout
+        linear_op.plan_linear(x_shape, weight_shape, 4, seq=1),  # documents: T_max given
+    ]
+    assert len({id(p) for p in (plan, *others)}) == 6 and len(linear_op._PLANS) == 6
+    assert others[0].method == choose_linear_method(4, 2, 8, 12) == "ghost" != plan.method
+    assert others[1].grads_shape == (2, -1, 12) and others[2].method == "ghost"
+    assert others[3].out_shape == (4, 30, 12) and others[4].method == "ghost"
+    with pytest.raises(ValueError, match="linear method"):
+        linear_op.plan_linear(x_shape, weight_shape, 4, method="fast")
+    assert len(linear_op._PLANS) == 6
+    linear_op._PLANS.clear()
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_cached_plan_gives_the_results_of_a_fresh_one(method, transposed):
+    """A call that builds its plan, one that finds it cached, and one handed a plan built apart give
+    the same bits (outputs, gradients, norms), on 3-D and flattened inputs."""
+    from hf_gns.kernels import linear_op
+
+    for x_shape in ((3, 7, 5), (21, 5)):
+        results = []
+        for route in ("built", "cached", "given"):
+            if route == "built":
+                linear_op._PLANS.clear()
+            x = _randn(*x_shape, seed=31, dtype=torch.float32).requires_grad_()
+            weight = _randn(
+                *((5, 6) if transposed else (6, 5)), seed=32, dtype=torch.float32
+            ).requires_grad_()
+            bias = _randn(6, seed=33, dtype=torch.float32).requires_grad_()
+            sink = new_sq_norm_sink(3, "cpu")
+            plan = None
+            if route == "given":
+                plan = linear_op._new_plan(x.shape, weight.shape, 3, method, transposed, 1 << 28, None)
+            out = linear_with_sq_norms(x, weight, bias, sink, 3, method, transposed, plan=plan)
+            (out * _randn(*out.shape, seed=34, dtype=torch.float32)).sum().backward()
+            results.append((out.detach(), x.grad, weight.grad, bias.grad, sink.grad))
+        for other in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    linear_op._PLANS.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("method", ["simultaneous", "ghost"])
+def test_a_linear_collector_receives_what_a_sink_would(method, bias, transposed, dtype):
+    """`sq_norm_collector` (eager): backward hands it the (B, 2) fp32 squared norms a sink's grad holds
+    (the same bits), once per backward pass that accumulates into the weight or the bias."""
+    weight_shape = (5, 6) if transposed else (6, 5)
+    results = []
+    for route in ("sink", "collector"):
+        x = _randn(3, 4, 5, seed=35, dtype=dtype).requires_grad_()
+        w = _randn(*weight_shape, seed=36, dtype=dtype).requires_grad_()
+        b = _randn(6, seed=37, dtype=dtype).requires_grad_() if bias else None
+        collected = []
+        sink = new_sq_norm_sink(3, "cpu") if route == "sink" else None
+        collector = collected.append if sink is None else None
+        out = linear_with_sq_norms(x, w, b, sink, 3, method, transposed, sq_norm_collector=collector)
+        out.backward(_randn(*out.shape, seed=38, dtype=dtype))
+        assert route == "sink" or len(collected) == 1
+        results.append(
+            (sink.grad if sink is not None else collected[0], x.grad, w.grad, b.grad if bias else x)
+        )
+    for from_sink, from_collector in zip(*results, strict=True):
+        assert from_sink.dtype == from_collector.dtype and torch.equal(from_sink, from_collector)
+    assert results[1][0].dtype == torch.float32
+    x = _randn(3, 4, 5, seed=35, dtype=dtype).requires_grad_()
+    w = _randn(*weight_shape, seed=36, dtype=dtype).requires_grad_()
+    b = _randn(6, seed=37, dtype=dtype).requires_grad_()
+    collected = []  # a pass that accumulates into no parameter (autograd.grad) collects nothing, as a sink
+    out = linear_with_sq_norms(x, w, b, None, 3, method, transposed, sq_norm_collector=collected.append)
+    torch.autograd.grad(out.sum(), [x])
+    assert collected == []
+    # frozen weight, trained bias: collected (the bias's accumulation)
+    out = linear_with_sq_norms(
+        x, w.detach(), b, None, 3, method, transposed, sq_norm_collector=collected.append
+    )
+    out.sum().backward()
+    assert len(collected) == 1 and collected[0].shape == (3, 2)
+    with pytest.raises(ValueError, match="sq_norm_collector"):
+        linear_with_sq_norms(x, w, b, new_sq_norm_sink(3, "cpu"), 3, sq_norm_collector=print)
+
+
+@pytest.mark.gpu
+def test_gpu_keyed_launches_of_the_sum_and_norms_kernel_match_triton_launches():
+    """`sum_and_sq_norms_triton` keys its cached launches by the operands' dtypes, 16-byte alignment
+    and sizes: the direct runs give the bits of launches through `kernel[grid]`, for aligned and
+    misaligned operands (a chunk's `out` sits at any row of the weight gradient), call after call."""
+    from hf_gns.kernels import norm_triton
+    from hf_gns.kernels.linear_triton import BLOCK, _launch, sum_and_sq_norms_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(43)
+    sources = {dtype: torch.randn(3 * (BLOCK + 37) + 8, device="cuda", generator=gen).to(dtype) for dtype in
+               (torch.float32, torch.bfloat16)}  # fmt: skip
+    results = {}
+    for enabled in (False, True):
+        was_enabled = norm_triton._CachedLauncher.enabled
+        norm_triton._CachedLauncher.enabled = enabled
+        _launch.compiled.clear()
+        try:
+            for (dtype, source), n_cols, p_offset, out_offset in (
+                (item, n, p, o)
+                for item in sources.items()
+                for n in (BLOCK + 37, 96)
+                for p in (0, 1)
+                for o in (0, 3)
+            ):
+                for call in range(2):
+                    per_example = source[p_offset : p_offset + 3 * n_cols].view(3, n_cols)
+                    out = torch.zeros(n_cols + 4, device="cuda")[out_offset : out_offset + n_cols]
+                    sq_norms = sum_and_sq_norms_triton(per_example, out)
+                    torch.cuda.synchronize()
+                    results[enabled, dtype, n_cols, p_offset, out_offset, call] = (
+                        out.clone(),
+                        sq_norms.clone(),
+                    )
+        finally:
+            norm_triton._CachedLauncher.enabled = was_enabled
+            _launch.compiled.clear()
+    for key, (out, sq_norms) in results.items():
+        if key[0]:
+            expected_out, expected_sq = results[(False, *key[1:])]
+            assert torch.equal(out, expected_out) and torch.equal(sq_norms, expected_sq), key

@@ -25,6 +25,10 @@ With per-document `example_offsets` the link is (1, N·D + E): the rows R_t of a
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +45,7 @@ from .linear_reference import (
     sum_and_sq_norms_reference,
     tied_rows,
 )
-from .norm_op import TRITON_AVAILABLE, get_backend
+from .norm_op import TRITON_AVAILABLE, _accumulates_parameters, get_backend
 
 if TRITON_AVAILABLE:
     from .linear_triton import sum_and_sq_norms_traceable, sum_and_sq_norms_triton
@@ -98,9 +102,86 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """The module's own forward: `F.linear` (nn.Linear) or HF Conv1D's addmm on (rows, K)."""
     if not transposed:
         return F.linear(x, weight, bias)
+    return _conv1d_forward(x, weight, bias, (*x.shape[:-1], weight.shape[-1]))
+
+
+def _conv1d_forward(x, weight, bias, out_shape):
+    """HF Conv1D's forward (addmm on the rows (N, K), viewed back as `out_shape`)."""
     rows = x.reshape(-1, x.shape[-1])
     out = torch.addmm(bias, rows, weight) if bias is not None else rows @ weight
-    return out.view(*x.shape[:-1], weight.shape[-1])
+    return out.view(out_shape)
+
+
+class LinearPlan(NamedTuple):
+    """What a `linear_with_sq_norms` call derives from its shapes, made once per key (`plan_linear`)
+    instead of at every call: the examples, the method, and the shapes the operands are viewed in.
+
+    The patched Linears of a model run forward and backward ~100 times a step, and in eager
+    training their host time shows wherever the GPU work queued ahead of it is short (issue 11).
+    A plan holds constants of the key's shapes only (a tuple: torch.compile treats it as one).
+    """
+
+    n_examples: int
+    method: str  # "simultaneous" or "ghost"
+    transposed: bool
+    chunk_bytes: int
+    out_shape: tuple[int, ...]  # Conv1D's output view
+    inputs_shape: tuple[int, int, int]  # A viewed as (B, T, K) in backward (T as -1)
+    grads_shape: tuple[int, int, int]  # G viewed as (B, T, L) in backward (T as -1)
+
+
+def _new_plan(x_shape, weight_shape, n_examples, method, transposed, chunk_bytes, seq) -> LinearPlan:
+    in_features = x_shape[-1]
+    out_features = weight_shape[-1] if transposed else weight_shape[0]
+    if seq is None:  # mean rows per example
+        seq = math.prod(x_shape) // max(1, n_examples * in_features)
+    return LinearPlan(
+        n_examples,
+        choose_linear_method(n_examples, seq, in_features, out_features, method),
+        transposed,
+        chunk_bytes,
+        (*x_shape[:-1], out_features),
+        (n_examples, -1, in_features),
+        (n_examples, -1, out_features),
+    )
+
+
+# Plans kept at most (one per layer shape and batch shape seen; a dynamically padded dataset makes
+# one per sequence length): past it the cache starts over.
+_MAX_PLANS = 4096
+_PLANS: dict[tuple, LinearPlan] = {}
+
+
+def plan_linear(
+    x_shape: torch.Size,
+    weight_shape: torch.Size,
+    n_examples: int,
+    method: str = "auto",
+    transposed: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    seq: int | None = None,
+) -> LinearPlan:
+    """The `LinearPlan` of a call on an input of `x_shape`, cached by all the arguments.
+
+    Args:
+        seq (`int`, *optional*): the T that the method choice ("auto") uses: by default the mean
+            rows per example; the patched layers pass T_max for padding-free batches (documents
+            are padded to the longest, which sets both methods' cost).
+        (the others as `linear_with_sq_norms` takes them; `x_shape`, `weight_shape`: their shapes)
+
+    Raises:
+        `ValueError`: for a method other than "auto", "simultaneous" and "ghost".
+    """
+    if torch.compiler.is_compiling():  # built inside the graph: Dynamo would guard on a global cache
+        return _new_plan(x_shape, weight_shape, n_examples, method, transposed, chunk_bytes, seq)
+    key = (x_shape, weight_shape, n_examples, method, transposed, chunk_bytes, seq)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _new_plan(x_shape, weight_shape, n_examples, method, transposed, chunk_bytes, seq)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -118,17 +199,21 @@ def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 class _LinearWithSqNorms(torch.autograd.Function):
+    """The op; `ctx.plan` (a `LinearPlan`) carries everything derived from the shapes."""
+
     @staticmethod
-    def forward(
-        ctx, x, weight, bias, sink, link, ids, example_offsets, n_examples, method, transposed, chunk_bytes
-    ):
+    def forward(ctx, x, weight, bias, sink, link, ids, example_offsets, plan, collector):
         # Cast once, as autocast would, and keep the casts for backward (as autograd keeps
         # autocast's): the output is bit-identical, and backward casts nothing again.
         # Under autocast the operands are now in its dtype, so its casts inside the matmul are
         # no-ops: no autocast-disabling context needed (~10-20 µs of host time a call).
         x_c, weight_c, bias_c = _autocast_operands(x, weight, bias)
-        out = linear_forward(x_c, weight_c, bias_c, transposed)
-        ctx.config = (n_examples, method, transposed, chunk_bytes)
+        if plan.transposed:
+            out = _conv1d_forward(x_c, weight_c, bias_c, plan.out_shape)
+        else:
+            out = F.linear(x_c, weight_c, bias_c)
+        ctx.plan = plan
+        ctx.collector = collector
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(x_c, weight_c, ids, example_offsets)
@@ -149,47 +234,54 @@ class _LinearWithSqNorms(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         x, w, ids, example_offsets = ctx.saved_tensors
-        n_examples, method, transposed, chunk_bytes = ctx.config
-        # per-document examples: the references take the rows flat, (N, K) and (N, L), and the
-        # offsets; only given when present, so None keeps the (B, T, ·) path unchanged
-        extra = {} if example_offsets is None else {"example_offsets": example_offsets}
+        plan: LinearPlan = ctx.plan
+        transposed = plan.transposed
         needs_x, needs_weight, needs_bias, needs_sink, needs_link = ctx.needs_input_grad[:5]
-        grad_x = grad_weight = grad_bias = sink_grad = link_grad = None
-        grad_out = grad_out.to(x.dtype)
+        collect = ctx.collector is not None and _accumulates_parameters(ctx, True, ctx.has_bias)
+        needs_norms = needs_sink or collect
+        grad_x = grad_weight = grad_bias = sq_norms = link_grad = None
+        if grad_out.dtype != x.dtype:
+            grad_out = grad_out.to(x.dtype)
         if needs_x:
             grad_x = grad_out @ (w.t() if transposed else w)  # (..., K)
         if example_offsets is None:
-            inputs = x.reshape(n_examples, -1, x.shape[-1])  # A (B, T, K)
-            grads = grad_out.reshape(n_examples, -1, grad_out.shape[-1])  # G (B, T, L)
-        else:
+            extra = {}
+            inputs = x.reshape(plan.inputs_shape)  # A (B, T, K)
+            grads = grad_out.reshape(plan.grads_shape)  # G (B, T, L)
+        else:  # per-document examples: the references take the rows flat, (N, K) and (N, L), and the offsets
+            extra = {"example_offsets": example_offsets}
             inputs = x.reshape(-1, x.shape[-1])  # A (N, K), rows of E documents
             grads = grad_out.reshape(-1, grad_out.shape[-1])  # G (N, L)
         weight_sq = None
-        if needs_weight and method == "simultaneous":
+        if needs_weight and plan.method == "simultaneous":
             grad_weight, weight_sq = linear_weight_grad_simultaneous(
-                inputs, grads, ctx.weight_dtype, transposed, chunk_bytes, reduce=sum_and_sq_norms, **extra
+                inputs, grads, ctx.weight_dtype, transposed, plan.chunk_bytes, sum_and_sq_norms, **extra
             )
         elif needs_weight:
             flat_grads, flat_inputs = grads.reshape(-1, grads.shape[-1]), inputs.reshape(-1, x.shape[-1])
-            grad_weight = (flat_inputs.t() @ flat_grads if transposed else flat_grads.t() @ flat_inputs).to(
-                ctx.weight_dtype
-            )
-        if weight_sq is None and (needs_sink or needs_link):
+            grad_weight = flat_inputs.t() @ flat_grads if transposed else flat_grads.t() @ flat_inputs
+            if grad_weight.dtype != ctx.weight_dtype:
+                grad_weight = grad_weight.to(ctx.weight_dtype)
+        if weight_sq is None and (needs_norms or needs_link):
             weight_sq = linear_weight_sq_norms_ghost(inputs, grads, **extra)
         bias_per_example = None
-        if ctx.has_bias and (needs_bias or needs_sink) and example_offsets is None:
+        if ctx.has_bias and (needs_bias or needs_norms) and example_offsets is None:
             # one read of G for both: the per-example bias grads (B, L) in fp32, and their sum
-            bias_per_example = grads.sum(1, dtype=torch.promote_types(grads.dtype, torch.float32))
-            grad_bias = bias_per_example.sum(0).to(grads.dtype)  # the dtype the plain sum had
-        elif ctx.has_bias and (needs_bias or needs_sink):
+            bias_per_example = grads.sum(1, dtype=_accumulation_dtype(grads.dtype))
+            grad_bias = bias_per_example.sum(0)
+            if grad_bias.dtype != grads.dtype:
+                grad_bias = grad_bias.to(grads.dtype)  # the dtype the plain sum had
+        elif ctx.has_bias and (needs_bias or needs_norms):
             grad_bias = grads.reshape(-1, grads.shape[-1]).sum(0)
-        if needs_sink:
+        if needs_norms:
             if bias_per_example is not None:
-                sink_grad = torch.stack([weight_sq, bias_per_example.square().sum(1)], dim=1)
+                sq_norms = torch.stack([weight_sq, bias_per_example.square().sum(1)], dim=1)
             elif ctx.has_bias:
-                sink_grad = torch.stack([weight_sq, linear_bias_sq_norms(grads, **extra)], dim=1)
+                sq_norms = torch.stack([weight_sq, linear_bias_sq_norms(grads, **extra)], dim=1)
             else:  # (B, 2) with a zero bias column, one op
-                sink_grad = F.pad(weight_sq.unsqueeze(1), (0, 1))
+                sq_norms = F.pad(weight_sq.unsqueeze(1), (0, 1))
+            if collect:  # as the fp32 sink would receive them
+                ctx.collector(sq_norms if sq_norms.dtype == torch.float32 else sq_norms.float())
         if needs_link and example_offsets is None:
             rows = tied_rows(inputs, grads, ids).float().flatten(1)  # (B, T_ids·K)
             link_grad = torch.cat([rows, weight_sq.unsqueeze(1)], dim=1)
@@ -198,20 +290,31 @@ class _LinearWithSqNorms(torch.autograd.Function):
             link_grad = torch.cat([rows, weight_sq.float().unsqueeze(0)], dim=1)  # (1, N·K + E)
         if not needs_bias:
             grad_bias = None
-        return grad_x, grad_weight, grad_bias, sink_grad, link_grad, None, None, None, None, None, None
+        sink_grad = sq_norms if needs_sink else None
+        return grad_x, grad_weight, grad_bias, sink_grad, link_grad, None, None, None, None
+
+
+_FLOAT32_ACCUMULATED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """torch.promote_types(dtype, fp32), without its call for the usual dtypes."""
+    return torch.float32 if dtype in _FLOAT32_ACCUMULATED else torch.promote_types(dtype, torch.float32)
 
 
 def linear_with_sq_norms(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    sq_norm_sink: torch.Tensor,
+    sq_norm_sink: torch.Tensor | None,
     n_examples: int,
     method: str = "auto",
     transposed: bool = False,
     tied_link: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     example_offsets: torch.Tensor | None = None,
+    plan: LinearPlan | None = None,
+    sq_norm_collector: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """A linear layer whose backward also writes per-example |dW_b|², |db_b|² into `sq_norm_sink.grad`.
 
@@ -220,7 +323,8 @@ def linear_with_sq_norms(
             `n_examples` examples: (B, T, K), (B, K), or flattened (B·T, K).
         weight (`torch.Tensor`): (L, K), or (K, L) when `transposed`.
         bias (`torch.Tensor`, *optional*): (L,).
-        sq_norm_sink (`torch.Tensor`): (B, 2) fp32 leaf (see `new_sq_norm_sink`).
+        sq_norm_sink (`torch.Tensor`, *optional*): (B, 2) fp32 leaf (see `new_sq_norm_sink`);
+            None with `sq_norm_collector`.
         n_examples (`int`): B.
         method (`str`, *optional*, defaults to `"auto"`): `"simultaneous"`, `"ghost"`, or
             `"auto"` (`choose_linear_method` from the shapes).
@@ -231,22 +335,26 @@ def linear_with_sq_norms(
         example_offsets (`torch.Tensor`, *optional*): int64 (E+1,) row offsets of E documents
             in the rows of `x` flattened to (N, K) (padding-free batches); `n_examples` must
             then be E. None: rows are grouped batch-major into `n_examples` examples.
+        plan (`LinearPlan`, *optional*): `plan_linear` of these arguments, when the caller has it
+            (the patched layers); by default looked up here.
+        sq_norm_collector (`Callable[[torch.Tensor], None]`, *optional*): eager mode's cheaper
+            alternative to a sink, as `fused_norm` takes it: backward calls it with the (B, 2)
+            fp32 squared norms when the backward pass accumulates into `weight` or `bias` (no
+            sink leaf, no AccumulateGrad node, no hook per call). Not under torch.compile.
 
     Returns:
         `torch.Tensor`: the layer's output, bit-identical to the module's.
     """
-    in_features = x.shape[-1]
-    out_features = weight.shape[-1] if transposed else weight.shape[0]
-    if example_offsets is not None:
-        if example_offsets.shape[0] - 1 != n_examples:
-            raise ValueError(
-                f"example_offsets gives {example_offsets.shape[0] - 1} examples, n_examples={n_examples}"
-            )
-    seq = x.numel() // max(1, n_examples * in_features)  # mean rows per example
-    method = choose_linear_method(n_examples, seq, in_features, out_features, method)
+    if example_offsets is not None and example_offsets.shape[0] - 1 != n_examples:
+        given = example_offsets.shape[0] - 1
+        raise ValueError(f"example_offsets gives {given} examples, n_examples={n_examples}")
+    if sq_norm_collector is not None and (sq_norm_sink is not None or torch.compiler.is_compiling()):
+        raise ValueError("linear_with_sq_norms takes sq_norm_collector in eager mode only, not with a sink")
+    if plan is None:
+        plan = plan_linear(x.shape, weight.shape, n_examples, method, transposed, chunk_bytes)
     link, ids = tied_link if tied_link is not None else (None, None)
     return _LinearWithSqNorms.apply(
-        x, weight, bias, sq_norm_sink, link, ids, example_offsets, n_examples, method, transposed, chunk_bytes
+        x, weight, bias, sq_norm_sink, link, ids, example_offsets, plan, sq_norm_collector
     )
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .norm_triton import _CachedLauncher
+from .norm_triton import _CachedLauncher, _cdiv
 
 BLOCK = 4096
 NUM_WARPS = 8
@@ -48,9 +48,21 @@ def sum_and_sq_norms_triton(per_example: torch.Tensor, out: torch.Tensor) -> tor
         out (`torch.Tensor`): (N,), contiguous, any float dtype (the weight's).
     """
     n_examples, n_cols = per_example.shape
-    n_blocks = triton.cdiv(n_cols, BLOCK)
+    n_blocks = _cdiv(n_cols, BLOCK)
     partial = torch.empty(n_examples, n_blocks, dtype=torch.float32, device=per_example.device)
-    _launch((n_blocks,), (per_example, out, partial, n_examples, n_cols, n_blocks), NUM_WARPS, BLOCK=BLOCK)
+    # What Triton specializes on, for the launcher's cache (instead of its walk over every argument):
+    # the two pointers' dtypes and 16-byte alignment (`partial` is a fresh allocation: aligned) and the
+    # integers (n_blocks follows from n_cols).
+    key = (
+        per_example.dtype,
+        per_example.data_ptr() % 16 == 0,
+        out.dtype,
+        out.data_ptr() % 16 == 0,
+        n_examples,
+        n_cols,
+    )
+    args = (per_example, out, partial, n_examples, n_cols, n_blocks)
+    _launch((n_blocks,), args, NUM_WARPS, key=key, BLOCK=BLOCK)
     return partial.sum(1)
 
 
