@@ -398,3 +398,40 @@ def test_gpu_triton_reduction_under_inductor_matches_eager():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-3, atol=0)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("forward_inside", [False, True], ids=["forward_outside", "forward_inside"])
+def test_eager_layers_collect_without_sinks_and_compiled_autograd_gives_the_same_norms(forward_inside):
+    """Eager backward hands each patched linear's (B, 2) norms straight to its `sinks.collected` (no
+    sink leaf taken); a backward traced by compiled autograd (its forward inside the context, which
+    then takes sinks, or not) collects the same norms."""
+    from torch._dynamo import compiled_autograd
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4, bias=False))
+    hf_gns.patch(model, targets="all")
+    x = torch.randn(3, 5, 8)
+    model(x).square().sum().backward()  # the first forward counts calls (the vector path)
+    hf_gns.zero_stats(model)
+    states = [state for _, state in layer_states(model)]
+    assert len(states) == 2 and all(state.kind == "linear" for state in states)
+    spares = [state.sinks.spare for state in states]
+    model(x).square().sum().backward()
+    assert all(state.sinks.spare is spare for state, spare in zip(states, spares, strict=True))
+    assert all(len(state.sinks.collected) == 1 for state in states)
+    eager = hf_gns.per_example_sq_norms(model)
+    hf_gns.zero_stats(model)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss = model(x).square().sum() if forward_inside else None
+        # a forward inside the context takes sinks (the traced backward's graph inputs)
+        assert all((state.sinks.spare is None) == forward_inside for state in states)
+    loss = model(x).square().sum() if loss is None else loss
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    assert all(len(state.sinks.collected) == 1 for state in states)
+    traced = hf_gns.per_example_sq_norms(model)
+    assert traced.keys() == eager.keys() and len(eager) == 5  # the linears' 3, the LayerNorm's γ and β
+    for name, values in eager.items():
+        torch.testing.assert_close(traced[name], values, rtol=1e-6, atol=0, msg=name)
+    torch._dynamo.reset()

@@ -11,12 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.linear_cost import choose_linear_method, simultaneous_min_seq
-from ..kernels.linear_op import _autocast_operands, linear_forward, linear_with_sq_norms
-from ..kernels.linear_reference import max_example_rows
+from ..kernels.linear_cost import simultaneous_min_seq
+from ..kernels.linear_op import _autocast_operands, linear_forward, linear_with_sq_norms, plan_linear
+from ..kernels.linear_reference import DEFAULT_CHUNK_BYTES, max_example_rows
 from .documents import offsets_for_rows
 from .layer_state import LAYER_ATTRIBUTE, LayerPatch, examples_in
 from .layout import back_to_input_layout
+
+try:  # compiled autograd traces backward passes: their norms must come through sinks
+    from torch._dynamo import compiled_autograd as _compiled_autograd
+except ImportError:  # pragma: no cover - older or trimmed torch
+    _compiled_autograd = None
 
 
 def conv1d_class() -> type | None:
@@ -145,14 +150,21 @@ def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor
 def _linear_with_sink(
     self: nn.Module, state: LayerPatch, input: torch.Tensor, offsets: torch.Tensor | None
 ) -> torch.Tensor:
-    """The squared-norm path: `linear_with_sq_norms` with a (B, 2) (or (E, 2) for documents) sink."""
+    """The squared-norm path: `linear_with_sq_norms`, its (B, 2) (or (E, 2) for documents) squared
+    norms going to the module's `sinks`: in eager mode straight from the op's backward (a collector,
+    as the fused norms do: no sink leaf, no AccumulateGrad, no hook per call); under torch.compile
+    (or compiled autograd, which traces the backward) through a sink, a graph input (`sinks.py`)."""
     n_examples = examples_in(input, state.model_hook.batch_size) if offsets is None else offsets.shape[0] - 1
-    in_features, out_features = features(self)
-    seq = input.numel() // max(1, n_examples * in_features)  # T: rows per example
-    if offsets is not None:  # documents are padded to the longest: that T sets both methods' cost
-        seq = max_example_rows(offsets)
-    state.last_method = choose_linear_method(n_examples, seq, in_features, out_features, state.method)
-    sink = state.sinks.take_for(n_examples, input.device)
+    # documents are padded to the longest: that T sets both methods' cost (default: mean rows)
+    seq = None if offsets is None else max_example_rows(offsets)
+    plan = plan_linear(
+        input.shape, self.weight.shape, n_examples, state.method, state.transposed, DEFAULT_CHUNK_BYTES, seq
+    )
+    state.last_method = plan.method
+    if torch.compiler.is_compiling() or getattr(_compiled_autograd, "compiled_autograd_enabled", False):
+        sink, collector = state.sinks.take_for(n_examples, input.device), None
+    else:
+        sink, collector = None, state.sinks.collect
     # with documents the tied embedding's lookup is one flattened (1, N) row of ids
     tied_link = state.tie.take(1 if offsets is not None else n_examples) if state.tie is not None else None
     return linear_with_sq_norms(
@@ -161,8 +173,10 @@ def _linear_with_sink(
         self.bias,
         sink,
         n_examples,
-        method=state.last_method,
+        method=plan.method,
         transposed=state.transposed,
         tied_link=tied_link,
         example_offsets=offsets,
+        plan=plan,
+        sq_norm_collector=collector,
     )
