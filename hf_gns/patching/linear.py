@@ -116,12 +116,27 @@ def linear_with_example_grads(x, weight, bias, leaf, n_examples: int, transposed
     return _LinearWithExampleGrads.apply(x, weight, bias, leaf, n_examples, transposed)
 
 
+def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`module.weight` and `module.bias`, read from `_parameters` where they are parameters (a dict
+    lookup; `nn.Module.__getattr__` costs ~1 µs a read, and this runs at every call)."""
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else module.weight
+    bias = params["bias"] if "bias" in params else getattr(module, "bias", None)
+    return weight, bias
+
+
 def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """Forward of a patched Linear/Conv1D: the module's computation, plus a sink when training
     (per-example gradient vectors for layers called several times per forward or sharing weights)."""
     state: LayerPatch = getattr(self, LAYER_ATTRIBUTE)
-    if not state.tracks_gradients(self):
-        return linear_forward(input, self.weight, self.bias, state.transposed)
+    weight, bias = _weight_and_bias(self)
+    # `state.tracks_gradients(self)`, inline on the parameters just read
+    if not (
+        state.enabled
+        and torch.is_grad_enabled()
+        and (weight.requires_grad or (isinstance(bias, torch.Tensor) and bias.requires_grad))
+    ):
+        return linear_forward(input, weight, bias, state.transposed)
     hook = state.model_hook
     vectors = state.routing.vectors_for_call(hook) if state.routing is not None else None
     if hook.example_offsets is not None:  # padding-free batch: documents are the examples
@@ -130,9 +145,8 @@ def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor
                 f"hf_gns: {state.name!r} is called several times per forward (or shares its weight): "
                 "per-example gradient vectors of padding-free (document) batches are not supported"
             )
-        return _linear_with_sink(
-            self, state, input, offsets_for_rows(hook.example_offsets, input, hook.token_shape)
-        )
+        offsets = offsets_for_rows(hook.example_offsets, input, hook.token_shape)
+        return _linear_with_sink(weight, bias, state, input, offsets)
     x, seq_first = state.layout.examples_first(input, hook.batch_size)  # (T, B, K) → (B, T, K)
     if vectors is not None:
         if state.tie is not None:
@@ -142,13 +156,17 @@ def patched_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor
             )
         n_examples = examples_in(x, hook.batch_size)
         leaf = vectors.leaf_for(hook, n_examples, x.device)
-        out = linear_with_example_grads(x, self.weight, self.bias, leaf, n_examples, state.transposed)
+        out = linear_with_example_grads(x, weight, bias, leaf, n_examples, state.transposed)
         return back_to_input_layout(out, seq_first)
-    return back_to_input_layout(_linear_with_sink(self, state, x, None), seq_first)
+    return back_to_input_layout(_linear_with_sink(weight, bias, state, x, None), seq_first)
 
 
 def _linear_with_sink(
-    self: nn.Module, state: LayerPatch, input: torch.Tensor, offsets: torch.Tensor | None
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    state: LayerPatch,
+    input: torch.Tensor,
+    offsets: torch.Tensor | None,
 ) -> torch.Tensor:
     """The squared-norm path: `linear_with_sq_norms`, its (B, 2) (or (E, 2) for documents) squared
     norms going to the module's `sinks`: in eager mode straight from the op's backward (a collector,
@@ -158,7 +176,7 @@ def _linear_with_sink(
     # documents are padded to the longest: that T sets both methods' cost (default: mean rows)
     seq = None if offsets is None else max_example_rows(offsets)
     plan = plan_linear(
-        input.shape, self.weight.shape, n_examples, state.method, state.transposed, DEFAULT_CHUNK_BYTES, seq
+        input.shape, weight.shape, n_examples, state.method, state.transposed, DEFAULT_CHUNK_BYTES, seq
     )
     state.last_method = plan.method
     if torch.compiler.is_compiling() or getattr(_compiled_autograd, "compiled_autograd_enabled", False):
@@ -169,8 +187,8 @@ def _linear_with_sink(
     tied_link = state.tie.take(1 if offsets is not None else n_examples) if state.tie is not None else None
     return linear_with_sq_norms(
         input,
-        self.weight,
-        self.bias,
+        weight,
+        bias,
         sink,
         n_examples,
         method=plan.method,
