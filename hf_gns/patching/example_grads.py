@@ -39,10 +39,12 @@ from .sinks import SquaredNormSinks
 VECTOR_BUDGET_BYTES = int(float(os.environ.get("HF_GNS_VECTOR_BUDGET_MB", "256")) * 2**20)
 
 
+_CURRENT_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)  # private torch API, so guarded
+
+
 def current_backward_id() -> int:
-    """An id of the running backward pass (-1 outside backward); private torch API, so guarded."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if current is None else current()
+    """An id of the running backward pass (-1 outside backward)."""
+    return -1 if _CURRENT_GRAPH_TASK_ID is None else _CURRENT_GRAPH_TASK_ID()
 
 
 class ExampleGradVectors:
@@ -153,9 +155,10 @@ class CallCounter:
         self.calls_in_forward = 0
         self.forwards = 0  # forwards in which the module was called
 
-    def note(self, forward_index: int) -> int:
-        """Record a call; returns how many calls this forward has seen, this one included."""
-        key = (forward_index, current_backward_id())
+    def note(self, forward_index: int, backward_id: int | None = None) -> int:
+        """Record a call; returns how many calls this forward has seen, this one included
+        (`backward_id`: `current_backward_id()`, when the caller has it)."""
+        key = (forward_index, current_backward_id() if backward_id is None else backward_id)
         if key != self._key:
             self._key, self.calls_in_forward = key, 0
             self.forwards += 1
@@ -216,14 +219,15 @@ class CallRouting:
         if torch.compiler.is_compiling():
             return None if self.mode in ("single", "discover") else self.vectors
         forward_index = model_hook.forward_index
-        in_backward = current_backward_id() != -1
+        backward_id = current_backward_id()
+        in_backward = backward_id != -1
         if in_backward and self._original[0] == forward_index:  # non-reentrant checkpoint recomputation
             choices = self._original[1]
             choice = choices[self._replayed % len(choices)]
             self._replayed += 1
             return choice
         if self.mode in ("single", "discover"):
-            self._count(model_hook)
+            self._count(model_hook, backward_id)
         choice = None if self.mode == "single" else self.vectors
         if not in_backward:
             if self._original[0] != forward_index:
@@ -231,8 +235,8 @@ class CallRouting:
             self._original[1].append(choice)
         return choice
 
-    def _count(self, model_hook) -> None:
-        calls = self.counter.note(model_hook.forward_index)
+    def _count(self, model_hook, backward_id: int | None = None) -> None:
+        calls = self.counter.note(model_hook.forward_index, backward_id)
         if self.mode == "discover":
             if self.counter.forwards > 1 and calls == 1:  # the first forward had one call
                 self.mode, self.vectors = "single", None
