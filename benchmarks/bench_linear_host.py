@@ -22,8 +22,6 @@ proxy also counts their small-shape CPU arithmetic).
 
 from __future__ import annotations
 
-import argparse
-import copy
 import cProfile
 import io
 import os
@@ -33,65 +31,42 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_norm_host import _host_us_per_call, install_stub_launch  # noqa: E402
+from bench_norm_host import (  # noqa: E402
+    _host_us_per_call,
+    host_bench_setup,
+    install_stub_launch,
+    patched_tiny_model,
+)
 
 
-def _patched_layer(kind: str, width: int, dtype: torch.dtype, device: torch.device, batch: int, seq: int):
-    """(model, patched layer, model hook, unpatched copy of the layer): one MLP input projection of a
-    tiny HF model patched with targets="all", after two training forwards (routing settled)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    import hf_gns
-    from hf_gns.patching.model_hook import HOOK_ATTRIBUTE
-
-    if kind == "gpt2":
-        config = GPT2Config(
-            n_layer=1, n_embd=width, n_head=max(1, width // 64), vocab_size=128, n_positions=max(64, seq),
-            bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
-        model = GPT2LMHeadModel(config)
-    else:
-        config = LlamaConfig(
-            num_hidden_layers=1, hidden_size=width, intermediate_size=4 * width,
-            num_attention_heads=max(1, width // 64), vocab_size=128, max_position_embeddings=max(64, seq),
-        )  # fmt: skip
-        model = LlamaForCausalLM(config)
-    model = model.to(device, dtype)
-    layer = model.transformer.h[0].mlp.c_fc if kind == "gpt2" else model.model.layers[0].mlp.up_proj
-    unpatched = copy.deepcopy(layer)
-    hf_gns.patch(model, targets="all")
-    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    for _ in range(2):
-        model(ids).logits.float().sum().backward()
-    hf_gns.zero_stats(model)
-    model.zero_grad(set_to_none=True)
-    return model, layer, model.__dict__[HOOK_ATTRIBUTE][0], unpatched
+def _mlp_input_projection(model):
+    """GPT-2's `c_fc` (Conv1D) or Llama's `up_proj` (Linear) of the first block."""
+    return (
+        model.transformer.h[0].mlp.c_fc
+        if hasattr(model, "transformer")
+        else model.model.layers[0].mlp.up_proj
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=None, help="default 16 (CUDA), 2 (--stub-launch)")
-    parser.add_argument("--seq", type=int, default=None, help="default 512 (CUDA), 32 (--stub-launch)")
-    parser.add_argument("--width", type=int, default=None, help="default 768 (CUDA), 64 (--stub-launch)")
-    parser.add_argument("--calls", type=int, default=None, help="calls per timed loop (40 CUDA, 100 stub)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed loops per row (5 CUDA, 15 stub)")
-    parser.add_argument("--stub-launch", action="store_true", help="CPU proxy: no-op kernel launches")
-    parser.add_argument("--profile", type=int, default=25, help="cProfile rows printed (0: no profile)")
-    args = parser.parse_args()
-    stub = args.stub_launch
-    batch = args.batch or (2 if stub else 16)
-    seq = args.seq or (32 if stub else 512)
-    width = args.width or (64 if stub else 768)
-    calls = args.calls or (100 if stub else 40)
-    repeats = args.repeats or (15 if stub else 5)
-    if stub:
-        device, dtype = torch.device("cpu"), torch.float32
-        torch.set_num_threads(1)  # no intra-op thread pool: its wake-ups are noise at this size
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_linear_host.py: error: needs a CUDA GPU (or --stub-launch)")
-        device, dtype = torch.device("cuda"), torch.bfloat16
-    layers = [(kind, *_patched_layer(kind, width, dtype, device, batch, seq)) for kind in ("gpt2", "llama")]
+    args, device, dtype = host_bench_setup(
+        __doc__.splitlines()[0], "bench_linear_host.py", seq=(512, 32), calls=(40, 100), profile=25
+    )
+    stub, batch, seq, width, calls, repeats = (
+        args.stub_launch,
+        args.batch,
+        args.seq,
+        args.width,
+        args.calls,
+        args.repeats,
+    )
+    layers = [
+        (kind, *patched_tiny_model(
+            kind, width, dtype, device, batch, seq, targets="all", intermediate=4 * width,
+            layer_of=_mlp_input_projection,
+        ))
+        for kind in ("gpt2", "llama")
+    ]  # fmt: skip
     if stub:  # after patching: patching probes the real ops
         install_stub_launch()
     x = torch.randn(batch, seq, width, device=device, dtype=dtype, requires_grad=True)

@@ -93,9 +93,45 @@ def _host_us_per_call(rows, calls: int, device: torch.device, repeats: int) -> d
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def _patched_module(kind: str, width: int, dtype: torch.dtype, device: torch.device, batch: int, seq: int):
-    """One HF norm layer inside a model, patched by hf_gns (the module the Trainer calls), after two
-    training forwards of the model (its call routing settles on the single-call path)."""
+def host_bench_setup(
+    description: str, script: str, *, seq: tuple[int, int], calls: tuple[int, int], profile: int
+):
+    """The host benchmarks' shared command line and device: `(args, device, dtype)`, with every size
+    resolved to its default, (CUDA, --stub-launch) pairs for `seq` and `calls`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, default=None, help="default 16 (CUDA), 2 (--stub-launch)")
+    parser.add_argument(
+        "--seq", type=int, default=None, help=f"default {seq[0]} (CUDA), {seq[1]} (--stub-launch)"
+    )
+    parser.add_argument("--width", type=int, default=None, help="default 768 (CUDA), 64 (--stub-launch)")
+    parser.add_argument(
+        "--calls", type=int, default=None, help=f"calls per timed loop ({calls[0]} CUDA, {calls[1]} stub)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed loops per row (5 CUDA, 15 stub)")
+    parser.add_argument("--stub-launch", action="store_true", help="CPU proxy: no-op kernel launches")
+    parser.add_argument("--profile", type=int, default=profile, help="cProfile rows printed (0: no profile)")
+    args = parser.parse_args()
+    stub = int(args.stub_launch)  # index of the --stub-launch default in each pair
+    args.batch = args.batch or (16, 2)[stub]
+    args.seq = args.seq or seq[stub]
+    args.width = args.width or (768, 64)[stub]
+    args.calls = args.calls or calls[stub]
+    args.repeats = args.repeats or (5, 15)[stub]
+    if stub:
+        torch.set_num_threads(1)  # no intra-op thread pool: its wake-ups are noise at this size
+        return args, torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script}: error: needs a CUDA GPU (or --stub-launch)")
+    return args, torch.device("cuda"), torch.bfloat16
+
+
+def patched_tiny_model(
+    kind: str, width: int, dtype, device, batch: int, seq: int, *, targets: str, intermediate: int, layer_of
+):
+    """`(model, layer, hook, unpatched)`: a one-layer GPT-2 (`kind="gpt2"`) or Llama built from a
+    config, its module `layer_of(model)` and an unpatched copy of it taken first, the model patched by
+    hf_gns with `targets` after two training forwards of (batch, seq) tokens (its call routing settles
+    on the single-call path), gradients and statistics zeroed, and its model hook."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     import hf_gns
@@ -109,46 +145,31 @@ def _patched_module(kind: str, width: int, dtype: torch.dtype, device: torch.dev
         model = GPT2LMHeadModel(config)
     else:
         config = LlamaConfig(
-            num_hidden_layers=1, hidden_size=width, intermediate_size=2 * width,
+            num_hidden_layers=1, hidden_size=width, intermediate_size=intermediate,
             num_attention_heads=max(1, width // 64), vocab_size=128, max_position_embeddings=max(64, seq),
         )  # fmt: skip
         model = LlamaForCausalLM(config)
     model = model.to(device, dtype)
-    unpatched = copy.deepcopy(model.transformer.ln_f if kind == "gpt2" else model.model.norm)
-    hf_gns.patch(model)
-    ids = torch.zeros(batch, min(seq, 8), dtype=torch.long, device=device)
+    layer = layer_of(model)
+    unpatched = copy.deepcopy(layer)
+    hf_gns.patch(model, targets=targets)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     for _ in range(2):
         model(ids).logits.float().sum().backward()
     hf_gns.zero_stats(model)
     model.zero_grad(set_to_none=True)
-    norm = model.transformer.ln_f if kind == "gpt2" else model.model.norm
-    hook = model.__dict__[HOOK_ATTRIBUTE][0]
-    return model, norm, hook, unpatched
+    return model, layer, model.__dict__[HOOK_ATTRIBUTE][0], unpatched
+
+
+def _final_norm(model):
+    return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=None, help="default 16 (CUDA), 2 (--stub-launch)")
-    parser.add_argument("--seq", type=int, default=None, help="default 1024 (CUDA), 16 (--stub-launch)")
-    parser.add_argument("--width", type=int, default=None, help="default 768 (CUDA), 64 (--stub-launch)")
-    parser.add_argument("--calls", type=int, default=None, help="calls per timed loop (60 CUDA, 200 stub)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed loops per row (5 CUDA, 15 stub)")
-    parser.add_argument("--stub-launch", action="store_true", help="CPU proxy: no-op kernel launches")
-    parser.add_argument("--profile", type=int, default=30, help="cProfile rows printed (0: no profile)")
-    args = parser.parse_args()
-    stub = args.stub_launch
-    batch = args.batch or (2 if stub else 16)
-    seq = args.seq or (16 if stub else 1024)
-    width = args.width or (64 if stub else 768)
-    calls = args.calls or (200 if stub else 60)
-    args.repeats = args.repeats or (15 if stub else 5)
-    if stub:
-        device, dtype = torch.device("cpu"), torch.float32
-        torch.set_num_threads(1)  # no intra-op thread pool: its wake-ups are noise at this size
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_norm_host.py: error: needs a CUDA GPU (or --stub-launch)")
-        device, dtype = torch.device("cuda"), torch.bfloat16
+    args, device, dtype = host_bench_setup(
+        __doc__.splitlines()[0], "bench_norm_host.py", seq=(1024, 16), calls=(60, 200), profile=30
+    )
+    stub, batch, seq, width, calls = args.stub_launch, args.batch, args.seq, args.width, args.calls
     shape = (batch, seq, width)
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
     w = torch.ones(width, device=device, dtype=dtype, requires_grad=True)
@@ -157,7 +178,12 @@ def main() -> None:
     patched = []
     for kind in ("gpt2", "llama"):  # patched (and routed) before the stub: patching probes the real op
         try:
-            patched.append((kind, *_patched_module(kind, width, dtype, device, batch, seq)))
+            patched.append(
+                (kind, *patched_tiny_model(
+                    kind, width, dtype, device, batch, min(seq, 8), targets="norms", intermediate=2 * width,
+                    layer_of=_final_norm,
+                ))
+            )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - a benchmark row, not the product
             print(f"patched {kind} norm: not measured ({type(error).__name__}: {error})")
     if stub:
