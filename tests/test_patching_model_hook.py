@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from patching_tiny_models import tiny_batch, tiny_model
 from torch import nn
+from torch._dynamo.utils import counters
 
 import hf_gns
-from hf_gns.patching.model_hook import ModelForwardHook
+from hf_gns.patching.model_hook import HOOK_ATTRIBUTE, HOOK_RUNS_EAGERLY, ModelForwardHook
 
 
 def test_batch_size_comes_from_input_ids_inputs_embeds_or_the_first_tensor():
@@ -88,3 +91,62 @@ def test_padding_free_batches_count_documents_and_ordinary_batches_do_not_look()
         assert hook.read_batch((), {"input_ids": ids, "position_ids": restarting}) == 1
     hook(model, (), {"input_ids": ids, "position_ids": torch.arange(8)[None]})  # one document per row
     assert hook.example_offsets is None and hook.batch_size == 1
+
+
+def _eager_sq_norms(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    return hf_gns.per_example_sq_norms(model)
+
+
+def _assert_norms_equal(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name, values in expected.items():
+        torch.testing.assert_close(actual[name], values, rtol=1e-5, atol=0, msg=name)
+
+
+def test_compiled_model_runs_the_hook_as_python_not_as_a_dynamo_frame():
+    """`torch.compile(model)` (the Trainer's torch_compile) meets the pre-hook as a frame of its own:
+    it runs as plain Python (no guard check on every sink each step), so Dynamo converts one frame,
+    the forward; the hook makes the sinks itself without a graph break, even with no prepare_sinks;
+    and it counts every forward."""
+    if not HOOK_RUNS_EAGERLY:
+        pytest.skip("this torch has no Dynamo frame strategies: the hook is traced as its own frame")
+    input_ids = tiny_batch()
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(2):
+        compiled(input_ids=input_ids, labels=input_ids).loss.backward()
+        norms = {k: v.clone() for k, v in hf_gns.per_example_sq_norms(model).items()}
+        hf_gns.zero_stats(model)
+        model.zero_grad(set_to_none=True)
+    assert dict(counters["frames"]) == {"total": 1, "ok": 1} and dict(counters["graph_break"]) == {}
+    assert model.__dict__[HOOK_ATTRIBUTE][0].forward_index == 2
+    _assert_norms_equal(norms, _eager_sq_norms(input_ids))
+    torch._dynamo.reset()
+
+
+def test_a_compiled_step_that_inlines_the_model_call_still_traces_the_hook_without_a_break():
+    """Frame strategies apply only to frames Dynamo starts on: a compiled training step that calls
+    the model inlines the hook into its graph, as before (fullgraph=True: a break would raise)."""
+    input_ids = tiny_batch()
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def loss_of_step(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    for _ in range(2):
+        hf_gns.patching.prepare_sinks(model, {"input_ids": input_ids})
+        loss_of_step(input_ids).backward()
+        norms = {k: v.clone() for k, v in hf_gns.per_example_sq_norms(model).items()}
+        hf_gns.zero_stats(model)
+        model.zero_grad(set_to_none=True)
+    _assert_norms_equal(norms, _eager_sq_norms(input_ids))
+    torch._dynamo.reset()
