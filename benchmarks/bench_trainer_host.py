@@ -25,6 +25,12 @@ by the Triton kernels (see bench_trainer.py for those).
     python benchmarks/bench_trainer_host.py --profile gns-norms        # + cProfile of the hf_gns functions
     python benchmarks/bench_trainer_host.py --breakdown --rounds 1     # + GNSTrainer's own entry points timed
     python benchmarks/bench_trainer_host.py --model llama --variants trainer,trainer-patched,gns-norms
+    python benchmarks/bench_trainer_host.py --compile --model llama   # torch_compile=True (Inductor on CPU)
+
+With `--compile` the CPU graphs run the norms' PyTorch reference (Inductor's C++ kernels), not
+the Triton kernels: what it shows is the host work around the graphs (guards, frames, sinks, the
+per-step read), not the compiled launches of a GPU step. Thread-time differences under ~0.5 ms
+are within this benchmark's noise on a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -154,6 +160,8 @@ def run_variant(variant: str, args, profile: bool) -> dict:
 
     import hf_gns
 
+    if args.compile:  # one process runs every variant: earlier models' cache entries would be looked up too
+        torch._dynamo.reset()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
         model_config(args.model, args.layers), attn_implementation="sdpa"
@@ -176,6 +184,7 @@ def run_variant(variant: str, args, profile: bool) -> dict:
         dataloader_num_workers=0,
         disable_tqdm=True,
         use_cpu=True,
+        torch_compile=args.compile,
     )
     profiler = cProfile.Profile() if profile else None
 
@@ -264,6 +273,9 @@ def main(argv=None) -> None:
         "--profile", default="", help="comma-separated variants to cProfile (one extra run each)"
     )
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch_compile=True for every variant (compiled graphs on CPU)"
+    )
     parser.add_argument(
         "--breakdown",
         action="store_true",
