@@ -1,0 +1,28 @@
+"""benchmarks/bench_compiled_host.py on CPU: both variants compile, time and print; wrappers copied."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compiled_host.py"
+
+
+def test_tiny_run_prints_both_rows_and_copies_the_generated_wrappers(tmp_path):
+    wrappers = tmp_path / "wrappers"
+    command = [sys.executable, str(BENCH), "--tiny", "--variants", "unpatched,norms", "--steps", "2"]
+    command += ["--warmup", "1", "--wrappers", str(wrappers)]
+    root = str(BENCH.parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cells = [line.split() for line in done.stdout.splitlines()]
+    rows = {c[0]: c[1:] for c in cells if c[:1] in (["unpatched"], ["norms"]) and len(c) >= 4}
+    assert set(rows) == {"unpatched", "norms"}
+    assert all(float(value) > 0 for value in rows["unpatched"][:3] + rows["norms"][:3])
+    assert len(rows["norms"]) == 5  # forward, backward, step, and the two differences to unpatched
+    copied = sorted(p.name for p in wrappers.iterdir())
+    assert any(n.startswith("unpatched_") for n in copied) and any(n.startswith("norms_") for n in copied)
+    assert all("def call(" in (wrappers / n).read_text() for n in copied)
