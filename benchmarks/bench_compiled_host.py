@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -82,20 +83,37 @@ def run_variant(variant: str, args, device) -> dict:
     return {"forward": median(forward_ms), "backward": median(backward_ms), "step": median(step_ms)}
 
 
-def copy_wrappers(cache_dir: str, destination: str, variant: str) -> int:
-    """Copy Inductor's generated wrapper modules (those defining `call(args)`) under `destination`."""
+# What a wrapper's `call()` does per call, by its generated lines: launches of generated or user
+# Triton kernels (`name.run(`), of C++ kernels on CPU (`cpp_fused_...(`), extern (aten) kernels,
+# and buffer allocations.
+_CENSUS = {
+    "kernels": re.compile(r"^\s+(?:\w+\.run|cpp_fused_\w+)\(", re.M),
+    "extern": re.compile(r"^\s+(?:buf\w+ = )?extern_kernels\.\w+\(", re.M),
+    "allocations": re.compile(r"empty_strided_\w+\("),
+}
+
+
+def wrapper_census(text: str) -> dict[str, int]:
+    """Counts of kernel launches, extern kernel calls and allocations in a generated wrapper module."""
+    return {what: len(pattern.findall(text)) for what, pattern in _CENSUS.items()}
+
+
+def copy_wrappers(cache_dir: str, destination: str, variant: str) -> list[tuple[str, dict]]:
+    """Copy Inductor's generated wrapper modules (those defining `call(args)`) under `destination`;
+    returns each copy's name and census."""
     os.makedirs(destination, exist_ok=True)
-    copied = 0
+    copied = []
     for root, _, files in os.walk(cache_dir):
-        for name in files:
+        for name in sorted(files):
             path = os.path.join(root, name)
             if not name.endswith(".py"):
                 continue
             with open(path, errors="replace") as f:
                 text = f.read()
             if "def call(" in text:
-                shutil.copy(path, os.path.join(destination, f"{variant}_{copied}_{name}"))
-                copied += 1
+                target = f"{variant}_{len(copied)}_{name}"
+                shutil.copy(path, os.path.join(destination, target))
+                copied.append((target, wrapper_census(text)))
     return copied
 
 
@@ -132,8 +150,10 @@ def main(argv=None) -> None:
             failed.append(variant)
             continue
         if args.wrappers:
-            count = copy_wrappers(cache, args.wrappers, variant)
-            print(f"  {variant}: {count} wrapper modules copied to {args.wrappers}")
+            copied = copy_wrappers(cache, args.wrappers, variant)
+            print(f"  {variant}: {len(copied)} wrapper modules copied to {args.wrappers}")
+            for name, census in copied:
+                print(f"    {name[:40]}  " + ", ".join(f"{n} {what}" for what, n in census.items()))
         torch._dynamo.reset()
     base = rows.get("unpatched")
     how = f"median of {args.steps} steps after {args.warmup}"

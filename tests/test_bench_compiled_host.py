@@ -26,3 +26,6 @@ def test_tiny_run_prints_both_rows_and_copies_the_generated_wrappers(tmp_path):
     copied = sorted(p.name for p in wrappers.iterdir())
     assert any(n.startswith("unpatched_") for n in copied) and any(n.startswith("norms_") for n in copied)
     assert all("def call(" in (wrappers / n).read_text() for n in copied)
+    censuses = [line.split()[1:] for line in done.stdout.splitlines() if "kernels," in line]
+    assert len(censuses) == len(copied)  # one census line per copied wrapper: "N kernels, N extern, ..."
+    assert all(int(cells[0]) > 0 and cells[1] == "kernels," for cells in censuses), censuses
