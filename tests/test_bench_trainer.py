@@ -144,3 +144,24 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
     bench.add_ratios(results)
     lines = "\n".join(bench.target_lines(results))
     assert "GNS norms compiled (aten experiment) vs compiled Trainer >= 0.99x: 0.995x PASS" in lines
+
+
+def test_rounds_take_ratios_within_each_round_and_targets_on_their_median():
+    """`--rounds 3`: each round's gns-norms is divided by that round's Trainer (never another
+    round's), and the target line judges the median of the three ratios."""
+    bench = _bench()
+    results = []
+    for round_index, (trainer, gns) in enumerate([(100.0, 110.0), (90.0, 99.9), (110.0, 118.8)]):
+        results.append(dict(_result("llama124", "trainer", trainer, 1000), round=round_index))
+        results.append(
+            dict(_result("llama124", "gns-norms", gns, 1000 + 10 * round_index), round=round_index)
+        )
+    bench.add_ratios(results)
+    assert [round(r["ratio"], 6) for r in results[1::2]] == [1.1, 1.11, 1.08]
+    merged = {r["variant"]: r for r in bench.across_rounds(results)}
+    assert merged["gns-norms"]["ratio"] == 1.1 and merged["gns-norms"]["round_ratios"] == [1.1, 1.11, 1.08]
+    assert merged["gns-norms"]["memory_ratio"] == 1.02  # the worst round's peak memory
+    assert merged["trainer"]["ratio"] == 1.0
+    lines = "\n".join(bench.target_lines(list(merged.values())))
+    assert "Llama-style 124M: GNS norms eager vs Trainer >= 1.12x: 1.100x MISS" in lines
+    assert bench.across_rounds(results[:2]) == results[:2]  # one round: unchanged
