@@ -22,20 +22,18 @@ proxy also counts their small-shape CPU arithmetic).
 
 from __future__ import annotations
 
-import cProfile
-import io
 import os
-import pstats
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_norm_host import (  # noqa: E402
-    _host_us_per_call,
     host_bench_setup,
     install_stub_launch,
+    measure_rows,
     patched_tiny_model,
+    print_host_profile,
 )
 
 
@@ -88,24 +86,12 @@ def main() -> None:
 
         rows.append((f"unpatched {kind} {type(layer).__name__} fwd+bwd", unpatched_fwdbwd, None))
         rows.append((f"patched {kind} {type(layer).__name__} fwd+bwd", patched_fwdbwd, clear))
-    for _, step, between in rows:  # warm-up: compile kernels, fill caches
-        for _ in range(3):
-            step()
-        if between is not None:
-            between()
-    methods = ", ".join(
+    describe = f"host µs per call; x {tuple(x.shape)} {str(dtype).removeprefix('torch.')} on {{where}}"
+    measured = measure_rows(rows, calls, device, repeats, describe, width=40)
+    methods = ", ".join(  # read after the warm-up: the first calls choose each layer's method
         f"{kind}: {layer.__dict__['_hf_gns_state'].last_method}" for kind, _, layer, *_ in layers
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        where = torch.cuda.get_device_name()
-    else:
-        where = "CPU, kernel launches stubbed (--stub-launch)"
-    print(f"host µs per call; x {tuple(x.shape)} {str(dtype).removeprefix('torch.')} on {where}; {methods}")
-    measured = _host_us_per_call(rows, calls, device, repeats)
-    print(f"  {'':<40s} {'median':>8s} {'min':>8s}  (µs, {repeats} interleaved loops of {calls} calls)")
-    for name, (median, best) in measured.items():
-        print(f"  {name:<40s} {median:8.1f} {best:8.1f}")
+    print(f"  methods: {methods}")
     print("patched vs unpatched, by median (by min):")
     names = list(measured)
     for unpatched_name, patched_name in zip(names[::2], names[1::2]):
@@ -121,21 +107,7 @@ def main() -> None:
     if not args.profile:
         return
     _, step, between = rows[1]  # the patched GPT-2 Conv1D
-    profiler = cProfile.Profile()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)
-    profiler.enable()
-    for _ in range(calls):
-        step()
-    profiler.disable()
-    between()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile)
-    print(f"\ncProfile of {calls} patched gpt2 Conv1D fwd+bwd calls (own time):")
-    print(out.getvalue())
+    print_host_profile(step, calls, device, args.profile, "patched gpt2 Conv1D fwd+bwd", after=between)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,48 @@ def _host_us_per_call(rows, calls: int, device: torch.device, repeats: int) -> d
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
+def measure_rows(rows, calls: int, device: torch.device, repeats: int, describe: str, width: int) -> dict:
+    """Warm every row up (compile kernels, fill caches), print a header (`describe`, then the device)
+    and each row's host µs per call (median, min); returns `_host_us_per_call`'s result."""
+    for _, step, between in rows:
+        for _ in range(3):
+            step()
+        if between is not None:
+            between()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        where = torch.cuda.get_device_name()
+    else:
+        where = "CPU, kernel launches stubbed (--stub-launch)"
+    print(describe.format(where=where))
+    measured = _host_us_per_call(rows, calls, device, repeats)
+    print(f"  {'':<{width}s} {'median':>8s} {'min':>8s}  (µs, {repeats} interleaved loops of {calls} calls)")
+    for name, (median, best) in measured.items():
+        print(f"  {name:<{width}s} {median:8.1f} {best:8.1f}")
+    return measured
+
+
+def print_host_profile(step, calls: int, device: torch.device, rows: int, label: str, after=None) -> None:
+    """cProfile of `calls` calls of `step()` (on CUDA while the GPU sleeps), top `rows` by own time;
+    `after()` (e.g. clearing the statistics) runs once the profile is off."""
+    profiler = cProfile.Profile()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    profiler.disable()
+    if after is not None:
+        after()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    print(f"\ncProfile of {calls} {label} calls (own time):")
+    print(out.getvalue())
+
+
 def host_bench_setup(
     description: str, script: str, *, seq: tuple[int, int], calls: tuple[int, int], profile: int
 ):
@@ -243,21 +285,8 @@ def main() -> None:
             hf_gns.zero_stats(model)
 
         rows.append((f"patched {kind} norm module fwd+bwd", patched_fwdbwd, clear))
-    for _, step, between in rows:  # warm-up: compile kernels, fill caches
-        for _ in range(3):
-            step()
-        if between is not None:
-            between()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        where = torch.cuda.get_device_name()
-    else:
-        where = "CPU, kernel launches stubbed (--stub-launch)"
-    print(f"host µs per call; x {tuple(shape)} {str(dtype).removeprefix('torch.')} on {where}")
-    measured = _host_us_per_call(rows, calls, device, args.repeats)
-    print(f"  {'':<42s} {'median':>8s} {'min':>8s}  (µs, {args.repeats} interleaved loops of {calls} calls)")
-    for name, (median, best) in measured.items():
-        print(f"  {name:<42s} {median:8.1f} {best:8.1f}")
+    describe = f"host µs per call; x {tuple(shape)} {str(dtype).removeprefix('torch.')} on {{where}}"
+    measured = measure_rows(rows, calls, device, args.repeats, describe, width=42)
     ratios = (
         ("hf_gns fused_norm LN fwd+bwd (sink)", "F.layer_norm fwd+bwd"),
         ("hf_gns fused_norm RMS fwd+bwd (sink)", "F.rms_norm fwd+bwd"),
@@ -277,20 +306,7 @@ def main() -> None:
 
     if not args.profile:
         return
-    profiler = cProfile.Profile()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)
-    profiler.enable()
-    for _ in range(calls):
-        hf_ln_fwdbwd()
-    profiler.disable()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile)
-    print(f"\ncProfile of {calls} hf_gns LN fwd+bwd calls (own time):")
-    print(out.getvalue())
+    print_host_profile(hf_ln_fwdbwd, calls, device, args.profile, "hf_gns LN fwd+bwd")
 
 
 if __name__ == "__main__":
