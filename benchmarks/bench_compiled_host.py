@@ -145,6 +145,12 @@ def main(argv=None) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         try:
             rows[variant] = run_variant(variant, args, device)
+            row = rows[variant]  # printed now too: a later variant may not finish in time
+            print(
+                f"  {variant}: forward {row['forward']:.2f} ms, backward {row['backward']:.2f} ms, "
+                f"step {row['step']:.2f} ms (synced)",
+                flush=True,
+            )
         except Exception as error:  # one failing variant still leaves the others' rows
             print(f"  {variant}: FAILED ({type(error).__name__}: {error})", flush=True)
             failed.append(variant)
