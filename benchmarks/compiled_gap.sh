@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The compiled-gap measurements of issue 11 in one device call (~8-9 minutes on an H200):
+#   1. compiled Llama-124M, Trainer against GNSTrainer, 2 interleaved rounds, host ms per phase;
+#   2. the same pair once more with 3 profiled steps and their Chrome traces, compared by
+#      compare_traces.py (kernel time by kind, device idle by the launch ending each gap);
+#   3. eager Llama-124M, Trainer against GNSTrainer, host ms per phase (the 1.12x target).
+# Each step has a hard time limit; the whole script stays under 9.5 minutes.
+#
+#   OUT=/tmp/gap bash benchmarks/compiled_gap.sh        # on the device: OUT is set for you
+#   VARIANTS=trainer-compile,gns-norms-compile,gns-norms-hybrid-compile bash benchmarks/compiled_gap.sh
+#   BENCH_ARGS="--tiny --steps 3 --warmup 2" bash benchmarks/compiled_gap.sh   # CPU smoke run (~5 min)
+#
+# Installs nothing (the GPU image has torch, triton, transformers).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python3}"
+OUT="${OUT:-outputs/compiled_gap}"
+VARIANTS="${VARIANTS:-trainer-compile,gns-norms-compile}"
+read -r -a BENCH <<< "${BENCH_ARGS:-}"  # extra bench_trainer.py arguments, for every run
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+status=0
+SECONDS=0
+echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (no .git)')  $(date -u '+%Y-%m-%d %H:%M UTC')"
+
+echo "== compiled Llama-124M, 2 rounds: $VARIANTS"
+timeout 300 "$PYTHON" benchmarks/bench_trainer.py --models llama124 --variants "$VARIANTS" --rounds 2 \
+    --host-timeline "${BENCH[@]}" --json "$OUT/compiled_rounds.json" > "$OUT/compiled_rounds.txt" 2>&1 || status=1
+grep -E "host ms|ms/step|->|MISS|PASS" "$OUT/compiled_rounds.txt"
+echo "($SECONDS s)"
+
+echo "== compiled Llama-124M, profiled: traces"
+timeout 170 "$PYTHON" benchmarks/bench_trainer.py --models llama124 --variants trainer-compile,gns-norms-compile \
+    --profile --profile-steps 3 --profile-rows 12 --trace "$OUT" "${BENCH[@]}" --json "$OUT/compiled_profiled.json" \
+    > "$OUT/compiled_profiled.txt" 2>&1 || status=1
+grep -E "GPU busy|ms/step" "$OUT/compiled_profiled.txt"
+if [ -f "$OUT/trace_llama124_trainer-compile.json.gz" ] && [ -f "$OUT/trace_llama124_gns-norms-compile.json.gz" ]; then
+    "$PYTHON" benchmarks/compare_traces.py "$OUT/trace_llama124_trainer-compile.json.gz" \
+        "$OUT/trace_llama124_gns-norms-compile.json.gz" --rows 14 > "$OUT/compare_traces.txt" 2>&1 || status=1
+    head -20 "$OUT/compare_traces.txt"
+fi
+echo "($SECONDS s)"
+
+if [ "$SECONDS" -lt 470 ]; then
+    echo "== eager Llama-124M"
+    timeout $((560 - SECONDS)) "$PYTHON" benchmarks/bench_trainer.py --models llama124 --variants trainer,gns-norms \
+        --host-timeline "${BENCH[@]}" --json "$OUT/eager.json" 2>&1 | grep -E "host ms|ms/step|MISS|PASS" || status=1
+fi
+echo "total $SECONDS s"
+exit $status
