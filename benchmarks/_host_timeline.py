@@ -113,10 +113,12 @@ class HostTimeline:
 
 
 def format_timeline(title: str, phases: dict[str, float], gc_stats: dict[str, float]) -> str:
-    """One line of phase medians (ms) and GC ms per step."""
-    parts = [f"{p} {phases[p]:.2f}" for p in (*PHASES, "total") if p in phases]
+    """One line of phase medians (ms) and GC runs and ms per step."""
     gc_part = ", ".join(
         f"gen{g} {gc_stats.get(f'gc{g}_runs', 0):.2f}x {gc_stats.get(f'gc{g}_ms', 0):.2f} ms"
         for g in range(3)
     )
+    if not phases:  # e.g. max_grad_norm 0: the Trainer never calls _clip_grad_norm
+        return f"  {title}: no step passed every mark (clipping off?); GC per step {gc_part}"
+    parts = [f"{p} {phases[p]:.2f}" for p in (*PHASES, "total") if p in phases]
     return f"  {title}: host ms/step {' | '.join(parts)}; GC per step {gc_part}"

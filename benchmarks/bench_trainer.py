@@ -633,6 +633,8 @@ def parse_args(argv=None):
         )
     if set(args.variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}; choose from {VARIANTS}")
+    if args.trace and not args.profile:
+        parser.error("--trace writes the profiled steps' traces: add --profile")
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error("--steps, --warmup and --rounds must be at least 1")
     if args.check_graph_breaks:

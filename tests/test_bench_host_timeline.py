@@ -84,3 +84,8 @@ def test_gc_runs_are_counted_only_while_recording():
     assert timeline._on_gc not in gc.callbacks
     line = format_timeline("llama124 gns", timeline.phase_ms(0, 1), summary)
     assert "gen2 0.50x" in line
+
+
+def test_a_run_without_complete_steps_says_so():
+    line = format_timeline("gpt2 trainer", {}, HostTimeline().gc_summary(1))
+    assert "no step passed every mark" in line

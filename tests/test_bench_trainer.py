@@ -165,3 +165,11 @@ def test_rounds_take_ratios_within_each_round_and_targets_on_their_median():
     lines = "\n".join(bench.target_lines(list(merged.values())))
     assert "Llama-style 124M: GNS norms eager vs Trainer >= 1.12x: 1.100x MISS" in lines
     assert bench.across_rounds(results[:2]) == results[:2]  # one round: unchanged
+
+
+def test_trace_needs_profile():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _bench().parse_args(["--trace", "traces"])
+    assert _bench().parse_args(["--trace", "traces", "--profile"]).trace == "traces"
