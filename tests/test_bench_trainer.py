@@ -113,29 +113,32 @@ def test_graph_break_check_keeps_the_compiled_variants_and_their_baseline():
 
 
 def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_trainer(monkeypatch, tmp_path):
-    """`gns-norms-aten-compile` / `-hybrid-compile`: opt-in variants whose process (only) gets the
-    norm op's environment switch, compared with `trainer-compile`, reported as experiments."""
+    """`gns-norms-aten-compile` / `-hybrid-compile` / `-wide-compile`: opt-in variants whose process
+    (only) gets the norm op's environment switch, compared with `trainer-compile`, reported as experiments."""
     bench = _bench()
     assert "gns-norms-aten-compile" not in bench.DEFAULT_VARIANTS
-    args = bench.parse_args(["--variants", "trainer-compile,gns-norms-aten-compile,gns-norms-hybrid-compile"])
+    variants = "trainer-compile,gns-norms-aten-compile,gns-norms-hybrid-compile,gns-norms-wide-compile"
+    args = bench.parse_args(["--variants", variants])
+    switches = ("HF_GNS_COMPILED_TRITON", "HF_GNS_COMPILED_FORWARD", "HF_GNS_COMPILED_NARROW_CASTS")
     seen = {}
 
     def fake_run(command, env, **_):
         variant = command[command.index("--variant") + 1]
-        seen[variant] = {k: env.get(k) for k in ("HF_GNS_COMPILED_TRITON", "HF_GNS_COMPILED_FORWARD")}
+        seen[variant] = tuple(env.get(k) for k in switches)
         with open(command[command.index("--child-json") + 1], "w") as f:
             json.dump({"model": "gpt2", "variant": variant}, f)
         return bench.subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    monkeypatch.delenv("HF_GNS_COMPILED_TRITON", raising=False)
-    monkeypatch.delenv("HF_GNS_COMPILED_FORWARD", raising=False)
+    for switch in switches:
+        monkeypatch.delenv(switch, raising=False)
     for variant in args.variants:
         bench.run_variant("gpt2", variant, args)
     assert seen == {
-        "trainer-compile": {"HF_GNS_COMPILED_TRITON": None, "HF_GNS_COMPILED_FORWARD": None},
-        "gns-norms-aten-compile": {"HF_GNS_COMPILED_TRITON": "0", "HF_GNS_COMPILED_FORWARD": None},
-        "gns-norms-hybrid-compile": {"HF_GNS_COMPILED_TRITON": None, "HF_GNS_COMPILED_FORWARD": "inductor"},
+        "trainer-compile": (None, None, None),
+        "gns-norms-aten-compile": ("0", None, None),
+        "gns-norms-hybrid-compile": (None, "inductor", None),
+        "gns-norms-wide-compile": (None, None, "0"),
     }
     results = [
         _result("llama124", "trainer-compile", 100.0, 1000),

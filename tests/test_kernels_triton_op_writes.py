@@ -29,19 +29,9 @@ wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
 if not hasattr(wrap, "identify_accessed_tensors") and not hasattr(wrap, "identify_mutated_tensors"):
     pytest.skip("this torch has no TTIR write analysis for user kernels", allow_module_level=True)
 
+from ttir_cuda_target import cuda_target_active  # noqa: E402
+
 from hf_gns.kernels import linear_triton, norm_triton_op  # noqa: E402
-
-
-class _CudaTarget:
-    """An active Triton driver that only names a CUDA target (sm_90), for TTIR generation."""
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
 
 @pytest.fixture
@@ -63,16 +53,8 @@ def launches(monkeypatch):
             return launch
 
     monkeypatch.setattr(torch.library, "wrap_triton", Recorder)
-    driver = triton.runtime.driver
-    previous = driver.__dict__.get("_active")  # None on a machine without a GPU driver
-    driver.set_active(_CudaTarget())
-    try:
-        triton.compiler.compiler.make_backend(_CudaTarget().get_current_target())
-    except Exception as error:  # a triton build without the NVIDIA backend
-        driver._active = previous
-        pytest.skip(f"no CUDA backend in this triton: {error}")
-    yield recorded
-    driver._active = previous  # reset_active() would create a driver, which fails without a GPU
+    with cuda_target_active():
+        yield recorded
 
 
 def _writes(kernel, kwargs, caplog) -> set[str]:

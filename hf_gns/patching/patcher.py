@@ -16,6 +16,7 @@ import warnings
 
 from torch import nn
 
+from ..kernels import norm_graph_pass
 from . import zero3
 from .coverage import fill_coverage
 from .kinds import FORWARDS, PATCHED_FORWARDS, PLANNERS
@@ -104,6 +105,8 @@ def patch(
     bump_patch_generation()
     for module, state in norm_plan.rebind:
         bind_state(module, state, FORWARDS[state.kind])
+    if report.patched:  # compiled norms then read and write the narrow dtype of the casts around them
+        norm_graph_pass.install()
     if not report.patched and not report.layers:
         skipped = len(report.skipped) + len(report.skipped_layers)
         warnings.warn(

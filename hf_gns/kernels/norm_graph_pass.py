@@ -1,0 +1,254 @@
+"""An Inductor post-grad pass that lets the compiled norm kernels write and read the narrow dtype.
+
+Under autocast (the Trainer's `bf16=True`) the residual stream is fp32, so a norm's output is fp32
+and each of its users (the q/k/v or gate/up Linears, GPT-2's Conv1D, the LM head) first casts it to
+bf16. Inductor fuses such casts into its own norm kernels, but it cannot fuse them into an opaque
+user kernel, so each compiled hf_gns norm cost one more memory-bound launch on a host-bound forward
+(Llama-124M, 8×2048, H200: 0.49 ms of forward `to_copy` a step and 25 of the 50 extra forward
+launches; issue 11). The kernels already store y in the dtype of their output buffer and upcast dy
+as they load it, so the fix is in the graph:
+
+- forward: when every use of a `_norm_fwd_kernel` output y is a cast to one narrower float dtype,
+  directly or through views (GPT-2 views y as (B·T, D) first), the kernel writes y in that dtype
+  (its buffer is retyped) and the casts are dropped. One rounding to nearest even, as the cast did,
+  of an fp32 y that may differ in its last bit: Triton lays out the row reduction for the narrow
+  store, so rstd can differ by an ulp (H200: 22 of 12.6M bf16 outputs of an 8×2048×768 RMSNorm
+  were one bf16 ulp apart).
+- backward: when a `_norm_bwd_kernel`'s dy is one widened bf16/fp16 tensor (through views), the
+  kernel reads that tensor and upcasts it (exact). That is a norm read by one Linear: every GPT-2
+  norm, Llama's last. Where several casts' gradients are widened and summed in fp32 (q/k/v,
+  gate/up), the sum stays: rounding it to bf16 would lose what eager keeps.
+
+`install()` (called by `hf_gns.patch`) puts the pass in `torch._inductor.config.
+post_grad_custom_post_pass`, after any pass already there. It touches only nodes that launch
+hf_gns's norm kernels. HF_GNS_COMPILED_NARROW_CASTS=0 leaves the graphs as they were (A/B runs);
+`=forward` narrows only the forward outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# what the pass did since import, by kind: "forward outputs" and "backward inputs" narrowed (tests)
+NARROWED: Counter = Counter()
+
+_MODES = ("1", "0", "forward")
+_NARROW_FLOATS = (torch.bfloat16, torch.float16)
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
+
+
+def _mode() -> str:
+    mode = os.environ.get("HF_GNS_COMPILED_NARROW_CASTS", "1")
+    if mode not in _MODES:
+        raise ValueError(f"HF_GNS_COMPILED_NARROW_CASTS must be one of {_MODES}, got {mode!r}")
+    return mode
+
+
+def _norm_kernels():
+    """(forward kernels, backward kernels) as `wrap_triton` saw them; empty without Triton."""
+    try:
+        from .norm_triton import _norm_bwd_documents_kernel, _norm_bwd_kernel, _norm_fwd_kernel
+    except ImportError:  # pragma: no cover - no triton, nothing is launched to rewrite
+        return (), ()
+    return (_norm_fwd_kernel,), (_norm_bwd_kernel, _norm_bwd_documents_kernel)
+
+
+def _launched_kernel(kernel, known):
+    """The JIT function among `known` that a side-table kernel is or wraps (torch may wrap a kernel in
+    a triton Autotuner, whose `fn` is the JIT function); None if none."""
+    for _ in range(3):
+        if kernel in known:
+            return kernel
+        kernel = getattr(kernel, "fn", None)
+    return None
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _is_cast(node, dtype=None) -> bool:
+    if not (isinstance(node, torch.fx.Node) and node.target is torch.ops.prims.convert_element_type.default):
+        return False
+    return dtype is None or node.args[1] == dtype
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.device == b.device
+
+
+def _fresh_like(node, val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new fake tensor of `val`'s layout in `dtype` (never one shared with another node: Inductor's
+    reinplacing reads aliasing from the fake tensors' storages)."""
+    with val.fake_mode:
+        return torch.empty_strided(val.shape, val.stride(), dtype=dtype, device=val.device)
+
+
+def _with_kernel_arg(node, name: str, value) -> None:
+    kwargs = dict(node.kwargs)
+    kwargs["kwargs"] = {**kwargs["kwargs"], name: value}
+    node.kwargs = kwargs
+
+
+def _is_view(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.target in _VIEWS
+
+
+def _casts_through_views(node, views: list, casts: list) -> bool:
+    """Whether every use of `node` is a cast or a view whose uses are (recursively); collects both."""
+    for user in node.users:
+        if _is_cast(user):
+            casts.append(user)
+        elif _is_view(user):
+            views.append(user)
+            if not _casts_through_views(user, views, casts):
+                return False
+        else:
+            return False
+    return True
+
+
+def _retyped_view(view, source_val: torch.Tensor) -> torch.Tensor:
+    """The fake value of `view` applied to `source_val` (sharing its storage, as a view does)."""
+    with source_val.fake_mode:
+        return view.target(source_val, *view.args[1:], **view.kwargs)
+
+
+def _narrow_forward_output(graph: torch.fx.Graph, launch) -> bool:
+    """y written in the dtype all its users cast it to (directly or through views); the casts removed."""
+    y_buffer = launch.kwargs["kwargs"].get("Y")
+    if not (
+        isinstance(y_buffer, torch.fx.Node)
+        and y_buffer.target is torch.ops.aten.empty.memory_format
+        and len(y_buffer.users) == 1
+    ):
+        return False
+    outputs = [u for u in launch.users if u.target is operator.getitem and u.args[1] == "Y"]
+    if len(outputs) != 1 or not outputs[0].users:
+        return False
+    y, views, casts = outputs[0], [], []
+    if not _casts_through_views(y, views, casts) or not casts or len({c.args[1] for c in casts}) != 1:
+        return False  # y itself is used (an fp32 residual add, an output): it stays fp32
+    dtype, y_val = casts[0].args[1], _val(y)
+    if dtype not in _NARROW_FLOATS or y_val is None or y_val.dtype.itemsize <= dtype.itemsize:
+        return False
+    if not all(_val(c) is not None and _same_layout(_val(c), _val(c.args[0])) for c in casts):
+        return False
+    y_buffer.kwargs = {**y_buffer.kwargs, "dtype": dtype}
+    y_buffer.meta["val"] = _fresh_like(y_buffer, _val(y_buffer), dtype)
+    y.meta["val"] = _fresh_like(y, y_val, dtype)
+    if isinstance(launch.meta.get("val"), dict):
+        launch.meta["val"] = {**launch.meta["val"], "Y": _fresh_like(launch, y_val, dtype)}
+    for view in views:  # users after their sources: the order they were found in
+        view.meta["val"] = _retyped_view(view, view.args[0].meta["val"])
+    for cast in casts:
+        cast.replace_all_uses_with(cast.args[0])
+        graph.erase_node(cast)
+    return True
+
+
+def _narrow_backward_input(graph: torch.fx.Graph, launch) -> bool:
+    """dy read from the narrow tensor it was widened from (the views between them replayed on it)."""
+    views, cast = [], launch.kwargs["kwargs"].get("DY")
+    while _is_view(cast):
+        views.append(cast)
+        cast = cast.args[0]
+    if not _is_cast(cast, torch.float32):
+        return False
+    narrow, cast_val = cast.args[0], _val(cast)
+    narrow_val = _val(narrow)
+    if narrow_val is None or cast_val is None or narrow_val.dtype not in _NARROW_FLOATS:
+        return False
+    if not _same_layout(narrow_val, cast_val):  # the launch's strides were taken from the cast
+        return False
+    new_dy = narrow
+    for view in reversed(views):  # from the cast outwards
+        with graph.inserting_before(launch):
+            replayed = graph.call_function(view.target, (new_dy, *view.args[1:]), view.kwargs)
+        replayed.meta["val"] = _retyped_view(view, new_dy.meta["val"])
+        new_dy = replayed
+    _with_kernel_arg(launch, "DY", new_dy)
+    for node in (*views, cast):  # now dead unless something else reads them
+        if not node.users:
+            graph.erase_node(node)
+    return True
+
+
+def narrow_norm_casts(graph: torch.fx.Graph, mode: str = "1") -> Counter:
+    """Rewrite the hf_gns norm launches of a post-grad `graph` in place; returns what was narrowed."""
+    done: Counter = Counter()
+    if mode == "0":
+        return done
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    forward_kernels, backward_kernels = _norm_kernels()
+    launcher = torch.ops.higher_order.triton_kernel_wrapper_functional
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not launcher:
+            continue
+        kernel = _launched_kernel(
+            kernel_side_table.get_kernel(node.kwargs["kernel_idx"]), forward_kernels + backward_kernels
+        )
+        if kernel in forward_kernels and _narrow_forward_output(graph, node):
+            done["forward outputs"] += 1
+        elif mode == "1" and kernel in backward_kernels and _narrow_backward_input(graph, node):
+            done["backward inputs"] += 1
+    if done:
+        logger.debug("hf_gns: norm launches narrowed to the casts around them: %s", dict(done))
+    NARROWED.update(done)
+    return done
+
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # pragma: no cover - a torch without custom graph passes: nothing installed
+    CustomGraphPass = None
+
+
+if CustomGraphPass is not None:
+
+    class NarrowNormCasts(CustomGraphPass):
+        """`narrow_norm_casts` as Inductor's post-grad custom pass, run after `chained` (the pass
+        that was configured before, kept)."""
+
+        def __init__(self, chained=None):
+            self.chained = chained
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            for previous in self.chained if isinstance(self.chained, (list, tuple)) else (self.chained,):
+                if previous is not None:
+                    previous(graph)
+            narrow_norm_casts(graph, _mode())
+
+        def uuid(self):
+            # FX graph cache key: this file's source, the mode, and the chained passes' keys (None,
+            # "do not cache", if one of them has none)
+            chained = self.chained if isinstance(self.chained, (list, tuple)) else (self.chained,)
+            keys = [p.uuid() if hasattr(p, "uuid") else None for p in chained if p is not None]
+            if any(key is None for key in keys):
+                return None
+            source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+            return (source, _mode(), *keys)
+
+
+def install() -> bool:
+    """Chain `NarrowNormCasts` into Inductor's post-grad custom pass (once); False where this torch
+    has no custom graph passes or the mode is "0"."""
+    if CustomGraphPass is None or _mode() == "0":
+        return False
+    from torch._inductor import config
+
+    current = config.post_grad_custom_post_pass
+    if isinstance(current, NarrowNormCasts):
+        return True
+    config.post_grad_custom_post_pass = NarrowNormCasts(current)
+    return True

@@ -1,0 +1,348 @@
+"""The post-grad pass that narrows compiled norm launches to the casts around them (`norm_graph_pass.py`).
+
+The graph tests trace the traceable launches with make_fx, as AOTAutograd does (functionalized, with
+Inductor's decompositions: the graph the pass sees), which needs Triton's TTIR analysis and so a
+process without TRITON_INTERPRET=1; under the interpreter (CI) one test runs this file again without
+it. The kernel tests run the kernels (interpreted on CPU): a narrow y or dy gives the same bits as
+the cast it replaces. The compiled end-to-end checks are the GPU tests at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("torch._inductor.custom_graph_pass")
+
+from hf_gns.kernels import norm_graph_pass, norm_triton_op  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+RUNS_KERNELS = INTERPRETED or torch.cuda.is_available()
+traced = pytest.mark.skipif(INTERPRETED, reason="interpreted kernels have no TTIR: see the test below")
+CAST = torch.ops.prims.convert_element_type.default
+LAUNCH = torch.ops.higher_order.triton_kernel_wrapper_functional
+
+
+def test_graph_tests_run_outside_the_interpreter():
+    """CI runs under TRITON_INTERPRET=1: the make_fx tests run in a process without it."""
+    if not INTERPRETED:
+        pytest.skip("the graph tests run in this process")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "17 passed" in done.stdout, done.stdout[-3000:]
+
+
+def _trace(fn, *inputs):
+    """`fn` as AOTAutograd hands a graph to Inductor's post-grad passes: functionalized, decomposed."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from ttir_cuda_target import cuda_target_active
+
+    with cuda_target_active():
+        decompositions = select_decomp_table()
+        trace = make_fx(torch.func.functionalize(fn), tracing_mode="fake", decomposition_table=decompositions)
+        gm = trace(*inputs)
+    gm.graph.eliminate_dead_code()  # as post_grad_passes does first
+    return gm.graph
+
+
+def _forward(x, weight, rms=True):
+    bias = None if rms else torch.zeros_like(weight)
+    return norm_triton_op.norm_forward_traceable(x, weight, bias, 1e-5, rms, 0.0, True, x.dtype)
+
+
+def _backward(dy, x, weight, mean, rstd, rms=True):
+    return norm_triton_op.norm_backward_traceable(dy, x, weight, mean, rstd, not rms, rms, 0.0, True, True)
+
+
+def _nodes(graph, target):
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def _kernel_arg(graph, name):
+    (launch,) = [n for n in _nodes(graph, LAUNCH) if name in n.kwargs["kwargs"]]
+    return launch.kwargs["kwargs"][name]
+
+
+X, W, LW = torch.randn(2, 8, 64), torch.randn(64), torch.randn(64, 32)
+
+
+@traced
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rms", [True, False], ids=["rmsnorm", "layernorm"])
+def test_forward_writes_y_in_the_dtype_its_users_cast_it_to(dtype, rms):
+    def step(x, weight, lw):  # autocast's pattern: the Linear casts the fp32 norm output
+        y = _forward(x, weight, rms)[0]
+        return y.to(dtype) @ lw.to(dtype), (y.to(dtype) * 2).sum()  # two casts of y (no CSE here)
+
+    graph = _trace(step, X, W, LW)
+    assert norm_graph_pass.narrow_norm_casts(graph) == {"forward outputs": 1}
+    graph.lint()
+    y_buffer = _kernel_arg(graph, "Y")
+    assert y_buffer.kwargs["dtype"] == dtype and y_buffer.meta["val"].dtype == dtype
+    (launch,) = _nodes(graph, LAUNCH)
+    (y,) = launch.users if rms else [u for u in launch.users if u.args[1] == "Y"]
+    assert y.meta["val"].dtype == dtype and launch.meta["val"]["Y"].dtype == dtype
+    assert y.meta["val"].untyped_storage() is not y_buffer.meta["val"].untyped_storage()  # no false alias
+    assert not any(c.args[0] is y for c in _nodes(graph, CAST))  # the casts of y are gone
+    assert {u.target for u in y.users} == {torch.ops.aten.view.default, torch.ops.aten.mul.Tensor}
+
+
+@traced
+def test_forward_narrows_through_views():
+    """GPT-2's Conv1D views y as (B·T, D) before autocast's addmm casts it."""
+
+    def step(x, weight, lw):
+        y = _forward(x, weight)[0]
+        return (y.view(-1, 64).to(torch.bfloat16) @ lw.to(torch.bfloat16)).view(2, 8, 32)
+
+    graph = _trace(step, X, W, LW)
+    assert norm_graph_pass.narrow_norm_casts(graph) == {"forward outputs": 1}
+    graph.lint()
+    (launch,) = _nodes(graph, LAUNCH)
+    (y,) = [u for u in launch.users if u.args[1] == "Y"]
+    (view,) = y.users
+    assert view.meta["val"].dtype == torch.bfloat16 and view.meta["val"].shape == (16, 64)
+    assert view.meta["val"].untyped_storage() is y.meta["val"].untyped_storage()  # still a view of y
+    assert [u.target for u in view.users] == [torch.ops.aten.mm.default]
+
+
+@traced
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda x, y: (y + x, y.to(torch.bfloat16)),  # a residual add reads the fp32 y
+        lambda x, y: (y, y.to(torch.bfloat16)),  # y is an output (e.g. saved for the backward)
+        lambda x, y: (y.to(torch.bfloat16), y.to(torch.float16)),  # two narrow dtypes
+        lambda x, y: (y.to(torch.float64),),  # a widening cast
+    ],
+    ids=["fp32-user", "output", "two-dtypes", "widening"],
+)
+def test_forward_keeps_y_when_anything_reads_it_other_than_one_narrowing(use):
+    graph = _trace(lambda x, weight: use(x, _forward(x, weight)[0]), X, W)
+    assert norm_graph_pass.narrow_norm_casts(graph) == {}
+    assert _kernel_arg(graph, "Y").kwargs["dtype"] == torch.float32
+
+
+@traced
+@pytest.mark.parametrize("rms", [True, False], ids=["rmsnorm", "layernorm"])
+def test_backward_reads_dy_from_the_narrow_gradient_it_was_widened_from(rms):
+    grads = torch.randn(2, 8, 64, dtype=torch.bfloat16), torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    mean, rstd = torch.empty(0 if rms else (2, 8)), torch.rand(2, 8)
+
+    def backward(g1, g2, x, weight, mean, rstd):  # the sum of the casts' bf16 gradients, widened
+        return _backward((g1 + g2).float(), x, weight, mean, rstd, rms)
+
+    graph = _trace(backward, *grads, X, W, mean, rstd)
+    assert norm_graph_pass.narrow_norm_casts(graph) == {"backward inputs": 1}
+    graph.lint()
+    dy = _kernel_arg(graph, "DY")
+    assert dy.target is torch.ops.aten.view.default and dy.meta["val"].dtype == torch.bfloat16
+    assert dy.args[0].target is torch.ops.aten.add.Tensor and dy.meta["val"].shape == (2, 8, 64)
+    assert not _nodes(graph, CAST)  # the widening cast is gone
+
+
+@traced
+def test_backward_replays_the_views_between_dy_and_its_widening():
+    grad = torch.randn(16, 64, dtype=torch.bfloat16)  # an (B·T, D) matmul gradient
+    mean, rstd = torch.empty(0), torch.rand(2, 8)
+    graph = _trace(
+        lambda g, x, w, m, r: _backward(g.float().view(2, 8, 64), x, w, m, r), grad, X, W, mean, rstd
+    )
+    assert norm_graph_pass.narrow_norm_casts(graph) == {"backward inputs": 1}
+    graph.lint()
+    dy = _kernel_arg(graph, "DY")
+    assert dy.meta["val"].dtype == torch.bfloat16 and dy.meta["val"].shape == (2, 8, 64)
+    assert dy.args[0].target is torch.ops.aten.view.default and dy.args[0].args[0].op == "placeholder"
+    assert not _nodes(graph, CAST)
+
+
+@traced
+def test_backward_keeps_an_fp32_sum_of_widened_gradients():
+    """q, k and v each cast y: their gradients are widened, then summed in fp32 (as eager sums them);
+    rounding that sum to bf16 would lose precision, so the pass leaves it."""
+    grads = torch.randn(2, 8, 64, dtype=torch.bfloat16), torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    mean, rstd = torch.empty(0), torch.rand(2, 8)
+    graph = _trace(
+        lambda g1, g2, x, w, m, r: _backward(g1.float() + g2.float(), x, w, m, r), *grads, X, W, mean, rstd
+    )
+    assert norm_graph_pass.narrow_norm_casts(graph) == {}
+
+
+@traced
+def test_backward_keeps_an_fp32_dy_and_mode_switches_hold():
+    mean, rstd = torch.empty(0), torch.rand(2, 8)
+    graph = _trace(lambda dy, x, w, m, r: _backward(dy, x, w, m, r), torch.randn(2, 8, 64), X, W, mean, rstd)
+    assert norm_graph_pass.narrow_norm_casts(graph) == {}
+
+    def both(x, weight, g, lw):
+        y, mean, rstd = _forward(x, weight)
+        return y.to(torch.bfloat16) @ lw.to(torch.bfloat16), _backward(g.float(), x, weight, mean, rstd)
+
+    inputs = (X, W, torch.randn(2, 8, 64, dtype=torch.bfloat16), LW)
+    assert norm_graph_pass.narrow_norm_casts(_trace(both, *inputs), mode="0") == {}
+    assert norm_graph_pass.narrow_norm_casts(_trace(both, *inputs), mode="forward") == {"forward outputs": 1}
+    both_narrowed = {"forward outputs": 1, "backward inputs": 1}
+    assert norm_graph_pass.narrow_norm_casts(_trace(both, *inputs)) == both_narrowed
+
+
+def test_install_chains_the_configured_pass_once(monkeypatch):
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = []
+
+    class Earlier(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append(graph)
+
+        def uuid(self):
+            return "earlier-v1"
+
+    earlier = Earlier()
+    monkeypatch.setattr(config, "post_grad_custom_post_pass", earlier)
+    assert norm_graph_pass.install() and norm_graph_pass.install()  # idempotent
+    installed = config.post_grad_custom_post_pass
+    assert isinstance(installed, norm_graph_pass.NarrowNormCasts) and installed.chained is earlier
+    graph = torch.fx.Graph()
+    installed(graph)
+    assert seen == [graph]
+    key = installed.uuid()
+    assert key[-1] == "earlier-v1" and key == installed.uuid()
+    monkeypatch.setenv("HF_GNS_COMPILED_NARROW_CASTS", "forward")
+    assert installed.uuid() != key  # the mode is part of the FX graph cache key
+    assert norm_graph_pass.NarrowNormCasts(lambda graph: None).uuid() is None  # an unkeyed pass: no caching
+
+
+def test_install_respects_the_off_switch_and_rejects_unknown_modes(monkeypatch):
+    from torch._inductor import config
+
+    monkeypatch.setattr(config, "post_grad_custom_post_pass", None)
+    monkeypatch.setenv("HF_GNS_COMPILED_NARROW_CASTS", "0")
+    assert not norm_graph_pass.install() and config.post_grad_custom_post_pass is None
+    monkeypatch.setenv("HF_GNS_COMPILED_NARROW_CASTS", "yes")
+    with pytest.raises(ValueError, match="HF_GNS_COMPILED_NARROW_CASTS must be one of"):
+        norm_graph_pass.install()
+
+
+def test_patch_installs_the_pass(monkeypatch):
+    from patching_tiny_models import tiny_model
+    from torch._inductor import config
+
+    import hf_gns
+
+    monkeypatch.setattr(config, "post_grad_custom_post_pass", None)
+    hf_gns.patch(tiny_model("llama"))
+    assert isinstance(config.post_grad_custom_post_pass, norm_graph_pass.NarrowNormCasts)
+
+
+# ------------------------------------------------------------------- the kernels, narrow
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+runs_kernels = pytest.mark.skipif(not RUNS_KERNELS, reason="the kernels need a GPU or TRITON_INTERPRET=1")
+
+
+def _norm_inputs(rms):
+    device = _device()
+    x, weight = torch.randn(2, 8, 96, device=device), torch.randn(96, device=device)
+    return x, weight, None if rms else torch.randn(96, device=device)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rms", [True, False], ids=["rmsnorm", "layernorm"])
+def test_forward_kernel_writes_the_bits_of_the_cast_it_absorbs(dtype, rms):
+    if INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even, as torch does)")
+    args = (*_norm_inputs(rms), 1e-5, rms, 0.0, True)
+    wide = norm_triton_op.norm_forward_traceable(*args, torch.float32)[0]
+    narrow = norm_triton_op.norm_forward_traceable(*args, dtype)[0]
+    assert narrow.dtype == dtype
+    # one rounding of (nearly) the same fp32 y: Triton may lay the row reduction out differently for
+    # a narrow store, so y may differ in its last fp32 bit and, rarely, round the other way
+    cast = wide.to(dtype)
+    torch.testing.assert_close(narrow.float(), cast.float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
+    assert (narrow != cast).float().mean() < 0.01
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rms", [True, False], ids=["rmsnorm", "layernorm"])
+def test_backward_kernel_reads_a_narrow_dy_as_its_widening(dtype, rms):
+    x, weight, bias = _norm_inputs(rms)
+    forward = norm_triton_op.norm_forward_traceable
+    _, mean, rstd = forward(x, weight, bias, 1e-5, rms, 0.0, True, torch.float32)
+    dy = torch.randn_like(x).to(dtype)
+    config = (x, weight, mean, rstd, not rms, rms, 0.0, True, True)
+    for expected, actual in zip(
+        norm_triton_op.norm_backward_traceable(dy.float(), *config),
+        norm_triton_op.norm_backward_traceable(dy, *config),
+        strict=True,
+    ):  # the same values: dy widened exactly, fp32 sums perhaps laid out in another order
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- compiled, on the GPU
+
+
+def _compiled_autocast_steps(arch, mode, monkeypatch, steps=2):
+    """Loss, gradients and per-example norms of the last of `steps` compiled bf16-autocast steps of a
+    patched tiny model with the pass in `mode`, and what the pass narrowed."""
+    import torch._dynamo
+    from patching_tiny_models import tiny_batch, tiny_model
+
+    import hf_gns
+    from hf_gns.patching.state import patched_states
+
+    monkeypatch.setenv("HF_GNS_COMPILED_NARROW_CASTS", mode)
+    torch._dynamo.reset()
+    before = norm_graph_pass.NARROWED.copy()
+    model = tiny_model(arch).cuda()
+    hf_gns.patch(model)
+    call, input_ids = torch.compile(model), tiny_batch().cuda()
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        hf_gns.zero_stats(model)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = call(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    norms = {name: v.clone() for name, v in hf_gns.per_example_sq_norms(model).items()}
+    n_norms = len(patched_states(model, "norm"))
+    return (loss.detach(), grads, norms), norm_graph_pass.NARROWED - before, n_norms
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gpu_compiled_autocast_norms_write_and_read_bf16_with_the_same_results(arch, monkeypatch):
+    """Every patched norm of a compiled bf16-autocast step writes bf16 and reads its bf16 gradient,
+    with the results of the step without the pass up to bf16 rounding."""
+    reference, narrowed, _ = _compiled_autocast_steps(arch, "0", monkeypatch)
+    assert not narrowed
+    forward_only, narrowed, n_norms = _compiled_autocast_steps(arch, "forward", monkeypatch)
+    assert narrowed == {"forward outputs": n_norms}, (narrowed, n_norms)
+    _assert_close_steps(forward_only, reference, rtol=1e-3)  # fp32 y to the last bit, then one rounding
+    both, narrowed, _ = _compiled_autocast_steps(arch, "1", monkeypatch)
+    # a dy is one widened gradient where the norm feeds one Linear: every GPT-2 norm (c_attn, c_fc,
+    # the LM head), only Llama's last (q/k/v and gate/up gradients are summed in fp32, left so)
+    single_users = {"gpt2": n_norms, "llama": 1}[arch]
+    assert narrowed == {"forward outputs": n_norms, "backward inputs": single_users}, (narrowed, n_norms)
+    _assert_close_steps(both, reference, rtol=2e-2)  # dy rounded to bf16 where eager rounds it
+
+
+def _assert_close_steps(actual, expected, rtol):
+    torch.testing.assert_close(actual[0], expected[0], rtol=rtol, atol=1e-5)
+    for wanted, got in zip(expected[1:], actual[1:], strict=True):
+        assert wanted.keys() == got.keys()
+        for name in wanted:
+            torch.testing.assert_close(got[name], wanted[name], rtol=rtol, atol=1e-5, msg=name)
