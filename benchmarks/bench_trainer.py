@@ -15,8 +15,8 @@ Variants (`--variants`): `trainer`, `gns-norms` (`gns_track="norms"`), `gns-all`
 (`gns_track="all"`), each also with a `-compile` suffix (`torch_compile=True`), and
 `trainer-liger`, `gns-norms-liger` (`use_liger_kernel=True`; skipped with a note when
 liger_kernel is not importable). Not run by default: `gns-norms-aten-compile`,
-`gns-norms-hybrid-compile` and `gns-norms-wide-compile`, the compiled norm path's experiments
-(`COMPILED_NORM_EXPERIMENTS`).
+`gns-norms-hybrid-compile`, `gns-norms-wide-compile` and `gns-norms-both-compile`, the compiled
+norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
 Every variant runs in a fresh subprocess (no compile caches, allocator state or clocks shared
 in-process). A `TrainerCallback` records one CUDA
 event at the end of every optimizer step (no host sync: read once after training); a step's
@@ -85,11 +85,13 @@ DEFAULT_VARIANTS = VARIANTS
 # `aten`: compiled graphs trace the norm op's PyTorch body (Inductor fuses it with the residual add
 # and dtype casts around the norm, as it does its own norms); `hybrid`: only the forward's body,
 # with the Triton backward; `wide`: the Triton kernels without `norm_graph_pass.py` (fp32 y and dy
-# with the autocast casts around them launched apart, as before that pass).
+# with the autocast casts around them launched apart, as before that pass); `both`: that pass also
+# on the backward inputs (the default narrows the forward outputs only).
 COMPILED_NORM_EXPERIMENTS = {
     "gns-norms-aten-compile": {"HF_GNS_COMPILED_TRITON": "0"},
     "gns-norms-hybrid-compile": {"HF_GNS_COMPILED_FORWARD": "inductor"},
     "gns-norms-wide-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "0"},
+    "gns-norms-both-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "both"},
 }
 VARIANTS += tuple(COMPILED_NORM_EXPERIMENTS)
 

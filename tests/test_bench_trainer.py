@@ -113,11 +113,12 @@ def test_graph_break_check_keeps_the_compiled_variants_and_their_baseline():
 
 
 def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_trainer(monkeypatch, tmp_path):
-    """`gns-norms-aten-compile` / `-hybrid-compile` / `-wide-compile`: opt-in variants whose process
+    """`gns-norms-aten-compile` / `-hybrid-` / `-wide-` / `-both-compile`: opt-in variants whose process
     (only) gets the norm op's environment switch, compared with `trainer-compile`, reported as experiments."""
     bench = _bench()
     assert "gns-norms-aten-compile" not in bench.DEFAULT_VARIANTS
     variants = "trainer-compile,gns-norms-aten-compile,gns-norms-hybrid-compile,gns-norms-wide-compile"
+    variants += ",gns-norms-both-compile"
     args = bench.parse_args(["--variants", variants])
     switches = ("HF_GNS_COMPILED_TRITON", "HF_GNS_COMPILED_FORWARD", "HF_GNS_COMPILED_NARROW_CASTS")
     seen = {}
@@ -139,6 +140,7 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
         "gns-norms-aten-compile": ("0", None, None),
         "gns-norms-hybrid-compile": (None, "inductor", None),
         "gns-norms-wide-compile": (None, None, "0"),
+        "gns-norms-both-compile": (None, None, "both"),
     }
     results = [
         _result("llama124", "trainer-compile", 100.0, 1000),
