@@ -15,8 +15,8 @@ Variants (`--variants`): `trainer`, `gns-norms` (`gns_track="norms"`), `gns-all`
 (`gns_track="all"`), each also with a `-compile` suffix (`torch_compile=True`), and
 `trainer-liger`, `gns-norms-liger` (`use_liger_kernel=True`; skipped with a note when
 liger_kernel is not importable). Not run by default: `gns-norms-aten-compile`,
-`gns-norms-hybrid-compile`, `gns-norms-wide-compile` and `gns-norms-both-compile`, the compiled
-norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
+`gns-norms-hybrid-compile`, `gns-norms-wide-compile`, `gns-norms-both-compile` and
+`gns-norms-residual-compile`, the compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
 Every variant runs in a fresh subprocess (no compile caches, allocator state or clocks shared
 in-process). A `TrainerCallback` records one CUDA
 event at the end of every optimizer step (no host sync: read once after training); a step's
@@ -86,12 +86,14 @@ DEFAULT_VARIANTS = VARIANTS
 # and dtype casts around the norm, as it does its own norms); `hybrid`: only the forward's body,
 # with the Triton backward; `wide`: the Triton kernels without `norm_graph_pass.py` (fp32 y and dy
 # with the autocast casts around them launched apart, as before that pass); `both`: that pass also
-# on the backward inputs (the default narrows the forward outputs only).
+# on the backward inputs (the default narrows the forward outputs only); `residual`: the residual add
+# before each norm computed by the norm's kernel (HF_GNS_COMPILED_RESIDUAL_ADD=1).
 COMPILED_NORM_EXPERIMENTS = {
     "gns-norms-aten-compile": {"HF_GNS_COMPILED_TRITON": "0"},
     "gns-norms-hybrid-compile": {"HF_GNS_COMPILED_FORWARD": "inductor"},
     "gns-norms-wide-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "0"},
     "gns-norms-both-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "both"},
+    "gns-norms-residual-compile": {"HF_GNS_COMPILED_RESIDUAL_ADD": "1"},
 }
 VARIANTS += tuple(COMPILED_NORM_EXPERIMENTS)
 

@@ -118,9 +118,10 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
     bench = _bench()
     assert "gns-norms-aten-compile" not in bench.DEFAULT_VARIANTS
     variants = "trainer-compile,gns-norms-aten-compile,gns-norms-hybrid-compile,gns-norms-wide-compile"
-    variants += ",gns-norms-both-compile"
+    variants += ",gns-norms-both-compile,gns-norms-residual-compile"
     args = bench.parse_args(["--variants", variants])
     switches = ("HF_GNS_COMPILED_TRITON", "HF_GNS_COMPILED_FORWARD", "HF_GNS_COMPILED_NARROW_CASTS")
+    switches += ("HF_GNS_COMPILED_RESIDUAL_ADD",)
     seen = {}
 
     def fake_run(command, env, **_):
@@ -136,11 +137,12 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
     for variant in args.variants:
         bench.run_variant("gpt2", variant, args)
     assert seen == {
-        "trainer-compile": (None, None, None),
-        "gns-norms-aten-compile": ("0", None, None),
-        "gns-norms-hybrid-compile": (None, "inductor", None),
-        "gns-norms-wide-compile": (None, None, "0"),
-        "gns-norms-both-compile": (None, None, "both"),
+        "trainer-compile": (None, None, None, None),
+        "gns-norms-aten-compile": ("0", None, None, None),
+        "gns-norms-hybrid-compile": (None, "inductor", None, None),
+        "gns-norms-wide-compile": (None, None, "0", None),
+        "gns-norms-both-compile": (None, None, "both", None),
+        "gns-norms-residual-compile": (None, None, None, "1"),
     }
     results = [
         _result("llama124", "trainer-compile", 100.0, 1000),

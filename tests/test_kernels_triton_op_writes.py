@@ -95,19 +95,23 @@ def test_compiled_norm_kernels_write_only_their_outputs(launches, caplog, width,
     x, dy = torch.randn(2, 8, width), torch.randn(2, 8, width)
     weight, bias = torch.randn(width), None if rms else torch.randn(width)
     _, mean, rstd = norm_triton_op.norm_forward_traceable(x, weight, bias, 1e-5, rms, 0.0, False, x.dtype)
+    residual = torch.randn(2, 8, width, dtype=torch.bfloat16)  # the fused residual add's kernel
+    add_forward = norm_triton_op.norm_add_forward_traceable
+    add_forward(x, residual, weight, bias, 1e-5, rms, 0.0, False, residual.dtype)
     offsets = torch.tensor([0, 5, 16]) if documents else None
     norm_triton_op.norm_backward_traceable(
         dy, x, weight, mean, rstd, bias is not None, rms, 0.0, False, True, offsets
     )
     expected = {
         "_norm_fwd_kernel": {"Y", "Rstd"} | ({"Mean"} if not rms else set()),
+        "_norm_fwd_residual_kernel": {"Sum", "Y", "Rstd"} | ({"Mean"} if not rms else set()),
         "_norm_bwd_kernel": {"DX", "PartialW"} | ({"PartialB"} if not rms else set()),
         "_norm_bwd_documents_kernel": {"DX", "PartialW"} | ({"PartialB"} if not rms else set()),
         "_reduce_partials_kernel": {"Grads", "SqNorms", "SqPartial", "Ticket"},
     }
     names = [kernel.fn.__name__ for kernel, _ in launches]
     backward = "_norm_bwd_documents_kernel" if documents else "_norm_bwd_kernel"
-    assert names == ["_norm_fwd_kernel", backward, "_reduce_partials_kernel"]
+    assert names == ["_norm_fwd_kernel", "_norm_fwd_residual_kernel", backward, "_reduce_partials_kernel"]
     for kernel, kwargs in launches:
         assert _writes(kernel, kwargs, caplog) == expected[kernel.fn.__name__], kernel.fn.__name__
 

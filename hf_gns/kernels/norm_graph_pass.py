@@ -19,6 +19,12 @@ as they load it, so the fix is in the graph:
   norm, Llama's last. Where several casts' gradients are widened and summed in fp32 (q/k/v,
   gate/up), the sum stays: rounding it to bf16 would lose what eager keeps.
 
+- residual add (opt-in, HF_GNS_COMPILED_RESIDUAL_ADD=1; not yet run on a GPU): when a norm's input
+  is s = a + b (the residual add before every decoder norm but the first; same shape, contiguous),
+  the launch becomes `_norm_fwd_residual_kernel`, which reads a and b, stores s for s's other users
+  (the next residual add, the backward) and normalizes it: one launch and one read of s fewer per
+  norm (the other 25 of the 50 extra forward launches on Llama-124M). s is the same fp32 add.
+
 `install()` (called by `hf_gns.patch`) puts the pass in `torch._inductor.config.
 post_grad_custom_post_pass`, after any pass already there. It touches only nodes that launch
 hf_gns's norm kernels. HF_GNS_COMPILED_NARROW_CASTS picks what it does: `forward` (the default)
@@ -41,10 +47,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 # what the pass did since import, by kind: "forward outputs" and "backward inputs" narrowed (tests)
-NARROWED: Counter = Counter()
+REWRITTEN: Counter = Counter()
 
 _MODES = ("forward", "both", "0")
 _NARROW_FLOATS = (torch.bfloat16, torch.float16)
+_FLOATS = (torch.float32, *_NARROW_FLOATS)
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
 
 
@@ -55,13 +62,26 @@ def _mode() -> str:
     return mode
 
 
+def _fuses_residual() -> bool:
+    value = os.environ.get("HF_GNS_COMPILED_RESIDUAL_ADD", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"HF_GNS_COMPILED_RESIDUAL_ADD must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def _norm_kernels():
-    """(forward kernels, backward kernels) as `wrap_triton` saw them; empty without Triton."""
+    """(forward kernels, backward kernels) as `wrap_triton` saw them, the residual forward second;
+    empty without Triton."""
     try:
-        from .norm_triton import _norm_bwd_documents_kernel, _norm_bwd_kernel, _norm_fwd_kernel
+        from .norm_triton import (
+            _norm_bwd_documents_kernel,
+            _norm_bwd_kernel,
+            _norm_fwd_kernel,
+            _norm_fwd_residual_kernel,
+        )
     except ImportError:  # pragma: no cover - no triton, nothing is launched to rewrite
         return (), ()
-    return (_norm_fwd_kernel,), (_norm_bwd_kernel, _norm_bwd_documents_kernel)
+    return (_norm_fwd_kernel, _norm_fwd_residual_kernel), (_norm_bwd_kernel, _norm_bwd_documents_kernel)
 
 
 def _launched_kernel(kernel, known):
@@ -185,10 +205,84 @@ def _narrow_backward_input(graph: torch.fx.Graph, launch) -> bool:
     return True
 
 
-def narrow_norm_casts(graph: torch.fx.Graph, mode: str = "both") -> Counter:
-    """Rewrite the hf_gns norm launches of a post-grad `graph` in place; returns what was narrowed."""
+def _replay_views(graph, views, source):
+    """`views` (outermost first) applied to `source` again, before the current insertion point."""
+    for view in reversed(views):
+        replayed = graph.call_function(view.target, (source, *view.args[1:]), view.kwargs)
+        replayed.meta["val"] = _retyped_view(view, source.meta["val"])
+        source = replayed
+    return source
+
+
+def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
+    """The add s = a + b that makes the norm's input computed (and s stored) by the norm kernel."""
+    inner = launch.kwargs["kwargs"]
+    views, add = [], inner.get("X")
+    while _is_view(add):
+        views.append(add)
+        add = add.args[0]
+    if not (
+        isinstance(add, torch.fx.Node)
+        and add.target is torch.ops.aten.add.Tensor
+        and len(add.args) == 2
+        and not add.kwargs  # alpha
+        and all(isinstance(t, torch.fx.Node) for t in add.args)
+    ):
+        return False
+    add_val, operand_vals = _val(add), [_val(t) for t in add.args]
+    if add_val is None or any(v is None for v in operand_vals) or add_val.dtype not in _FLOATS:
+        return False
+    if not add_val.is_contiguous() or not all(isinstance(d, int) for d in add_val.shape):
+        return False  # the sum gets a fresh contiguous buffer of static shape
+    if not all(_same_layout(v, add_val) and v.dtype in _FLOATS for v in operand_vals):
+        return False  # a broadcast or a strided operand: the kernel reads all three alike
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    others = [u for u in add.users if u not in views]
+    if any(order[u] < order[launch] for u in others):
+        return False  # a use of the sum before the norm: leave the order alone
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    with graph.inserting_before(launch):
+        buffer = graph.call_function(
+            torch.ops.aten.empty.memory_format,
+            (list(add_val.shape),),
+            {"dtype": add_val.dtype, "device": add_val.device, "pin_memory": False},
+        )
+        buffer.meta["val"] = _fresh_like(buffer, add_val, add_val.dtype)
+        x, residual, total = (_replay_views(graph, views, t) for t in (*add.args, buffer))
+    # X also stands in for absent arguments (Bias of an RMSNorm): every use of it moves
+    arguments = {name: x if value is inner["X"] else value for name, value in inner.items()}
+    launch.kwargs = {
+        **launch.kwargs,
+        "kernel_idx": kernel_side_table.add_kernel(residual_kernel),
+        "kwargs": {**arguments, "Residual": residual, "Sum": total},
+        "tensors_to_clone": [*launch.kwargs["tensors_to_clone"], "Sum"],
+    }
+    total_val = total.meta["val"]
+    if isinstance(launch.meta.get("val"), dict):
+        launch.meta["val"] = {**launch.meta["val"], "Sum": _fresh_like(launch, total_val, total_val.dtype)}
+    with graph.inserting_after(launch):
+        stored = graph.call_function(operator.getitem, (launch, "Sum"))
+    stored.meta["val"] = _fresh_like(stored, total_val, total_val.dtype)
+    if tuple(total_val.shape) != tuple(add_val.shape):
+        with graph.inserting_after(stored):
+            stored = _replay_views(
+                graph,
+                [graph.call_function(torch.ops.aten.view.default, (stored, list(add_val.shape)))],
+                stored,
+            )
+    for user in others:
+        user.replace_input_with(add, stored)
+    for node in (*views, add):
+        if not node.users:
+            graph.erase_node(node)
+    return True
+
+
+def rewrite_norm_launches(graph: torch.fx.Graph, mode: str = "both", fuse_residual: bool = False) -> Counter:
+    """Rewrite the hf_gns norm launches of a post-grad `graph` in place; returns what was done."""
     done: Counter = Counter()
-    if mode == "0":
+    if mode == "0" and not fuse_residual:
         return done
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
@@ -200,13 +294,19 @@ def narrow_norm_casts(graph: torch.fx.Graph, mode: str = "both") -> Counter:
         kernel = _launched_kernel(
             kernel_side_table.get_kernel(node.kwargs["kernel_idx"]), forward_kernels + backward_kernels
         )
-        if kernel in forward_kernels and _narrow_forward_output(graph, node):
+        if (
+            fuse_residual
+            and kernel is forward_kernels[0]
+            and _fuse_residual_add(graph, node, forward_kernels[1])
+        ):
+            done["residual adds"] += 1
+        if kernel in forward_kernels and mode != "0" and _narrow_forward_output(graph, node):
             done["forward outputs"] += 1
         elif mode == "both" and kernel in backward_kernels and _narrow_backward_input(graph, node):
             done["backward inputs"] += 1
     if done:
-        logger.debug("hf_gns: norm launches narrowed to the casts around them: %s", dict(done))
-    NARROWED.update(done)
+        logger.debug("hf_gns: compiled norm launches rewritten: %s", dict(done))
+    REWRITTEN.update(done)
     return done
 
 
@@ -218,8 +318,8 @@ except ImportError:  # pragma: no cover - a torch without custom graph passes: n
 
 if CustomGraphPass is not None:
 
-    class NarrowNormCasts(CustomGraphPass):
-        """`narrow_norm_casts` as Inductor's post-grad custom pass, run after `chained` (the pass
+    class NormLaunchRewrite(CustomGraphPass):
+        """`rewrite_norm_launches` as Inductor's post-grad custom pass, run after `chained` (the pass
         that was configured before, kept)."""
 
         def __init__(self, chained=None):
@@ -229,7 +329,7 @@ if CustomGraphPass is not None:
             for previous in self.chained if isinstance(self.chained, (list, tuple)) else (self.chained,):
                 if previous is not None:
                     previous(graph)
-            narrow_norm_casts(graph, _mode())
+            rewrite_norm_launches(graph, _mode(), _fuses_residual())
 
         def uuid(self):
             # FX graph cache key: this file's source, the mode, and the chained passes' keys (None,
@@ -239,18 +339,18 @@ if CustomGraphPass is not None:
             if any(key is None for key in keys):
                 return None
             source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-            return (source, _mode(), *keys)
+            return (source, _mode(), _fuses_residual(), *keys)
 
 
 def install() -> bool:
-    """Chain `NarrowNormCasts` into Inductor's post-grad custom pass (once); False where this torch
+    """Chain `NormLaunchRewrite` into Inductor's post-grad custom pass (once); False where this torch
     has no custom graph passes or the mode is "0"."""
-    if CustomGraphPass is None or _mode() == "0":
+    if CustomGraphPass is None or (_mode() == "0" and not _fuses_residual()):
         return False
     from torch._inductor import config
 
     current = config.post_grad_custom_post_pass
-    if isinstance(current, NarrowNormCasts):
+    if isinstance(current, NormLaunchRewrite):
         return True
-    config.post_grad_custom_post_pass = NarrowNormCasts(current)
+    config.post_grad_custom_post_pass = NormLaunchRewrite(current)
     return True

@@ -55,11 +55,45 @@ def _norm_fwd_kernel(
     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """y = x̂ ⊙ (γ + offset) + β, x̂ = (x - μ)·rstd (LayerNorm) or x·rstd (RMSNorm)."""
-    # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
-    # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
-    inv_width = tl.cast(inv_width, tl.float32)
-    eps = tl.cast(eps, tl.float32)
-    weight_offset = tl.cast(weight_offset, tl.float32)
+    rows, cols, row_mask, col_mask, mask, x_offsets = _norm_fwd_tile(
+        n_rows, rows_per_example, width, stride_xb, stride_xr, BLOCK_M, BLOCK_D
+    )
+    x = tl.load(X + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    _norm_fwd_rows(
+        x, X, Y, W, Bias, Mean, Rstd, rows, cols, row_mask, col_mask, mask,
+        width, inv_width, eps, weight_offset, IS_RMS, HAS_WEIGHT, HAS_BIAS, CAST_BEFORE_WEIGHT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _norm_fwd_residual_kernel(
+    X, Residual, Sum, Y, W, Bias, Mean, Rstd,
+    stride_xb, stride_xr,
+    n_rows, rows_per_example, width, inv_width, eps, weight_offset,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """`_norm_fwd_kernel` of s = x + r, s also stored (in Sum's dtype): a residual add fused into the
+    norm after it. X, Residual and Sum share X's strides. Launched only by the compiled graphs'
+    pass (`norm_graph_pass.py`); s is fp32(x) + fp32(r) rounded once to Sum's dtype, as torch adds."""
+    rows, cols, row_mask, col_mask, mask, x_offsets = _norm_fwd_tile(
+        n_rows, rows_per_example, width, stride_xb, stride_xr, BLOCK_M, BLOCK_D
+    )
+    x = tl.load(X + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    x = x + tl.load(Residual + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(Sum.dtype.element_ty)
+    tl.store(Sum + x_offsets, x, mask=mask)
+    _norm_fwd_rows(
+        x.to(tl.float32), Sum, Y, W, Bias, Mean, Rstd, rows, cols, row_mask, col_mask, mask,
+        width, inv_width, eps, weight_offset, IS_RMS, HAS_WEIGHT, HAS_BIAS, CAST_BEFORE_WEIGHT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _norm_fwd_tile(
+    n_rows, rows_per_example, width, stride_xb, stride_xr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """This program's BLOCK_M rows: (rows, cols, row mask, col mask, mask, element offsets in X)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
@@ -67,8 +101,20 @@ def _norm_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     example = (rows // rows_per_example).to(tl.int64)
     x_rows = example * stride_xb + (rows % rows_per_example).to(tl.int64) * stride_xr
-    x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, row_mask, col_mask, mask, x_rows[:, None] + cols[None, :]
 
+
+@triton.jit
+def _norm_fwd_rows(
+    x, X, Y, W, Bias, Mean, Rstd, rows, cols, row_mask, col_mask, mask, width, inv_width, eps, weight_offset,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+):  # fmt: skip
+    """The norm of the fp32 rows `x` (loaded from X, whose dtype CAST_BEFORE_WEIGHT rounds x̂ to)."""
+    # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
+    # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
+    inv_width = tl.cast(inv_width, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    weight_offset = tl.cast(weight_offset, tl.float32)
     if IS_RMS:
         xc = x
     else:

@@ -35,6 +35,7 @@ try:
         _norm_bwd_documents_kernel,
         _norm_bwd_kernel,
         _norm_fwd_kernel,
+        _norm_fwd_residual_kernel,
         _reduce_partials_kernel,
         backward_config,
         check_fused_width,
@@ -61,25 +62,52 @@ def _int(size) -> int:
 
 def norm_forward_traceable(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
     """`norm_forward_triton` through `wrap_triton`: `(y, mean, rstd)`, each a fresh tensor."""
+    return _forward_launch(x, None, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)[1:]
+
+
+def norm_add_forward_traceable(
+    x, residual, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype
+):
+    """The norm of s = x + residual, s computed by the kernel: `(s, y, mean, rstd)`, s in the promoted
+    dtype of x and residual (contiguous, of one shape). What `norm_graph_pass.py` makes of a residual
+    add before a compiled norm, as a function."""
+    if residual.shape != x.shape or not (x.is_contiguous() and residual.is_contiguous()):
+        raise ValueError("norm_add_forward_traceable: x and residual must be contiguous tensors of one shape")
+    return _forward_launch(x, residual, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
+
+
+def _forward_launch(x, residual, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype):
     width = _int(x.shape[-1])
     check_fused_width(width)
     n_examples = x.shape[0] if x.dim() > 1 else 1
     x3 = _as_rows(x, n_examples)  # (B, R, D)
     rows_per_example = x3.shape[1]
     n_rows = n_examples * rows_per_example
+    total = (
+        None
+        if residual is None
+        else torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
+    )
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     mean = torch.empty(0 if rms else x.shape[:-1], dtype=torch.float32, device=x.device)
     if n_rows == 0:
-        return y, mean, rstd
+        return total, y, mean, rstd
     block_m, block_d, num_warps = forward_config(width)
-    torch.library.wrap_triton(_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
-        x3, y, x3 if weight is None else weight, x3 if bias is None else bias, mean, rstd,
+    if residual is None:
+        kernel, inputs = _norm_fwd_kernel, (x3,)
+    else:
+        kernel, inputs = (
+            _norm_fwd_residual_kernel,
+            (x3, _as_rows(residual, n_examples), _as_rows(total, n_examples)),
+        )
+    torch.library.wrap_triton(kernel)[(triton.cdiv(n_rows, block_m),)](
+        *inputs, y, x3 if weight is None else weight, x3 if bias is None else bias, mean, rstd,
         x3.stride(0), x3.stride(1), n_rows, rows_per_example, width, 1.0 / width, eps, weight_offset,
         IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
-    return y, mean, rstd
+    return total, y, mean, rstd
 
 
 @torch.library.triton_op("hf_gns::fused_norm_forward", mutates_args=())
