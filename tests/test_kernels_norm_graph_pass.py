@@ -10,14 +10,14 @@ the cast it replaces. The compiled end-to-end checks are the GPU tests at the en
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("torch._inductor.custom_graph_pass")
+
+from ttir_cuda_target import run_without_interpreter  # noqa: E402
 
 from hf_gns.kernels import norm_graph_pass, norm_triton_op  # noqa: E402
 
@@ -30,12 +30,7 @@ LAUNCH = torch.ops.higher_order.triton_kernel_wrapper_functional
 
 def test_graph_tests_run_outside_the_interpreter():
     """CI runs under TRITON_INTERPRET=1: the make_fx tests run in a process without it."""
-    if not INTERPRETED:
-        pytest.skip("the graph tests run in this process")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "22 passed" in done.stdout, done.stdout[-3000:]
+    run_without_interpreter(__file__, passed=22)
 
 
 def _trace(fn, *inputs):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +27,7 @@ wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
 if not hasattr(wrap, "identify_accessed_tensors") and not hasattr(wrap, "identify_mutated_tensors"):
     pytest.skip("this torch has no TTIR write analysis for user kernels", allow_module_level=True)
 
-from ttir_cuda_target import cuda_target_active  # noqa: E402
+from ttir_cuda_target import cuda_target_active, run_without_interpreter  # noqa: E402
 
 from hf_gns.kernels import linear_triton, norm_triton_op  # noqa: E402
 
@@ -75,12 +73,7 @@ def _writes(kernel, kwargs, caplog) -> set[str]:
 
 def test_write_sets_are_checked_outside_the_interpreter():
     """CI runs under TRITON_INTERPRET=1: the analysis tests run in a process without it."""
-    if not INTERPRETED:
-        pytest.skip("the analysis tests run in this process")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "13 passed" in done.stdout, done.stdout[-3000:]
+    run_without_interpreter(__file__, passed=13)
 
 
 interpreted = pytest.mark.skipif(INTERPRETED, reason="interpreted kernels have no TTIR: see the test above")

@@ -5,6 +5,9 @@ what a user kernel writes, and make_fx tracing of `wrap_triton` launches (which 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,3 +42,14 @@ def cuda_target_active():
         yield
     finally:
         driver._active = previous  # reset_active() would create a driver, which fails without a GPU
+
+
+def run_without_interpreter(test_file: str, passed: int) -> None:
+    """Run `test_file` in a process without TRITON_INTERPRET=1 (the JIT kernels, hence TTIR) and
+    require `passed` tests to pass there: how CI, which interprets, runs the TTIR-dependent tests."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the TTIR tests run in this process")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", test_file]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"{passed} passed" in done.stdout, done.stdout[-3000:]
