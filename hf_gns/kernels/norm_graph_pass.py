@@ -139,6 +139,13 @@ def _casts_through_views(node, views: list, casts: list) -> bool:
     return True
 
 
+def _uses(node, depth: int = 2) -> list:
+    """`node`'s users as (target, their users' targets...), `depth` levels down: for the debug log."""
+    if depth == 0:
+        return [str(u.target) for u in node.users]
+    return [(str(u.target), _uses(u, depth - 1)) for u in node.users]
+
+
 def _retyped_view(view, source_val: torch.Tensor) -> torch.Tensor:
     """The fake value of `view` applied to `source_val` (sharing its storage, as a view does)."""
     with source_val.fake_mode:
@@ -159,9 +166,13 @@ def _narrow_forward_output(graph: torch.fx.Graph, launch) -> bool:
         return False
     y, views, casts = outputs[0], [], []
     if not _casts_through_views(y, views, casts) or not casts or len({c.args[1] for c in casts}) != 1:
-        return False  # y itself is used (an fp32 residual add, an output): it stays fp32
+        # y itself is used (an fp32 residual add, an output): it stays fp32. Logged (debug level of
+        # the "hf_gns" logger) to show which uses keep a norm wide.
+        logger.debug("hf_gns: %s keeps an fp32 output, used by %s", launch.name, _uses(y))
+        return False
     dtype, y_val = casts[0].args[1], _val(y)
     if dtype not in _NARROW_FLOATS or y_val is None or y_val.dtype.itemsize <= dtype.itemsize:
+        logger.debug("hf_gns: %s keeps an fp32 output, used by %s", launch.name, _uses(y))
         return False
     if not all(_val(c) is not None and _same_layout(_val(c), _val(c.args[0])) for c in casts):
         return False
