@@ -23,7 +23,9 @@ from hf_gns.kernels import norm_graph_pass, norm_triton_op  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 RUNS_KERNELS = INTERPRETED or torch.cuda.is_available()
-traced = pytest.mark.skipif(INTERPRETED, reason="interpreted kernels have no TTIR: see the test below")
+traced = pytest.mark.skipif(
+    INTERPRETED, reason="no TTIR when interpreted: test_graph_tests_run_outside_the_interpreter runs these"
+)
 CAST = torch.ops.prims.convert_element_type.default
 LAUNCH = torch.ops.higher_order.triton_kernel_wrapper_functional
 
