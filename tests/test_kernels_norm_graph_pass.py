@@ -32,7 +32,7 @@ LAUNCH = torch.ops.higher_order.triton_kernel_wrapper_functional
 
 def test_graph_tests_run_outside_the_interpreter():
     """CI runs under TRITON_INTERPRET=1: the make_fx tests run in a process without it."""
-    run_without_interpreter(__file__, passed=22)
+    run_without_interpreter(__file__, passed=23)
 
 
 def _trace(fn, *inputs):
@@ -227,6 +227,18 @@ def test_residual_add_stays_when_the_kernel_cannot_read_it_alike(add, other_shap
         return _forward(add(a, b), weight)[0]
 
     graph = _trace(step, X, other, W)
+    assert norm_graph_pass.rewrite_norm_launches(graph, mode="0", fuse_residual=True) == {}
+    assert _nodes(graph, torch.ops.aten.add.Tensor)
+
+
+@traced
+def test_residual_add_stays_when_the_sum_is_used_before_the_norm():
+    def step(a, b, weight):
+        h = a + b
+        doubled = h * 2  # traced before the norm's launch: moving the add would reorder the graph
+        return _forward(h, weight)[0], doubled
+
+    graph = _trace(step, X, torch.randn(2, 8, 64), W)
     assert norm_graph_pass.rewrite_norm_launches(graph, mode="0", fuse_residual=True) == {}
     assert _nodes(graph, torch.ops.aten.add.Tensor)
 

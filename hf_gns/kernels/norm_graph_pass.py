@@ -108,7 +108,7 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.stride() == b.stride() and a.device == b.device
 
 
-def _fresh_like(node, val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _fresh_like(val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A new fake tensor of `val`'s layout in `dtype` (never one shared with another node: Inductor's
     reinplacing reads aliasing from the fake tensors' storages)."""
     with val.fake_mode:
@@ -177,10 +177,10 @@ def _narrow_forward_output(graph: torch.fx.Graph, launch) -> bool:
     if not all(_val(c) is not None and _same_layout(_val(c), _val(c.args[0])) for c in casts):
         return False
     y_buffer.kwargs = {**y_buffer.kwargs, "dtype": dtype}
-    y_buffer.meta["val"] = _fresh_like(y_buffer, _val(y_buffer), dtype)
-    y.meta["val"] = _fresh_like(y, y_val, dtype)
+    y_buffer.meta["val"] = _fresh_like(_val(y_buffer), dtype)
+    y.meta["val"] = _fresh_like(y_val, dtype)
     if isinstance(launch.meta.get("val"), dict):
-        launch.meta["val"] = {**launch.meta["val"], "Y": _fresh_like(launch, y_val, dtype)}
+        launch.meta["val"] = {**launch.meta["val"], "Y": _fresh_like(y_val, dtype)}
     for view in views:  # users after their sources: the order they were found in
         view.meta["val"] = _retyped_view(view, view.args[0].meta["val"])
     for cast in casts:
@@ -225,6 +225,17 @@ def _replay_views(graph, views, source):
     return source
 
 
+def _any_between(first, last, nodes: set) -> bool:
+    """Whether one of `nodes` comes after `first` and before `last` in graph order (a short walk:
+    the add feeding a norm sits a few nodes before its launch)."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if node in nodes:
+            return True
+        node = node.next
+    return False
+
+
 def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
     """The add s = a + b that makes the norm's input computed (and s stored) by the norm kernel."""
     inner = launch.kwargs["kwargs"]
@@ -247,9 +258,8 @@ def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
         return False  # the sum gets a fresh contiguous buffer of static shape
     if not all(_same_layout(v, add_val) and v.dtype in _FLOATS for v in operand_vals):
         return False  # a broadcast or a strided operand: the kernel reads all three alike
-    order = {node: i for i, node in enumerate(graph.nodes)}
     others = [u for u in add.users if u not in views]
-    if any(order[u] < order[launch] for u in others):
+    if _any_between(add, launch, set(others)):
         return False  # a use of the sum before the norm: leave the order alone
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
@@ -259,7 +269,7 @@ def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
             (list(add_val.shape),),
             {"dtype": add_val.dtype, "device": add_val.device, "pin_memory": False},
         )
-        buffer.meta["val"] = _fresh_like(buffer, add_val, add_val.dtype)
+        buffer.meta["val"] = _fresh_like(add_val, add_val.dtype)
         x, residual, total = (_replay_views(graph, views, t) for t in (*add.args, buffer))
     # X also stands in for absent arguments (Bias of an RMSNorm): every use of it moves
     arguments = {name: x if value is inner["X"] else value for name, value in inner.items()}
@@ -271,10 +281,10 @@ def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
     }
     total_val = total.meta["val"]
     if isinstance(launch.meta.get("val"), dict):
-        launch.meta["val"] = {**launch.meta["val"], "Sum": _fresh_like(launch, total_val, total_val.dtype)}
+        launch.meta["val"] = {**launch.meta["val"], "Sum": _fresh_like(total_val, total_val.dtype)}
     with graph.inserting_after(launch):
         stored = graph.call_function(operator.getitem, (launch, "Sum"))
-    stored.meta["val"] = _fresh_like(stored, total_val, total_val.dtype)
+    stored.meta["val"] = _fresh_like(total_val, total_val.dtype)
     if tuple(total_val.shape) != tuple(add_val.shape):
         with graph.inserting_after(stored):
             stored = _replay_views(
