@@ -73,6 +73,21 @@ def _kernel_arg(graph, name):
     return launch.kwargs["kwargs"][name]
 
 
+def _assert_eager_vals_follow(launch):
+    """The launch's recorded eager arguments match its rewritten ones (torch 2.11 flattens one
+    against the other when it decomposes the launch: a stale record failed there with "Node arity
+    mismatch; expected 22, but got 20" on the H200)."""
+    _, recorded = launch.meta["eager_input_vals"]
+    assert recorded["kernel_idx"] == launch.kwargs["kernel_idx"]
+    assert list(recorded["tensors_to_clone"]) == list(launch.kwargs["tensors_to_clone"])
+    inner = launch.kwargs["kwargs"]
+    assert list(recorded["kwargs"]) == list(inner)  # the same names in the same order
+    for name, node in inner.items():
+        if isinstance(node, torch.fx.Node):
+            val, old = node.meta["val"], recorded["kwargs"][name]
+            assert (old.dtype, old.shape) == (val.dtype, val.shape), name
+
+
 X, W, LW = torch.randn(2, 8, 64), torch.randn(64), torch.randn(64, 32)
 
 
@@ -92,6 +107,7 @@ def test_forward_writes_y_in_the_dtype_its_users_cast_it_to(dtype, rms):
     (launch,) = _nodes(graph, LAUNCH)
     (y,) = launch.users if rms else [u for u in launch.users if u.args[1] == "Y"]
     assert y.meta["val"].dtype == dtype and launch.meta["val"]["Y"].dtype == dtype
+    _assert_eager_vals_follow(launch)
     assert y.meta["val"].untyped_storage() is not y_buffer.meta["val"].untyped_storage()  # no false alias
     assert not any(c.args[0] is y for c in _nodes(graph, CAST))  # the casts of y are gone
     assert {u.target for u in y.users} == {torch.ops.aten.view.default, torch.ops.aten.mul.Tensor}
@@ -151,6 +167,7 @@ def test_backward_reads_dy_from_the_narrow_gradient_it_was_widened_from(rms):
     assert dy.target is torch.ops.aten.view.default and dy.meta["val"].dtype == torch.bfloat16
     assert dy.args[0].target is torch.ops.aten.add.Tensor and dy.meta["val"].shape == (2, 8, 64)
     assert not _nodes(graph, CAST)  # the widening cast is gone
+    _assert_eager_vals_follow(_nodes(graph, LAUNCH)[0])
 
 
 @traced
@@ -208,6 +225,9 @@ def test_residual_add_before_a_norm_moves_into_its_kernel(rms):
     (stored,) = [u for u in launch.users if u.args[1] == "Sum"]
     (mul,) = _nodes(graph, torch.ops.aten.mul.Tensor)
     assert mul.args[0] is stored and stored.meta["val"].shape == (2, 8, 64)
+    _assert_eager_vals_follow(launch)
+    if rms:  # the absent Bias stood for X: it moved with X
+        assert inner["Bias"] is inner["X"]
 
 
 @traced

@@ -119,6 +119,27 @@ def _with_kernel_arg(node, name: str, value) -> None:
     kwargs = dict(node.kwargs)
     kwargs["kwargs"] = {**kwargs["kwargs"], name: value}
     node.kwargs = kwargs
+    _sync_eager_input_vals(node, {name: _val(value)})
+
+
+def _sync_eager_input_vals(launch, changed: dict) -> None:
+    """Keep the launch's "eager_input_vals" (the fake arguments make_fx recorded, which Inductor
+    replays when it decomposes the launch; torch 2.11 flattens them against the node's arguments, so
+    a stale copy fails with "Node arity mismatch") in step with its rewritten arguments: the kernel,
+    the tensors to clone, and the fake values of the `changed` kernel arguments."""
+    recorded = launch.meta.get("eager_input_vals")
+    if recorded is None:
+        return
+    args, kwargs = recorded
+    launch.meta["eager_input_vals"] = (
+        args,
+        {
+            **kwargs,
+            "kernel_idx": launch.kwargs["kernel_idx"],
+            "tensors_to_clone": list(launch.kwargs["tensors_to_clone"]),
+            "kwargs": {**kwargs["kwargs"], **changed},
+        },
+    )
 
 
 def _is_view(node) -> bool:
@@ -178,6 +199,7 @@ def _narrow_forward_output(graph: torch.fx.Graph, launch) -> bool:
         return False
     y_buffer.kwargs = {**y_buffer.kwargs, "dtype": dtype}
     y_buffer.meta["val"] = _fresh_like(_val(y_buffer), dtype)
+    _sync_eager_input_vals(launch, {"Y": y_buffer.meta["val"]})
     y.meta["val"] = _fresh_like(y_val, dtype)
     if isinstance(launch.meta.get("val"), dict):
         launch.meta["val"] = {**launch.meta["val"], "Y": _fresh_like(y_val, dtype)}
@@ -279,6 +301,8 @@ def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
         "kwargs": {**arguments, "Residual": residual, "Sum": total},
         "tensors_to_clone": [*launch.kwargs["tensors_to_clone"], "Sum"],
     }
+    moved = {name: value for name, value in launch.kwargs["kwargs"].items() if inner.get(name) is not value}
+    _sync_eager_input_vals(launch, {name: _val(value) for name, value in moved.items()})
     total_val = total.meta["val"]
     if isinstance(launch.meta.get("val"), dict):
         launch.meta["val"] = {**launch.meta["val"], "Sum": _fresh_like(total_val, total_val.dtype)}
