@@ -15,8 +15,9 @@ Variants (`--variants`): `trainer`, `gns-norms` (`gns_track="norms"`), `gns-all`
 (`gns_track="all"`), each also with a `-compile` suffix (`torch_compile=True`), and
 `trainer-liger`, `gns-norms-liger` (`use_liger_kernel=True`; skipped with a note when
 liger_kernel is not importable). Not run by default: `gns-norms-aten-compile`,
-`gns-norms-hybrid-compile`, `gns-norms-wide-compile`, `gns-norms-both-compile` and
-`gns-norms-residual-compile`, the compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
+`gns-norms-hybrid-compile`, `gns-norms-wide-compile`, `gns-norms-both-compile`,
+`gns-norms-residual-compile`, `gns-norms-bwdsums-compile` and `gns-norms-fused-compile`, the
+compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
 Every variant runs in a fresh subprocess (no compile caches, allocator state or clocks shared
 in-process). A `TrainerCallback` records one CUDA
 event at the end of every optimizer step (no host sync: read once after training); a step's
@@ -87,13 +88,17 @@ DEFAULT_VARIANTS = VARIANTS
 # with the Triton backward; `wide`: the Triton kernels without `norm_graph_pass.py` (fp32 y and dy
 # with the autocast casts around them launched apart, as before that pass); `both`: that pass also
 # on the backward inputs (the default narrows the forward outputs only); `residual`: the residual add
-# before each norm computed by the norm's kernel (HF_GNS_COMPILED_RESIDUAL_ADD=1).
+# before each norm computed by the norm's kernel (HF_GNS_COMPILED_RESIDUAL_ADD=1); `bwdsums`: the
+# q/k/v (gate/up) gradient sum and the residual gradient add moved into the norm's backward kernel
+# (HF_GNS_COMPILED_BACKWARD_SUMS=1); `fused`: both of the last two.
 COMPILED_NORM_EXPERIMENTS = {
     "gns-norms-aten-compile": {"HF_GNS_COMPILED_TRITON": "0"},
     "gns-norms-hybrid-compile": {"HF_GNS_COMPILED_FORWARD": "inductor"},
     "gns-norms-wide-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "0"},
     "gns-norms-both-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "both"},
     "gns-norms-residual-compile": {"HF_GNS_COMPILED_RESIDUAL_ADD": "1"},
+    "gns-norms-bwdsums-compile": {"HF_GNS_COMPILED_BACKWARD_SUMS": "1"},
+    "gns-norms-fused-compile": {"HF_GNS_COMPILED_RESIDUAL_ADD": "1", "HF_GNS_COMPILED_BACKWARD_SUMS": "1"},
 }
 VARIANTS += tuple(COMPILED_NORM_EXPERIMENTS)
 

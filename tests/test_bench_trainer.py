@@ -118,10 +118,12 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
     bench = _bench()
     assert "gns-norms-aten-compile" not in bench.DEFAULT_VARIANTS
     variants = "trainer-compile,gns-norms-aten-compile,gns-norms-hybrid-compile,gns-norms-wide-compile"
-    variants += ",gns-norms-both-compile,gns-norms-residual-compile"
+    variants += (
+        ",gns-norms-both-compile,gns-norms-residual-compile,gns-norms-bwdsums-compile,gns-norms-fused-compile"
+    )
     args = bench.parse_args(["--variants", variants])
     switches = ("HF_GNS_COMPILED_TRITON", "HF_GNS_COMPILED_FORWARD", "HF_GNS_COMPILED_NARROW_CASTS")
-    switches += ("HF_GNS_COMPILED_RESIDUAL_ADD",)
+    switches += ("HF_GNS_COMPILED_RESIDUAL_ADD", "HF_GNS_COMPILED_BACKWARD_SUMS")
     seen = {}
 
     def fake_run(command, env, **_):
@@ -137,12 +139,14 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
     for variant in args.variants:
         bench.run_variant("gpt2", variant, args)
     assert seen == {
-        "trainer-compile": (None, None, None, None),
-        "gns-norms-aten-compile": ("0", None, None, None),
-        "gns-norms-hybrid-compile": (None, "inductor", None, None),
-        "gns-norms-wide-compile": (None, None, "0", None),
-        "gns-norms-both-compile": (None, None, "both", None),
-        "gns-norms-residual-compile": (None, None, None, "1"),
+        "trainer-compile": (None, None, None, None, None),
+        "gns-norms-aten-compile": ("0", None, None, None, None),
+        "gns-norms-hybrid-compile": (None, "inductor", None, None, None),
+        "gns-norms-wide-compile": (None, None, "0", None, None),
+        "gns-norms-both-compile": (None, None, "both", None, None),
+        "gns-norms-residual-compile": (None, None, None, "1", None),
+        "gns-norms-bwdsums-compile": (None, None, None, None, "1"),
+        "gns-norms-fused-compile": (None, None, None, "1", "1"),
     }
     results = [
         _result("llama124", "trainer-compile", 100.0, 1000),

@@ -95,16 +95,23 @@ def test_compiled_norm_kernels_write_only_their_outputs(launches, caplog, width,
     norm_triton_op.norm_backward_traceable(
         dy, x, weight, mean, rstd, bias is not None, rms, 0.0, False, True, offsets
     )
+    narrow_dys = [dy.to(torch.bfloat16)] * 2  # the fused backward's kernel: two summed dy, an addend
+    config = (x, weight, mean, rstd, bias is not None, rms, 0.0, False, True)
+    norm_triton_op.norm_backward_fused_traceable(narrow_dys, dy, torch.bfloat16, *config)
     expected = {
         "_norm_fwd_kernel": {"Y", "Rstd"} | ({"Mean"} if not rms else set()),
         "_norm_fwd_residual_kernel": {"Sum", "Y", "Rstd"} | ({"Mean"} if not rms else set()),
         "_norm_bwd_kernel": {"DX", "PartialW"} | ({"PartialB"} if not rms else set()),
         "_norm_bwd_documents_kernel": {"DX", "PartialW"} | ({"PartialB"} if not rms else set()),
+        "_norm_bwd_fused_kernel": {"DX", "DXNarrow", "PartialW"} | ({"PartialB"} if not rms else set()),
         "_reduce_partials_kernel": {"Grads", "SqNorms", "SqPartial", "Ticket"},
     }
     names = [kernel.fn.__name__ for kernel, _ in launches]
     backward = "_norm_bwd_documents_kernel" if documents else "_norm_bwd_kernel"
-    assert names == ["_norm_fwd_kernel", "_norm_fwd_residual_kernel", backward, "_reduce_partials_kernel"]
+    assert names == [
+        "_norm_fwd_kernel", "_norm_fwd_residual_kernel", backward, "_reduce_partials_kernel",
+        "_norm_bwd_fused_kernel", "_reduce_partials_kernel",
+    ]  # fmt: skip
     for kernel, kwargs in launches:
         assert _writes(kernel, kwargs, caplog) == expected[kernel.fn.__name__], kernel.fn.__name__
 

@@ -62,26 +62,36 @@ def _mode() -> str:
     return mode
 
 
-def _fuses_residual() -> bool:
-    value = os.environ.get("HF_GNS_COMPILED_RESIDUAL_ADD", "0")
+def _switch(name: str) -> bool:
+    value = os.environ.get(name, "0")
     if value not in ("0", "1"):
-        raise ValueError(f"HF_GNS_COMPILED_RESIDUAL_ADD must be 0 or 1, got {value!r}")
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
 
 
+def _fuses_residual() -> bool:
+    return _switch("HF_GNS_COMPILED_RESIDUAL_ADD")
+
+
+def _fuses_backward_sums() -> bool:
+    return _switch("HF_GNS_COMPILED_BACKWARD_SUMS")
+
+
 def _norm_kernels():
-    """(forward kernels, backward kernels) as `wrap_triton` saw them, the residual forward second;
-    empty without Triton."""
+    """(forward kernels, backward kernels) as `wrap_triton` saw them: the plain kernel first, the
+    fused variant (residual forward, fused backward) second; empty without Triton."""
     try:
         from .norm_triton import (
             _norm_bwd_documents_kernel,
+            _norm_bwd_fused_kernel,
             _norm_bwd_kernel,
             _norm_fwd_kernel,
             _norm_fwd_residual_kernel,
         )
     except ImportError:  # pragma: no cover - no triton, nothing is launched to rewrite
         return (), ()
-    return (_norm_fwd_kernel, _norm_fwd_residual_kernel), (_norm_bwd_kernel, _norm_bwd_documents_kernel)
+    forward = (_norm_fwd_kernel, _norm_fwd_residual_kernel)
+    return forward, (_norm_bwd_kernel, _norm_bwd_fused_kernel, _norm_bwd_documents_kernel)
 
 
 def _launched_kernel(kernel, known):
@@ -324,10 +334,174 @@ def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
     return True
 
 
-def rewrite_norm_launches(graph: torch.fx.Graph, mode: str = "both", fuse_residual: bool = False) -> Counter:
+def _widened_terms(node) -> list | None:
+    """The casts to fp32 of narrow tensors whose fp32 sum `node` is, in the order the fused kernel
+    adds them (its dy is (t0 + t1) + t2), or None. A cast of a bf16/fp16 tensor of its own layout
+    is one term; an add (no alpha) used only here, of a term and a sum, is the sum's terms then the
+    term: fp32 addition commutes, so a + (b + c) is (b + c) + a, bit for bit (it does not
+    associate, so (a + b) + (c + d) is not a chain and is left alone)."""
+    if _is_cast(node, torch.float32):
+        source_val, cast_val = _val(node.args[0]), _val(node)
+        if source_val is None or cast_val is None or source_val.dtype not in _NARROW_FLOATS:
+            return None
+        return [node] if _same_layout(source_val, cast_val) else None
+    if not (
+        isinstance(node, torch.fx.Node)
+        and node.target is torch.ops.aten.add.Tensor
+        and len(node.args) == 2
+        and not node.kwargs
+        and len(node.users) == 1
+    ):
+        return None
+    left, right = (_widened_terms(t) for t in node.args)
+    if left is None or right is None or (len(left) > 1 and len(right) > 1):
+        return None
+    terms = left + right if len(right) == 1 else right + left
+    add_val = _val(node)
+    if add_val is None or any(not _same_layout(_val(t), add_val) for t in terms):
+        return None  # a broadcast
+    return terms
+
+
+def _defined_before(node, launch) -> bool:
+    """Whether `node` comes before `launch` in graph order (a walk back from the launch)."""
+    current = launch.prev
+    while current.op != "root":
+        if current is node:
+            return True
+        current = current.prev
+    return False
+
+
+def _summed_dys(launch):
+    """(the launch's dy views outermost first, the narrow terms of its dy) where dy is a sum of
+    two or three widened narrow tensors (the q/k/v or gate/up gradients), else None."""
+    views, dy = [], launch.kwargs["kwargs"].get("DY")
+    while _is_view(dy) and len(dy.users) == 1:
+        views.append(dy)
+        dy = dy.args[0]
+    terms = _widened_terms(dy)
+    if terms is None or not 2 <= len(terms) <= 3:
+        return None
+    return views, dy, terms
+
+
+def _residual_gradient_add(launch):
+    """(add, the other addend, casts of the sum to one narrow dtype) where the launch's dx is read
+    only by dx + r, r an fp32 tensor of dx's layout computed before the launch (the residual
+    stream's gradient), else None."""
+    outputs = [u for u in launch.users if u.target is operator.getitem and u.args[1] == "DX"]
+    if len(outputs) != 1 or len(outputs[0].users) != 1:
+        return None
+    dx, (add,) = outputs[0], outputs[0].users
+    if not (add.target is torch.ops.aten.add.Tensor and len(add.args) == 2 and not add.kwargs):
+        return None
+    other = add.args[1] if add.args[0] is dx else add.args[0]
+    if other is dx or not isinstance(other, torch.fx.Node):
+        return None
+    dx_val, other_val, add_val = _val(dx), _val(other), _val(add)
+    if dx_val is None or other_val is None or add_val is None:
+        return None
+    if not all(v.dtype == torch.float32 and _same_layout(v, dx_val) for v in (other_val, add_val)):
+        return None
+    if not dx_val.is_contiguous() or not _defined_before(other, launch):
+        return None
+    casts = [
+        u for u in add.users if _is_cast(u) and u.args[1] in _NARROW_FLOATS and _same_layout(_val(u), add_val)
+    ]
+    casts = [c for c in casts if c.args[1] == casts[0].args[1]]
+    return add, other, casts
+
+
+def _fuse_backward_sums(graph: torch.fx.Graph, launch, fused_kernel) -> Counter:
+    """The sums around a dense norm backward moved into `_norm_bwd_fused_kernel`: its dy's sum of
+    widened narrow gradients (read narrow, summed in the kernel) and the residual gradient added to
+    its dx (with that sum's narrow cast); what was fused, by kind."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    inner = launch.kwargs["kwargs"]
+    dys, residual = _summed_dys(launch), _residual_gradient_add(launch)
+    if dys is None and residual is None:
+        return Counter()
+    arguments = dict(inner)
+    done: Counter = Counter()
+    new_buffers = []
+    if dys is not None:
+        views, root, terms = dys
+        with graph.inserting_before(launch):
+            sources = [_replay_views(graph, views, term.args[0]) for term in terms]
+        arguments["DY"], arguments["DY2"], arguments["DY3"] = (sources + [sources[0]] * 2)[:3]
+        arguments["N_DY"] = len(terms)
+        done["backward dy sums"] += 1
+    else:  # unread pointers: X, which the kernel reads anyway (never a node that could go dead)
+        arguments["DY2"] = arguments["DY3"] = inner["X"]
+        arguments["N_DY"] = 1
+    narrow_out = None
+    if residual is not None:
+        add, other, casts = residual
+        arguments["Addend"] = other
+        if casts:
+            cast_val = _val(casts[0])
+            with graph.inserting_before(launch):
+                buffer = graph.call_function(
+                    torch.ops.aten.empty.memory_format,
+                    (list(cast_val.shape),),
+                    {"dtype": cast_val.dtype, "device": cast_val.device, "pin_memory": False},
+                )
+            buffer.meta["val"] = _fresh_like(cast_val, cast_val.dtype)
+            arguments["DXNarrow"] = buffer
+            new_buffers.append("DXNarrow")
+        else:
+            arguments["DXNarrow"] = inner["DX"]
+        done["backward residual adds"] += 1
+    else:
+        arguments["Addend"], arguments["DXNarrow"] = inner["X"], inner["DX"]
+    arguments["HAS_ADDEND"] = residual is not None
+    arguments["HAS_NARROW_DX"] = bool(new_buffers)
+    launch.kwargs = {
+        **launch.kwargs,
+        "kernel_idx": kernel_side_table.add_kernel(fused_kernel),
+        "kwargs": arguments,
+        "tensors_to_clone": [*launch.kwargs["tensors_to_clone"], *new_buffers],
+    }
+    changed = {name: _val(value) for name, value in arguments.items() if inner.get(name) is not value}
+    _sync_eager_input_vals(launch, changed)
+    if residual is not None:
+        dx = next(u for u in launch.users if u.target is operator.getitem and u.args[1] == "DX")
+        if new_buffers:
+            narrow_val = _fresh_like(_val(casts[0]), casts[0].args[1])
+            if isinstance(launch.meta.get("val"), dict):
+                launch.meta["val"] = {**launch.meta["val"], "DXNarrow": narrow_val}
+            with graph.inserting_after(launch):
+                narrow_out = graph.call_function(operator.getitem, (launch, "DXNarrow"))
+            narrow_out.meta["val"] = _fresh_like(narrow_val, narrow_val.dtype)
+            for cast in casts:
+                cast.replace_all_uses_with(narrow_out)
+                graph.erase_node(cast)
+        add.replace_all_uses_with(dx)
+        graph.erase_node(add)
+    if dys is not None:
+        _erase_dead(graph, [*dys[0], dys[1]])
+    return done
+
+
+def _erase_dead(graph: torch.fx.Graph, nodes: list) -> None:
+    """Erase `nodes` and, through their inputs, the views, casts and adds that only they read."""
+    pure = (*_VIEWS, torch.ops.prims.convert_element_type.default, torch.ops.aten.add.Tensor)
+    while nodes:
+        node = nodes.pop()
+        if node.op == "call_function" and node.target in pure and not node.users and node.graph is graph:
+            inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            graph.erase_node(node)
+            nodes.extend(inputs)
+
+
+def rewrite_norm_launches(
+    graph: torch.fx.Graph, mode: str = "both", fuse_residual: bool = False, fuse_backward_sums: bool = False
+) -> Counter:
     """Rewrite the hf_gns norm launches of a post-grad `graph` in place; returns what was done."""
     done: Counter = Counter()
-    if mode == "0" and not fuse_residual:
+    if mode == "0" and not fuse_residual and not fuse_backward_sums:
         return done
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
@@ -347,7 +521,9 @@ def rewrite_norm_launches(graph: torch.fx.Graph, mode: str = "both", fuse_residu
             done["residual adds"] += 1
         if kernel in forward_kernels and mode != "0" and _narrow_forward_output(graph, node):
             done["forward outputs"] += 1
-        elif mode == "both" and kernel in backward_kernels and _narrow_backward_input(graph, node):
+        if fuse_backward_sums and kernel is backward_kernels[0]:
+            done.update(_fuse_backward_sums(graph, node, backward_kernels[1]))
+        if mode == "both" and kernel in backward_kernels and _narrow_backward_input(graph, node):
             done["backward inputs"] += 1
     if done:
         logger.debug("hf_gns: compiled norm launches rewritten: %s", dict(done))
@@ -374,7 +550,7 @@ if CustomGraphPass is not None:
             for previous in self.chained if isinstance(self.chained, (list, tuple)) else (self.chained,):
                 if previous is not None:
                     previous(graph)
-            rewrite_norm_launches(graph, _mode(), _fuses_residual())
+            rewrite_norm_launches(graph, _mode(), _fuses_residual(), _fuses_backward_sums())
 
         def uuid(self):
             # FX graph cache key: this file's source, the mode, and the chained passes' keys (None,
@@ -384,13 +560,13 @@ if CustomGraphPass is not None:
             if any(key is None for key in keys):
                 return None
             source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-            return (source, _mode(), _fuses_residual(), *keys)
+            return (source, _mode(), _fuses_residual(), _fuses_backward_sums(), *keys)
 
 
 def install() -> bool:
     """Chain `NormLaunchRewrite` into Inductor's post-grad custom pass (once); False where this torch
     has no custom graph passes or the mode is "0"."""
-    if CustomGraphPass is None or (_mode() == "0" and not _fuses_residual()):
+    if CustomGraphPass is None or (_mode() == "0" and not _fuses_residual() and not _fuses_backward_sums()):
         return False
     from torch._inductor import config
 

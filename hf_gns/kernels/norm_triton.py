@@ -230,12 +230,13 @@ def _norm_bwd_tile(
 
 @triton.jit
 def _norm_bwd_load(
-    X, DY, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
+    X, DY, DY2, DY3, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
     rows_per_example, cols, col_mask,
-    IS_RMS: tl.constexpr, BLOCK_M: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    IS_RMS: tl.constexpr, BLOCK_M: tl.constexpr, EVICT_FIRST: tl.constexpr, N_DY: tl.constexpr,
 ):  # fmt: skip
     """x and dy (in their dtype), rstd and mean (= rstd for RMSNorm: unused) of example b's rows
-    [first, first + BLOCK_M) below row_end; masked rows load nothing."""
+    [first, first + BLOCK_M) below row_end; masked rows load nothing. N_DY > 1: dy is the fp32 sum
+    (dy + dy2) + dy3 of N_DY tensors of one layout, each widened as it is read."""
     r = first + tl.arange(0, BLOCK_M)
     row_mask = r < row_end
     mask = row_mask[:, None] & col_mask[None, :]
@@ -244,7 +245,12 @@ def _norm_bwd_load(
     dy_rows = example * stride_dyb + r64 * stride_dyr
     flat_rows = example * rows_per_example + r64  # index into mean/rstd/dx
     x = _load_rows(X + x_rows[:, None] + cols[None, :], mask, EVICT_FIRST)
-    dy = _load_rows(DY + dy_rows[:, None] + cols[None, :], mask, EVICT_FIRST)
+    dy_offsets = dy_rows[:, None] + cols[None, :]
+    dy = _load_rows(DY + dy_offsets, mask, EVICT_FIRST)
+    if N_DY >= 2:
+        dy = dy.to(tl.float32) + _load_rows(DY2 + dy_offsets, mask, EVICT_FIRST).to(tl.float32)
+    if N_DY == 3:
+        dy = dy + _load_rows(DY3 + dy_offsets, mask, EVICT_FIRST).to(tl.float32)
     rstd = tl.load(Rstd + flat_rows, mask=row_mask, other=0.0)
     if IS_RMS:
         mean = rstd
@@ -255,14 +261,16 @@ def _norm_bwd_load(
 
 @triton.jit
 def _norm_bwd_rows_step(
-    x, dy, rstd, mean, X, DX, example, first, row_end, rows_per_example, cols, col_mask, w, width,
-    inv_width, acc_dw, acc_db,
+    x, dy, rstd, mean, X, Addend, DX, DXNarrow, example, first, row_end, rows_per_example, cols, col_mask,
+    w, width, inv_width, acc_dw, acc_db,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, ONE_REDUCTION: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, HAS_NARROW_DX: tl.constexpr,
 ):  # fmt: skip
-    """One tile of `_norm_bwd_kernel`'s row loop, from its loaded x, dy, rstd, mean (`_norm_bwd_load`):
+    """One tile of the backward's row loop, from its loaded x, dy, rstd, mean (`_norm_bwd_load`):
     dx stored, and the partial sums dγ += dy ⊙ x̂ (x̂ rounded like the forward's when
-    CAST_BEFORE_WEIGHT), dβ += dy returned."""
+    CAST_BEFORE_WEIGHT), dβ += dy returned. HAS_ADDEND: DX gets dx (in DX's dtype) + addend, one
+    fp32 add as torch adds them; HAS_NARROW_DX: that sum also rounded into DXNarrow."""
     r = first + tl.arange(0, BLOCK_M)
     row_mask = r < row_end
     mask = row_mask[:, None] & col_mask[None, :]
@@ -270,8 +278,15 @@ def _norm_bwd_rows_step(
     dy = dy.to(tl.float32)
     dx, xhat = _norm_bwd_tile(x, dy, rstd, mean, mask, w, inv_width, IS_RMS, HAS_WEIGHT, ONE_REDUCTION)
     flat_rows = example * rows_per_example + r.to(tl.int64)
-    dx_ptrs = DX + flat_rows[:, None] * width + cols[None, :]
-    _store_rows(dx_ptrs, dx.to(DX.dtype.element_ty), mask, EVICT_FIRST)
+    dx_offsets = flat_rows[:, None] * width + cols[None, :]
+    dx = dx.to(DX.dtype.element_ty)
+    if HAS_ADDEND:
+        dx = (dx.to(tl.float32) + _load_rows(Addend + dx_offsets, mask, EVICT_FIRST).to(tl.float32)).to(
+            DX.dtype.element_ty
+        )
+    _store_rows(DX + dx_offsets, dx, mask, EVICT_FIRST)
+    if HAS_NARROW_DX:
+        _store_rows(DXNarrow + dx_offsets, dx.to(DXNarrow.dtype.element_ty), mask, EVICT_FIRST)
     if N_PARAMS >= 1:
         if CAST_BEFORE_WEIGHT:
             xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
@@ -306,6 +321,55 @@ def _norm_bwd_kernel(
     pipeline its loads through shared memory (cp.async) though the loop has no dot.
     EVICT_FIRST: x and dy loads and dx stores hint L2 to evict them first (each read once).
     """
+    _norm_bwd_program(
+        X, DY, DY, DY, W, Mean, Rstd, DX, DX, DX, PartialW, PartialB,
+        stride_xb, stride_xr, stride_dyb, stride_dyr,
+        n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
+        IS_RMS, HAS_WEIGHT, N_PARAMS, CAST_BEFORE_WEIGHT, BLOCK_M, BLOCK_D,
+        ONE_REDUCTION, PREFETCH, LOOP_STAGES, EVICT_FIRST,
+        1, False, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _norm_bwd_fused_kernel(
+    X, DY, DY2, DY3, W, Mean, Rstd, Addend, DX, DXNarrow, PartialW, PartialB,
+    stride_xb, stride_xr, stride_dyb, stride_dyr,
+    n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_REDUCTION: tl.constexpr, PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    N_DY: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_NARROW_DX: tl.constexpr,
+):  # fmt: skip
+    """`_norm_bwd_kernel` with the sums around it in a compiled backward fused in (launched only by
+    the compiled graphs' pass, `norm_graph_pass.py`): dy = (DY + DY2) + DY3 in fp32 for N_DY of them
+    (the gradients of the q/k/v or gate/up casts of the norm's output, each widened as it is read;
+    all with DY's strides); HAS_ADDEND: DX = dx + Addend (the residual stream's gradient, laid out
+    as DX); HAS_NARROW_DX: that sum also rounded into DXNarrow (the cast that the residual branch's
+    output projection reads). The same fp32 operations, in the same order, as the graph's."""
+    _norm_bwd_program(
+        X, DY, DY2, DY3, W, Mean, Rstd, Addend, DX, DXNarrow, PartialW, PartialB,
+        stride_xb, stride_xr, stride_dyb, stride_dyr,
+        n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
+        IS_RMS, HAS_WEIGHT, N_PARAMS, CAST_BEFORE_WEIGHT, BLOCK_M, BLOCK_D,
+        ONE_REDUCTION, PREFETCH, LOOP_STAGES, EVICT_FIRST,
+        N_DY, HAS_ADDEND, HAS_NARROW_DX,
+    )  # fmt: skip
+
+
+@triton.jit
+def _norm_bwd_program(
+    X, DY, DY2, DY3, W, Mean, Rstd, Addend, DX, DXNarrow, PartialW, PartialB,
+    stride_xb, stride_xr, stride_dyb, stride_dyr,
+    n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_REDUCTION: tl.constexpr, PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    N_DY: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_NARROW_DX: tl.constexpr,
+):  # fmt: skip
+    """The body of `_norm_bwd_kernel` and `_norm_bwd_fused_kernel` (Triton inlines it)."""
     # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
     # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
     inv_width = tl.cast(inv_width, tl.float32)
@@ -325,42 +389,42 @@ def _norm_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_chunk, rows_per_example)
     if PREFETCH:
         x, dy, rstd, mean = _norm_bwd_load(
-            X, DY, Mean, Rstd, example, row_start, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
-            rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST,
+            X, DY, DY2, DY3, Mean, Rstd, example, row_start, row_end, stride_xb, stride_xr, stride_dyb,
+            stride_dyr, rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST, N_DY,
         )  # fmt: skip
         for first in range(row_start, row_end, BLOCK_M):
             next_x, next_dy, next_rstd, next_mean = _norm_bwd_load(
-                X, DY, Mean, Rstd, example, first + BLOCK_M, row_end, stride_xb, stride_xr, stride_dyb,
-                stride_dyr, rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST,
+                X, DY, DY2, DY3, Mean, Rstd, example, first + BLOCK_M, row_end, stride_xb, stride_xr,
+                stride_dyb, stride_dyr, rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST, N_DY,
             )  # fmt: skip
             acc_dw, acc_db = _norm_bwd_rows_step(
-                x, dy, rstd, mean, X, DX, example, first, row_end, rows_per_example, cols, col_mask, w, width,
-                inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
-                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST,
+                x, dy, rstd, mean, X, Addend, DX, DXNarrow, example, first, row_end, rows_per_example, cols,
+                col_mask, w, width, inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
+                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST, HAS_ADDEND, HAS_NARROW_DX,
             )  # fmt: skip
             x, dy, rstd, mean = next_x, next_dy, next_rstd, next_mean
     elif LOOP_STAGES > 0:
         for first in tl.range(row_start, row_end, BLOCK_M, num_stages=LOOP_STAGES):
             x, dy, rstd, mean = _norm_bwd_load(
-                X, DY, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
-                rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST,
+                X, DY, DY2, DY3, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb,
+                stride_dyr, rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST, N_DY,
             )  # fmt: skip
             acc_dw, acc_db = _norm_bwd_rows_step(
-                x, dy, rstd, mean, X, DX, example, first, row_end, rows_per_example, cols, col_mask, w, width,
-                inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
-                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST,
+                x, dy, rstd, mean, X, Addend, DX, DXNarrow, example, first, row_end, rows_per_example, cols,
+                col_mask, w, width, inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
+                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST, HAS_ADDEND, HAS_NARROW_DX,
             )  # fmt: skip
     else:  # a plain `range`, not tl.range(num_stages=0): the default's compiled code stays the tuned,
         # GPU-verified kernel's (folding it into the branch above waits for a GPU check of its PTX)
         for first in range(row_start, row_end, BLOCK_M):
             x, dy, rstd, mean = _norm_bwd_load(
-                X, DY, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb, stride_dyr,
-                rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST,
+                X, DY, DY2, DY3, Mean, Rstd, example, first, row_end, stride_xb, stride_xr, stride_dyb,
+                stride_dyr, rows_per_example, cols, col_mask, IS_RMS, BLOCK_M, EVICT_FIRST, N_DY,
             )  # fmt: skip
             acc_dw, acc_db = _norm_bwd_rows_step(
-                x, dy, rstd, mean, X, DX, example, first, row_end, rows_per_example, cols, col_mask, w, width,
-                inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
-                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST,
+                x, dy, rstd, mean, X, Addend, DX, DXNarrow, example, first, row_end, rows_per_example, cols,
+                col_mask, w, width, inv_width, acc_dw, acc_db, IS_RMS, HAS_WEIGHT, N_PARAMS,
+                CAST_BEFORE_WEIGHT, BLOCK_M, ONE_REDUCTION, EVICT_FIRST, HAS_ADDEND, HAS_NARROW_DX,
             )  # fmt: skip
 
     # PartialW[b, c, :] and PartialB[b, c, :]: the two halves of one (P, B, C, D) buffer

@@ -33,6 +33,7 @@ try:
         _DOCUMENT_PIECES_PER_LOAD,
         _as_rows,
         _norm_bwd_documents_kernel,
+        _norm_bwd_fused_kernel,
         _norm_bwd_kernel,
         _norm_fwd_kernel,
         _norm_fwd_residual_kernel,
@@ -167,6 +168,46 @@ def norm_backward_traceable(
     example_offsets=None,
 ):
     """`norm_backward_triton` through `wrap_triton`: `(dx, grads (P, D), sq_norms (B or E, 2) fp32)`."""
+    args = (x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
+    dx, _, grads, sq_norms = _backward_launch((dy,), None, None, *args, example_offsets)
+    return dx, grads, sq_norms
+
+
+def norm_backward_fused_traceable(
+    dys,
+    addend,
+    narrow_dtype,
+    x,
+    weight,
+    mean,
+    rstd,
+    has_bias,
+    rms,
+    weight_offset,
+    cast_before_weight,
+    param_grads,
+):
+    """`_norm_bwd_fused_kernel`, as the compiled graphs' pass (`norm_graph_pass.py`) launches it:
+    the backward of dy = (dys[0] + dys[1]) + dys[2] (summed in fp32; one layout), dx + `addend`
+    (fp32, x's shape, contiguous) and, with `narrow_dtype`, that sum rounded to it too:
+    `(dx + addend, the rounded copy or None, grads (P, D), sq_norms (B, 2) fp32)`."""
+    if not 1 <= len(dys) <= 3 or any(d.shape != dys[0].shape or d.stride() != dys[0].stride() for d in dys):
+        raise ValueError(
+            f"dys must be one to three tensors of one layout, got {[tuple(d.shape) for d in dys]}"
+        )
+    if addend is not None and (addend.shape != x.shape or not addend.is_contiguous()):
+        raise ValueError(f"the addend must be a contiguous tensor of x's shape {tuple(x.shape)}")
+    args = (x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
+    return _backward_launch(tuple(dys), addend, narrow_dtype, *args, None)
+
+
+def _backward_launch(
+    dys, addend, narrow_dtype, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight,
+    param_grads, example_offsets,
+):  # fmt: skip
+    """The backward launches: the fused kernel where there is more than one dy, an addend or a narrow
+    copy of dx (dense rows only), else `_norm_bwd_kernel` or the documents kernel."""
+    dy = dys[0]
     width = _int(x.shape[-1])
     n_params = _n_params(weight, has_bias, param_grads)
     segmented = example_offsets is not None
@@ -176,9 +217,10 @@ def norm_backward_traceable(
     rows_per_example = _int(x3.shape[1])
     device = x.device
     dx = torch.empty(x.shape, dtype=x.dtype, device=device)
+    dx_narrow = None if narrow_dtype is None else torch.empty(x.shape, dtype=narrow_dtype, device=device)
     if x3.shape[0] * rows_per_example == 0:
         grads = torch.zeros(n_params, width, dtype=x.dtype if weight is None else weight.dtype, device=device)
-        return dx, grads, torch.zeros(n_examples, 2, dtype=torch.float32, device=device)
+        return dx, dx_narrow, grads, torch.zeros(n_examples, 2, dtype=torch.float32, device=device)
 
     rows = (1, rows_per_example) if segmented else (n_examples, rows_per_example)
     block_m, block_d, num_warps, rows_per_chunk, n_chunks, options = backward_config(width, *rows, device)
@@ -208,6 +250,18 @@ def norm_backward_traceable(
             rows_per_example, n_examples, rows_per_chunk, search_steps, width, 1.0 / width, weight_offset,
             **constexprs,
         )  # fmt: skip
+    elif len(dys) > 1 or addend is not None or dx_narrow is not None:
+        offsets = None
+        extra = [_as_rows(d, n_examples) for d in dys[1:]]
+        extra += [dy3] * (2 - len(extra))
+        torch.library.wrap_triton(_norm_bwd_fused_kernel)[(n_examples, n_chunks)](
+            x3, dy3, *extra, w, mean_arg, rstd, dx if addend is None else addend, dx,
+            dx if dx_narrow is None else dx_narrow, partial_w, partial_b,
+            x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1),
+            n_examples, rows_per_example, rows_per_chunk, n_chunks, width, 1.0 / width, weight_offset,
+            **constexprs, **options.constexprs(),
+            N_DY=len(dys), HAS_ADDEND=addend is not None, HAS_NARROW_DX=dx_narrow is not None,
+        )  # fmt: skip
     else:
         offsets = None
         torch.library.wrap_triton(_norm_bwd_kernel)[(n_examples, n_chunks)](
@@ -218,13 +272,13 @@ def norm_backward_traceable(
         )  # fmt: skip
     if n_params == 0:
         grads = torch.empty(0, width, dtype=x.dtype, device=device)
-        return dx, grads, torch.zeros(n_examples, 2, dtype=torch.float32, device=device)
+        return dx, dx_narrow, grads, torch.zeros(n_examples, 2, dtype=torch.float32, device=device)
     # the reduction reads (P, slots, D): one copy of n_slots·D fp32 for LayerNorm (~2 µs at D=2048)
     partial = partial_w[None] if n_params == 1 else torch.stack((partial_w, partial_b))
     grads, sq_norms = _reduce_traceable(
         partial, n_params, n_examples, n_chunks, width, weight.dtype, offsets, rows_per_chunk, n_slots
     )
-    return dx, grads, sq_norms
+    return dx, dx_narrow, grads, sq_norms
 
 
 @torch.library.triton_op("hf_gns::fused_norm_backward", mutates_args=())
