@@ -76,8 +76,13 @@ def _kernel_arg(graph, name):
 def _assert_eager_vals_follow(launch):
     """The launch's recorded eager arguments match its rewritten ones (torch 2.11 flattens one
     against the other when it decomposes the launch: a stale record failed there with "Node arity
-    mismatch; expected 22, but got 20" on the H200)."""
+    mismatch; expected 22, but got 20", and a plain dict "Type mismatch", on the H200)."""
+    import torch.utils._pytree as pytree
+
     _, recorded = launch.meta["eager_input_vals"]
+    # torch 2.11's decomposition of the launch flattens the record up to the node's structure
+    # (container types included: a plain dict for fx's immutable one failed on the GPU)
+    pytree.tree_structure((launch.args, launch.kwargs)).flatten_up_to(launch.meta["eager_input_vals"])
     assert recorded["kernel_idx"] == launch.kwargs["kernel_idx"]
     assert list(recorded["tensors_to_clone"]) == list(launch.kwargs["tensors_to_clone"])
     inner = launch.kwargs["kwargs"]

@@ -43,6 +43,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 logger = logging.getLogger(__name__)
 
@@ -134,21 +135,26 @@ def _with_kernel_arg(node, name: str, value) -> None:
 
 def _sync_eager_input_vals(launch, changed: dict) -> None:
     """Keep the launch's "eager_input_vals" (the fake arguments make_fx recorded, which Inductor
-    replays when it decomposes the launch; torch 2.11 flattens them against the node's arguments, so
-    a stale copy fails with "Node arity mismatch") in step with its rewritten arguments: the kernel,
-    the tensors to clone, and the fake values of the `changed` kernel arguments."""
+    replays when it decomposes the launch) in step with its rewritten arguments: the kernel, the
+    tensors to clone, and the fake values of the `changed` kernel arguments. torch 2.11 flattens
+    the record up to the structure of the node's arguments: a stale one failed there with "Node
+    arity mismatch"."""
     recorded = launch.meta.get("eager_input_vals")
     if recorded is None:
         return
     args, kwargs = recorded
+    # the node's own container types (fx's immutable dict and list): pytree tells them from dict
+    # and list, and a plain dict here failed the GPU compile with "Type mismatch"
     launch.meta["eager_input_vals"] = (
         args,
-        {
-            **kwargs,
-            "kernel_idx": launch.kwargs["kernel_idx"],
-            "tensors_to_clone": list(launch.kwargs["tensors_to_clone"]),
-            "kwargs": {**kwargs["kwargs"], **changed},
-        },
+        immutable_dict(
+            {
+                **kwargs,
+                "kernel_idx": launch.kwargs["kernel_idx"],
+                "tensors_to_clone": immutable_list(launch.kwargs["tensors_to_clone"]),
+                "kwargs": immutable_dict({**kwargs["kwargs"], **changed}),
+            }
+        ),
     )
 
 
