@@ -16,8 +16,8 @@ Variants (`--variants`): `trainer`, `gns-norms` (`gns_track="norms"`), `gns-all`
 `trainer-liger`, `gns-norms-liger` (`use_liger_kernel=True`; skipped with a note when
 liger_kernel is not importable). Not run by default: `gns-norms-aten-compile`,
 `gns-norms-hybrid-compile`, `gns-norms-wide-compile`, `gns-norms-both-compile`,
-`gns-norms-residual-compile`, `gns-norms-bwdsums-compile` and `gns-norms-fused-compile`, the
-compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
+`gns-norms-unfused-compile`, `gns-norms-residual-compile`, `gns-norms-bwdsums-compile` and
+`gns-norms-fused-compile`, the compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
 Every variant runs in a fresh subprocess (no compile caches, allocator state or clocks shared
 in-process). A `TrainerCallback` records one CUDA
 event at the end of every optimizer step (no host sync: read once after training); a step's
@@ -86,18 +86,21 @@ DEFAULT_VARIANTS = VARIANTS
 # `aten`: compiled graphs trace the norm op's PyTorch body (Inductor fuses it with the residual add
 # and dtype casts around the norm, as it does its own norms); `hybrid`: only the forward's body,
 # with the Triton backward; `wide`: the Triton kernels without `norm_graph_pass.py` (fp32 y and dy
-# with the autocast casts around them launched apart, as before that pass); `both`: that pass also
-# on the backward inputs (the default narrows the forward outputs only); `residual`: the residual add
-# before each norm computed by the norm's kernel (HF_GNS_COMPILED_RESIDUAL_ADD=1); `bwdsums`: the
-# q/k/v (gate/up) gradient sum and the residual gradient add moved into the norm's backward kernel
-# (HF_GNS_COMPILED_BACKWARD_SUMS=1); `fused`: both of the last two.
+# with the autocast casts around them launched apart, as before that pass: all its switches off);
+# `both`: that pass also on the single-Linear backward inputs; `unfused`: the pass's output casts
+# only (the default before its residual add and backward sums, measured as gns-norms-compile until
+# 2026-12-02); `residual` / `bwdsums`: only the residual add before each norm / only the q/k/v
+# (gate/up) gradient sum and the residual gradient add in the norm's backward kernel; `fused`: both,
+# as the default now is.
+_UNFUSED = {"HF_GNS_COMPILED_RESIDUAL_ADD": "0", "HF_GNS_COMPILED_BACKWARD_SUMS": "0"}
 COMPILED_NORM_EXPERIMENTS = {
     "gns-norms-aten-compile": {"HF_GNS_COMPILED_TRITON": "0"},
     "gns-norms-hybrid-compile": {"HF_GNS_COMPILED_FORWARD": "inductor"},
-    "gns-norms-wide-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "0"},
+    "gns-norms-wide-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "0", **_UNFUSED},
     "gns-norms-both-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "both"},
-    "gns-norms-residual-compile": {"HF_GNS_COMPILED_RESIDUAL_ADD": "1"},
-    "gns-norms-bwdsums-compile": {"HF_GNS_COMPILED_BACKWARD_SUMS": "1"},
+    "gns-norms-unfused-compile": _UNFUSED,
+    "gns-norms-residual-compile": {**_UNFUSED, "HF_GNS_COMPILED_RESIDUAL_ADD": "1"},
+    "gns-norms-bwdsums-compile": {**_UNFUSED, "HF_GNS_COMPILED_BACKWARD_SUMS": "1"},
     "gns-norms-fused-compile": {"HF_GNS_COMPILED_RESIDUAL_ADD": "1", "HF_GNS_COMPILED_BACKWARD_SUMS": "1"},
 }
 VARIANTS += tuple(COMPILED_NORM_EXPERIMENTS)

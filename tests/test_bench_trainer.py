@@ -118,9 +118,8 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
     bench = _bench()
     assert "gns-norms-aten-compile" not in bench.DEFAULT_VARIANTS
     variants = "trainer-compile,gns-norms-aten-compile,gns-norms-hybrid-compile,gns-norms-wide-compile"
-    variants += (
-        ",gns-norms-both-compile,gns-norms-residual-compile,gns-norms-bwdsums-compile,gns-norms-fused-compile"
-    )
+    variants += ",gns-norms-both-compile,gns-norms-unfused-compile,gns-norms-residual-compile"
+    variants += ",gns-norms-bwdsums-compile,gns-norms-fused-compile"
     args = bench.parse_args(["--variants", variants])
     switches = ("HF_GNS_COMPILED_TRITON", "HF_GNS_COMPILED_FORWARD", "HF_GNS_COMPILED_NARROW_CASTS")
     switches += ("HF_GNS_COMPILED_RESIDUAL_ADD", "HF_GNS_COMPILED_BACKWARD_SUMS")
@@ -142,10 +141,11 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
         "trainer-compile": (None, None, None, None, None),
         "gns-norms-aten-compile": ("0", None, None, None, None),
         "gns-norms-hybrid-compile": (None, "inductor", None, None, None),
-        "gns-norms-wide-compile": (None, None, "0", None, None),
+        "gns-norms-wide-compile": (None, None, "0", "0", "0"),
         "gns-norms-both-compile": (None, None, "both", None, None),
-        "gns-norms-residual-compile": (None, None, None, "1", None),
-        "gns-norms-bwdsums-compile": (None, None, None, None, "1"),
+        "gns-norms-unfused-compile": (None, None, None, "0", "0"),
+        "gns-norms-residual-compile": (None, None, None, "1", "0"),
+        "gns-norms-bwdsums-compile": (None, None, None, "0", "1"),
         "gns-norms-fused-compile": (None, None, None, "1", "1"),
     }
     results = [

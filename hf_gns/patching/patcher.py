@@ -48,9 +48,10 @@ def patch(
         model (`nn.Module`): any model, also wrapped by DDP or PEFT. Patch before
             `torch.compile` and before FSDP. Patching norms also installs, once per process, an
             Inductor post-grad pass that rewrites only hf_gns's own compiled norm launches (they
-            write the autocast dtype their users cast to: `hf_gns/kernels/norm_graph_pass.py`;
-            `HF_GNS_COMPILED_NARROW_CASTS=0` turns it off). It stays after `unpatch`, where it
-            finds nothing to rewrite.
+            write the autocast dtype their users cast to, and take in the residual add before them
+            and the gradient sums around their backward: `hf_gns/kernels/norm_graph_pass.py`, whose
+            docstring names the switches that turn each part off). It stays after `unpatch`, where
+            it finds nothing to rewrite.
         strict (`bool`, *optional*, defaults to `False`): raise `NormPatchError`, leaving
             the model untouched, if a norm-like module that owns parameters cannot be patched
             (with `targets="all"`: also a Linear/Conv1D/Embedding with trainable parameters).
