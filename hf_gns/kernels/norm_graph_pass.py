@@ -136,6 +136,29 @@ def _fresh_like(val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty_strided(val.shape, val.stride(), dtype=dtype, device=val.device)
 
 
+def _new_buffer(graph: torch.fx.Graph, launch, like: torch.Tensor):
+    """An `empty` node of `like`'s shape and dtype (contiguous) just before `launch`: a new output
+    buffer of a fused kernel."""
+    with graph.inserting_before(launch):
+        buffer = graph.call_function(
+            torch.ops.aten.empty.memory_format,
+            (list(like.shape),),
+            {"dtype": like.dtype, "device": like.device, "pin_memory": False},
+        )
+    buffer.meta["val"] = _fresh_like(like, like.dtype)
+    return buffer
+
+
+def _new_output(graph: torch.fx.Graph, launch, name: str, like: torch.Tensor):
+    """The getitem of the launch's new written argument `name` (valued like `like`), right after it."""
+    if isinstance(launch.meta.get("val"), dict):
+        launch.meta["val"] = {**launch.meta["val"], name: _fresh_like(like, like.dtype)}
+    with graph.inserting_after(launch):
+        output = graph.call_function(operator.getitem, (launch, name))
+    output.meta["val"] = _fresh_like(like, like.dtype)
+    return output
+
+
 def _with_kernel_arg(node, name: str, value) -> None:
     kwargs = dict(node.kwargs)
     kwargs["kwargs"] = {**kwargs["kwargs"], name: value}
@@ -311,13 +334,8 @@ def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
         return False  # a use of the sum before the norm: leave the order alone
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
+    buffer = _new_buffer(graph, launch, add_val)
     with graph.inserting_before(launch):
-        buffer = graph.call_function(
-            torch.ops.aten.empty.memory_format,
-            (list(add_val.shape),),
-            {"dtype": add_val.dtype, "device": add_val.device, "pin_memory": False},
-        )
-        buffer.meta["val"] = _fresh_like(add_val, add_val.dtype)
         x, residual, total = (_replay_views(graph, views, t) for t in (*add.args, buffer))
     # X also stands in for absent arguments (Bias of an RMSNorm): every use of it moves
     arguments = {name: x if value is inner["X"] else value for name, value in inner.items()}
@@ -330,11 +348,7 @@ def _fuse_residual_add(graph: torch.fx.Graph, launch, residual_kernel) -> bool:
     moved = {name: value for name, value in launch.kwargs["kwargs"].items() if inner.get(name) is not value}
     _sync_eager_input_vals(launch, {name: _val(value) for name, value in moved.items()})
     total_val = total.meta["val"]
-    if isinstance(launch.meta.get("val"), dict):
-        launch.meta["val"] = {**launch.meta["val"], "Sum": _fresh_like(total_val, total_val.dtype)}
-    with graph.inserting_after(launch):
-        stored = graph.call_function(operator.getitem, (launch, "Sum"))
-    stored.meta["val"] = _fresh_like(total_val, total_val.dtype)
+    stored = _new_output(graph, launch, "Sum", total_val)
     if tuple(total_val.shape) != tuple(add_val.shape):
         with graph.inserting_after(stored):
             stored = _replay_views(
@@ -452,20 +466,11 @@ def _fuse_backward_sums(graph: torch.fx.Graph, launch, fused_kernel) -> Counter:
     else:  # unread pointers: X, which the kernel reads anyway (never a node that could go dead)
         arguments["DY2"] = arguments["DY3"] = inner["X"]
         arguments["N_DY"] = 1
-    narrow_out = None
     if residual is not None:
         add, other, casts = residual
         arguments["Addend"] = other
         if casts:
-            cast_val = _val(casts[0])
-            with graph.inserting_before(launch):
-                buffer = graph.call_function(
-                    torch.ops.aten.empty.memory_format,
-                    (list(cast_val.shape),),
-                    {"dtype": cast_val.dtype, "device": cast_val.device, "pin_memory": False},
-                )
-            buffer.meta["val"] = _fresh_like(cast_val, cast_val.dtype)
-            arguments["DXNarrow"] = buffer
+            arguments["DXNarrow"] = _new_buffer(graph, launch, _val(casts[0]))
             new_buffers.append("DXNarrow")
         else:
             arguments["DXNarrow"] = inner["DX"]
@@ -485,12 +490,7 @@ def _fuse_backward_sums(graph: torch.fx.Graph, launch, fused_kernel) -> Counter:
     if residual is not None:
         dx = next(u for u in launch.users if u.target is operator.getitem and u.args[1] == "DX")
         if new_buffers:
-            narrow_val = _fresh_like(_val(casts[0]), casts[0].args[1])
-            if isinstance(launch.meta.get("val"), dict):
-                launch.meta["val"] = {**launch.meta["val"], "DXNarrow": narrow_val}
-            with graph.inserting_after(launch):
-                narrow_out = graph.call_function(operator.getitem, (launch, "DXNarrow"))
-            narrow_out.meta["val"] = _fresh_like(narrow_val, narrow_val.dtype)
+            narrow_out = _new_output(graph, launch, "DXNarrow", _val(casts[0]))
             for cast in casts:
                 cast.replace_all_uses_with(narrow_out)
                 graph.erase_node(cast)

@@ -321,7 +321,7 @@ def _norm_bwd_kernel(
     pipeline its loads through shared memory (cp.async) though the loop has no dot.
     EVICT_FIRST: x and dy loads and dx stores hint L2 to evict them first (each read once).
     """
-    _norm_bwd_program(
+    _norm_bwd_fused_kernel(  # Triton inlines it: with these constants, the code of before
         X, DY, DY, DY, W, Mean, Rstd, DX, DX, DX, PartialW, PartialB,
         stride_xb, stride_xr, stride_dyb, stride_dyr,
         n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
@@ -348,28 +348,6 @@ def _norm_bwd_fused_kernel(
     all with DY's strides); HAS_ADDEND: DX = dx + Addend (the residual stream's gradient, laid out
     as DX); HAS_NARROW_DX: that sum also rounded into DXNarrow (the cast that the residual branch's
     output projection reads). The same fp32 operations, in the same order, as the graph's."""
-    _norm_bwd_program(
-        X, DY, DY2, DY3, W, Mean, Rstd, Addend, DX, DXNarrow, PartialW, PartialB,
-        stride_xb, stride_xr, stride_dyb, stride_dyr,
-        n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
-        IS_RMS, HAS_WEIGHT, N_PARAMS, CAST_BEFORE_WEIGHT, BLOCK_M, BLOCK_D,
-        ONE_REDUCTION, PREFETCH, LOOP_STAGES, EVICT_FIRST,
-        N_DY, HAS_ADDEND, HAS_NARROW_DX,
-    )  # fmt: skip
-
-
-@triton.jit
-def _norm_bwd_program(
-    X, DY, DY2, DY3, W, Mean, Rstd, Addend, DX, DXNarrow, PartialW, PartialB,
-    stride_xb, stride_xr, stride_dyb, stride_dyr,
-    n_examples, rows_per_example, rows_per_chunk, n_chunks, width, inv_width, weight_offset,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
-    CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_REDUCTION: tl.constexpr, PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    EVICT_FIRST: tl.constexpr,
-    N_DY: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_NARROW_DX: tl.constexpr,
-):  # fmt: skip
-    """The body of `_norm_bwd_kernel` and `_norm_bwd_fused_kernel` (Triton inlines it)."""
     # Inductor passes Python-float arguments of user Triton kernels as fp64 (the JIT passes fp32):
     # fix their type here so the arithmetic is the same fp32 in eager and compiled runs.
     inv_width = tl.cast(inv_width, tl.float32)
