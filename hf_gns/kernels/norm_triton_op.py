@@ -173,32 +173,20 @@ def norm_backward_traceable(
     return dx, grads, sq_norms
 
 
-def norm_backward_fused_traceable(
-    dys,
-    addend,
-    narrow_dtype,
-    x,
-    weight,
-    mean,
-    rstd,
-    has_bias,
-    rms,
-    weight_offset,
-    cast_before_weight,
-    param_grads,
-):
+def norm_backward_fused_traceable(dys, addend, narrow_dtype, *config):
     """`_norm_bwd_fused_kernel`, as the compiled graphs' pass (`norm_graph_pass.py`) launches it:
     the backward of dy = (dys[0] + dys[1]) + dys[2] (summed in fp32; one layout), dx + `addend`
     (fp32, x's shape, contiguous) and, with `narrow_dtype`, that sum rounded to it too:
-    `(dx + addend, the rounded copy or None, grads (P, D), sq_norms (B, 2) fp32)`."""
+    `(dx + addend, the rounded copy or None, grads (P, D), sq_norms (B, 2) fp32)`. `config`:
+    `norm_backward_traceable`'s arguments after dy, up to param_grads (dense rows only)."""
+    x = config[0]
     if not 1 <= len(dys) <= 3 or any(d.shape != dys[0].shape or d.stride() != dys[0].stride() for d in dys):
         raise ValueError(
             f"dys must be one to three tensors of one layout, got {[tuple(d.shape) for d in dys]}"
         )
     if addend is not None and (addend.shape != x.shape or not addend.is_contiguous()):
         raise ValueError(f"the addend must be a contiguous tensor of x's shape {tuple(x.shape)}")
-    args = (x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
-    return _backward_launch(tuple(dys), addend, narrow_dtype, *args, None)
+    return _backward_launch(tuple(dys), addend, narrow_dtype, *config, None)
 
 
 def _backward_launch(
