@@ -342,8 +342,9 @@ def _norm_bwd_fused_kernel(
     EVICT_FIRST: tl.constexpr,
     N_DY: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_NARROW_DX: tl.constexpr,
 ):  # fmt: skip
-    """`_norm_bwd_kernel` with the sums around it in a compiled backward fused in (launched only by
-    the compiled graphs' pass, `norm_graph_pass.py`): dy = (DY + DY2) + DY3 in fp32 for N_DY of them
+    """`_norm_bwd_kernel` with the sums around it in a compiled backward fused in (launched as a
+    kernel only by the compiled graphs' pass, `norm_graph_pass.py`; `_norm_bwd_kernel` is this
+    with all three off): dy = (DY + DY2) + DY3 in fp32 for N_DY of them
     (the gradients of the q/k/v or gate/up casts of the norm's output, each widened as it is read;
     all with DY's strides); HAS_ADDEND: DX = dx + Addend (the residual stream's gradient, laid out
     as DX); HAS_NARROW_DX: that sum also rounded into DXNarrow (the cast that the residual branch's
