@@ -33,7 +33,8 @@ All of these compute the same fp32 operations in the same order as the graph the
 Measured on the H200 (bench_trainer.py, compiled, one run each; 2026-12-02): with the residual add
 and the backward sums, Llama-124M 1.010x of the compiled Trainer (0.974x without them, same run),
 Llama-0.85B 0.993x (0.984x); GPT-2 124M, whose dropout sits in the residual add and whose norms
-each feed one Conv1D, 53.1 ms a step with them and 52.6 ms without (two processes of one call).
+each feed one Conv1D, 53.1 ms a step with them and 52.6 ms (1.014x) without, in two device
+calls: not yet a ratio within one run.
 
 `install()` (called by `hf_gns.patch`) puts the pass in `torch._inductor.config.
 post_grad_custom_post_pass`, after any pass already there. It touches only nodes that launch
