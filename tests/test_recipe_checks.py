@@ -252,7 +252,10 @@ def test_several_processes_without_a_process_group_are_refused_in_one_line(tmp_p
     )
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("train_gpt2.py: error:")]
-    assert len(errors) == 2 and "launched as 2 processes, but they formed no data-parallel group" in errors[0]
+    # each process refuses in one line; torchrun stops the other worker as soon as the first exits,
+    # so on a busy machine the second line may never be printed (CI saw one line of two)
+    assert len(errors) in (1, 2) and len(set(errors)) == 1
+    assert "launched as 2 processes, but they formed no data-parallel group" in errors[0]
     assert (
         "ACCELERATE_USE_CPU=1 python3 -m torch.distributed.run --standalone --nproc_per_node 2" in errors[0]
     )
