@@ -49,6 +49,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     TRITON_AVAILABLE = False
 
 
+def _launches_triton(x: torch.Tensor, use_triton: bool) -> bool:
+    """Whether the op traces the Triton launches (CUDA tensors) or the PyTorch reference. CPU tests
+    of the compiled graphs (`tests/inductor_interpreted.py`) open it to CPU tensors."""
+    return use_triton and x.is_cuda and TRITON_AVAILABLE
+
+
 def _n_params(weight: torch.Tensor | None, has_bias: bool, param_grads: bool) -> int:
     return 0 if (weight is None or not param_grads) else (2 if has_bias else 1)
 
@@ -124,7 +130,7 @@ def norm_forward_op(
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(y, mean, rstd)`: the Triton kernel for CUDA tensors when `use_triton`, else the reference."""
-    if use_triton and x.is_cuda and TRITON_AVAILABLE:
+    if _launches_triton(x, use_triton):
         return norm_forward_traceable(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
     return norm_forward_reference(x, weight, bias, eps, rms, weight_offset, cast_before_weight, out_dtype)
 
@@ -287,7 +293,7 @@ def norm_backward_op(
     """`(dx, grads, sq_norms)`: grads (P, D) stacks dγ (and dβ), P = 0 for frozen or absent
     parameters; sq_norms (B, 2) fp32, or (E, 2) with `example_offsets`."""
     args = (dy, x, weight, mean, rstd, has_bias, rms, weight_offset, cast_before_weight, param_grads)
-    if use_triton and x.is_cuda and TRITON_AVAILABLE:
+    if _launches_triton(x, use_triton):
         return norm_backward_traceable(*args, example_offsets)
     extra = {} if example_offsets is None else {"example_offsets": example_offsets}
     dx, dw, db, sq_norms = norm_backward_reference(*args[:-1], param_grads=param_grads, **extra)
