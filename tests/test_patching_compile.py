@@ -38,11 +38,14 @@ def _assert_same_step(actual, expected):
         torch.testing.assert_close(actual[2][name], values, rtol=1e-4, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])  # opt: flattened (B·T, D) norm inputs
-def test_compiled_patched_model_matches_eager(arch):
+# opt: flattened (B·T, D) norm inputs; cohere, falcon: the per-example call (vmap) traced, unbroken
+@pytest.mark.parametrize(
+    "arch, targets", [("llama", "norms"), ("opt", "norms"), ("cohere", "norms"), ("falcon", "all")]
+)
+def test_compiled_patched_model_matches_eager(arch, targets):
     eager, compiled = tiny_model(arch), tiny_model(arch)
-    hf_gns.patch(eager)
-    hf_gns.patch(compiled)
+    hf_gns.patch(eager, targets=targets)
+    hf_gns.patch(compiled, targets=targets)
     compiled_call = torch.compile(compiled, backend="aot_eager")
     # no eager warm-up; the batch size changes and comes back
     for input_ids in (
@@ -67,12 +70,16 @@ def _graphs_per_step(model, steps: int = 3) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_patching_adds_no_graphs_from_the_first_step(arch):
+# cohere: its q/k norms (a (heads, head_dim) weight), and with targets="all" falcon's FalconLinear,
+# run through the per-example call (vmap)
+@pytest.mark.parametrize(
+    "arch, targets", [("llama", "norms"), ("gpt2", "norms"), ("cohere", "norms"), ("falcon", "all")]
+)
+def test_patching_adds_no_graphs_from_the_first_step(arch, targets):
     unpatched = _graphs_per_step(tiny_model(arch))
     torch._dynamo.reset()
     patched_model = tiny_model(arch)
-    hf_gns.patch(patched_model)
+    hf_gns.patch(patched_model, targets=targets)
     assert _graphs_per_step(patched_model) == unpatched
 
 

@@ -182,7 +182,12 @@ def test_sequence_first_input_fails_loudly():
 def test_unpatch_restores_the_class_forward():
     norm_class = _hf_class("qwen3_next", "Qwen3NextRMSNormGated")
     model = _Model(norm_class(WIDTH), (WIDTH,), n_inputs=2)
+    modules, keys = list(model.named_modules()), list(model.state_dict())
     hf_gns.patch(model)
+    # the class-forward wrapper is made as patch binds (not in a compiled forward), outside the
+    # module tree and the state_dict
+    assert "_hf_gns_class_forward" in model.norm.__dict__
+    assert list(model.named_modules()) == modules and list(model.state_dict()) == keys
     assert hf_gns.unpatch(model) == 1
     assert (
         not any(key.startswith("_hf_gns") for key in model.norm.__dict__)

@@ -111,6 +111,9 @@ class NormPatch(PatchState):
         dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.fused_dtypes))
         return f"{self.spec.describe()} for {dtypes} weights, else {call}"
 
+    def may_run_per_example_call(self) -> bool:
+        return self.spec is None or self.fused_dtypes is not None
+
     def uses_call(self, module: nn.Module) -> bool:
         """Whether this call takes the per-example call route (by the module's weight dtype)."""
         if self.spec is None:

@@ -59,6 +59,9 @@ class OwnParametersPatch(ParameterPatch):
 
     right_operands: bool = False
 
+    def may_run_per_example_call(self) -> bool:
+        return not self.right_operands
+
 
 _ATTRIBUTE_CHAIN = re.compile(r"\bself((?:\.\w+)+)(\s*\()?")
 

@@ -22,6 +22,7 @@ from .coverage import fill_coverage
 from .kinds import FORWARDS, PATCHED_FORWARDS, PLANNERS
 from .model_hook import PATCHED_MARK, attach_model_hook, bump_patch_generation, detach_model_hooks
 from .outside_use import OutsideUseFinder, detach_outside_use_finder
+from .per_example_call import class_forward
 from .report import PatchReport
 from .state import bind_state, patched_states, unbind_state
 from .wrappers import check_patchable
@@ -109,7 +110,7 @@ def patch(
     model.__dict__[PATCHED_MARK] = True
     bump_patch_generation()
     for module, state in norm_plan.rebind:
-        bind_state(module, state, FORWARDS[state.kind])
+        _bind(module, state)
     if report.patched:  # compiled norms then read and write the narrow dtype of the casts around them
         norm_graph_pass.install()
     if not report.patched and not report.layers:
@@ -128,11 +129,17 @@ def patch(
             state.model_hook = model_hook
             model_hook.norms.append((module, state))
             model_hook.counts_forwards |= state.routing is not None and state.routing.mode == "shared"
-            bind_state(module, state, FORWARDS[state.kind])
+            _bind(module, state)
     if layer_plan is not None:  # weights the model also uses outside their module: the first forward tells
         detach_outside_use_finder(model)
         OutsideUseFinder(model, patched_states(model), report, strict).attach(model)
     return report
+
+
+def _bind(module: nn.Module, state) -> None:
+    bind_state(module, state, FORWARDS[state.kind])
+    if state.may_run_per_example_call():  # made here, outside any compiled region (see class_forward)
+        class_forward(module)
 
 
 def unpatch(model: nn.Module) -> int:

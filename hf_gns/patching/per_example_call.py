@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .state import CLASS_FORWARD_ATTRIBUTE
+
 SINK_COLUMNS = 2  # the width of every sink but those of modules reporting more parameters
 MAX_SINK_COLUMNS = 8  # parameters one per-example call may track
 _PROBE_BATCH, _PROBE_SEQ = 3, 5  # distinct from every other probe dim, so layout mistakes show
@@ -61,6 +63,17 @@ class _ClassForward(nn.Module):
 
     def forward(self, *args, **kwargs):
         return type(self.inner).forward(self.inner, *args, **kwargs)
+
+
+def class_forward(module: nn.Module) -> _ClassForward:
+    """`module`'s `_ClassForward`, made once and kept in its `__dict__` (not a submodule: in neither
+    `named_modules` nor the state_dict; `unbind_state` deletes it). The planners make it when they
+    choose the per-example call, outside any compiled region: a wrapper made at every call broke a
+    compiled graph at each such module (Dynamo: "getattr() on nn.Module with pending mutation")."""
+    caller = getattr(module, CLASS_FORWARD_ATTRIBUTE, None)
+    if caller is None:
+        caller = module.__dict__[CLASS_FORWARD_ATTRIBUTE] = _ClassForward(module)
+    return caller
 
 
 def attribute_at(module: nn.Module, path: str):
@@ -128,7 +141,7 @@ def per_example_call(
         param = None if name is None or sink is None else attribute_at(module, name)
         if param is not None and param.requires_grad:
             copies[f"inner.{name}"] = PerExampleCopies.apply(param, sink, n_examples, column)
-    caller = _ClassForward(module)
+    caller = class_forward(module)
 
     def one_example(params, example_keywords, *example_args):
         return torch.func.functional_call(caller, params, example_args, example_keywords)

@@ -27,6 +27,9 @@ from .report import PatchedModule, SkippedModule
 STATE_ATTRIBUTE = "_hf_gns_state"
 # The instance-level forward that `patch` replaced (Liger's), put back by `unbind_state`.
 DISPLACED_ATTRIBUTE = "_hf_gns_displaced_forward"
+# The per-example call's wrapper of a module's class forward (`per_example_call.class_forward`),
+# deleted by `unbind_state`.
+CLASS_FORWARD_ATTRIBUTE = "_hf_gns_class_forward"
 
 
 class PatchState:
@@ -41,6 +44,11 @@ class PatchState:
 
     def tracks_gradients(self, module: nn.Module) -> bool:
         raise NotImplementedError
+
+    def may_run_per_example_call(self) -> bool:
+        """Whether some call of the module may take the per-example call (`per_example_call.py`):
+        `patch` then makes its class-forward wrapper as it binds the state."""
+        return False
 
 
 @dataclass
@@ -119,5 +127,6 @@ def unbind_state(module: nn.Module, forwards) -> bool:
     displaced = module.__dict__.pop(DISPLACED_ATTRIBUTE, None)
     if displaced is not None and "forward" not in module.__dict__:
         module.__dict__["forward"] = displaced  # Liger's forward, as before patch
+    module.__dict__.pop(CLASS_FORWARD_ATTRIBUTE, None)
     del module.__dict__[STATE_ATTRIBUTE]
     return True
