@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from gns_fixtures import N_EXAMPLES, SEQ, FixedTokens, make_args, tiny_gpt2
+from gns_fixtures import N_EXAMPLES, SEQ, VOCAB, FixedTokens, make_args, tiny_gpt2
 from transformers.utils import logging as hf_logging
 
 import hf_gns
@@ -295,3 +295,42 @@ def test_one_step_statistics_equal_the_per_example_oracle(tmp_path, track):
         batch_sq = sum(sum(c[n] for c in contributions).double().square().sum() for n in members)
         assert stats["example_sq_norm_sum"][group] == pytest.approx(example_sum.item(), rel=1e-4), group
         assert stats["batch_sq_norm"][group] == pytest.approx(batch_sq.item(), rel=1e-4), group
+
+
+def test_a_compiled_model_whose_routed_experts_are_tracked_is_warned_about_once(tmp_path, caplog):
+    """Routed experts break a compiled graph (see `experts_breaking_compiled_graphs`): GNSTrainer
+    names them once when it finds the model compiled; with gns_track="norms" nothing is said."""
+    import logging
+
+    import transformers
+
+    from hf_gns.patching.experts import experts_breaking_compiled_graphs
+
+    def mixtral():
+        config = transformers.MixtralConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=SEQ,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return transformers.MixtralForCausalLM(config)
+
+    for track, expected in (
+        ("all", ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]),
+        ("norms", []),
+    ):
+        trainer = hf_gns.GNSTrainer(
+            model=mixtral(), args=make_args(tmp_path / track, gns_track=track), train_dataset=FixedTokens()
+        )
+        assert experts_breaking_compiled_graphs(trainer.model) == expected
+        compiled = torch.compile(trainer.model)  # never run: only recognised as compiled
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_gns.trainer.measurement"):
+            assert trainer._gns_is_compiled(compiled) and trainer._gns_is_compiled(compiled)
+            assert not trainer._gns_is_compiled(trainer.model)  # eager: nothing to say
+        warned = [r.getMessage() for r in caplog.records if "MoE experts" in r.getMessage()]
+        if expected:
+            assert len(warned) == 1 and "2 MoE experts modules (model.layers.0.mlp.experts" in warned[0]
+            assert "gns_track='norms'" in warned[0]
+        else:
+            assert warned == []

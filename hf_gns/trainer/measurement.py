@@ -77,6 +77,7 @@ from ..patching import (
     untracked_among,
     zero_stats,
 )
+from ..patching.experts import experts_breaking_compiled_graphs
 from ..patching.model_hook import patch_generation
 from ..patching.stats import IncompleteStatistics, IncompleteStatisticsError
 from .arguments import calibration_settings, gns_options
@@ -396,6 +397,15 @@ class GNSMixin:
             return cached[1]
         compiled = bool(getattr(self.args, "torch_compile", False)) or _is_compiled(model)
         self._gns_compiled_cache = (model, compiled)
+        experts = experts_breaking_compiled_graphs(model) if compiled else []
+        if experts:  # correct, but not the one graph compiling is for: say so once per model
+            logger.warning(
+                "hf_gns: under torch.compile the per-example norms of %d MoE experts modules (%s) group "
+                "the tokens by expert with a host sync: each breaks the compiled graph every step. "
+                "gns_track='norms' keeps the compiled graph whole.",
+                len(experts),
+                ", ".join(experts[:3]) + (", ..." if len(experts) > 3 else ""),
+            )
         return compiled
 
     def _clip_grad_norm(self, model):
