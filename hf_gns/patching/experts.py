@@ -191,17 +191,6 @@ class ExpertsPatch(ParameterPatch):
     kind = "experts"
 
 
-def experts_breaking_compiled_graphs(model: nn.Module) -> list[str]:
-    """Names of `model`'s patched routed experts: their per-example path groups the tokens by expert
-    with a host sync (`run_experts`, `run_parallel_experts`), where a compiled graph breaks, and the
-    token counts recompile it (tiny Mixtral, aot_eager: 22 breaks a step against the unpatched
-    model's 10 with transformers' eager experts; tiny Jamba with its default experts: 18 against 0).
-    Dense experts (Llama 4) compile whole."""
-    from .state import patched_states
-
-    return [state.name for _, state in patched_states(model, "experts") if not state.method_dense]
-
-
 def run_experts(
     module: nn.Module,
     hidden_states: torch.Tensor,

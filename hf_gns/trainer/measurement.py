@@ -77,7 +77,7 @@ from ..patching import (
     untracked_among,
     zero_stats,
 )
-from ..patching.experts import experts_breaking_compiled_graphs
+from ..patching.compiled_breaks import ROUTED_EXPERTS, modules_breaking_compiled_graphs
 from ..patching.model_hook import patch_generation
 from ..patching.stats import IncompleteStatistics, IncompleteStatisticsError
 from .arguments import calibration_settings, gns_options
@@ -397,14 +397,15 @@ class GNSMixin:
             return cached[1]
         compiled = bool(getattr(self.args, "torch_compile", False)) or _is_compiled(model)
         self._gns_compiled_cache = (model, compiled)
-        experts = experts_breaking_compiled_graphs(model) if compiled else []
-        if experts:  # correct, but not the one graph compiling is for: say so once per model
+        breaking = modules_breaking_compiled_graphs(model) if compiled else {}
+        for why, names in breaking.items():  # exact, but not the one graph compiling is for: say so once
             logger.warning(
-                "hf_gns: under torch.compile the per-example norms of %d MoE experts modules (%s) group "
-                "the tokens by expert with a host sync: each breaks the compiled graph every step. "
-                "gns_track='norms' keeps the compiled graph whole.",
-                len(experts),
-                ", ".join(experts[:3]) + (", ..." if len(experts) > 3 else ""),
+                "hf_gns: under torch.compile %d patched %s (%s) break the compiled graph at every call; "
+                "the per-example norms stay exact.%s",
+                len(names),
+                why,
+                ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
+                " gns_track='norms' keeps the graph whole." if why == ROUTED_EXPERTS else "",
             )
         return compiled
 

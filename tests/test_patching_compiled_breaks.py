@@ -1,0 +1,40 @@
+"""Which patched modules break a compiled graph at every call (`compiled_breaks.py`)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from zoo_models import build_tiny_model
+
+import hf_gns
+from hf_gns.patching.compiled_breaks import ROUTED_EXPERTS, VECTOR_PATH, modules_breaking_compiled_graphs
+
+
+def _mixtral():
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config)
+
+
+def test_routed_experts_are_named_only_when_tracked():
+    model = _mixtral()
+    hf_gns.patch(model)
+    assert modules_breaking_compiled_graphs(model) == {}  # norms only: the graph stays whole
+    model = _mixtral()
+    hf_gns.patch(model, targets="all")
+    experts = ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert modules_breaking_compiled_graphs(model) == {ROUTED_EXPERTS: experts}
+
+
+def test_norms_of_a_shared_block_take_the_vector_path():
+    model = build_tiny_model("zamba")  # one shared transformer block, called from two layers
+    hf_gns.patch(model)
+    shared = [
+        f"model.layers.{layer}.shared_transf.{norm}"
+        for layer in (1, 3)
+        for norm in ("input_layernorm", "pre_ff_layernorm")
+    ]
+    assert modules_breaking_compiled_graphs(model) == {VECTOR_PATH: shared}
