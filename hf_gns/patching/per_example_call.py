@@ -67,9 +67,10 @@ class _ClassForward(nn.Module):
 
 def class_forward(module: nn.Module) -> _ClassForward:
     """`module`'s `_ClassForward`, made once and kept in its `__dict__` (not a submodule: in neither
-    `named_modules` nor the state_dict; `unbind_state` deletes it). The planners make it when they
-    choose the per-example call, outside any compiled region: a wrapper made at every call broke a
-    compiled graph at each such module (Dynamo: "getattr() on nn.Module with pending mutation")."""
+    `named_modules` nor the state_dict; `unbind_state` deletes it). `patch` makes it as it binds a
+    state that may take the per-example call, outside any compiled region: a wrapper made at every
+    call broke a compiled graph at each such module (Dynamo: "getattr() on nn.Module with pending
+    mutation")."""
     caller = getattr(module, CLASS_FORWARD_ATTRIBUTE, None)
     if caller is None:
         caller = module.__dict__[CLASS_FORWARD_ATTRIBUTE] = _ClassForward(module)
