@@ -27,7 +27,7 @@ $(STAMP): setup.cfg pyproject.toml tools/install.sh
 
 # CPU suite: Triton kernels run in the interpreter; GPU tests are deselected.
 test: $(INSTALLED)
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not gpu" -n $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not gpu" -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests
 
 # GPU tests and benchmarks run on the device machine, which has torch, triton,
 # transformers, accelerate and pytest but no package index: they install nothing.

@@ -18,6 +18,9 @@ import sys
 import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+# The DDP reference is a module fixture (30-40 s of CPU): one xdist worker runs every test of this
+# file (`make test` uses --dist loadgroup), so it is computed once, not once per worker.
+pytestmark = pytest.mark.xdist_group("deepspeed_ddp_reference")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)

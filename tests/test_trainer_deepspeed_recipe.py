@@ -22,6 +22,9 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+# The DDP reference is a module fixture (30-40 s of CPU): one xdist worker runs every test of this
+# file (`make test` uses --dist loadgroup), so it is computed once, not once per worker.
+pytestmark = pytest.mark.xdist_group("deepspeed_recipe_ddp_reference")
 pytest.importorskip("datasets", reason="the recipe needs the datasets package")
 pytest.importorskip("evaluate", reason="the recipe's perplexity goes through evaluate")
 
