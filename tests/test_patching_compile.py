@@ -229,3 +229,43 @@ def test_gpu_inductor_forward_with_triton_backward_gives_the_eager_norms(monkeyp
     _assert_same_step(actual, expected)
     source = "\n".join(code)
     assert "_norm_bwd_kernel" in source and "_norm_fwd_kernel" not in source
+
+
+def _steps_of_several_forwards(model, call, batches_per_step) -> list[tuple]:
+    """Steps whose loss sums the forwards of several batches (micro-batches before one backward):
+    loss, grads and per-example norms of each step."""
+    results = []
+    for batches in batches_per_step:
+        model.zero_grad(set_to_none=True)
+        hf_gns.zero_stats(model)
+        loss = sum(call(input_ids=ids, labels=ids).loss for ids in batches)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        norms = {k: v.clone() for k, v in hf_gns.per_example_sq_norms(model).items()}
+        results.append((loss.detach(), grads, norms))
+    return results
+
+
+def test_norms_of_a_shared_block_compile_whole_with_the_eager_norms():
+    """Zamba's shared transformer block (one set of norm weights, called from two layers) takes the
+    vector path: the model hook readies each forward's gradient-vector leaf outside the graph, so the
+    compiled model runs one graph with no break, as unpatched (10 breaks a step before), and gives
+    the eager results, also with two forwards before one backward (each has its own leaf)."""
+    from torch._dynamo.utils import counters
+    from zoo_models import build_tiny_model
+
+    eager, compiled = build_tiny_model("zamba"), build_tiny_model("zamba")
+    hf_gns.patch(eager)
+    hf_gns.patch(compiled)
+    vocab = eager.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    steps = [[torch.randint(0, vocab, (3, 8), generator=generator) for _ in range(n)] for n in (1, 2, 1)]
+    expected = _steps_of_several_forwards(eager, eager, steps)
+    counters.clear()
+    actual = _steps_of_several_forwards(compiled, torch.compile(compiled, backend="aot_eager"), steps)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    shared = "model.layers.1.shared_transf.input_layernorm.weight"
+    assert [step[2][shared].shape[0] for step in actual] == [3, 6, 3]  # B values per forward
+    for got, want in zip(actual, expected):
+        _assert_same_step(got, want)

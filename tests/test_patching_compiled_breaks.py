@@ -7,7 +7,8 @@ import transformers
 from zoo_models import build_tiny_model
 
 import hf_gns
-from hf_gns.patching.compiled_breaks import ROUTED_EXPERTS, VECTOR_PATH, modules_breaking_compiled_graphs
+from hf_gns.patching.compiled_breaks import ROUTED_EXPERTS, modules_breaking_compiled_graphs
+from hf_gns.patching.state import patched_states
 
 
 def _mixtral():
@@ -29,12 +30,10 @@ def test_routed_experts_are_named_only_when_tracked():
     assert modules_breaking_compiled_graphs(model) == {ROUTED_EXPERTS: experts}
 
 
-def test_norms_of_a_shared_block_take_the_vector_path():
+def test_norms_of_a_shared_block_are_not_named():
+    # vector path, but its leaves are readied outside the graph (test_patching_compile.py: one graph)
     model = build_tiny_model("zamba")  # one shared transformer block, called from two layers
     hf_gns.patch(model)
-    shared = [
-        f"model.layers.{layer}.shared_transf.{norm}"
-        for layer in (1, 3)
-        for norm in ("input_layernorm", "pre_ff_layernorm")
-    ]
-    assert modules_breaking_compiled_graphs(model) == {VECTOR_PATH: shared}
+    routings = [s.routing.mode for _, s in patched_states(model) if "shared_transf" in s.name]
+    assert routings and set(routings) == {"shared"}
+    assert modules_breaking_compiled_graphs(model) == {}

@@ -8,9 +8,11 @@ models of the tests, graph breaks a step, patched against unpatched):
   (`experts.run_experts`, `run_parallel_experts`), and the token counts recompile the graph:
   Mixtral 22 against 10 (transformers' eager experts), Jamba 18 against 0. Dense experts
   (Llama 4) compile whole.
-- modules on the vector path (a weight shared by several modules, as Zamba's shared block, or a
-  module called several times per forward) take their per-example gradient leaf outside the
-  graph (`ExampleGradVectors.leaf_for`): Zamba 10 against 0.
+
+Modules on the vector path (a weight shared by several modules, as Zamba's shared block, or a
+module called several times per forward) no longer break the graph: the model hook readies each
+forward's gradient-vector leaf outside it (`ExampleGradVectors.ready`), Zamba 0 against 0 (10 a
+step before).
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ from torch import nn
 from .state import patched_states
 
 ROUTED_EXPERTS = "MoE experts (tokens grouped by expert with a host sync)"
-VECTOR_PATH = (
-    "modules sharing a weight or called several times per forward (gradient vectors made outside the graph)"
-)
 
 
 def modules_breaking_compiled_graphs(model: nn.Module) -> dict[str, list[str]]:
@@ -31,6 +30,4 @@ def modules_breaking_compiled_graphs(model: nn.Module) -> dict[str, list[str]]:
     for _, state in patched_states(model):
         if state.kind == "experts" and not state.method_dense:
             found.setdefault(ROUTED_EXPERTS, []).append(state.name)
-        elif getattr(state, "routing", None) is not None and state.routing.mode in ("shared", "multi"):
-            found.setdefault(VECTOR_PATH, []).append(state.name)
     return found

@@ -92,12 +92,38 @@ class ExampleGradVectors:
                 "freeze these modules or leave them unpatched"
             )
 
-    @torch.compiler.disable
-    def leaf_for(self, model_hook, n_examples: int, device: torch.device) -> torch.Tensor:
-        """The (B, N) zero leaf of the current forward of `model_hook` (made on its first call).
+    def ready(self, forward_index: int, n_examples: int, device: torch.device) -> None:
+        """Make the leaf of forward `forward_index` ahead of its calls, outside any compiled graph.
 
-        Outside compiled graphs (a graph break per call under torch.compile): the forward
-        index and the leaf change every forward and must not become guards."""
+        The model hook does this at the start of every forward once a module of the model takes
+        the vector path (`model_hook._next_forward`), so that compiled calls find their leaf
+        ready (`leaf_for`). Over the budget it makes nothing: the call raises, naming the module."""
+        leaf = self._leaf
+        key = (forward_index, n_examples)
+        if (leaf is None or self._key != key or leaf.device != device) and self.fits(n_examples):
+            self._leaf, self._key = _new_leaf(self, n_examples, device), key
+
+    def leaf_for(self, model_hook, n_examples: int, device: torch.device) -> torch.Tensor:
+        """The (B, N) zero leaf of the current forward of `model_hook`.
+
+        In a compiled graph: the leaf `ready` made for this forward, read as a graph input (no
+        guard on the forward index or on the leaf's identity, so no graph break and no
+        recompilation). The model hook readies it at the start of every forward of a model with
+        vector-path modules (as plain Python under `torch.compile(model)`, in one
+        `torch.compiler.disable`d call where a larger compiled region traces the hook), so it is
+        always this forward's. Eager calls, and a compiled call that finds no leaf of its shape,
+        take it by forward index outside the graph."""
+        if torch.compiler.is_compiling():
+            leaf = self._leaf
+            if leaf is not None and leaf.shape[0] == n_examples and leaf.device == device:
+                return leaf
+        return self._leaf_outside_graph(model_hook, n_examples, device)
+
+    @torch.compiler.disable
+    def _leaf_outside_graph(self, model_hook, n_examples: int, device: torch.device) -> torch.Tensor:
+        """The leaf keyed by (forward index, B), made on the forward's first call. Outside compiled
+        graphs (a graph break per call under torch.compile): the forward index and the leaf change
+        every forward and must not become guards."""
         key = (model_hook.forward_index, n_examples)
         leaf = self._leaf
         if leaf is None or self._key != key or leaf.device != device:

@@ -77,8 +77,16 @@ def _make_sinks(owners: list[tuple[nn.Module, NormPatch]], n_examples: int) -> N
 
 
 @torch.compiler.disable
-def _next_forward(hook: ModelForwardHook) -> None:
+def _next_forward(hook: ModelForwardHook, n_examples: int) -> None:
+    """Count a forward and, once a module takes the vector path, ready this forward's gradient-vector
+    leaves (`ExampleGradVectors.ready`): compiled calls then read them as graph inputs."""
     hook.forward_index += 1
+    if not hook.counts_forwards:  # no module on the vector path (the patcher or discovery sets it)
+        return
+    for module, state in hook.norms:
+        routing = getattr(state, "routing", None)
+        if routing is not None and routing.vectors is not None and routing.mode in ("multi", "shared"):
+            routing.vectors.ready(hook.forward_index, n_examples, _device(module))
 
 
 class ModelForwardHook:
@@ -146,7 +154,7 @@ class ModelForwardHook:
         if n_examples is None or not torch.is_grad_enabled():
             return
         if self.counts_forwards or not torch.compiler.is_compiling():
-            _next_forward(self)
+            _next_forward(self, n_examples)
         missing = self.missing_sinks(n_examples)
         if missing:
             _make_sinks(missing, n_examples)
