@@ -98,10 +98,8 @@ class ExampleGradVectors:
         The model hook does this at the start of every forward once a module of the model takes
         the vector path (`model_hook._next_forward`), so that compiled calls find their leaf
         ready (`leaf_for`). Over the budget it makes nothing: the call raises, naming the module."""
-        leaf = self._leaf
-        key = (forward_index, n_examples)
-        if (leaf is None or self._key != key or leaf.device != device) and self.fits(n_examples):
-            self._leaf, self._key = _new_leaf(self, n_examples, device), key
+        if self.fits(n_examples):
+            self._leaf_of_forward(forward_index, n_examples, device)
 
     def leaf_for(self, model_hook, n_examples: int, device: torch.device) -> torch.Tensor:
         """The (B, N) zero leaf of the current forward of `model_hook`.
@@ -124,7 +122,11 @@ class ExampleGradVectors:
         """The leaf keyed by (forward index, B), made on the forward's first call. Outside compiled
         graphs (a graph break per call under torch.compile): the forward index and the leaf change
         every forward and must not become guards."""
-        key = (model_hook.forward_index, n_examples)
+        return self._leaf_of_forward(model_hook.forward_index, n_examples, device)
+
+    def _leaf_of_forward(self, forward_index: int, n_examples: int, device: torch.device) -> torch.Tensor:
+        """The leaf of forward `forward_index`, made (budget checked) unless it already exists."""
+        key = (forward_index, n_examples)
         leaf = self._leaf
         if leaf is None or self._key != key or leaf.device != device:
             self.check_budget(n_examples)
