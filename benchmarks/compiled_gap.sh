@@ -13,6 +13,7 @@
 #       bash benchmarks/compiled_gap.sh   # more variants: the rounds only (the later steps need time left)
 #   MODEL=gpt2 VARIANTS=trainer-compile,gns-norms-compile,gns-norms-unfused-compile bash benchmarks/compiled_gap.sh
 #   BENCH_ARGS="--tiny --steps 3 --warmup 2" bash benchmarks/compiled_gap.sh   # CPU smoke run (~5 min)
+#   EAGER_PAIR=0 ...   # skip step 3 (leaves the call's time to a command after this script)
 #
 # Installs nothing (the GPU image has torch, triton, transformers).
 set -uo pipefail
@@ -53,7 +54,7 @@ if [ -f "$OUT/trace_${MODEL}_trainer-compile.json.gz" ] && [ -f "$OUT/trace_${MO
 fi
 echo "($SECONDS s)"
 
-if [ "$SECONDS" -lt 470 ]; then
+if [ "${EAGER_PAIR:-1}" = 1 ] && [ "$SECONDS" -lt 470 ]; then
     echo "== eager $MODEL"
     timeout $((560 - SECONDS)) "$PYTHON" benchmarks/bench_trainer.py --models "$MODEL" --variants trainer,gns-norms \
         --host-timeline "${BENCH[@]}" --json "$OUT/eager.json" 2>&1 | grep -E "host ms|ms/step|MISS|PASS" || status=1
