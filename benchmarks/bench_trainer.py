@@ -157,8 +157,41 @@ def baseline_of(variant: str) -> str:
 # ------------------------------------------------------------------------------ child
 
 
+def parse_cpus(text: str) -> set[int]:
+    """CPU ids from "2-9" or "0,2,4-7" (what `taskset -c` takes)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"--cpus takes ids and ranges like 2-9 or 0,2,4-7, got {text!r}")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def host_probe_us(device, repeats: int = 7, calls: int = 500) -> float:
+    """Host microseconds for one small allocation and one small kernel launch, median of `repeats`
+    loops, in this process after its training: the same fixed work in every variant's process, so
+    a variant whose probe is slower ran on a slower host (a slower core, clocks), not slower code.
+    The device keeps up with these tiny launches: no sync inside the loop."""
+    import torch
+
+    x = torch.zeros(64, device=device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.empty(64, device=device)
+            x.add_(1.0)
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
 def _child(args) -> None:
     """Train one variant of one model and write its measurements to `args.child_json`."""
+    if args.cpus:  # before torch starts its threads: they inherit the affinity
+        os.sched_setaffinity(0, parse_cpus(args.cpus))
     import torch
 
     result = {"model": args.model, "variant": args.variant}
@@ -297,6 +330,8 @@ def _child(args) -> None:
         step_ms_all=measured,
         tokens_per_s=batch * seq / (step_ms / 1e3),
         peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        host_probe_us=host_probe_us(torch.device("cuda" if cuda else "cpu")),
+        cpus=len(os.sched_getaffinity(0)),
     )
     if timeline is not None:
         timeline.stop_gc_recording()
@@ -420,6 +455,7 @@ def run_variant(model: str, variant: str, args) -> dict:
     command += ["--seed", str(args.seed), "--profile-steps", str(args.profile_steps)]
     command += ["--profile-rows", str(args.profile_rows)]
     command += ["--tiny"] * args.tiny + ["--profile"] * args.profile
+    command += ["--cpus", args.cpus] if args.cpus else []
     command += ["--check-graph-breaks"] * args.check_graph_breaks
     command += ["--host-timeline"] * args.host_timeline + (["--trace", args.trace] if args.trace else [])
     env = dict(os.environ, **COMPILED_NORM_EXPERIMENTS.get(variant, {}))
@@ -634,6 +670,11 @@ def parse_args(argv=None):
         help="print each variant's host ms per phase of a step and its GC runs (_host_timeline.py)",
     )
     parser.add_argument("--profile-rows", type=int, default=30)
+    parser.add_argument(
+        "--cpus",
+        default="",
+        help="pin every variant's process to these CPUs (e.g. 2-9): all variants on the same cores",
+    )
     # internal: one variant in this process
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -650,6 +691,13 @@ def parse_args(argv=None):
         parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}; choose from {VARIANTS}")
     if args.trace and not args.profile:
         parser.error("--trace writes the profiled steps' traces: add --profile")
+    if args.cpus:
+        try:
+            cpus = parse_cpus(args.cpus)
+        except ValueError as error:
+            parser.error(str(error))
+        if not cpus <= os.sched_getaffinity(0):
+            parser.error(f"--cpus {args.cpus}: this process may run on {sorted(os.sched_getaffinity(0))} only")
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error("--steps, --warmup and --rounds must be at least 1")
     if args.check_graph_breaks:
@@ -694,6 +742,8 @@ def main(argv=None) -> None:
             for variant in args.variants:
                 result = dict(run_variant(model, variant, args), round=round_index)
                 status = result.get("skipped") or result.get("error") or f"{result['step_ms']:.1f} ms/step"
+                if "host_probe_us" in result:
+                    status += f", host probe {result['host_probe_us']:.1f} µs"
                 where = f"round {round_index + 1}/{args.rounds}, " if args.rounds > 1 else ""
                 print(
                     f"  {model:9s} {variant:18s} {status}  ({where}process wall {result['wall_s']:.0f} s)",

@@ -184,3 +184,39 @@ def test_trace_needs_profile():
     with pytest.raises(SystemExit):
         _bench().parse_args(["--trace", "traces"])
     assert _bench().parse_args(["--trace", "traces", "--profile"]).trace == "traces"
+
+
+def test_cpus_pin_every_variant_process_to_the_same_cores(monkeypatch):
+    """`--cpus 0` reaches each child's command line; ranges parse as taskset's do; a malformed list
+    or a CPU this process may not use is refused before anything runs."""
+    import os
+
+    import pytest
+
+    bench = _bench()
+    assert bench.parse_cpus("2-4,7") == {2, 3, 4, 7} and bench.parse_cpus("0") == {0}
+    with pytest.raises(ValueError, match="ids and ranges"):
+        bench.parse_cpus("two")
+    for bad in ("x-3", "1,,2", "99999"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--cpus", bad])
+    first = min(os.sched_getaffinity(0))
+    args = bench.parse_args(["--cpus", str(first), "--models", "gpt2", "--variants", "trainer"])
+    commands = []
+
+    def fake_run(command, env, **_):
+        commands.append(command)
+        with open(command[command.index("--child-json") + 1], "w") as f:
+            json.dump({"model": "gpt2", "variant": "trainer"}, f)
+        return bench.subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    bench.run_variant("gpt2", "trainer", args)
+    assert commands[0][commands[0].index("--cpus") + 1] == str(first)
+
+
+def test_host_probe_times_a_fixed_host_workload():
+    import torch
+
+    probe = _bench().host_probe_us(torch.device("cpu"), repeats=3, calls=50)
+    assert 0.1 < probe < 10_000  # µs for one allocation and one launch of a 64-element add
