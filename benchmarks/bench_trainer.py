@@ -696,8 +696,9 @@ def parse_args(argv=None):
             cpus = parse_cpus(args.cpus)
         except ValueError as error:
             parser.error(str(error))
-        if not cpus <= os.sched_getaffinity(0):
-            parser.error(f"--cpus {args.cpus}: this process may run on {sorted(os.sched_getaffinity(0))} only")
+        allowed = os.sched_getaffinity(0)
+        if not cpus <= allowed:
+            parser.error(f"--cpus {args.cpus}: this process may run on {sorted(allowed)} only")
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error("--steps, --warmup and --rounds must be at least 1")
     if args.check_graph_breaks:
