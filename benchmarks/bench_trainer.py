@@ -87,21 +87,29 @@ DEFAULT_VARIANTS = VARIANTS
 # and dtype casts around the norm, as it does its own norms); `hybrid`: only the forward's body,
 # with the Triton backward; `wide`: the Triton kernels without `norm_graph_pass.py` (fp32 y and dy
 # with the autocast casts around them launched apart, as before that pass: all its switches off);
-# `both`: that pass also on the single-Linear backward inputs; `unfused`: the pass's output casts
-# only (the default before its residual add and backward sums, measured as gns-norms-compile until
-# 2026-12-02); `residual` / `bwdsums`: only the residual add before each norm / only the q/k/v
-# (gate/up) gradient sum and the residual gradient add in the norm's backward kernel; `fused`: both,
-# as the default now is.
-_UNFUSED = {"HF_GNS_COMPILED_RESIDUAL_ADD": "0", "HF_GNS_COMPILED_BACKWARD_SUMS": "0"}
+# `both`: that pass also on the single-Linear backward inputs (the default since 2026-12-03);
+# `fwdcasts`: the default before that (forward outputs narrowed, backward inputs widened apart, the
+# fusions on); `unfused`: the pass's output casts only (the default before its residual add and
+# backward sums, measured as gns-norms-compile until 2026-12-02); `residual` / `bwdsums`: only the
+# residual add before each norm / only the q/k/v (gate/up) gradient sum and the residual gradient
+# add in the norm's backward kernel; `fused`: both (as gns-norms-compile until 2026-12-03). The
+# last four keep the forward-only casts they were measured with.
+_FORWARD_CASTS = {"HF_GNS_COMPILED_NARROW_CASTS": "forward"}
+_UNFUSED = {**_FORWARD_CASTS, "HF_GNS_COMPILED_RESIDUAL_ADD": "0", "HF_GNS_COMPILED_BACKWARD_SUMS": "0"}
 COMPILED_NORM_EXPERIMENTS = {
     "gns-norms-aten-compile": {"HF_GNS_COMPILED_TRITON": "0"},
     "gns-norms-hybrid-compile": {"HF_GNS_COMPILED_FORWARD": "inductor"},
-    "gns-norms-wide-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "0", **_UNFUSED},
+    "gns-norms-wide-compile": {**_UNFUSED, "HF_GNS_COMPILED_NARROW_CASTS": "0"},
     "gns-norms-both-compile": {"HF_GNS_COMPILED_NARROW_CASTS": "both"},
+    "gns-norms-fwdcasts-compile": _FORWARD_CASTS,
     "gns-norms-unfused-compile": _UNFUSED,
     "gns-norms-residual-compile": {**_UNFUSED, "HF_GNS_COMPILED_RESIDUAL_ADD": "1"},
     "gns-norms-bwdsums-compile": {**_UNFUSED, "HF_GNS_COMPILED_BACKWARD_SUMS": "1"},
-    "gns-norms-fused-compile": {"HF_GNS_COMPILED_RESIDUAL_ADD": "1", "HF_GNS_COMPILED_BACKWARD_SUMS": "1"},
+    "gns-norms-fused-compile": {
+        **_FORWARD_CASTS,
+        "HF_GNS_COMPILED_RESIDUAL_ADD": "1",
+        "HF_GNS_COMPILED_BACKWARD_SUMS": "1",
+    },
 }
 VARIANTS += tuple(COMPILED_NORM_EXPERIMENTS)
 
@@ -170,9 +178,12 @@ def parse_cpus(text: str) -> set[int]:
 
 def host_probe_us(device, repeats: int = 7, calls: int = 500) -> float:
     """Host microseconds for one small allocation and one small kernel launch, median of `repeats`
-    loops, in this process after its training: the same fixed work in every variant's process, so
-    a variant whose probe is slower ran on a slower host (a slower core, clocks), not slower code.
-    The device keeps up with these tiny launches: no sync inside the loop."""
+    loops, in this process after its training: the same fixed work in every variant's process.
+    It reads the host's speed together with the process's state after training (its allocator,
+    heap): on the H200 it ranged 8.7-14.5 µs between processes pinned to the same cores, slower in
+    the GNSTrainer processes of compiled GPT-2 and faster in those of eager Llama-124M (2026-12-03),
+    so it tells processes apart but is no clean measure of the core. The device keeps up with these
+    tiny launches: no sync inside the loop."""
     import torch
 
     x = torch.zeros(64, device=device)
