@@ -119,7 +119,7 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
     assert "gns-norms-aten-compile" not in bench.DEFAULT_VARIANTS
     variants = "trainer-compile,gns-norms-aten-compile,gns-norms-hybrid-compile,gns-norms-wide-compile"
     variants += ",gns-norms-both-compile,gns-norms-unfused-compile,gns-norms-residual-compile"
-    variants += ",gns-norms-bwdsums-compile,gns-norms-fused-compile"
+    variants += ",gns-norms-bwdsums-compile,gns-norms-fused-compile,gns-norms-fwdcasts-compile"
     args = bench.parse_args(["--variants", variants])
     switches = ("HF_GNS_COMPILED_TRITON", "HF_GNS_COMPILED_FORWARD", "HF_GNS_COMPILED_NARROW_CASTS")
     switches += ("HF_GNS_COMPILED_RESIDUAL_ADD", "HF_GNS_COMPILED_BACKWARD_SUMS")
@@ -143,10 +143,11 @@ def test_compiled_norm_experiments_run_with_their_switch_against_the_compiled_tr
         "gns-norms-hybrid-compile": (None, "inductor", None, None, None),
         "gns-norms-wide-compile": (None, None, "0", "0", "0"),
         "gns-norms-both-compile": (None, None, "both", None, None),
-        "gns-norms-unfused-compile": (None, None, None, "0", "0"),
-        "gns-norms-residual-compile": (None, None, None, "1", "0"),
-        "gns-norms-bwdsums-compile": (None, None, None, "0", "1"),
-        "gns-norms-fused-compile": (None, None, None, "1", "1"),
+        "gns-norms-fwdcasts-compile": (None, None, "forward", None, None),
+        "gns-norms-unfused-compile": (None, None, "forward", "0", "0"),
+        "gns-norms-residual-compile": (None, None, "forward", "1", "0"),
+        "gns-norms-bwdsums-compile": (None, None, "forward", "0", "1"),
+        "gns-norms-fused-compile": (None, None, "forward", "1", "1"),
     }
     results = [
         _result("llama124", "trainer-compile", 100.0, 1000),

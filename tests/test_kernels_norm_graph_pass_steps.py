@@ -71,35 +71,56 @@ def _step(arch, monkeypatch, pass_on, dropout=0.0):
 
 # what the pass rewrites in each tiny model (2 layers): forward outputs narrowed to the fp16 its
 # users cast them to, residual adds moved into the norm's forward kernel, backward dys summed and
-# residual gradients added in the fused backward kernel
-LLAMA = {"forward outputs": 5, "residual adds": 4, "backward dy sums": 4, "backward residual adds": 4}
+# residual gradients added in the fused backward kernel, backward inputs read in fp16 where one
+# Linear's widened gradient is the dy (Llama: the last norm)
+LLAMA = {
+    "forward outputs": 5, "residual adds": 4, "backward dy sums": 4, "backward residual adds": 4,
+    "backward inputs": 1,
+}  # fmt: skip
 EXPECTED = {
     # every norm writes fp16; every norm's input but the first is a residual add; every norm but the
     # last feeds q/k/v or gate/up, and its dx meets the residual gradient (the GPU test's counts)
     "llama": LLAMA,
     # each norm feeds one Conv1D (no dy sum); ln_f's output is also a graph output (stays fp32);
-    # the residual adds take the dropout's output (0.1, as GPT-2's config has it)
-    "gpt2": {"forward outputs": 4, "residual adds": 4, "backward residual adds": 4},
+    # the residual adds take the dropout's output (0.1, as GPT-2's config has it); the backward reads
+    # the bf16 gradient of each Conv1D's input (ln_f's is summed with the output's gradient first)
+    "gpt2": {"forward outputs": 4, "residual adds": 4, "backward residual adds": 4, "backward inputs": 4},
     # parallel attention and MLP read one norm: its dy sums the two branches' gradients
-    "falcon": {"forward outputs": 3, "residual adds": 2, "backward dy sums": 2, "backward residual adds": 2},
+    "falcon": {
+        "forward outputs": 3,
+        "residual adds": 2,
+        "backward dy sums": 2,
+        "backward residual adds": 2,
+        "backward inputs": 1,
+    },
     # sandwich norms: the post-norms' outputs meet the fp32 residual stream (no cast, no rewrite)
     "gemma2": LLAMA,
     # the rest of the tiny models (CI runs IN_CI below; HF_GNS_STEP_ARCHITECTURES=all runs all 17)
     # q/k norms over the head dim feed the fp32 rotary embedding (no cast, no rewrite)
     "qwen3": LLAMA,
-    "gpt_neox": {"forward outputs": 5, "residual adds": 2, "backward residual adds": 4},
-    "opt": {"forward outputs": 5, "residual adds": 5, "backward dy sums": 2, "backward residual adds": 2},
-    "bloom": {"forward outputs": 5, "residual adds": 4, "backward residual adds": 4},
-    "phi": {"forward outputs": 3, "residual adds": 2, "backward residual adds": 2},
+    "gpt_neox": {"forward outputs": 5, "residual adds": 2, "backward residual adds": 4, "backward inputs": 5},
+    "opt": {
+        "forward outputs": 5,
+        "residual adds": 5,
+        "backward dy sums": 2,
+        "backward residual adds": 2,
+        "backward inputs": 3,
+    },
+    "bloom": {"forward outputs": 5, "residual adds": 4, "backward residual adds": 4, "backward inputs": 5},
+    "phi": {"forward outputs": 3, "residual adds": 2, "backward residual adds": 2, "backward inputs": 1},
     "stablelm": LLAMA,
     # parallel attention and MLP read one norm: its dy sums five gradients (q/k/v, gate/up), more
     # than the fused kernel reads (three); the q/k norms run the per-example call
-    "cohere": {"forward outputs": 3, "residual adds": 2, "backward residual adds": 2},
+    "cohere": {"forward outputs": 3, "residual adds": 2, "backward residual adds": 2, "backward inputs": 1},
     "mistral": LLAMA,
     "qwen2": LLAMA,
     "gemma": LLAMA,
     "gemma3": LLAMA,
-    "olmo2": {"forward outputs": 1, "residual adds": 1},  # post-norms: only the final norm is read by a cast
+    "olmo2": {
+        "forward outputs": 1,
+        "residual adds": 1,
+        "backward inputs": 1,
+    },  # post-norms: only the final norm is read by a cast
     "granite": LLAMA,
 }
 IN_CI = ("llama", "gpt2")  # CI time; the others with HF_GNS_STEP_ARCHITECTURES=all
