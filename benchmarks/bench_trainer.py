@@ -69,6 +69,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from _host_timeline import HostTimeline, format_timeline  # noqa: E402
+from _thread_cpu import cpu_per_step, format_cpu, main_thread_id, thread_cpu_ms  # noqa: E402
 
 VARIANTS = (
     "trainer",
@@ -266,6 +267,7 @@ def _child(args) -> None:
         def __init__(self):
             self.marks = []
             self.profiler = None
+            self.threads_before = self.threads_after = None  # `thread_cpu_ms` over the measured steps
 
         def _mark(self):
             if cuda:
@@ -299,6 +301,10 @@ def _child(args) -> None:
             if timeline is not None:
                 timeline.mark("end")
             self._mark()
+            if state.global_step == args.warmup:  # the measured steps are warmup+1 .. warmup+steps
+                self.threads_before = thread_cpu_ms()
+            elif state.global_step == args.warmup + args.steps:
+                self.threads_after = thread_cpu_ms()
             if args.profile and state.global_step == args.warmup + args.steps:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -321,6 +327,7 @@ def _child(args) -> None:
             return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
     timeline = HostTimeline() if args.host_timeline else None
+    main_tid = main_thread_id()  # the Trainer's loop runs on this thread
     timer = StepTimer()
     trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, callbacks=[timer])
     if timeline is not None:
@@ -344,6 +351,8 @@ def _child(args) -> None:
         host_probe_us=host_probe_us(torch.device("cuda" if cuda else "cpu")),
         cpus=len(os.sched_getaffinity(0)),
     )
+    if timer.threads_before and timer.threads_after:
+        result["thread_cpu"] = cpu_per_step(timer.threads_before, timer.threads_after, args.steps, main_tid)
     if timeline is not None:
         timeline.stop_gc_recording()
         # steps[k] is optimizer step k+1: the measured steps are warmup+1 .. warmup+steps
@@ -756,6 +765,8 @@ def main(argv=None) -> None:
                 status = result.get("skipped") or result.get("error") or f"{result['step_ms']:.1f} ms/step"
                 if "host_probe_us" in result:
                     status += f", host probe {result['host_probe_us']:.1f} µs"
+                if "thread_cpu" in result:
+                    status += f", {format_cpu(result['thread_cpu'])}"
                 where = f"round {round_index + 1}/{args.rounds}, " if args.rounds > 1 else ""
                 print(
                     f"  {model:9s} {variant:18s} {status}  ({where}process wall {result['wall_s']:.0f} s)",

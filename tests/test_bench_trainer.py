@@ -221,3 +221,29 @@ def test_host_probe_times_a_fixed_host_workload():
 
     probe = _bench().host_probe_us(torch.device("cpu"), repeats=3, calls=50)
     assert 0.1 < probe < 10_000  # µs for one allocation and one launch of a 64-element add
+
+
+def test_thread_cpu_reads_names_with_parentheses_and_sums_other_threads_by_name():
+    _bench()  # puts benchmarks/ on sys.path
+    import _thread_cpu
+
+    tick = _thread_cpu._TICK_MS
+    line = "123 (pt (main) x) S " + " ".join(str(i) for i in range(4, 14)) + " 7 3 " + "0 " * 30
+    assert _thread_cpu.parse_stat(line) == ("pt (main) x", 10 * tick)
+    before = {1: ("python", 100.0), 2: ("pt_autograd_0", 50.0), 3: ("worker", 0.0)}
+    after = {1: ("python", 300.0), 2: ("pt_autograd_0", 90.0), 3: ("worker", 20.0), 4: ("worker", 20.0)}
+    summary = _thread_cpu.cpu_per_step(before, after, steps=10, main_tid=1)
+    assert summary == {"main_ms": 20.0, "others_ms": {"pt_autograd_0": 4.0, "worker": 4.0}, "threads": 4}
+    assert _thread_cpu.format_cpu(summary) == (
+        "thread CPU ms/step: main 20.0; others pt_autograd_0 4.0, worker 4.0 (4 threads)"
+    )
+
+
+def test_thread_cpu_snapshot_lists_this_thread():
+    _bench()
+    import _thread_cpu
+
+    snapshot = _thread_cpu.thread_cpu_ms()
+    if snapshot:  # Linux
+        assert _thread_cpu.main_thread_id() in snapshot
+        assert all(ms >= 0 for _, ms in snapshot.values())
