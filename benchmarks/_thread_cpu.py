@@ -62,7 +62,8 @@ def cpu_per_step(
 def format_cpu(summary: dict, top: int = 3) -> str:
     """One line: main thread and the busiest other threads, CPU ms a step."""
     others = ", ".join(f"{name} {ms:.1f}" for name, ms in list(summary["others_ms"].items())[:top])
-    return f"thread CPU ms/step: main {summary['main_ms']:.1f}; others {others or '-'} ({summary['threads']} threads)"
+    main, threads = summary["main_ms"], summary["threads"]
+    return f"thread CPU ms/step: main {main:.1f}; others {others or '-'} ({threads} threads)"
 
 
 def main_thread_id() -> int:
