@@ -26,7 +26,9 @@ loading, host work and the Trainer's own syncs. Reported: median step time over 
 `--steps` steps after `--warmup` steps, tokens/s, the ratio to the same model's plain
 Trainer of the same kind (eager / compiled / Liger) in the same invocation, peak memory
 (`torch.cuda.max_memory_allocated` over the whole run), and each process's wall time
-(compile time is the cost). Targets (issue 11): see `TARGETS`.
+(compile time is the cost), a fixed host probe after training and each thread's CPU ms a step
+over the measured steps (`_thread_cpu.py`: main thread, others by name). Targets (issue 11): see
+`TARGETS`.
 
     PYTHONPATH=. python benchmarks/bench_trainer.py                               # everything
     PYTHONPATH=. python benchmarks/bench_trainer.py --models gpt2,llama124 --json a.json
