@@ -4,9 +4,9 @@ Every call of a `torch.compile(model)` first checks the guards of the cached gra
 norm adds its state's attributes, its sink tensor and its bound forward (about 88 lines of
 `TORCH_LOGS=guards` output a norm: 1221 against 1663 lines for a 2-layer tiny Llama). This
 times the check without a profiler: the model compiled as the Trainer does, a few training
-steps, then after each further real step (forward, backward, hf_gns's `zero_stats` and `prepare_sinks`: what changes the guarded
-objects, and what leaves the caches cold, between two calls) one call of the frame's guard manager
-on the frame's locals as the next call binds them.
+steps, then after each further real step (forward, backward, hf_gns's `zero_stats` and
+`prepare_sinks`: what changes the guarded objects, and what leaves the caches cold, between two
+calls) one call of the frame's guard manager on the frame's locals as the next call binds them.
 
 Only the top-level frame is timed: for a model compiled whole (Llama: one graph) that holds every
 norm's guards; for a model with graph breaks (GPT-2: 4 breaks, 3 graphs) the norms are guarded in
