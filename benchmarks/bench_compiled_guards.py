@@ -15,6 +15,9 @@ without hf_gns).
 
     PYTHONPATH=. python benchmarks/bench_compiled_guards.py                       # tiny 12-layer Llama, CPU
     PYTHONPATH=. python benchmarks/bench_compiled_guards.py --model gpt2 --layers 12
+    PYTHONPATH=. python benchmarks/bench_compiled_guards.py --layers 2     # 1221 against 1663 log lines
+
+The table also gives the lines of `TORCH_LOGS=guards` output each compilation printed (all frames).
 
 CPU machine of the project (2026-12-03, torch 2.13, tiny Llama, median of 30 steps, one process
 per line): 12 layers (25 norms) 913 and 568 µs unpatched, 1350 and 1357 µs patched; 8 layers 811
@@ -28,6 +31,7 @@ model's compiled gap, and fewer guard nodes per patched norm the way to close it
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -60,8 +64,20 @@ def forward_frame_locals(model, inputs: dict) -> tuple[object, dict]:
     return code, frame
 
 
-def guard_check_us(patched: bool, arch: str, layers: int, warmup: int, steps: int) -> float:
-    """Median µs of one guard check of the compiled forward frame after each real training step."""
+class _LineCounter(logging.Handler):
+    """Counts the lines of the records it sees (Dynamo's guard printout: a line per guard or accessor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = 0
+
+    def emit(self, record):
+        self.lines += record.getMessage().count("\n") + 1
+
+
+def guard_check_us(patched: bool, arch: str, layers: int, warmup: int, steps: int) -> tuple[float, int]:
+    """Median µs of one guard check of the compiled forward frame after each real training step, and
+    the lines of `TORCH_LOGS=guards` output the compilation printed (every frame's guards)."""
     import torch
 
     import hf_gns
@@ -75,6 +91,10 @@ def guard_check_us(patched: bool, arch: str, layers: int, warmup: int, steps: in
     ids = torch.randint(0, model.config.vocab_size, (2, 32))
     inputs = {"input_ids": ids, "labels": ids}
     compiled = torch.compile(model)
+    counter = _LineCounter()
+    guard_log = logging.getLogger("torch._dynamo.guards.__guards")  # Dynamo's guards artifact log
+    torch._logging.set_logs(guards=True)
+    guard_log.addHandler(counter)
 
     def step():
         if patched:
@@ -84,8 +104,12 @@ def guard_check_us(patched: bool, arch: str, layers: int, warmup: int, steps: in
             hf_gns.zero_stats(model)
         model.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
+    try:
+        for _ in range(warmup):
+            step()
+    finally:
+        guard_log.removeHandler(counter)
+        torch._logging.set_logs()
     code, frame = forward_frame_locals(model, inputs)
     entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(code)
     if len(entries) != 1:
@@ -102,7 +126,7 @@ def guard_check_us(patched: bool, arch: str, layers: int, warmup: int, steps: in
         if not passed:
             print(guards.check_verbose(frame))
             raise RuntimeError("the guards fail on the rebuilt frame locals: not the check a call makes")
-    return 1e6 * statistics.median(times)
+    return 1e6 * statistics.median(times), counter.lines
 
 
 def main(argv=None) -> None:
@@ -116,12 +140,12 @@ def main(argv=None) -> None:
     rows = {}
     for variant in ("unpatched", "norms"):
         rows[variant] = guard_check_us(variant == "norms", args.model, args.layers, args.warmup, args.steps)
-        print(f"  {variant}: {rows[variant]:.1f} µs", flush=True)
+        print(f"  {variant}: {rows[variant][0]:.1f} µs, {rows[variant][1]} guard log lines", flush=True)
     what = f"{args.model}, {args.layers} layers"
     print(f"\n{what}: guard check of the compiled forward frame, median of {args.steps} steps")
-    print(f"{'variant':10s} {'µs':>7s} {'vs unpatched':>13s}")
-    for variant, us in rows.items():
-        print(f"{variant:10s} {us:7.1f} {us - rows['unpatched']:+13.1f}")
+    print(f"{'variant':10s} {'µs':>7s} {'vs unpatched':>13s} {'guard log lines':>16s}")
+    for variant, (us, lines) in rows.items():
+        print(f"{variant:10s} {us:7.1f} {us - rows['unpatched'][0]:+13.1f} {lines:16d}")
 
 
 if __name__ == "__main__":
