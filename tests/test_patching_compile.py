@@ -269,3 +269,56 @@ def test_norms_of_a_shared_block_compile_whole_with_the_eager_norms():
     assert [step[2][shared].shape[0] for step in actual] == [3, 6, 3]  # B values per forward
     for got, want in zip(actual, expected):
         _assert_same_step(got, want)
+
+
+def test_compiled_norm_guards_read_neither_the_shared_spec_nor_the_model_hook():
+    """Dynamo checks a guard for every object a compiled forward reads before each call of the graph;
+    an object reached from every norm (the spec of their class, the model hook) costs an identity
+    guard per norm on top. The compiled norm forward reads neither (`compiled_norm_forward`)."""
+    import logging
+
+    lines = []
+
+    class _Lines(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    compiled_call = torch.compile(model, backend="aot_eager")
+    guard_log = logging.getLogger("torch._dynamo.guards.__guards")
+    handler = _Lines()
+    torch._logging.set_logs(guards=True)
+    guard_log.addHandler(handler)
+    try:
+        for _ in range(2):
+            _step(model, tiny_batch(), compiled_call)
+    finally:
+        guard_log.removeHandler(handler)
+        torch._logging.set_logs()
+    guards = "\n".join(lines)
+    assert guards.count("_hf_gns_state.sinks.spare, accessed_by") == 2 * 2 + 1  # every norm's sink
+    for shared in ("_hf_gns_state.spec", "_hf_gns_state.model_hook", "_hf_gns_state.layout"):
+        assert shared not in guards
+
+
+# opt: its layers' final_layer_norm gets a flattened (B·T, D) input, the others (B, T, D)
+@pytest.mark.parametrize("arch, short", [("llama", {True}), ("opt", {True, False})])
+def test_compiled_norms_take_the_short_path_where_examples_are_input_rows(monkeypatch, arch, short):
+    """(B, T, D) norm inputs take `compiled_norm_forward`, flattened (B·T, D) ones the general path
+    (`test_compiled_patched_model_matches_eager` checks both against eager)."""
+    from hf_gns.patching import forward
+
+    taken = []
+
+    def recording(module, x, state):
+        y = short_path(module, x, state)
+        taken.append(y is not None)
+        return y
+
+    short_path = forward.compiled_norm_forward
+    monkeypatch.setattr(forward, "compiled_norm_forward", recording)
+    model = tiny_model(arch)
+    hf_gns.patch(model)
+    _step(model, tiny_batch(), torch.compile(model, backend="aot_eager"))
+    assert set(taken) == short

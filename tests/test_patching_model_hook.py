@@ -77,6 +77,20 @@ def test_prepare_sinks_readies_every_sink_before_the_forward_through_a_wrapper()
     assert sinks.collected[0].shape == (3, 2) and sinks.spare is ready  # used, then recycled
 
 
+def test_the_hook_tells_each_sink_the_examples_of_the_forward_when_they_are_rows():
+    model = _Model()
+    hf_gns.patch(model)
+    sinks = model.norm._hf_gns_state.sinks
+    hf_gns.patching.prepare_sinks(model, {"input_ids": torch.zeros(3, 2, dtype=torch.long)})
+    assert sinks.forward_examples == 3
+    restarting = torch.tensor([[0, 1, 2, 0, 1, 0]])  # a padding-free row of three documents
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    hf_gns.patching.prepare_sinks(model, {"input_ids": ids, "position_ids": restarting})
+    assert sinks.forward_examples is None  # the compiled norm forward then takes the general path
+    model(torch.randn(5, 2, 4)).backward()  # the model's pre-hook
+    assert sinks.forward_examples == 5
+
+
 def test_padding_free_batches_count_documents_and_ordinary_batches_do_not_look():
     hook, model = ModelForwardHook(), nn.Identity()
     ids = torch.zeros(1, 8, dtype=torch.long)

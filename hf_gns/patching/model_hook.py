@@ -133,6 +133,15 @@ class ModelForwardHook:
             return self.example_offsets.shape[0] - 1  # documents (E is known on the host)
         return self.batch_size
 
+    def note_examples(self, n_examples: int | None) -> None:
+        """Tell every owner's sinks the examples of this forward when they are its input rows (documents:
+        None), where the compiled norm forward reads them (`SquaredNormSinks.forward_examples`)."""
+        rows = n_examples if self.example_offsets is None else None
+        for _, state in self.norms:
+            sinks = getattr(state, "sinks", None)
+            if sinks is not None:
+                sinks.forward_examples = rows
+
     def missing_sinks(self, n_examples: int) -> list[tuple[nn.Module, NormPatch]]:
         """The owners that will need a sink in this forward and have no ready spare."""
         missing = []
@@ -151,6 +160,7 @@ class ModelForwardHook:
         `prepare_sinks` readied (no graph break, the same guards every step); unprepared, it makes
         them in one graph break at the top of the forward."""
         n_examples = self.read_batch(args, kwargs)
+        self.note_examples(n_examples)
         if n_examples is None or not torch.is_grad_enabled():
             return
         if self.counts_forwards or not torch.compiler.is_compiling():
@@ -229,6 +239,7 @@ def prepare_sinks(model: nn.Module, inputs: dict) -> None:
         return
     for hook in _hooks_of(model):
         n_examples = hook.read_batch((), inputs)
+        hook.note_examples(n_examples)
         if n_examples is not None:
             for module, state in hook.missing_sinks(n_examples):
                 state.sinks.prepare(n_examples, _device(module))

@@ -111,23 +111,46 @@ class NormSpec:
 
     def autocasts_to_fp32(self, x: torch.Tensor) -> bool:
         """Whether autocast, if active for `x`'s device, makes this norm compute and return fp32."""
-        if self.autocast_op is None or not torch.is_autocast_enabled(x.device.type):
-            return False
-        return x.device.type in AUTOCAST_FP32_DEVICES[self.autocast_op]
+        return autocasts_to_fp32(self.autocast_op, x)
 
     def result_dtype(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
         """The dtype the original module returns for input `x`."""
-        if self.autocasts_to_fp32(x):
-            return torch.float32
-        if self.output_dtype == "float32":
-            return torch.float32
-        if self.output_dtype == "promote" and weight is not None:
-            return torch.promote_types(weight.dtype, x.dtype)
-        return x.dtype
+        return result_dtype(self.output_dtype, self.autocast_op, x, weight)
 
     def resolve_eps(self, eps: float | None, x: torch.Tensor) -> float:
-        """ε as a float; `None` means, as in `F.rms_norm`, the machine epsilon of its compute
-        dtype: fp32 for fp32/bf16/fp16 inputs (aten's opmath type), fp64 for fp64."""
-        if eps is not None:
-            return float(eps)
-        return torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+        """ε as a float (see `resolve_eps`)."""
+        return resolve_eps(eps, x)
+
+
+# The rules as functions of the spec's fields, for the compiled forward (`forward.py`), which
+# reads a tuple of the fields instead of the spec: under torch.compile every method called on
+# an object adds guards on it, and a spec shared by 25 norms an identity guard per norm.
+
+
+def autocasts_to_fp32(autocast_op: str | None, x: torch.Tensor) -> bool:
+    """Whether autocast, if active for `x`'s device, makes a norm calling `autocast_op` compute
+    and return fp32."""
+    if autocast_op is None or not torch.is_autocast_enabled(x.device.type):
+        return False
+    return x.device.type in AUTOCAST_FP32_DEVICES[autocast_op]
+
+
+def result_dtype(
+    output_dtype: str, autocast_op: str | None, x: torch.Tensor, weight: torch.Tensor | None
+) -> torch.dtype:
+    """The dtype a norm with these spec fields returns for input `x`."""
+    if autocasts_to_fp32(autocast_op, x):
+        return torch.float32
+    if output_dtype == "float32":
+        return torch.float32
+    if output_dtype == "promote" and weight is not None:
+        return torch.promote_types(weight.dtype, x.dtype)
+    return x.dtype
+
+
+def resolve_eps(eps: float | None, x: torch.Tensor) -> float:
+    """ε as a float; `None` means, as in `F.rms_norm`, the machine epsilon of its compute
+    dtype: fp32 for fp32/bf16/fp16 inputs (aten's opmath type), fp64 for fp64."""
+    if eps is not None:
+        return float(eps)
+    return torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
