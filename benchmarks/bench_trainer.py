@@ -19,10 +19,15 @@ liger_kernel is not importable). Not run by default: `gns-norms-aten-compile`,
 `gns-norms-unfused-compile`, `gns-norms-residual-compile`, `gns-norms-bwdsums-compile` and
 `gns-norms-fused-compile`, the compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
 Every variant runs in a fresh subprocess (no compile caches, allocator state or clocks shared
-in-process). A `TrainerCallback` records one CUDA
-event at the end of every optimizer step (no host sync: read once after training); a step's
-time is the gap between consecutive events, i.e. wall time of the loop including data
-loading, host work and the Trainer's own syncs. Reported: median step time over the
+in-process). Inductor's on-disk cache is shared, though: a compiled variant's later processes
+reuse its first compilation, autotuning choices included, so the rounds of one invocation (and
+the calls on one machine) are not independent samples of them: in the H200 profiles of
+2026-12-03 one pointwise kernel of the compiled Llama-124M forward (its SiLU·mul) took 70 µs in
+the GNSTrainer process of one lease and 49 µs in the other processes profiled.
+`--fresh-compile-cache` gives each process an empty cache directory of its own. A
+`TrainerCallback` records one CUDA event at the end of every optimizer step (no host sync: read
+once after training); a step's time is the gap between consecutive events, i.e. wall time of
+the loop including data loading, host work and the Trainer's own syncs. Reported: median step time over the
 `--steps` steps after `--warmup` steps, tokens/s, the ratio to the same model's plain
 Trainer of the same kind (eager / compiled / Liger) in the same invocation, peak memory
 (`torch.cuda.max_memory_allocated` over the whole run), and each process's wall time
@@ -60,6 +65,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -483,6 +489,9 @@ def run_variant(model: str, variant: str, args) -> dict:
     env = dict(os.environ, **COMPILED_NORM_EXPERIMENTS.get(variant, {}))
     if args.check_graph_breaks:
         env["TORCH_LOGS"] = "graph_breaks,recompiles"
+    cache_dir = tempfile.mkdtemp(prefix="bench_trainer_inductor_") if args.fresh_compile_cache else None
+    if cache_dir:  # Inductor's FX graph and autotuning caches, and Triton's binaries beneath them
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     start = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -491,6 +500,8 @@ def run_variant(model: str, variant: str, args) -> dict:
         returncode, stdout, stderr = None, error.stdout or "", error.stderr or ""
         stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
     wall_s = time.perf_counter() - start
+    if cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     if (args.profile or args.host_timeline) and stdout:
         print(stdout.rstrip())
     result = {"model": model, "variant": variant}
@@ -692,6 +703,11 @@ def parse_args(argv=None):
         help="print each variant's host ms per phase of a step and its GC runs (_host_timeline.py)",
     )
     parser.add_argument("--profile-rows", type=int, default=30)
+    parser.add_argument(
+        "--fresh-compile-cache",
+        action="store_true",
+        help="an empty TORCHINDUCTOR_CACHE_DIR for every process: each round compiles (and autotunes) anew",
+    )
     parser.add_argument(
         "--cpus",
         default="",

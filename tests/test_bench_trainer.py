@@ -247,3 +247,26 @@ def test_thread_cpu_snapshot_lists_this_thread():
     if snapshot:  # Linux
         assert _thread_cpu.main_thread_id() in snapshot
         assert all(ms >= 0 for _, ms in snapshot.values())
+
+
+def test_fresh_compile_cache_gives_each_process_an_empty_inductor_cache_removed_after(monkeypatch):
+    import os
+
+    bench = _bench()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    dirs = []
+
+    def fake_run(command, env, **_):
+        cache = env.get("TORCHINDUCTOR_CACHE_DIR")
+        dirs.append((cache, cache is not None and os.path.isdir(cache) and not os.listdir(cache)))
+        with open(command[command.index("--child-json") + 1], "w") as f:
+            json.dump({"model": "gpt2", "variant": "trainer-compile"}, f)
+        return bench.subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    for flags in (["--fresh-compile-cache"], ["--fresh-compile-cache"], []):
+        args = bench.parse_args(flags + ["--variants", "trainer-compile"])
+        bench.run_variant("gpt2", "trainer-compile", args)
+    (first, first_empty), (second, second_empty), (third, _) = dirs
+    assert first_empty and second_empty and first != second and third is None
+    assert not os.path.exists(first) and not os.path.exists(second)
