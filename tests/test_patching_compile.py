@@ -8,6 +8,7 @@ import torch._dynamo
 from patching_tiny_models import GraphCounter, loss_of, tiny_batch, tiny_model
 
 import hf_gns
+from hf_gns.patching.state import patched_states
 
 
 @pytest.fixture(autouse=True)
@@ -322,3 +323,16 @@ def test_compiled_norms_take_the_short_path_where_examples_are_input_rows(monkey
     hf_gns.patch(model)
     _step(model, tiny_batch(), torch.compile(model, backend="aot_eager"))
     assert set(taken) == short
+
+
+def test_compiled_forward_without_grad_gives_the_eager_output_and_takes_no_sink():
+    """Evaluation and generation under torch.compile: the short path runs the fused op without a sink."""
+    model = tiny_model("llama")
+    hf_gns.patch(model)
+    input_ids = tiny_batch()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        actual = torch.compile(model, backend="aot_eager")(input_ids=input_ids).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    states = patched_states(model)
+    assert len(states) == 5 and all(state.sinks.spare is None for _, state in states)
