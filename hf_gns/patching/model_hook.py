@@ -21,7 +21,10 @@ the graph, and the traced hook finds them and does nothing (no graph break, the 
 at every step). Without it, that traced hook makes the missing ones in one
 `torch.compiler.disable`d call: one graph break at the very top of the first step (and of
 the first step after B changes) and a recompilation once the sinks exist. Modules whose
-input does not have B rows make their own sink on first use.
+input does not have B rows make their own sink on first use. The hook also writes the forward's
+examples to every module's sinks (`note_examples`): the compiled norm forward reads them there,
+from an object of its own, instead of reading this hook, which all modules share (Dynamo adds
+an identity guard for each module that reaches a shared object).
 """
 
 from __future__ import annotations
