@@ -321,6 +321,17 @@ def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **
     return y if x is hidden_states or y.dim() == hidden_states.dim() else y.reshape(hidden_states.shape)
 
 
+def _bias_without_getattr(module: nn.Module) -> torch.Tensor | None:
+    """`norm_bias` for a module whose `_parameters` has no `bias`, read from its dicts. Traced, the
+    `getattr(module, "bias", None)` of `norm_bias` costs a `hasattr` guard that runs
+    `nn.Module.__getattr__` and its AttributeError at every call of the graph."""
+    on_class = getattr(type(module), "bias", None)
+    if isinstance(on_class, property):  # computed: only getattr knows
+        return norm_bias(module)
+    found = module._buffers["bias"] if "bias" in module._buffers else module.__dict__.get("bias", on_class)
+    return found if isinstance(found, torch.Tensor) else None
+
+
 def compiled_norm_forward(module: nn.Module, x: torch.Tensor, state: NormPatch) -> torch.Tensor | None:
     """The fused route as torch.compile traces it in the common case; None: take the general path.
 
@@ -339,7 +350,9 @@ def compiled_norm_forward(module: nn.Module, x: torch.Tensor, state: NormPatch) 
     of documents go the general path, as do calls with no spare sink ready: a graph break there).
     """
     rms, weight_offset, cast_before_weight, output_dtype, autocast_op, eps_attr = state.compiled_call
-    weight, bias = weight_and_bias(module)
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else module.weight
+    bias = params["bias"] if "bias" in params else _bias_without_getattr(module)
     tracks = torch.is_grad_enabled() and (
         (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
     )
