@@ -29,7 +29,7 @@ from .example_grads import CallRouting, ExampleGradVectors
 from .layout import ExampleLayout, back_to_input_layout
 from .model_hook import ModelForwardHook
 from .per_example_call import per_example_call
-from .sinks import SquaredNormSinks
+from .sinks import SquaredNormSinks, spare_fits
 from .spec import NormSpec, resolve_eps, result_dtype
 from .state import STATE_ATTRIBUTE, PatchState
 
@@ -155,12 +155,23 @@ def norm_bias(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
+def _bias_without_getattr(module: nn.Module) -> torch.Tensor | None:
+    """`norm_bias` for a module whose `_parameters` has no `bias`, read from its dicts. Traced, the
+    `getattr(module, "bias", None)` of `norm_bias` costs a `hasattr` guard that runs
+    `nn.Module.__getattr__` and its AttributeError at every call of the graph."""
+    on_class = getattr(type(module), "bias", None)
+    if isinstance(on_class, property):  # computed: only getattr knows
+        return norm_bias(module)
+    found = module._buffers["bias"] if "bias" in module._buffers else module.__dict__.get("bias", on_class)
+    return found if isinstance(found, torch.Tensor) else None
+
+
 def weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`module.weight` and `norm_bias(module)`, read from `_parameters` where they are parameters
     (a dict lookup; `nn.Module.__getattr__` costs ~1 µs a read, and this runs at every call)."""
     params = module._parameters
     weight = params["weight"] if "weight" in params else module.weight
-    bias = params["bias"] if "bias" in params else norm_bias(module)
+    bias = params["bias"] if "bias" in params else _bias_without_getattr(module)
     return weight, bias
 
 
@@ -291,9 +302,7 @@ def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **
     hook = state.model_hook
     parameters = weight, bias = weight_and_bias(self)
     if state.parameters == _WEIGHT_AND_BIAS:  # what `tracks_gradients` reads, inline
-        tracks = torch.is_grad_enabled() and (
-            (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
-        )
+        tracks = _tracks(weight, bias)
     else:
         tracks = state.tracks_gradients(self)
     vectors: ExampleGradVectors | None = None
@@ -321,15 +330,11 @@ def patched_norm_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **
     return y if x is hidden_states or y.dim() == hidden_states.dim() else y.reshape(hidden_states.shape)
 
 
-def _bias_without_getattr(module: nn.Module) -> torch.Tensor | None:
-    """`norm_bias` for a module whose `_parameters` has no `bias`, read from its dicts. Traced, the
-    `getattr(module, "bias", None)` of `norm_bias` costs a `hasattr` guard that runs
-    `nn.Module.__getattr__` and its AttributeError at every call of the graph."""
-    on_class = getattr(type(module), "bias", None)
-    if isinstance(on_class, property):  # computed: only getattr knows
-        return norm_bias(module)
-    found = module._buffers["bias"] if "bias" in module._buffers else module.__dict__.get("bias", on_class)
-    return found if isinstance(found, torch.Tensor) else None
+def _tracks(weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """`NormPatch.tracks_gradients` for the parameters weight and bias, already read."""
+    return torch.is_grad_enabled() and (
+        (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    )
 
 
 def compiled_norm_forward(module: nn.Module, x: torch.Tensor, state: NormPatch) -> torch.Tensor | None:
@@ -350,12 +355,8 @@ def compiled_norm_forward(module: nn.Module, x: torch.Tensor, state: NormPatch) 
     of documents go the general path, as do calls with no spare sink ready: a graph break there).
     """
     rms, weight_offset, cast_before_weight, output_dtype, autocast_op, eps_attr = state.compiled_call
-    params = module._parameters
-    weight = params["weight"] if "weight" in params else module.weight
-    bias = params["bias"] if "bias" in params else _bias_without_getattr(module)
-    tracks = torch.is_grad_enabled() and (
-        (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
-    )
+    weight, bias = weight_and_bias(module)
+    tracks = _tracks(weight, bias)
     sink = None
     if tracks:
         routing, sinks = state.routing, state.sinks
@@ -364,7 +365,7 @@ def compiled_norm_forward(module: nn.Module, x: torch.Tensor, state: NormPatch) 
         n_examples, sink = sinks.forward_examples, sinks.spare
         if n_examples is None or x.dim() < 3 or x.shape[0] != n_examples or x.shape[1] == n_examples:
             return None
-        if sink is None or sink.shape[0] != n_examples or sink.device != x.device:
+        if not spare_fits(sink, n_examples, x.device):
             return None
         sinks.spare = None  # taken, as `SquaredNormSinks.take_for` does
     return fused_norm(

@@ -65,6 +65,12 @@ def _new_sink_outside_graph(owner: SquaredNormSinks, n_examples: int, device: to
     return new_sink_for(owner, n_examples, device)
 
 
+def spare_fits(spare: torch.Tensor | None, n_examples: int, device: torch.device) -> bool:
+    """Whether `spare` is a sink for `n_examples` examples on `device` (a function, not a method,
+    so that compiled code calling it adds no guard on the sinks object's methods)."""
+    return spare is not None and spare.shape[0] == n_examples and spare.device == device
+
+
 class SquaredNormSinks:
     """Hands out sinks to one norm module and keeps the per-example squared norms they receive.
 
@@ -112,8 +118,7 @@ class SquaredNormSinks:
 
     def has_spare(self, n_examples: int, device: torch.device) -> bool:
         """Whether a recycled sink of shape (n_examples, C) on `device` is ready."""
-        spare = self.spare
-        return spare is not None and spare.shape[0] == n_examples and spare.device == device
+        return spare_fits(self.spare, n_examples, device)
 
     def collect(self, sq_norms: torch.Tensor) -> None:
         """Keep one backward pass's (B, C) squared norms. The hook below calls it with a sink's
