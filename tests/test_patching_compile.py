@@ -274,8 +274,9 @@ def test_norms_of_a_shared_block_compile_whole_with_the_eager_norms():
 
 def test_compiled_norm_guards_read_neither_the_shared_spec_nor_the_model_hook():
     """Dynamo checks a guard for every object a compiled forward reads before each call of the graph;
-    an object reached from every norm (the spec of their class, the model hook) costs an identity
-    guard per norm on top. The compiled norm forward reads neither (`compiled_norm_forward`)."""
+    an object reached from every norm (the spec of their class, the model hook, the class itself)
+    costs an identity guard per norm on top, evaluated in Python. The compiled norm forward reads
+    none of them, nor its routing (`compiled_norm_forward`)."""
     import logging
 
     lines = []
@@ -301,6 +302,9 @@ def test_compiled_norm_guards_read_neither_the_shared_spec_nor_the_model_hook():
     assert guards.count("_hf_gns_state.sinks.spare, accessed_by") == 2 * 2 + 1  # every norm's sink
     for shared in ("_hf_gns_state.spec", "_hf_gns_state.model_hook", "_hf_gns_state.layout"):
         assert shared not in guards
+    assert "_hf_gns_state.routing" not in guards
+    classes = [line for line in lines if "LAMBDA_GUARD: type(" in line and "layernorm']) is type(" in line]
+    assert classes == []  # no identity guard between the norms' classes
 
 
 # opt: its layers' final_layer_norm gets a flattened (B·T, D) input, the others (B, T, D)

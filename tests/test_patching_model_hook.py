@@ -91,6 +91,19 @@ def test_the_hook_tells_each_sink_the_examples_of_the_forward_when_they_are_rows
     assert sinks.forward_examples == 5
 
 
+def test_the_hook_tells_no_examples_to_modules_whose_calls_take_per_example_vectors():
+    """The compiled norm forward reads no routing: `forward_examples` None sends such calls (a module
+    called twice per forward, parameters shared) to the general path, which sums their vectors."""
+    model = _Model()
+    hf_gns.patch(model)
+    state = model.norm._hf_gns_state
+    batch = {"input_ids": torch.zeros(3, 2, dtype=torch.long)}
+    for mode, told in (("discover", 3), ("single", 3), ("multi", None), ("shared", None)):
+        state.routing.mode = mode
+        hf_gns.patching.prepare_sinks(model, batch)
+        assert state.sinks.forward_examples == told, mode
+
+
 def test_padding_free_batches_count_documents_and_ordinary_batches_do_not_look():
     hook, model = ModelForwardHook(), nn.Identity()
     ids = torch.zeros(1, 8, dtype=torch.long)

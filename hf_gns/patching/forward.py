@@ -91,13 +91,22 @@ class NormPatch(PatchState):
             # a new tuple per module: one object reached from several modules costs Dynamo an
             # identity guard for each
             fields = [spec.rms, spec.weight_offset, spec.cast_before_weight, spec.output_dtype]
-            self.compiled_call = tuple(fields + [spec.autocast_op, self.eps_attr])
+            # the last field: whether the module's class has a `bias` attribute (None: not known
+            # yet, `note_class` tells), so that the compiled forward need not read `type(module)`
+            self.compiled_call = tuple(fields + [spec.autocast_op, self.eps_attr, None])
+
+    def note_class(self, module: nn.Module) -> None:
+        """Record in `compiled_call` whether `module`'s class has a `bias` attribute: traced,
+        `type(module)` costs an identity guard between the classes of the norms (evaluated in
+        Python at every call of the graph), and a `hasattr` guard on the class."""
+        if self.compiled_call is not None:
+            self.compiled_call = self.compiled_call[:-1] + (hasattr(type(module), "bias"),)
 
     def __deepcopy__(self, memo):
         # A copied model gets its own, empty statistics (the sinks' hooks point at this object)
         # and shares the copied model's hook.
         model_hook = copy.deepcopy(self.model_hook, memo)
-        return NormPatch(
+        copied = NormPatch(
             self.name,
             self.spec,
             self.eps_attr,
@@ -110,6 +119,8 @@ class NormPatch(PatchState):
             self.reports,
             copy.deepcopy(self.layout, memo),
         )
+        copied.compiled_call = self.compiled_call
+        return copied
 
     def describe(self) -> str:
         """The route for reports, e.g. `"RMSNorm γ+1 out=input"` or `"per-example call (vmap)"`."""
@@ -173,6 +184,17 @@ def weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tenso
     weight = params["weight"] if "weight" in params else module.weight
     bias = params["bias"] if "bias" in params else _bias_without_getattr(module)
     return weight, bias
+
+
+def _weight_and_own_bias(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`weight_and_bias` for a module whose class has no `bias` attribute: β, if any, is in its
+    `_parameters`, `_buffers` or `__dict__` (no read of `type(module)`)."""
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else module.weight
+    if "bias" in params:
+        return weight, params["bias"]
+    found = module._buffers["bias"] if "bias" in module._buffers else module.__dict__.get("bias")
+    return weight, found if isinstance(found, torch.Tensor) else None
 
 
 def run_norm(
@@ -344,24 +366,28 @@ def compiled_norm_forward(module: nn.Module, x: torch.Tensor, state: NormPatch) 
     call of the graph, and the general path reads many per norm: its state's spec (shared by
     every norm of the class: an identity guard per norm), the model hook (likewise), the layout
     and routing objects, a dict check per method called on each. Here a norm reads its
-    `compiled_call` tuple, its routing mode, its sinks' `forward_examples` and spare sink, and the
-    module's own parameters and ε. On a tiny 12-layer Llama (25 norms) that took the guards hf_gns
-    adds to the compiled forward from 1682 to 1149 lines of `TORCH_LOGS=guards` output, and their
-    check after a step from 490-955 to 547-561 µs on the CPU machine
-    (`benchmarks/bench_compiled_guards.py`, three runs each).
+    `compiled_call` tuple, its sinks' `forward_examples` (None also where its calls take
+    per-example vectors) and spare sink, and the module's own parameters and ε; not its class
+    (`note_class`). On a tiny 12-layer Llama (25 norms) that took the guards hf_gns adds to the
+    compiled forward from 1682 to 1149 lines of `TORCH_LOGS=guards` output, and their check after a
+    step from 490-955 to 547-561 µs on the CPU machine (`benchmarks/bench_compiled_guards.py`, three
+    runs each). Without the routing and class reads (no identity guard between the norms'
+    classes, which Dynamo evaluates in Python: one per norm), 4388 against 4209 lines (3210
+    unpatched, transformers 5.25).
 
     Common case: examples along dim 0 of an input of 3 or more dims whose dim 1 is not the batch
     (a (B, T, ...) input; sequence-first inputs, flattened (B·T, D) ones and padding-free batches
     of documents go the general path, as do calls with no spare sink ready: a graph break there).
     """
-    rms, weight_offset, cast_before_weight, output_dtype, autocast_op, eps_attr = state.compiled_call
-    weight, bias = weight_and_bias(module)
+    rms, weight_offset, cast_before_weight, output_dtype, autocast_op, eps_attr, bias_on_class = (
+        state.compiled_call
+    )
+    weight, bias = weight_and_bias(module) if bias_on_class is not False else _weight_and_own_bias(module)
     tracks = _tracks(weight, bias)
     sink = None
     if tracks:
-        routing, sinks = state.routing, state.sinks
-        if routing is not None and routing.mode not in ("single", "discover"):
-            return None  # per-example vectors (`CallRouting`)
+        sinks = state.sinks
+        # None also where the calls take per-example vectors (`CallRouting`; `note_examples`)
         n_examples, sink = sinks.forward_examples, sinks.spare
         if n_examples is None or x.dim() < 3 or x.shape[0] != n_examples or x.shape[1] == n_examples:
             return None
@@ -397,6 +423,7 @@ def route_norms(
         if state.spec is None or state.fused_dtypes is not None:
             continue  # the per-example call route (`per_example_call.py`): no routing
         by_weight[id(module.weight)].append((module, state))
+        state.note_class(module)
     refused = []
     for members in by_weight.values():
         first_module, first = members[0]

@@ -86,9 +86,10 @@ class SquaredNormSinks:
         self.spare: torch.Tensor | None = None  # a (B, C) leaf with grad None, ready for the next call
         self.pool: list[torch.Tensor] = []  # further recycled sinks (eager code only)
         self.collected: list[torch.Tensor] = []  # (B, C) fp32 per backward pass: |dγ_b|², |dβ_b|²
-        # Examples of the model's current forward when they are its input rows (None: documents, or
-        # not known): set by the model hook at every forward, so that the compiled norm forward needs
-        # nothing from the hook, which all modules share (`forward.py`, `model_hook.py`).
+        # Examples of the model's current forward when they are its input rows (None: documents, calls
+        # taking per-example vectors, or not known): set by the model hook at every forward, so that
+        # the compiled norm forward needs nothing from the hook, which all modules share (`forward.py`,
+        # `model_hook.py`).
         self.forward_examples: int | None = None
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
