@@ -21,7 +21,10 @@ of a graph) are copied to DIR, to read what a patched graph runs per call.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import re
 import shutil
 import statistics
@@ -59,15 +62,22 @@ def run_variant(variant: str, args, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    forward_ms, backward_ms, step_ms = [], [], []
+    forward_ms, prepare_ms, backward_ms, step_ms = [], [], [], []
+    profiler = cProfile.Profile() if args.cprofile else None
     for step in range(args.warmup + args.steps):
         sync()
+        profiling = profiler is not None and step >= args.warmup
+        if profiling:
+            profiler.enable()
         start = time.perf_counter()
         if variant != "unpatched":
             prepare_sinks(compiled, inputs)  # as GNSTrainer.training_step does
+        prepared = time.perf_counter()
         with autocast:
             loss = compiled(**inputs).loss
         launched = time.perf_counter()
+        if profiling:
+            profiler.disable()
         loss.backward()
         done = time.perf_counter()
         sync()
@@ -77,10 +87,20 @@ def run_variant(variant: str, args, device) -> dict:
         model.zero_grad(set_to_none=True)
         if step >= args.warmup:
             forward_ms.append(1e3 * (launched - start))
+            prepare_ms.append(1e3 * (prepared - start))
             backward_ms.append(1e3 * (done - launched))
             step_ms.append(1e3 * (end - start))
     median = statistics.median
-    return {"forward": median(forward_ms), "backward": median(backward_ms), "step": median(step_ms)}
+    if profiler is not None:  # the forward launches' Python, by own time (cProfile slows it down)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+        print(f"=== cProfile of {variant}'s forward launches, {args.steps} steps ===\n{text.getvalue()}")
+    return {
+        "forward": median(forward_ms),
+        "prepare": median(prepare_ms),
+        "backward": median(backward_ms),
+        "step": median(step_ms),
+    }
 
 
 # What a wrapper's `call()` does per call, by its generated lines: launches of generated or user
@@ -127,6 +147,10 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="tiny config on CPU, fp32 (smoke test)")
     parser.add_argument("--wrappers", default="", help="copy the generated wrapper modules to this folder")
+    parser.add_argument(
+        "--cprofile", type=int, default=0, metavar="N",
+        help="also print the N functions with the most own time in the measured forward launches (cProfile)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -147,7 +171,8 @@ def main(argv=None) -> None:
             rows[variant] = run_variant(variant, args, device)
             row = rows[variant]  # printed now too: a later variant may not finish in time
             print(
-                f"  {variant}: forward {row['forward']:.2f} ms, backward {row['backward']:.2f} ms, "
+                f"  {variant}: forward {row['forward']:.2f} ms (prepare_sinks {row['prepare']:.2f}), "
+                f"backward {row['backward']:.2f} ms, "
                 f"step {row['step']:.2f} ms (synced)",
                 flush=True,
             )
@@ -165,6 +190,7 @@ def main(argv=None) -> None:
     base = rows.get("unpatched")
     how = f"median of {args.steps} steps after {args.warmup}"
     print(f"\n{args.model}: host ms to launch the compiled graphs ({how})")
+    print("(forward: prepare_sinks, as GNSTrainer calls it, then the compiled model's call)")
     header = f"{'variant':<10} {'forward':>9} {'backward':>9} {'step (synced)':>14}"
     print(f"{header} {'fwd vs base':>12} {'bwd vs base':>12}")
     for variant, row in rows.items():

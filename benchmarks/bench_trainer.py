@@ -14,7 +14,9 @@ a fixed seed, synthetic random tokens (labels = inputs). Models are built from c
 Variants (`--variants`): `trainer`, `gns-norms` (`gns_track="norms"`), `gns-all`
 (`gns_track="all"`), each also with a `-compile` suffix (`torch_compile=True`), and
 `trainer-liger`, `gns-norms-liger` (`use_liger_kernel=True`; skipped with a note when
-liger_kernel is not importable). Not run by default: `gns-norms-aten-compile`,
+liger_kernel is not importable). Not run by default: `trainer-liger-norm` (the plain Trainer with
+only Llama's RMSNorm swapped for Liger's, against `trainer`: the single-kernel norm the eager
+Llama-124M target was set from), `gns-norms-aten-compile`,
 `gns-norms-hybrid-compile`, `gns-norms-wide-compile`, `gns-norms-both-compile`,
 `gns-norms-unfused-compile`, `gns-norms-residual-compile`, `gns-norms-bwdsums-compile` and
 `gns-norms-fused-compile`, the compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
@@ -90,6 +92,10 @@ VARIANTS = (
     "gns-norms-liger",
 )
 DEFAULT_VARIANTS = VARIANTS
+# The plain Trainer with only Liger's RMSNorm swapped in (Llama models; `trainer` is its baseline):
+# the single-kernel norm the eager Llama-124M target was set from (1.13x on an H100, raw step).
+LIGER_NORM_ONLY = "trainer-liger-norm"
+VARIANTS += (LIGER_NORM_ONLY,)
 # Experiments on the compiled norm path (issue 11's compiled gap), not run by default: the same
 # GNSTrainer with an environment switch of `hf_gns/kernels/norm_op.py`, set in its process only.
 # `aten`: compiled graphs trace the norm op's PyTorch body (Inductor fuses it with the residual add
@@ -165,6 +171,8 @@ def model_config(key: str, tiny: bool):
 
 def baseline_of(variant: str) -> str:
     """The plain-Trainer variant a variant is compared with: same compile / Liger setting."""
+    if variant == LIGER_NORM_ONLY:
+        return "trainer"
     for suffix in ("-compile", "-liger"):
         if variant.endswith(suffix):
             return "trainer" + suffix
@@ -234,6 +242,16 @@ def _child(args) -> None:
 
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(model_config(args.model, args.tiny), attn_implementation="sdpa")
+    if args.variant == LIGER_NORM_ONLY:
+        if model.config.model_type != "llama":
+            kind = model.config.model_type
+            result["skipped"] = f"{LIGER_NORM_ONLY} swaps Llama's RMSNorm only, not {kind}'s"
+            _write(args.child_json, result)
+            return
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        only_norms = dict(rope=False, cross_entropy=False, fused_linear_cross_entropy=False, swiglu=False)
+        apply_liger_kernel_to_llama(rms_norm=True, model=model, **only_norms)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, vocab, (total_steps * batch, seq), generator=generator)  # (N, T)
