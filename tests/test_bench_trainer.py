@@ -51,6 +51,13 @@ def test_ratios_use_the_baseline_of_the_same_kind_and_targets_pass_or_miss():
     assert "gns-norms-liger" in bench.results_table(results)
 
 
+def test_liger_norm_only_variant_is_compared_with_the_plain_trainer():
+    bench = _bench()
+    assert "trainer-liger-norm" in bench.VARIANTS and "trainer-liger-norm" not in bench.DEFAULT_VARIANTS
+    assert bench.baseline_of("trainer-liger-norm") == "trainer"
+    assert bench.baseline_of("gns-norms-liger") == "trainer-liger"
+
+
 def test_ratios_from_several_runs_never_mix_runs():
     """`--from-json a.json,b.json`: a variant's ratio is to the baseline of its own run, even when
     another file holds the same model's baseline."""
