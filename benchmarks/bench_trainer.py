@@ -18,8 +18,9 @@ liger_kernel is not importable). Not run by default: `trainer-liger-norm` (the p
 only Llama's RMSNorm swapped for Liger's, against `trainer`: the single-kernel norm the eager
 Llama-124M target was set from), `gns-norms-aten-compile`,
 `gns-norms-hybrid-compile`, `gns-norms-wide-compile`, `gns-norms-both-compile`,
-`gns-norms-unfused-compile`, `gns-norms-residual-compile`, `gns-norms-bwdsums-compile` and
-`gns-norms-fused-compile`, the compiled norm path's experiments (`COMPILED_NORM_EXPERIMENTS`).
+`gns-norms-unfused-compile`, `gns-norms-residual-compile`, `gns-norms-bwdsums-compile`,
+`gns-norms-fused-compile` and `gns-norms-static-compile`, the compiled norm path's experiments
+(`COMPILED_NORM_EXPERIMENTS`).
 Every variant runs in a fresh subprocess (no compile caches, allocator state or clocks shared
 in-process). Inductor's on-disk cache is shared, though: a compiled variant's later processes
 reuse its first compilation, autotuning choices included, so the rounds of one invocation (and
@@ -125,6 +126,10 @@ COMPILED_NORM_EXPERIMENTS = {
         "HF_GNS_COMPILED_RESIDUAL_ADD": "1",
         "HF_GNS_COMPILED_BACKWARD_SUMS": "1",
     },
+    # Inductor's static launcher for user-defined Triton kernels (off by default in torch 2.11-2.13):
+    # on the H200 the compiled Llama-124M forward launched its 25 norm kernels through Triton's own
+    # launcher (launch metadata and driver call each time), its other 129 kernels statically
+    "gns-norms-static-compile": {"TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS": "1"},
 }
 VARIANTS += tuple(COMPILED_NORM_EXPERIMENTS)
 
