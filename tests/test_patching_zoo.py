@@ -29,7 +29,12 @@ KNOWN_UNBUILDABLE: dict[str, str] = {
 
 # Model types whose patch is not exact (or skips norms with parameters), per mode, with the reason.
 KNOWN_NOT_EXACT: dict[str, dict[str, str]] = {
-    "norms": {},
+    "norms": {
+        "ergo": "ErgoExpertNorm (transformers 5.25) holds one RMSNorm weight per expert, (E, D), indexed "
+        "by each routed row's expert id (`forward(hidden_states, expert_ids)`, called inside the experts "
+        "module on rows that are routes, not examples): gns_track='norms' skips it and the patch report "
+        "lists it; targets='all' tracks it exactly with the experts (`experts.py`)",
+    },
     "all": {},
 }
 

@@ -239,6 +239,9 @@ EXTRAS: dict[str, dict] = {
     "dbrx": dict(attn_config=dict(rope_theta=1e4, clip_qkv=8.0)),
     "deepseek_v2": dict(num_experts_per_tok=TOP_K),
     "dots3_note_text": dict(head_dim=16),  # head_dim = nope + rope
+    # its config validation (5.25): NVFP4 rounding of keys and values needs a head_dim multiple of 16,
+    # and its indexer at most the query heads of one key head (HEADS / KV_HEADS)
+    "kolibri1_1": dict(head_dim=16, index_num_heads=1),
     "dory": dict(
         num_hidden_layers=6,
         n_input_layers=2,
