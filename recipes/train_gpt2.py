@@ -775,7 +775,10 @@ def run() -> int:
     try:
         main()
     except UsageError as error:
-        print(f"train_gpt2.py: error: {error}", file=sys.stderr)
+        # one write of the whole line: the processes of a launch share stderr, and a line written in
+        # two pieces (text, then newline) can get another process's output in between
+        sys.stderr.write(f"train_gpt2.py: error: {error}\n")
+        sys.stderr.flush()
         return 1
     except NothingToTrain as message:
         if int(os.environ.get("RANK", "0")) == 0:  # every process stops; one says why
