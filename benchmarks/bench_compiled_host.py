@@ -11,10 +11,15 @@ sync for the GPU time of the whole step. One process, `torch._dynamo.reset()` be
 
 Variants: `unpatched`, `norms` (`hf_gns.patch(model)`), `all` (`targets="all"`). With
 `--wrappers DIR` the generated wrapper modules (the Python `call()` that launches every kernel
-of a graph) are copied to DIR, to read what a patched graph runs per call.
+of a graph) are copied to DIR, to read what a patched graph runs per call. With `--cprofile N`
+the forward launches of the measured steps (`prepare_sinks` and the compiled call) run under
+cProfile, which prints the N functions with the most own time: on the H200 (2026-12-03) it showed
+the 25 norm kernels of the patched Llama-124M forward launched through Triton's own launcher and
+the graph's other kernels through Inductor's static one.
 
     PYTHONPATH=. python benchmarks/bench_compiled_host.py --model llama124
     PYTHONPATH=. python benchmarks/bench_compiled_host.py --model gpt2 --variants unpatched,norms
+    PYTHONPATH=. python benchmarks/bench_compiled_host.py --cprofile 45   # + the launches' top functions
     PYTHONPATH=. python benchmarks/bench_compiled_host.py --tiny          # CPU smoke (fp32, no autocast)
 """
 
