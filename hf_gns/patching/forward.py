@@ -166,35 +166,29 @@ def norm_bias(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
-def _bias_without_getattr(module: nn.Module) -> torch.Tensor | None:
+def _bias_without_getattr(module: nn.Module, bias_on_class: bool | None = None) -> torch.Tensor | None:
     """`norm_bias` for a module whose `_parameters` has no `bias`, read from its dicts. Traced, the
     `getattr(module, "bias", None)` of `norm_bias` costs a `hasattr` guard that runs
-    `nn.Module.__getattr__` and its AttributeError at every call of the graph."""
-    on_class = getattr(type(module), "bias", None)
+    `nn.Module.__getattr__` and its AttributeError at every call of the graph. `bias_on_class`
+    False (known at patch time, `NormPatch.note_class`): the class has no `bias` attribute, so
+    `type(module)` is not read either (traced, an identity guard between the norms' classes)."""
+    on_class = None if bias_on_class is False else getattr(type(module), "bias", None)
     if isinstance(on_class, property):  # computed: only getattr knows
         return norm_bias(module)
     found = module._buffers["bias"] if "bias" in module._buffers else module.__dict__.get("bias", on_class)
     return found if isinstance(found, torch.Tensor) else None
 
 
-def weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def weight_and_bias(
+    module: nn.Module, bias_on_class: bool | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`module.weight` and `norm_bias(module)`, read from `_parameters` where they are parameters
-    (a dict lookup; `nn.Module.__getattr__` costs ~1 µs a read, and this runs at every call)."""
+    (a dict lookup; `nn.Module.__getattr__` costs ~1 µs a read, and this runs at every call);
+    `bias_on_class`: see `_bias_without_getattr`."""
     params = module._parameters
     weight = params["weight"] if "weight" in params else module.weight
-    bias = params["bias"] if "bias" in params else _bias_without_getattr(module)
+    bias = params["bias"] if "bias" in params else _bias_without_getattr(module, bias_on_class)
     return weight, bias
-
-
-def _weight_and_own_bias(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`weight_and_bias` for a module whose class has no `bias` attribute: β, if any, is in its
-    `_parameters`, `_buffers` or `__dict__` (no read of `type(module)`)."""
-    params = module._parameters
-    weight = params["weight"] if "weight" in params else module.weight
-    if "bias" in params:
-        return weight, params["bias"]
-    found = module._buffers["bias"] if "bias" in module._buffers else module.__dict__.get("bias")
-    return weight, found if isinstance(found, torch.Tensor) else None
 
 
 def run_norm(
@@ -372,7 +366,7 @@ def compiled_norm_forward(module: nn.Module, x: torch.Tensor, state: NormPatch) 
     compiled forward from 1682 to 1149 lines of `TORCH_LOGS=guards` output, and their check after a
     step from 490-955 to 547-561 µs on the CPU machine (`benchmarks/bench_compiled_guards.py`, three
     runs each). Without the routing and class reads (no identity guard between the norms'
-    classes, which Dynamo evaluates in Python: one per norm), 4388 against 4209 lines (3210
+    classes, which Dynamo evaluates in Python: one per norm), 4388 against 4214 lines (3210
     unpatched, transformers 5.25).
 
     Common case: examples along dim 0 of an input of 3 or more dims whose dim 1 is not the batch
@@ -382,7 +376,7 @@ def compiled_norm_forward(module: nn.Module, x: torch.Tensor, state: NormPatch) 
     rms, weight_offset, cast_before_weight, output_dtype, autocast_op, eps_attr, bias_on_class = (
         state.compiled_call
     )
-    weight, bias = weight_and_bias(module) if bias_on_class is not False else _weight_and_own_bias(module)
+    weight, bias = weight_and_bias(module, bias_on_class)
     tracks = _tracks(weight, bias)
     sink = None
     if tracks:
