@@ -16,7 +16,9 @@ Variants (`--variants`): `trainer`, `gns-norms` (`gns_track="norms"`), `gns-all`
 `trainer-liger`, `gns-norms-liger` (`use_liger_kernel=True`; skipped with a note when
 liger_kernel is not importable). Not run by default: `trainer-liger-norm` (the plain Trainer with
 only Llama's RMSNorm swapped for Liger's, against `trainer`: the single-kernel norm the eager
-Llama-124M target was set from), `gns-norms-aten-compile`,
+Llama-124M target was set from), `trainer-free-norm` (a bound: the plain Trainer with every norm
+layer's forward returning its input, against `trainer`: what a norm of zero cost would give),
+`gns-norms-aten-compile`,
 `gns-norms-hybrid-compile`, `gns-norms-wide-compile`, `gns-norms-both-compile`,
 `gns-norms-unfused-compile`, `gns-norms-residual-compile`, `gns-norms-bwdsums-compile`,
 `gns-norms-fused-compile` and `gns-norms-static-compile`, the compiled norm path's experiments
@@ -96,7 +98,11 @@ DEFAULT_VARIANTS = VARIANTS
 # The plain Trainer with only Liger's RMSNorm swapped in (Llama models; `trainer` is its baseline):
 # the single-kernel norm the eager Llama-124M target was set from (1.13x on an H100, raw step).
 LIGER_NORM_ONLY = "trainer-liger-norm"
-VARIANTS += (LIGER_NORM_ONLY,)
+# A bound, not a model anyone trains: the plain Trainer with every norm layer's forward returning
+# its input (no kernel, no host work beyond the module call), against `trainer`: the ratio that a
+# norm costing nothing at all, on the host and on the device, would give in this loop.
+FREE_NORM = "trainer-free-norm"
+VARIANTS += (LIGER_NORM_ONLY, FREE_NORM)
 # Experiments on the compiled norm path (issue 11's compiled gap), not run by default: the same
 # GNSTrainer with an environment switch of `hf_gns/kernels/norm_op.py`, set in its process only.
 # `aten`: compiled graphs trace the norm op's PyTorch body (Inductor fuses it with the residual add
@@ -176,7 +182,7 @@ def model_config(key: str, tiny: bool):
 
 def baseline_of(variant: str) -> str:
     """The plain-Trainer variant a variant is compared with: same compile / Liger setting."""
-    if variant == LIGER_NORM_ONLY:
+    if variant in (LIGER_NORM_ONLY, FREE_NORM):
         return "trainer"
     for suffix in ("-compile", "-liger"):
         if variant.endswith(suffix):
@@ -221,6 +227,23 @@ def host_probe_us(device, repeats: int = 7, calls: int = 500) -> float:
     return statistics.median(times)
 
 
+def make_norms_free(model) -> int:
+    """Bind every norm layer's forward (`torch.nn.LayerNorm` and the classes named `*RMSNorm` or
+    `*LayerNorm`) to the identity; returns how many. The `trainer-free-norm` bound."""
+    import types
+
+    def identity(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    count = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith(("RMSNorm", "LayerNorm")):
+            module.forward = types.MethodType(identity, module)
+            count += 1
+    return count
+
+
 def _child(args) -> None:
     """Train one variant of one model and write its measurements to `args.child_json`."""
     if args.cpus:  # before torch starts its threads: they inherit the affinity
@@ -257,6 +280,8 @@ def _child(args) -> None:
 
         only_norms = dict(rope=False, cross_entropy=False, fused_linear_cross_entropy=False, swiglu=False)
         apply_liger_kernel_to_llama(rms_norm=True, model=model, **only_norms)
+    if args.variant == FREE_NORM:
+        result["free_norms"] = make_norms_free(model)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, vocab, (total_steps * batch, seq), generator=generator)  # (N, T)

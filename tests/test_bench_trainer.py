@@ -58,6 +58,22 @@ def test_liger_norm_only_variant_is_compared_with_the_plain_trainer():
     assert bench.baseline_of("gns-norms-liger") == "trainer-liger"
 
 
+def test_free_norm_bound_makes_every_norm_the_identity_and_compares_with_the_plain_trainer():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bench = _bench()
+    assert "trainer-free-norm" in bench.VARIANTS and "trainer-free-norm" not in bench.DEFAULT_VARIANTS
+    assert bench.baseline_of("trainer-free-norm") == "trainer"
+    for key in ("llama124", "gpt2"):  # tiny: 2 layers, two norms each, and the final norm
+        config = bench.model_config(key, tiny=True)
+        model = AutoModelForCausalLM.from_config(config)
+        assert bench.make_norms_free(model) == 5
+        x = torch.randn(2, 3, config.hidden_size)
+        norm = next(m for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm")))
+        assert norm(x) is x
+
+
 def test_ratios_from_several_runs_never_mix_runs():
     """`--from-json a.json,b.json`: a variant's ratio is to the baseline of its own run, even when
     another file holds the same model's baseline."""
