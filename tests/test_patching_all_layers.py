@@ -381,6 +381,7 @@ def test_gpu_triton_reduction_under_inductor_matches_eager():
     from hf_gns.kernels.linear_op import linear_with_sq_norms
 
     torch._dynamo.reset()
+    torch.manual_seed(0)
     x = torch.randn(4, 64, 96, device="cuda", requires_grad=True)
     linear = nn.Linear(96, 80).cuda()
     upstream = torch.randn(4, 64, 80, device="cuda")
@@ -395,7 +396,11 @@ def test_gpu_triton_reduction_under_inductor_matches_eager():
     for fn in (step, torch.compile(step)):
         linear.zero_grad()
         results.append(fn(x, new_sq_norm_sink(4, "cuda")))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-3, atol=0)
+    # bf16 autocast: the bias column (|Σ_t dy_t|², a sum of bf16 values that cancel) differed between
+    # eager and compiled by up to 9e-4 relative over 12 seeds on the H200 (2026-12-03;
+    # unseeded, rtol 1e-3 failed 2 runs in 3), the weight column not in the printed digits; the
+    # compiled graph's bf16 roundings are not traced further. 4e-3: about one bf16 ulp
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=4e-3, atol=0)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)
     torch._dynamo.reset()
 

@@ -205,7 +205,11 @@ def test_per_example_call_and_per_dtype_route_on_cuda(dtype):
     the fused op (1+γ in fp32) does not reproduce it, and fp32 weights under autocast are how mixed
     precision trains. (H200, 2026-12-02: `uses_call` True for fp32, the oracle checks passing.)"""
     bf16 = dtype == torch.bfloat16
-    tolerances = dict(rtol=2e-2, output_tol=5e-2) if bf16 else {}
+    # bf16 against a bf16 oracle: |dγ_b|² sums T products rounded to bf16 on both sides. Over 30 seeds
+    # (CPU, bf16, this body) LayerNorm1P's worst relative gap was 3.0e-2; rtol 2e-2 failed once in the
+    # H200's GPU suite under -n 8 (2026-12-03), unseeded (passed alone twice)
+    tolerances = dict(rtol=5e-2, output_tol=5e-2) if bf16 else {}
+    torch.manual_seed(0)
     gated = _hf_class("qwen3_next", "Qwen3NextRMSNormGated")
     _check_against_oracle(_Model(gated(WIDTH), (WIDTH,), n_inputs=2).to("cuda", dtype), **tolerances)
     nemotron = _hf_class("nemotron", "NemotronLayerNorm1P")
