@@ -242,9 +242,15 @@ class CallRouting:
         self._original: tuple[int, list] = (-1, [])  # (forward index, choice of each call outside backward)
         self._replayed = 0
 
+    @property
+    def counts_calls(self) -> bool:
+        """Modes "single" and "discover": calls are counted (eager) and, under torch.compile, take
+        the squared-norm path; "multi" and "shared" calls always take the vectors."""
+        return self.mode in ("single", "discover")
+
     def vectors_for_call(self, model_hook) -> ExampleGradVectors | None:
         """The vector group this call must use, or None for the squared-norm path."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # `counts_calls` inline: traced, a property guards on the class
             return None if self.mode in ("single", "discover") else self.vectors
         forward_index = model_hook.forward_index
         backward_id = current_backward_id()
@@ -254,7 +260,7 @@ class CallRouting:
             choice = choices[self._replayed % len(choices)]
             self._replayed += 1
             return choice
-        if self.mode in ("single", "discover"):
+        if self.counts_calls:
             self._count(model_hook, backward_id)
         choice = None if self.mode == "single" else self.vectors
         if not in_backward:

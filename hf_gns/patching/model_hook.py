@@ -139,15 +139,15 @@ class ModelForwardHook:
     def note_examples(self, n_examples: int | None) -> None:
         """Tell every owner's sinks the examples of this forward when they are its input rows, where the
         compiled norm forward reads them (`SquaredNormSinks.forward_examples`); None for documents and
-        for modules whose calls take per-example vectors (their routing mode is neither "single" nor
-        "discover"), which take the general path: the compiled forward then reads no routing."""
+        for modules whose calls take per-example vectors (`CallRouting.counts_calls` False), which take
+        the general path: the compiled forward then reads no routing."""
         rows = n_examples if self.example_offsets is None else None
         for _, state in self.norms:
             sinks = getattr(state, "sinks", None)
             if sinks is not None:
                 routing = getattr(state, "routing", None)
-                vectors = routing is not None and routing.mode not in ("single", "discover")
-                sinks.forward_examples = None if vectors else rows
+                takes_vectors = routing is not None and not routing.counts_calls
+                sinks.forward_examples = None if takes_vectors else rows
 
     def missing_sinks(self, n_examples: int) -> list[tuple[nn.Module, NormPatch]]:
         """The owners that will need a sink in this forward and have no ready spare."""
